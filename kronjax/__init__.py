@@ -1,0 +1,27 @@
+"""kronjax: train two-layer networks on Kronecker-structured data in d-free time."""
+
+from kronjax import data
+from kronjax import dense
+from kronjax import initializers
+from kronjax import threshold
+from kronjax.config import Config
+from kronjax.kron import KronData
+from kronjax.state import TrainState
+from kronjax.state import init
+from kronjax.state import with_config
+from kronjax.train import train_step
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Config",
+    "KronData",
+    "TrainState",
+    "data",
+    "dense",
+    "init",
+    "initializers",
+    "threshold",
+    "train_step",
+    "with_config",
+)

@@ -1,0 +1,80 @@
+"""Input validation shared by every public entry point.
+
+Checks on *values* (NaN, index ranges) only run on concrete arrays: under
+``jit``/``vmap`` tracing the values are unknown, and the caller that holds the
+concrete arrays (``fit``, ``init`` on real data) has already checked them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` holds values (not a tracer inside jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_finite(name: str, x: Any) -> None:
+  """Raises ValueError when a concrete array holds NaN or inf."""
+  if not is_concrete(x):
+    return
+  arr = np.asarray(x)
+  if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    raise ValueError(
+        f"{name} contains {bad} non-finite value(s) (NaN or inf); "
+        "clean or drop those entries before passing them to kronjax.")
+
+
+def check_indices(name: str, idx: Any, size: int, *, allow_empty: bool = False) -> None:
+  """Validates an index array against ``[0, size)``.
+
+  JAX clamps out-of-range gathers silently, so a bad index would train on the
+  wrong point without any error; we refuse it while the values are known.
+  """
+  if not is_concrete(idx):
+    dtype = getattr(idx, "dtype", None)
+    if dtype is not None and not np.issubdtype(dtype, np.integer):
+      raise TypeError(f"{name} must be an integer array, got dtype {dtype}.")
+    return
+  arr = np.asarray(idx)
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(
+        f"{name} must be an integer array of point indices, got dtype {arr.dtype}; "
+        "cast it with .astype(int) if the values are whole numbers.")
+  if arr.ndim != 1:
+    raise ValueError(f"{name} must be 1-D (a list of point indices), got shape {arr.shape}.")
+  if arr.size == 0 and not allow_empty:
+    raise ValueError(f"{name} is empty; pass at least one point index.")
+  if arr.size and (arr.min() < 0 or arr.max() >= size):
+    raise ValueError(
+        f"{name} must hold indices in [0, {size}), got values in "
+        f"[{int(arr.min())}, {int(arr.max())}].")
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+  choices = tuple(choices)
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+  return value
+
+
+def unknown_key_message(what: str, key: str, valid: Iterable[str]) -> str:
+  """'unknown key' error text with the closest valid key, if any."""
+  valid = sorted(valid)
+  close = difflib.get_close_matches(key, valid, n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  return f"Unknown {what} {key!r}.{hint} Valid keys: {', '.join(valid)}."

@@ -1,0 +1,127 @@
+"""Initial projections ``P0 = W0 X^T`` without holding ``W0`` (m x d) in memory.
+
+Shapes: m neurons, n points, d = prod_q d_q, C outputs, c neurons per chunk.
+
+* ``explicit``: row ``r`` of ``W0`` is ``N(0, I_d)`` drawn from its own key
+  ``split(key, m)[r]``, so the same key gives bit-for-bit the same ``W0`` whether
+  it is drawn whole or ``chunk`` rows at a time. ``P0`` is built chunk by chunk
+  with mode products: time ``O(m n d)``, memory ``O(chunk * d + m * n)``.
+* ``implicit``: the columns of ``W0`` are never drawn. The rows of ``P0`` are
+  i.i.d. ``N(0, K)``; we sample them as ``Z @ L^T`` with ``L = V sqrt(max(λ, 0))``
+  from ``eigh(K)``, which handles a singular ``K`` (duplicates, ``n > d``).
+  Time ``O(n^3 + m n^2)``, no ``d``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kronjax import _checks
+from kronjax.kron import KronData, _check_compatible
+
+
+def neuron_keys(key: jax.Array, width: int) -> jax.Array:
+  """One key per neuron, ``(m,)`` keys: row ``r`` of ``W0`` depends on ``keys[r]`` only."""
+  return jax.random.split(key, width)
+
+
+def w0_rows(keys: jax.Array, dim: int, dtype=None) -> jax.Array:
+  """Rows of ``W0`` for the given neuron keys: ``(c, d)``."""
+  dtype = dtype or jnp.result_type(float)
+  return jax.vmap(lambda k: jax.random.normal(k, (dim,), dtype))(keys)
+
+
+def explicit_weights(key: jax.Array, width: int, dim: int, dtype=None) -> jax.Array:
+  """The full ``W0`` ``(m, d)`` that ``explicit_projections`` uses, for small ``d``.
+
+  The dense baseline starts from this matrix, so both runs begin at the same network.
+  """
+  _checks.check_positive_int("width", width)
+  return w0_rows(neuron_keys(key, width), dim, dtype)
+
+
+def explicit_projections(key: jax.Array, width: int, data: KronData, *, chunk: int = 256,
+                         extra: tuple[KronData, ...] = ()) -> tuple[jax.Array, ...]:
+  """``W0 X^T`` ``(m, n)`` (and ``W0 Y^T`` for each ``extra`` dataset), ``W0`` drawn in chunks.
+
+  Returns a tuple: the projections of ``data`` followed by one per ``extra``.
+  """
+  width = _checks.check_positive_int("width", width)
+  chunk = _checks.check_positive_int("chunk", chunk)
+  for j, other in enumerate(extra):
+    _check_compatible(f"extra[{j}]", data, other)
+  keys = neuron_keys(key, width)
+  sets = (data,) + tuple(extra)
+  chunk = min(chunk, width)
+  pad = (-width) % chunk
+  # Pad with copies of the first key so every chunk has a static shape; the padded
+  # rows are dropped below, and no real row's key changes.
+  keys_padded = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, axis=0)]) if pad else keys
+  key_chunks = keys_padded.reshape((-1, chunk) + keys.shape[1:])
+
+  def one_chunk(kc):
+    W = w0_rows(kc, data.dim, data.dtype)
+    return tuple(s.inner(W) for s in sets)
+
+  outs = jax.lax.map(one_chunk, key_chunks)  # each (num_chunks, chunk, n_s)
+  return tuple(o.reshape(-1, o.shape[-1])[:width] for o in outs)
+
+
+def implicit_projections(key: jax.Array, width: int, data: KronData, *,
+                         extra: tuple[KronData, ...] = (), gram: jax.Array | None = None
+                         ) -> tuple[jax.Array, ...]:
+  """Samples ``P0`` rows jointly for ``data`` and ``extra`` points from ``N(0, K_joint)``.
+
+  Args:
+    gram: optional precomputed ``K`` of ``data`` ``(n, n)`` (reused, not recomputed).
+
+  Returns:
+    A tuple ``(P0 (m, n), P0_extra_0 (m, n_0), ...)``, consistent with one
+    implicit Gaussian ``W0``.
+  """
+  width = _checks.check_positive_int("width", width)
+  for j, other in enumerate(extra):
+    _check_compatible(f"extra[{j}]", data, other)
+  K = data.gram() if gram is None else gram
+  if extra:
+    blocks = [[K] + [data.gram(other=o) for o in extra]]
+    for j, oj in enumerate(extra):
+      row = [data.gram(other=oj).T]
+      for ok in extra:
+        row.append(oj.gram(other=ok))
+      blocks.append(row)
+    K = jnp.block(blocks)
+  L = psd_factor(K)
+  Z = jax.random.normal(key, (width, K.shape[0]), K.dtype)
+  P = Z @ L.T
+  sizes = [data.n] + [o.n for o in extra]
+  splits = list(jnp.cumsum(jnp.asarray(sizes))[:-1].tolist()) if len(sizes) > 1 else []
+  return tuple(jnp.split(P, splits, axis=1)) if splits else (P,)
+
+
+def psd_factor(K: jax.Array) -> jax.Array:
+  """``L`` with ``L L^T = K`` for a symmetric PSD (possibly singular) ``K``; ``(n, n)``.
+
+  Eigenvalues below zero (round-off on singular Grams) are clipped to zero.
+  """
+  K = 0.5 * (K + K.T)
+  lam, V = jnp.linalg.eigh(K)
+  return V * jnp.sqrt(jnp.clip(lam, 0.0, None))[None, :]
+
+
+def output_layer(key: jax.Array, width: int, num_outputs: int, dtype=None) -> jax.Array:
+  """Rademacher ``±1`` output weights ``a``, shape ``(m, C)``."""
+  dtype = dtype or jnp.result_type(float)
+  return jax.random.rademacher(key, (width, num_outputs), dtype)
+
+
+def init_keys(key: Any) -> dict[str, jax.Array]:
+  """Splits the user's key into the named streams every initializer uses.
+
+  Shared by ``kronjax.init`` and the dense baseline so both draw the same network.
+  """
+  k_w, k_a = jax.random.split(key, 2)
+  return {"W0": k_w, "a": k_a}

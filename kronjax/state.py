@@ -1,0 +1,195 @@
+"""The training state and its constructor ``kronjax.init``.
+
+Shapes: m neurons, n training points, n_e registered eval points, C outputs.
+
+The state is a pytree: arrays are leaves (so ``jax.vmap`` maps them and ``jit``
+traces them); the ``Config`` and the optax transformation are static metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kronjax import _checks, initializers, losses, optim
+from kronjax import threshold as threshold_lib
+from kronjax.config import Config
+from kronjax.kron import KronData, _check_compatible
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything one training run carries from step to step.
+
+  Attributes:
+    P: ``(m, n)`` projections ``<w_r, x_j>`` of the training points.
+    A: ``(m, n)`` coefficients with ``W = W0 + A X`` (zeros at init).
+    a: ``(m, C)`` output layer.
+    b: ``()`` ReLU threshold (an array so sweeps can vmap it).
+    opt_state: the optax state over the tree ``{"A", "P"[, "a"][, "P_eval"]}``.
+    step: ``()`` int32, number of applied steps.
+    key: the key the state was initialized from (W0 and ``a`` are derived from it).
+    index: the threshold index state (kind chosen by ``config.index``).
+    P_eval: ``(m, n_e)`` maintained projections of registered eval points, or None.
+    data, labels: the training points and their labels (``(n, C)`` or ``(n,)``).
+    gram: ``(n, n)`` data Gram when ``config.gram == "precomputed"``, else None.
+    gram_eval: ``(n, n_e)`` cross Gram to the eval points (precomputed), else None.
+    eval_data, eval_labels: registered eval points and labels, or None.
+    config, tx, shape_free_tx, index_kind: static metadata.
+  """
+
+  P: jax.Array
+  A: jax.Array
+  a: jax.Array
+  b: jax.Array
+  opt_state: Any
+  step: jax.Array
+  key: jax.Array
+  index: Any
+  P_eval: jax.Array | None
+  data: KronData
+  labels: jax.Array
+  gram: jax.Array | None
+  gram_eval: jax.Array | None
+  eval_data: KronData | None
+  eval_labels: jax.Array | None
+  config: Config = dataclasses.field(metadata=dict(static=True))
+  tx: optax.GradientTransformation = dataclasses.field(metadata=dict(static=True))
+  shape_free_tx: bool = dataclasses.field(metadata=dict(static=True))
+  index_kind: str = dataclasses.field(metadata=dict(static=True))
+
+  def replace(self, **changes: Any) -> "TrainState":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def width(self) -> int:
+    return self.config.width
+
+  def trainable(self) -> dict[str, jax.Array]:
+    """The tree the optimizer acts on: ``{"A", "P"[, "a"][, "P_eval"]}``."""
+    return trainable_tree(self.A, self.P, self.a, self.P_eval, self.config)
+
+
+jax.tree_util.register_dataclass(
+    TrainState,
+    data_fields=[f.name for f in dataclasses.fields(TrainState) if not f.metadata.get("static")],
+    meta_fields=[f.name for f in dataclasses.fields(TrainState) if f.metadata.get("static")],
+)
+
+
+def trainable_tree(A, P, a, P_eval, config: Config) -> dict[str, jax.Array]:
+  tree = {"A": A, "P": P}
+  if config.train_output:
+    tree["a"] = a
+  if P_eval is not None:
+    tree["P_eval"] = P_eval
+  return tree
+
+
+def index_for(state_or_config, n: int | None = None, kind: str | None = None) -> threshold_lib.ThresholdIndex:
+  """The ThresholdIndex functions for a state (or a config plus ``n`` and kind)."""
+  if isinstance(state_or_config, TrainState):
+    config, n, kind = state_or_config.config, state_or_config.data.n, state_or_config.index_kind
+  else:
+    config = state_or_config
+  return threshold_lib.make_index(
+      kind, width=config.width, active_capacity=config.active_capacity,
+      candidate_capacity=config.candidate_capacity, delta=config.index_delta, n=n)
+
+
+def init(key: jax.Array, config: Config, data: KronData, labels: Any,
+         tx: optax.GradientTransformation, *, eval_data: KronData | None = None,
+         eval_labels: Any = None, threshold: Any = None) -> TrainState:
+  """Builds the initial ``TrainState``.
+
+  Args:
+    key: PRNG key; ``W0`` and ``a`` are drawn from it exactly as
+      ``kronjax.dense.init`` draws them, so both start from the same network.
+      May be traced: ``jax.vmap(lambda k: kronjax.init(k, ...))(keys)`` works.
+    config: static settings (``kronjax.Config``).
+    data: training points ``KronData`` (n points).
+    labels: ``(n, C)`` / ``(n,)`` floats for mse, ``(n,)`` int class ids for softmax.
+    tx: an optax transformation that is linear in the gradient (sgd, momentum,
+      nesterov, schedules, ``inject_hyperparams``); others raise ValueError.
+    eval_data, eval_labels: optional held-out points whose projections are
+      initialized consistently with ``W0`` and maintained every step.
+    threshold: optional ``b`` overriding ``config.threshold``; may be a traced
+      scalar (sweeps over ``b``).
+
+  Raises:
+    TypeError / ValueError for invalid arguments, before any work is done.
+  """
+  if not isinstance(config, Config):
+    raise TypeError(f"config must be a kronjax.Config, got {type(config).__name__}.")
+  if not isinstance(data, KronData):
+    raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}; "
+                    "wrap your factors with kronjax.KronData((u, v, ...)).")
+  labels = losses.check_labels(config.loss, config.num_classes, labels, data.n, "labels")
+  if eval_data is not None:
+    _check_compatible("eval_data", data, eval_data)
+    if eval_labels is not None:
+      eval_labels = losses.check_labels(config.loss, config.num_classes, eval_labels,
+                                        eval_data.n, "eval_labels")
+  elif eval_labels is not None:
+    raise ValueError("eval_labels was given without eval_data; pass both or neither.")
+  optim.check_linear(tx)
+  if threshold is not None and _checks.is_concrete(threshold):
+    if not math.isfinite(float(jnp.asarray(threshold))):
+      raise ValueError(f"threshold must be finite, got {threshold}.")
+
+  dtype = data.dtype
+  m, n, C = config.width, data.n, config.num_classes
+  keys = initializers.init_keys(key)
+  extra = () if eval_data is None else (eval_data,)
+  gram = data.gram() if config.gram == "precomputed" else None
+  if config.init == "explicit":
+    projections = initializers.explicit_projections(keys["W0"], m, data, chunk=config.init_chunk,
+                                                    extra=extra)
+  else:
+    projections = initializers.implicit_projections(keys["W0"], m, data, extra=extra, gram=gram)
+  P = projections[0]
+  P_eval = projections[1] if eval_data is not None else None
+  gram_eval = (data.gram(other=eval_data)
+               if eval_data is not None and config.gram == "precomputed" else None)
+  a = initializers.output_layer(keys["a"], m, C, dtype)
+  b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
+  A = jnp.zeros((m, n), dtype)
+  opt_state = tx.init(trainable_tree(A, P, a, P_eval, config))
+  kind = config.index if config.index != "auto" else threshold_lib.choose_kind(m, n)
+  index_state = index_for(config, n, kind).build(P, b)
+  return TrainState(
+      P=P, A=A, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
+      index=index_state, P_eval=P_eval, data=data, labels=labels, gram=gram,
+      gram_eval=gram_eval, eval_data=eval_data, eval_labels=eval_labels, config=config, tx=tx,
+      shape_free_tx=optim.is_shape_free(tx, trainable_tree(A, P, a, P_eval, config)),
+      index_kind=kind)
+
+
+def with_config(state: TrainState, **changes: Any) -> TrainState:
+  """The same state under a changed static config, with the index rebuilt from ``P``.
+
+  Used to grow capacities after an overflow (``fit`` replays the step with it)
+  or to switch index kind / update path. Only settings that do not change the
+  network may differ: width, loss, classes, init and train_output may not.
+  """
+  fixed = ("width", "loss", "num_classes", "init", "train_output", "threshold")
+  for name in changes:
+    if name in fixed:
+      raise ValueError(f"with_config cannot change {name!r}: it defines the network; "
+                       "build a new state with kronjax.init instead.")
+  config = state.config.replace(**changes)
+  kind = config.index if config.index != "auto" else threshold_lib.choose_kind(config.width, state.data.n)
+  new_index = index_for(config, state.data.n, kind).build(state.P, state.b)
+  index_state = _carry_rebuild_count(state.index, new_index)
+  return state.replace(config=config, index_kind=kind, index=index_state)
+
+
+def _carry_rebuild_count(old, new):
+  if hasattr(old, "rebuilds") and hasattr(new, "rebuilds") and hasattr(new, "_replace"):
+    return new._replace(rebuilds=old.rebuilds)
+  return new

@@ -1,0 +1,177 @@
+"""The kernel-space SGD step: dense SGD's step, computed on ``P = W X^T`` only.
+
+Shapes: m neurons, n training points, n_e eval points, B batch, K = K_cap
+(active capacity per point), C outputs.
+
+One step on batch S (DESIGN §2):
+  1. query the threshold index for the active neurons of each point: ``idx (B, K)``;
+  2. forward from the active entries: ``f = relu(P[idx, S] - b) · a[idx] / sqrt(m)``;
+  3. coefficients ``c[i, k] = <dl/df_i, a_r> / sqrt(m)`` for ``r = idx[i, k]``;
+  4. the optax update on ``{"A": c, "P": c K[S, :], "a": grad_a, "P_eval": c K[S, E]}``;
+  5. maintenance of A, P, P_eval and the index.
+
+If any point of the batch has more active neurons than the capacity, the step
+is *skipped* (the returned state equals the input state) and
+``metrics["overflow"]`` is True; ``kronjax.fit`` replays it with more capacity.
+
+Update paths (``config.update``):
+  * sparse: scatter only the touched rows, ``O(B K n)``; requires an optimizer
+    whose state does not depend on the parameter shapes (plain sgd, schedules).
+  * dense: ``G (m, B) @ K[S, :] (B, n)`` and full ``(m, n)`` passes; the only
+    choice for momentum/nesterov (their traces are ``(m, n)`` anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kronjax import _checks, losses
+from kronjax.state import TrainState, index_for, trainable_tree
+
+
+def resolve_update(state: TrainState, batch_size: int) -> str:
+  """The update path for this state and batch size (static)."""
+  choice = state.config.update
+  if choice != "auto":
+    return choice
+  m, K = state.config.width, state.config.active_capacity
+  # The sparse path scatters B*K rows of n; the dense one multiplies (m, B) by (B, n)
+  # and sweeps (m, n) a few times. Row scatters run several times slower per entry
+  # than a matmul, so sparse pays once K is a small fraction of m.
+  return "sparse" if 4 * K <= m else "dense"
+
+
+def train_step(state: TrainState, batch_idx: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the points ``batch_idx`` ``(B,)``. Pure; jit- and vmap-able.
+
+  Returns ``(new_state, metrics)`` with metrics ``loss`` (batch loss before the
+  step; NaN when skipped), ``active`` (mean active neurons per point),
+  ``max_active``, ``overflow`` (bool: the step was skipped for lack of capacity),
+  ``index_rebuilds`` (rebuilds of the threshold index so far) and ``step``.
+
+  Concrete ``batch_idx`` are range-checked here (JAX would clamp them silently).
+  Use ``jax.jit(kronjax.train_step, donate_argnums=0)`` for speed: without
+  donation every step copies the ``(m, n)`` arrays.
+  """
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  if not hasattr(batch_idx, "shape"):
+    batch_idx = jnp.asarray(batch_idx)
+  _checks.check_indices("batch_idx", batch_idx, state.data.n)
+  if batch_idx.ndim != 1 or batch_idx.shape[0] == 0:
+    raise ValueError(f"batch_idx must be a non-empty 1-D index array, got shape {batch_idx.shape}.")
+  return _step(state, jnp.asarray(batch_idx, jnp.int32))
+
+
+def _gram_rows(state: TrainState, batch_idx: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """``K[S, :]`` ``(B, n)`` and ``K[S, E]`` ``(B, n_e)`` (None without eval data)."""
+  if state.gram is not None:
+    rows = state.gram[batch_idx]
+    rows_eval = None if state.gram_eval is None else state.gram_eval[batch_idx]
+    return rows, rows_eval
+  rows = state.data.gram(rows=batch_idx)
+  rows_eval = None if state.eval_data is None else state.data.gram(rows=batch_idx, other=state.eval_data)
+  return rows, rows_eval
+
+
+def _step(state: TrainState, batch_idx: jax.Array):
+  config = state.config
+  m = config.width
+  index = index_for(state)
+  q = index.query(state.index, state.P, batch_idx, state.b)
+  overflow = jnp.any(q.overflow)
+  metrics_common = {
+      "active": jnp.mean(q.count.astype(state.P.dtype)),
+      "max_active": jnp.max(q.count),
+      "overflow": overflow,
+  }
+
+  def apply(state):
+    return _apply(state, batch_idx, q.idx, index)
+
+  def skip(state):
+    return state, jnp.asarray(jnp.nan, state.P.dtype)
+
+  new_state, loss = jax.lax.cond(overflow, skip, apply, state)
+  metrics = dict(metrics_common, loss=loss, step=new_state.step,
+                 index_rebuilds=getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32)))
+  del m
+  return new_state, metrics
+
+
+def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index):
+  """Steps 2-5 for active sets ``idx (B, K)`` that fit (no overflow)."""
+  config = state.config
+  m = config.width
+  B = batch_idx.shape[0]
+  inv_sqrt_m = 1.0 / math.sqrt(m)
+  valid = idx < m                                                   # (B, K)
+  safe = jnp.where(valid, idx, 0)
+  z = state.P[safe, batch_idx[:, None]]                             # (B, K)
+  h = jnp.where(valid, losses.hidden(z, state.b), 0.0)              # (B, K)
+  a_rows = jnp.where(valid[..., None], state.a[safe], 0.0)          # (B, K, C)
+  outputs = jnp.einsum("bk,bkc->bc", h, a_rows) * inv_sqrt_m        # (B, C)
+  loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
+  # dL/dw_r = sum_i c[i, k] x_i: relu' is 1 on the active set (z > b strictly).
+  c = jnp.where(valid, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
+  grad_a_rows = h[..., None] * g[:, None, :] * inv_sqrt_m            # (B, K, C)
+  K_rows, K_rows_eval = _gram_rows(state, batch_idx)
+
+  path = resolve_update(state, B)
+  if state.shape_free_tx and path == "sparse":
+    new = _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval)
+    A, P, a, P_eval, opt_state, rows, row_change = new
+  else:
+    A, P, a, P_eval, opt_state, rows, row_change = _dense_update(
+        state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path)
+  index_state = index.update(state.index, P, state.b, rows, row_change)
+  new_state = state.replace(A=A, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
+                            index=index_state, step=state.step + 1)
+  return new_state, loss
+
+
+def _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval):
+  """Touched rows only: the optimizer acts on the compact gradient entries."""
+  config = state.config
+  grads = {"A": c, "P": c[..., None] * K_rows[:, None, :]}          # (B, K), (B, K, n)
+  if config.train_output:
+    grads["a"] = grad_a_rows                                        # (B, K, C)
+  if state.P_eval is not None:
+    grads["P_eval"] = c[..., None] * K_rows_eval[:, None, :]        # (B, K, n_e)
+  updates, opt_state = state.tx.update(grads, state.opt_state, None)
+  A = state.A.at[idx, batch_idx[:, None]].add(updates["A"], mode="drop")
+  P = state.P.at[idx].add(updates["P"], mode="drop")
+  a = state.a.at[idx].add(updates["a"], mode="drop") if config.train_output else state.a
+  P_eval = (state.P_eval.at[idx].add(updates["P_eval"], mode="drop")
+            if state.P_eval is not None else None)
+  row_change = jnp.max(jnp.abs(updates["P"]), axis=-1)              # (B, K)
+  return A, P, a, P_eval, opt_state, idx.reshape(-1), row_change.reshape(-1)
+
+
+def _dense_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path):
+  """Full-shape gradients (any linear optimizer); ``P``'s via one matmul or a row scatter."""
+  config = state.config
+  m, n = state.P.shape
+  B = batch_idx.shape[0]
+  G = jnp.zeros((m, B), c.dtype).at[idx, jnp.arange(B)[:, None]].add(c, mode="drop")   # (m, B)
+  if path == "dense":
+    gP = G @ K_rows                                                 # (m, n)
+    gP_eval = None if K_rows_eval is None else G @ K_rows_eval
+  else:
+    gP = jnp.zeros_like(state.P).at[idx].add(c[..., None] * K_rows[:, None, :], mode="drop")
+    gP_eval = (None if K_rows_eval is None else jnp.zeros_like(state.P_eval).at[idx].add(
+        c[..., None] * K_rows_eval[:, None, :], mode="drop"))
+  gA = jnp.zeros_like(state.A).at[:, batch_idx].add(G)
+  ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
+  grads = trainable_tree(gA, gP, ga, gP_eval, config)
+  updates, opt_state = state.tx.update(grads, state.opt_state, None)
+  A = state.A + updates["A"]
+  P = state.P + updates["P"]
+  a = state.a + updates["a"] if config.train_output else state.a
+  P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
+  row_change = jnp.max(jnp.abs(updates["P"]), axis=1)              # (m,)
+  return A, P, a, P_eval, opt_state, None, row_change
