@@ -5,7 +5,12 @@ from kronjax import dense
 from kronjax import initializers
 from kronjax import threshold
 from kronjax.config import Config
+from kronjax.inference import dense_params
+from kronjax.inference import evaluate
+from kronjax.inference import predict
 from kronjax.kron import KronData
+from kronjax.loop import CapacityError
+from kronjax.loop import fit
 from kronjax.state import TrainState
 from kronjax.state import init
 from kronjax.state import with_config
@@ -14,13 +19,18 @@ from kronjax.train import train_step
 __version__ = "0.1.0"
 
 __all__ = (
+    "CapacityError",
     "Config",
     "KronData",
     "TrainState",
     "data",
     "dense",
+    "dense_params",
+    "evaluate",
+    "fit",
     "init",
     "initializers",
+    "predict",
     "threshold",
     "train_step",
     "with_config",

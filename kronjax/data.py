@@ -11,10 +11,13 @@ network whose weights are themselves Kronecker products (so labels cost
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kronjax import _checks
 from kronjax.kron import KronData
@@ -35,10 +38,17 @@ def synthetic(key: jax.Array, n: int, dims: Sequence[int], *, rank: int = 1,
   n = _checks.check_positive_int("n", n)
   rank = _checks.check_positive_int("rank", rank)
   dims = _check_dims(dims)
-  dtype = dtype or jnp.result_type(float)
-  keys = jax.random.split(key, len(dims))
+  dtype = jnp.dtype(dtype or jnp.result_type(float))
+  return _synthetic(key, n=n, dims=dims, rank=rank, normalize=normalize, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "dims", "rank", "normalize", "dtype"))
+def _synthetic(key, *, n, dims, rank, normalize, dtype):
   shape = (n,) if rank == 1 else (n, rank)
-  factors = tuple(jax.random.normal(k, shape + (d,), dtype) for k, d in zip(keys, dims))
+  flat = jax.random.normal(key, (math.prod(shape) * sum(dims),), dtype)  # one threefry call site
+  offsets = np.cumsum([0] + [math.prod(shape) * d for d in dims])
+  factors = tuple(flat[o:o + math.prod(shape) * d].reshape(shape + (d,))
+                  for o, d in zip(offsets, dims))
   data = KronData(factors)
   return data.normalize() if normalize else data
 
@@ -65,20 +75,35 @@ def planted(key: jax.Array, n: int, dims: Sequence[int], *, task: str = "regress
   _checks.check_choice("task", task, ("regression", "classification"))
   if task == "classification":
     num_classes = _checks.check_positive_int("num_classes", num_classes, minimum=2)
-  dtype = dtype or jnp.result_type(float)
-  k_basis, k_z, k_e, k_t, k_mix = jax.random.split(key, 5)
+  dtype = jnp.dtype(dtype or jnp.result_type(float))
+  return _planted(key, n=n, dims=dims, task=task, num_classes=num_classes, rank=rank,
+                  latent_dim=latent_dim, noise=float(noise), teacher_width=teacher_width,
+                  dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "n", "dims", "task", "num_classes", "rank", "latent_dim", "noise", "teacher_width", "dtype"))
+def _planted(key, *, n, dims, task, num_classes, rank, latent_dim, noise, teacher_width, dtype):
   factors, teacher_proj = [], []
   shape = (n,) if rank == 1 else (n, rank)
   out_dim = 1 if task == "regression" else num_classes
-  for q, d in enumerate(dims):
+  # One Gaussian draw sliced into every piece: each random call site costs a
+  # separate threefry compilation, which dominated this function's run time.
+  pieces = []
+  for d in dims:
     k = min(latent_dim, d)
-    basis, _ = jnp.linalg.qr(jax.random.normal(jax.random.fold_in(k_basis, q), (d, k), dtype))
-    z = jax.random.normal(jax.random.fold_in(k_z, q), shape + (k,), dtype)
-    e = jax.random.normal(jax.random.fold_in(k_e, q), shape + (d,), dtype)
+    pieces += [(d, k), shape + (k,), shape + (d,), (teacher_width, k)]
+  pieces.append((teacher_width, out_dim))
+  sizes = [math.prod(s) for s in pieces]
+  flat = jax.random.normal(key, (sum(sizes),), dtype)
+  offsets = np.cumsum([0] + sizes)
+  draws = [flat[o:o + s].reshape(p) for o, s, p in zip(offsets, sizes, pieces)]
+  for q, d in enumerate(dims):
+    basis, z, e, t = draws[4 * q: 4 * q + 4]
+    basis = basis / jnp.sqrt(d)  # a Gaussian basis, close to orthonormal
     u = z @ basis.T + noise * e
     u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
     factors.append(u)
-    t = jax.random.normal(jax.random.fold_in(k_t, q), (teacher_width, k), dtype)
     teacher_proj.append(u @ (basis @ t.T))  # <u_i^(q), B_q t_r^(q)>: shape + (teacher_width,)
   pre = teacher_proj[0]
   for tp in teacher_proj[1:]:
@@ -86,7 +111,7 @@ def planted(key: jax.Array, n: int, dims: Sequence[int], *, task: str = "regress
   if rank > 1:
     pre = jnp.sum(pre, axis=1)  # (n, teacher_width): <x_i, v_r> summed over rank terms
   pre = pre / jnp.std(pre)
-  mix = jax.random.normal(k_mix, (teacher_width, out_dim), dtype)
+  mix = draws[-1]
   target = jax.nn.relu(pre) @ mix
   data = KronData(tuple(factors)).normalize()
   if task == "regression":

@@ -14,10 +14,12 @@ Shapes: m neurons, n points, d = prod_q d_q, C outputs, c neurons per chunk.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kronjax import _checks
 from kronjax.kron import KronData, _check_compatible
@@ -53,9 +55,13 @@ def explicit_projections(key: jax.Array, width: int, data: KronData, *, chunk: i
   chunk = _checks.check_positive_int("chunk", chunk)
   for j, other in enumerate(extra):
     _check_compatible(f"extra[{j}]", data, other)
+  return _explicit_projections(key, (data,) + tuple(extra), width=width, chunk=min(chunk, width))
+
+
+@functools.partial(jax.jit, static_argnames=("width", "chunk"))
+def _explicit_projections(key, sets, *, width, chunk):
+  data = sets[0]
   keys = neuron_keys(key, width)
-  sets = (data,) + tuple(extra)
-  chunk = min(chunk, width)
   pad = (-width) % chunk
   # Pad with copies of the first key so every chunk has a static shape; the padded
   # rows are dropped below, and no real row's key changes.
@@ -85,6 +91,11 @@ def implicit_projections(key: jax.Array, width: int, data: KronData, *,
   width = _checks.check_positive_int("width", width)
   for j, other in enumerate(extra):
     _check_compatible(f"extra[{j}]", data, other)
+  return _implicit_projections(key, data, tuple(extra), gram, width=width)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _implicit_projections(key, data, extra, gram, *, width):
   K = data.gram() if gram is None else gram
   if extra:
     blocks = [[K] + [data.gram(other=o) for o in extra]]
@@ -98,7 +109,7 @@ def implicit_projections(key: jax.Array, width: int, data: KronData, *,
   Z = jax.random.normal(key, (width, K.shape[0]), K.dtype)
   P = Z @ L.T
   sizes = [data.n] + [o.n for o in extra]
-  splits = list(jnp.cumsum(jnp.asarray(sizes))[:-1].tolist()) if len(sizes) > 1 else []
+  splits = [int(x) for x in np.cumsum(sizes)[:-1]]
   return tuple(jnp.split(P, splits, axis=1)) if splits else (P,)
 
 

@@ -176,6 +176,7 @@ class KronData:
     return out.T
 
 
+@jax.jit
 def _gram_from_ranked(left: Sequence[jax.Array], right: Sequence[jax.Array]) -> jax.Array:
   """Gram between ranked factor tuples ``(a, R, d_q)`` and ``(b, S, d_q)`` -> ``(a, b)``."""
   if left[0].shape[1] == 1 and right[0].shape[1] == 1:
