@@ -38,17 +38,22 @@ def compiled_step(donate: bool = True):
 _evaluate_jit = jax.jit(evaluate)
 
 
-def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int) -> np.ndarray:
-  """Index batches ``(steps, batch_size)``: epoch ``e`` is a permutation drawn from
-  ``fold_in(key, e)``, cut into ``n // batch_size`` full batches (the remainder of
-  each epoch is dropped so every batch has the same static shape)."""
+def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *, start: int = 0) -> np.ndarray:
+  """Index batches ``(steps, batch_size)`` for global steps ``start .. start+steps-1``.
+
+  Epoch ``e`` is a permutation drawn from ``fold_in(key, e)``, cut into
+  ``n // batch_size`` full batches (the remainder of each epoch is dropped so every
+  batch has the same static shape). Batch ``s`` depends only on ``(key, s)``, so a
+  run resumed at step ``s`` sees exactly the batches the uninterrupted run saw.
+  """
   per_epoch = n // batch_size
-  epochs = -(-steps // per_epoch)
+  first, last = start // per_epoch, (start + steps - 1) // per_epoch
   out = []
-  for e in range(epochs):
+  for e in range(first, last + 1):
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
     out.append(perm[: per_epoch * batch_size].reshape(per_epoch, batch_size))
-  return np.concatenate(out)[:steps].astype(np.int32)
+  offset = start - first * per_epoch
+  return np.concatenate(out)[offset:offset + steps].astype(np.int32)
 
 
 def grown_capacity(state: TrainState, metrics: dict[str, Any]) -> dict[str, int]:
@@ -80,20 +85,28 @@ def _overflow_message(state: TrainState, step: int, metrics: dict[str, Any]) -> 
 
 def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None = None,
         epochs: int | None = None, progress: bool = True, eval_every: int = 0,
-        on_overflow: str = "replay", log_every: int = 1) -> tuple[TrainState, dict[str, Any]]:
+        on_overflow: str = "replay", log_every: int = 1, mesh: Any = None,
+        checkpoint_dir: Any = None, checkpoint_every: int = 0) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``state`` with shuffled mini-batches; returns ``(state, history)``.
 
   Args:
     state: from ``kronjax.init``. It is not modified (the loop trains a copy).
-    key: PRNG key for the batch order (see ``batch_schedule``).
+    key: PRNG key for the batch order (see ``batch_schedule``). Batches are
+      indexed by the state's global step, so calling ``fit`` again on the
+      returned state (or on a restored checkpoint) with the same key continues
+      the same sequence.
     batch_size: points per step, in ``[1, n]``.
-    steps / epochs: how long to train (exactly one of them).
+    steps / epochs: how many more steps to train (exactly one of them).
     progress: show a tqdm bar with loss, active neurons and steps per second.
     eval_every: evaluate every this many steps (and at the end); 0 disables.
     on_overflow: ``"replay"`` re-runs an overflowing step from the unchanged
       state with grown capacity (one recompilation); ``"raise"`` raises
       ``CapacityError`` with the count and capacity needed.
     log_every: record loss/active in the history every this many steps.
+    mesh: a ``jax.sharding.Mesh``: train with neurons sharded over its devices
+      (see ``kronjax.sharding``).
+    checkpoint_dir / checkpoint_every: save the state (atomically) every this
+      many steps and at the end (see ``kronjax.checkpoint``).
 
   Returns:
     The trained state and a history dict of numpy arrays: ``step``, ``loss``,
@@ -120,11 +133,22 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
   _checks.check_choice("on_overflow", on_overflow, ("replay", "raise"))
   eval_every = _checks.check_positive_int("eval_every", eval_every, minimum=0)
   log_every = _checks.check_positive_int("log_every", log_every)
+  checkpoint_every = _checks.check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
+  if checkpoint_every and checkpoint_dir is None:
+    raise ValueError("checkpoint_every was set without checkpoint_dir; pass the directory to save into.")
 
-  batches = batch_schedule(key, n, batch_size, steps)
-  # The step donates its input; copy once so the caller's state stays valid.
-  state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-  step_fn = compiled_step(donate=True)
+  start = int(state.step)
+  batches = batch_schedule(key, n, batch_size, steps, start=start)
+  if mesh is not None:
+    from kronjax import sharding  # pylint: disable=g-import-not-at-top
+    state = sharding.shard_state(state, mesh)
+    step_fn = sharding.compiled_step(mesh)
+  else:
+    # The step donates its input; copy once so the caller's state stays valid.
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+    step_fn = compiled_step(donate=True)
+  if checkpoint_dir is not None:
+    from kronjax import checkpoint  # pylint: disable=g-import-not-at-top
   history: dict[str, list] = {k: [] for k in ("step", "loss", "active", "max_active", "index_rebuilds")}
   eval_hist: dict[str, list] = {"eval_step": []}
   replays: list[tuple[int, dict[str, int]]] = []
@@ -143,6 +167,8 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
         replays.append((t, changes))
         bar.write(f"kronjax.fit: overflow at step {t}; replaying with {changes}")
         state = with_config(state, **changes)
+        if mesh is not None:
+          state = sharding.shard_state(state, mesh)
         continue
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
@@ -154,16 +180,18 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
       state = new_state
       t += 1
       if t % log_every == 0 or t == steps:
-        history["step"].append(t)
+        history["step"].append(start + t)
         history["loss"].append(loss)
         history["active"].append(float(metrics["active"]))
         history["max_active"].append(int(metrics["max_active"]))
         history["index_rebuilds"].append(int(metrics["index_rebuilds"]))
       if eval_every and (t % eval_every == 0 or t == steps):
         ev = jax.device_get(_evaluate_jit(state))
-        eval_hist["eval_step"].append(t)
+        eval_hist["eval_step"].append(start + t)
         for k, v in ev.items():
           eval_hist.setdefault(k, []).append(float(v))
+      if checkpoint_dir is not None and (t == steps or (checkpoint_every and t % checkpoint_every == 0)):
+        checkpoint.save(checkpoint_dir, state, {"fit_key": key, "batch_size": batch_size})
       bar.update(1)
       if t % 10 == 0 or t == steps:
         rate = t / max(time.perf_counter() - t_start, 1e-9)

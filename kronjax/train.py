@@ -78,20 +78,25 @@ def _gram_rows(state: TrainState, batch_idx: jax.Array) -> tuple[jax.Array, jax.
   return rows, rows_eval
 
 
-def _step(state: TrainState, batch_idx: jax.Array):
-  config = state.config
-  m = config.width
+def _step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None):
+  """The step body. With ``axis_name`` it runs on one neuron shard inside
+  ``shard_map``: ``P``, ``A``, ``a`` hold this device's rows, and the only
+  communication is the all-reduce of the ``(B, C)`` outputs (plus scalars)."""
   index = index_for(state)
   q = index.query(state.index, state.P, batch_idx, state.b)
+  counts = q.count
   overflow = jnp.any(q.overflow)
+  if axis_name is not None:  # every shard must take the same branch
+    counts = jax.lax.psum(counts, axis_name)
+    overflow = jax.lax.psum(overflow.astype(jnp.int32), axis_name) > 0
   metrics_common = {
-      "active": jnp.mean(q.count.astype(state.P.dtype)),
-      "max_active": jnp.max(q.count),
+      "active": jnp.mean(counts.astype(state.P.dtype)),
+      "max_active": jnp.max(q.count) if axis_name is None else jax.lax.pmax(jnp.max(q.count), axis_name),
       "overflow": overflow,
   }
 
   def apply(state):
-    return _apply(state, batch_idx, q.idx, index)
+    return _apply(state, batch_idx, q.idx, index, axis_name)
 
   def skip(state):
     return state, jnp.asarray(jnp.nan, state.P.dtype)
@@ -99,22 +104,24 @@ def _step(state: TrainState, batch_idx: jax.Array):
   new_state, loss = jax.lax.cond(overflow, skip, apply, state)
   metrics = dict(metrics_common, loss=loss, step=new_state.step,
                  index_rebuilds=getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32)))
-  del m
   return new_state, metrics
 
 
-def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index):
+def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index,
+           axis_name: str | None = None):
   """Steps 2-5 for active sets ``idx (B, K)`` that fit (no overflow)."""
   config = state.config
-  m = config.width
+  rows = state.P.shape[0]  # this shard's neurons (= width unsharded); also the pad value
   B = batch_idx.shape[0]
-  inv_sqrt_m = 1.0 / math.sqrt(m)
-  valid = idx < m                                                   # (B, K)
+  inv_sqrt_m = 1.0 / math.sqrt(config.width)
+  valid = idx < rows                                                # (B, K)
   safe = jnp.where(valid, idx, 0)
   z = state.P[safe, batch_idx[:, None]]                             # (B, K)
   h = jnp.where(valid, losses.hidden(z, state.b), 0.0)              # (B, K)
   a_rows = jnp.where(valid[..., None], state.a[safe], 0.0)          # (B, K, C)
   outputs = jnp.einsum("bk,bkc->bc", h, a_rows) * inv_sqrt_m        # (B, C)
+  if axis_name is not None:
+    outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
   loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
   # dL/dw_r = sum_i c[i, k] x_i: relu' is 1 on the active set (z > b strictly).
   c = jnp.where(valid, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)

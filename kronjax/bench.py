@@ -1,0 +1,101 @@
+"""Timing and environment helpers shared by every benchmark and experiment.
+
+Benchmarks time steady-state calls after compilation (``block_until_ready``),
+report medians with spreads, and record the environment next to the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def block(tree: Any) -> Any:
+  """Waits for every array in ``tree``."""
+  return jax.block_until_ready(tree)
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 10,
+            min_seconds: float = 0.0) -> dict[str, Any]:
+  """Median wall time of ``fn(*args)`` after ``warmup`` calls (compilation excluded).
+
+  Returns ``{"median_s", "p10_s", "p90_s", "min_s", "repeats", "times_s"}``.
+  Keeps repeating (beyond ``repeats``) until ``min_seconds`` of samples exist.
+  """
+  for _ in range(warmup):
+    block(fn(*args))
+  times: list[float] = []
+  start = time.perf_counter()
+  while len(times) < repeats or time.perf_counter() - start < min_seconds:
+    t0 = time.perf_counter()
+    block(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return summarize(times)
+
+
+def summarize(times: list[float]) -> dict[str, Any]:
+  """Median, 10th/90th percentiles and minimum of wall times in seconds."""
+  arr = np.asarray(times)
+  return {"median_s": float(np.median(arr)), "p10_s": float(np.percentile(arr, 10)),
+          "p90_s": float(np.percentile(arr, 90)), "min_s": float(arr.min()),
+          "repeats": len(times), "times_s": [float(t) for t in times]}
+
+
+def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batches: list[Any], *,
+               warmup: int = 3) -> tuple[dict[str, Any], Any]:
+  """Times a state-threading ``step(state, batch) -> (state, aux)`` per call.
+
+  The step may donate its state; the returned state is the last one.
+  Returns ``(timing dict as in time_fn, final state)``.
+  """
+  for b in batches[:warmup]:
+    state, aux = step(state, b)
+  if warmup:
+    block((state, aux))
+  times = []
+  for b in batches[warmup:]:
+    t0 = time.perf_counter()
+    state, aux = step(state, b)
+    block((state, aux))
+    times.append(time.perf_counter() - t0)
+  return summarize(times), state
+
+
+def environment() -> dict[str, Any]:
+  """What the numbers were measured on."""
+  dev = jax.devices()[0]
+  return {
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "device": getattr(dev, "device_kind", str(dev)),
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "x64": bool(jax.config.jax_enable_x64),
+  }
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
+  """Writes ``payload`` (numpy/jax scalars and arrays allowed) as pretty JSON."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=2, default=_to_jsonable) + "\n")
+  return path
+
+
+def _to_jsonable(x: Any) -> Any:
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  if hasattr(x, "tolist"):
+    return np.asarray(x).tolist()
+  if isinstance(x, pathlib.Path):
+    return str(x)
+  raise TypeError(f"not JSON serializable: {type(x).__name__}")
