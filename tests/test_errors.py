@@ -1,0 +1,148 @@
+"""Bad input to Config, init and train_step: a clear error naming the argument."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kronjax
+
+
+@pytest.fixture(scope="module")
+def reg():
+  return kronjax.data.planted(jax.random.PRNGKey(0), 20, (3, 4), task="regression")
+
+
+@pytest.fixture(scope="module")
+def cls():
+  return kronjax.data.planted(jax.random.PRNGKey(0), 20, (3, 4), task="classification", num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def state(reg):
+  data, labels = reg
+  return kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), data, labels, optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("tx", [
+    optax.adam(1e-3),
+    optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)),
+    optax.adamw(1e-3),
+    optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1)),
+], ids=["adam", "clip", "adamw", "weight_decay"])
+def test_nonlinear_optimizer_is_refused_with_reason(reg, tx):
+  data, labels = reg
+  with pytest.raises(ValueError, match=r"tx cannot be used.*span\(X\).*optax.sgd"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+
+
+@pytest.mark.parametrize("make_labels,config_kw,match,exc", [
+    (lambda y: y[:5], {}, r"labels must have shape \(20, 1\)", ValueError),
+    (lambda y: jnp.concatenate([y, y], axis=1), {}, r"labels must have shape \(20, 1\)", ValueError),
+    (lambda y: y.at[3, 0].set(jnp.nan), {}, "labels contains 1 non-finite", ValueError),
+], ids=["rows", "columns", "nan"])
+def test_bad_regression_labels(reg, make_labels, config_kw, match, exc):
+  data, labels = reg
+  with pytest.raises(exc, match=match):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, **config_kw), data,
+                 make_labels(labels), optax.sgd(0.1))
+
+
+def test_class_ids_out_of_range(cls):
+  data, labels = cls
+  with pytest.raises(ValueError, match=r"labels must hold class ids in \[0, 3\)"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3),
+                 data, labels.at[0].set(3), optax.sgd(0.1))
+
+
+def test_one_hot_labels_for_softmax(cls):
+  data, labels = cls
+  with pytest.raises(ValueError, match=r"labels must have shape \(20,\).*not one-hot"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3),
+                 data, jax.nn.one_hot(labels, 3), optax.sgd(0.1))
+
+
+def test_float_class_ids(cls):
+  data, labels = cls
+  with pytest.raises(TypeError, match="labels must hold integer class ids"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3),
+                 data, labels.astype(jnp.float32), optax.sgd(0.1))
+
+
+def test_eval_data_with_other_dims(reg):
+  data, labels = reg
+  other = kronjax.data.synthetic(jax.random.PRNGKey(1), 5, (4, 3))
+  with pytest.raises(ValueError, match=r"eval_data has factor dims \(4, 3\).*\(3, 4\)"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, optax.sgd(0.1),
+                 eval_data=other)
+
+
+def test_eval_labels_without_eval_data(reg):
+  data, labels = reg
+  with pytest.raises(ValueError, match="eval_labels was given without eval_data"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, optax.sgd(0.1),
+                 eval_labels=labels)
+
+
+def test_non_finite_threshold(reg):
+  data, labels = reg
+  with pytest.raises(ValueError, match="threshold must be finite"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, optax.sgd(0.1),
+                 threshold=float("inf"))
+  with pytest.raises(ValueError, match="threshold must be finite"):
+    kronjax.Config(width=16, threshold=float("nan"))
+
+
+def test_data_and_config_types(reg):
+  data, labels = reg
+  with pytest.raises(TypeError, match="config must be a kronjax.Config"):
+    kronjax.init(jax.random.PRNGKey(0), {"width": 16}, data, labels, optax.sgd(0.1))
+  with pytest.raises(TypeError, match="data must be a kronjax.KronData"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data.materialize(), labels,
+                 optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("batch,match,exc", [
+    (np.array([0, 20]), r"batch_idx must hold indices in \[0, 20\)", ValueError),
+    (np.array([-1, 2]), r"batch_idx must hold indices in \[0, 20\)", ValueError),
+    (np.array([], np.int32), "batch_idx is empty", ValueError),
+    (np.array([0.0, 1.0]), "batch_idx must be an integer array", TypeError),
+    (np.array([[0, 1]]), "batch_idx must be 1-D", ValueError),
+], ids=["too_large", "negative", "empty", "float", "2d"])
+def test_bad_batch_indices_leave_state_untouched(state, batch, match, exc):
+  P_before = np.asarray(state.P).copy()
+  with pytest.raises(exc, match=match):
+    kronjax.train_step(state, batch)
+  np.testing.assert_array_equal(np.asarray(state.P), P_before)
+
+
+@pytest.mark.parametrize("kwargs,match,exc", [
+    ({"width": 0}, "width must be >= 1", ValueError),
+    ({"width": 8.0}, "width must be an int", TypeError),
+    ({"width": 16, "loss": "hinge"}, "loss must be one of", ValueError),
+    ({"width": 16, "init": "lazy"}, "init must be one of", ValueError),
+    ({"width": 16, "index": "tree"}, "index must be one of", ValueError),
+    ({"width": 16, "update": "fast"}, "update must be one of", ValueError),
+    ({"width": 16, "gram": "cached"}, "gram must be one of", ValueError),
+    ({"width": 16, "active_capacity": 0}, "active_capacity must be >= 1", ValueError),
+    ({"width": 16, "active_capacity": 17}, r"active_capacity must be in \[1, width=16\]", ValueError),
+    ({"width": 16, "candidate_capacity": 99}, r"candidate_capacity must be in \[1, width=16\]", ValueError),
+    ({"width": 16, "index_delta": -1.0}, "index_delta must be a positive", ValueError),
+    ({"width": 16, "loss": "softmax", "num_classes": 1}, "num_classes must be >= 2", ValueError),
+    ({"width": 16, "train_output": 1}, "train_output must be a bool", TypeError),
+    ({"width": 16, "init_chunk": 0}, "init_chunk must be >= 1", ValueError),
+])
+def test_config_validation(kwargs, match, exc):
+  with pytest.raises(exc, match=match):
+    kronjax.Config(**kwargs)
+
+
+def test_config_unknown_key_suggests_closest():
+  with pytest.raises(ValueError, match=r"Unknown config key 'widht'.*Did you mean 'width'"):
+    kronjax.Config.from_dict({"widht": 16})
+
+
+def test_with_config_refuses_network_changes(state):
+  with pytest.raises(ValueError, match="with_config cannot change 'width'"):
+    kronjax.with_config(state, width=64)

@@ -1,0 +1,110 @@
+"""kronjax.fit: learning, overflow replay, errors, resumable batch order."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kronjax
+from kronjax.loop import batch_schedule
+
+
+@pytest.fixture(scope="module")
+def task():
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 360, (16, 16), task="regression")
+  return data, labels
+
+
+def test_planted_task_is_learned(task):
+  data, labels = task
+  train, held = data.subset(np.arange(300)), data.subset(np.arange(300, 360))
+  config = kronjax.Config(width=1024, init="implicit")
+  state = kronjax.init(jax.random.PRNGKey(1), config, train, labels[:300], optax.sgd(8.0),
+                       eval_data=held, eval_labels=labels[300:])
+  before = kronjax.evaluate(state)
+  state, hist = kronjax.fit(state, jax.random.PRNGKey(2), batch_size=10, epochs=40,
+                            progress=False, eval_every=600)
+  after = kronjax.evaluate(state)
+  assert float(after["train_loss"]) < 0.1 * float(before["train_loss"])
+  assert float(after["eval_loss"]) < 0.7 * float(before["eval_loss"])
+  assert hist["loss"].shape == (1200,) and hist["eval_loss"].shape == (2,)
+  assert np.all(hist["active"] > 0) and np.all(hist["active"] < 0.2 * config.width)
+
+
+def test_overflow_replay_equals_run_with_large_capacity(x64):
+  # float64: a different capacity pads the reductions over active neurons
+  # differently, so float32 runs agree only to rounding; the active sets and the
+  # trajectory are the same.
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 200, (16, 16), task="regression")
+  small = kronjax.Config(width=256, threshold=0.3, active_capacity=8)
+  large = small.replace(active_capacity=256)
+  tx = optax.sgd(0.5)
+  s_small = kronjax.init(jax.random.PRNGKey(0), small, data, labels, tx)
+  s_large = kronjax.init(jax.random.PRNGKey(0), large, data, labels, tx)
+  key = jax.random.PRNGKey(5)
+  out_small, h_small = kronjax.fit(s_small, key, batch_size=8, steps=40, progress=False)
+  out_large, h_large = kronjax.fit(s_large, key, batch_size=8, steps=40, progress=False)
+  assert h_small["replays"], "the tiny capacity should have overflowed"
+  assert h_small["replays"][0][0] == 0
+  assert out_small.config.active_capacity > small.active_capacity
+  assert not h_large["replays"]
+  chex.assert_trees_all_close(out_small.P, out_large.P, rtol=1e-12, atol=1e-12)
+  chex.assert_trees_all_close(out_small.A, out_large.A, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(h_small["loss"], h_large["loss"], rtol=1e-12)
+  np.testing.assert_array_equal(h_small["active"], h_large["active"])
+  # The caller's state is untouched (fit trains a copy; the step donates).
+  assert int(s_small.step) == 0 and float(jnp.max(jnp.abs(s_small.A))) == 0.0
+
+
+def test_overflow_raise_names_count_and_capacity(task):
+  data, labels = task
+  config = kronjax.Config(width=256, threshold=0.3, active_capacity=8)
+  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(0.5))
+  with pytest.raises(kronjax.CapacityError, match=r"active_capacity=8.*active_capacity>=\d+"):
+    kronjax.fit(state, jax.random.PRNGKey(0), batch_size=8, steps=3, progress=False, on_overflow="raise")
+
+
+def test_non_finite_loss_names_step_and_learning_rate(task):
+  data, labels = task
+  config = kronjax.Config(width=128, threshold=0.0, train_output=True)
+  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels * 1e6, optax.sgd(1e8))
+  with pytest.raises(FloatingPointError, match=r"step \d+.*learning rate"):
+    kronjax.fit(state, jax.random.PRNGKey(0), batch_size=16, steps=200, progress=False)
+
+
+def test_fit_twice_equals_fit_once(task):
+  data, labels = task
+  config = kronjax.Config(width=128)
+  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(1.0, momentum=0.5))
+  key = jax.random.PRNGKey(3)
+  once, _ = kronjax.fit(state, key, batch_size=32, steps=30, progress=False)
+  half, _ = kronjax.fit(state, key, batch_size=32, steps=17, progress=False)
+  twice, hist = kronjax.fit(half, key, batch_size=32, steps=13, progress=False)
+  chex.assert_trees_all_equal(once.P, twice.P)
+  assert hist["step"][0] == 18 and hist["step"][-1] == 30
+
+
+def test_batch_schedule_is_a_pure_function_of_key_and_step():
+  key = jax.random.PRNGKey(0)
+  full = batch_schedule(key, 50, 8, 20)
+  assert full.shape == (20, 8) and full.dtype == np.int32
+  np.testing.assert_array_equal(full[7:], batch_schedule(key, 50, 8, 13, start=7))
+  epoch = full[:6].ravel()
+  assert len(set(epoch.tolist())) == 48  # each epoch is a permutation (remainder dropped)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"batch_size": 0, "steps": 1}, "batch_size"),
+    ({"batch_size": 10**6, "steps": 1}, "batch_size"),
+    ({"batch_size": 4}, "steps"),
+    ({"batch_size": 4, "steps": 2, "epochs": 1}, "steps"),
+    ({"batch_size": 4, "steps": 2, "on_overflow": "ignore"}, "on_overflow"),
+    ({"batch_size": 4, "steps": 2, "checkpoint_every": 1}, "checkpoint_dir"),
+])
+def test_fit_rejects_bad_arguments(task, kwargs, match):
+  data, labels = task
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), data, labels, optax.sgd(0.1))
+  with pytest.raises((ValueError, TypeError), match=match):
+    kronjax.fit(state, jax.random.PRNGKey(0), progress=False, **kwargs)
