@@ -142,6 +142,10 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
     if not math.isfinite(float(jnp.asarray(threshold))):
       raise ValueError(f"threshold must be finite, got {threshold}.")
 
+  # The state owns fresh buffers: a step jitted with donate_argnums=0 must not
+  # delete the caller's key, data or labels.
+  key, data, labels, eval_data, eval_labels = jax.tree.map(
+      lambda x: jnp.array(x, copy=True), (key, data, labels, eval_data, eval_labels))
   dtype = data.dtype
   m, n, C = config.width, data.n, config.num_classes
   keys = initializers.init_keys(key)

@@ -1,0 +1,137 @@
+"""Benchmark of the kernel-space train step (issue: training step performance).
+
+Measures, in one process on the same data, steady-state medians after compilation:
+  1. kronjax step time vs d in {2**10, 2**14, 2**20} (flat in d);
+  2. kronjax vs the dense baseline at d = 2**16 (dense skipped where W does not fit);
+  3. the floor: the bare row-scatter P update of the same static shape;
+  4. batch 1, m = 65536, n = 512: the sparse update path vs the dense path.
+
+    .venv/bin/python -m experiments.bench_step [--smoke] [--out experiments/results/step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kronjax
+from kronjax import bench, dense
+
+
+def _dims_for(log2_d: int) -> tuple[int, int]:
+  return (2 ** (log2_d // 2), 2 ** (log2_d - log2_d // 2))
+
+
+def _batches(n, batch, count, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32)) for _ in range(count)]
+
+
+def kron_step_time(key, m, n, batch, log2_d, *, update="auto", gram="precomputed", steps=60,
+                   lr=0.5, config_kw=None):
+  data, labels = kronjax.data.planted(key, n, _dims_for(log2_d), task="regression")
+  config = kronjax.Config(width=m, init="implicit", update=update, gram=gram, **(config_kw or {}))
+  state = kronjax.init(key, config, data, labels, optax.sgd(lr))
+  step = jax.jit(kronjax.train_step, donate_argnums=0)
+  timing, state = bench.time_steps(step, state, _batches(n, batch, steps))
+  _, metrics = step(state, _batches(n, batch, 1, seed=1)[0])
+  timing.update(active=float(metrics["active"]), overflow=bool(metrics["overflow"]),
+                active_capacity=config.active_capacity,
+                path=kronjax.train.resolve_update(state, batch))
+  return timing
+
+
+def floor_time(key, m, n, batch, capacity, steps=60):
+  """The bare P update the sparse step cannot avoid: scatter-add of B*K rows of n."""
+  P = jax.random.normal(key, (m, n))
+  rng = np.random.default_rng(0)
+
+  @jax.jit
+  def rows_update(idx, coeff, K_rows):
+    return coeff[..., None] * K_rows[:, None, :]  # (B, K, n)
+
+  def scatter(P, args):
+    idx, coeff, K_rows = args
+    return P.at[idx].add(coeff[..., None] * K_rows[:, None, :], mode="drop"), None
+
+  scatter = jax.jit(scatter, donate_argnums=0)
+  args = [(jnp.asarray(np.sort(rng.choice(m, (batch, capacity)), axis=1).astype(np.int32)),
+           jnp.asarray(rng.normal(size=(batch, capacity)).astype(np.float32)),
+           jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32))) for _ in range(steps)]
+  timing, _ = bench.time_steps(scatter, P, args)
+  del rows_update
+  return timing
+
+
+def dense_step_time(key, m, n, batch, log2_d, *, steps=8, max_bytes=4 * 2**30):
+  d = 2**log2_d
+  need = 4 * (m * d * 3 + n * d)  # W, its gradient, the update, and X
+  if need > max_bytes:
+    return {"skipped": f"dense needs ~{need / 2**30:.1f} GiB > {max_bytes / 2**30:.1f} GiB cap"}
+  data, labels = kronjax.data.planted(key, n, _dims_for(log2_d), task="regression")
+  X = data.materialize()
+  config = kronjax.Config(width=m)
+  tx = optax.sgd(0.5)
+  state = dense.init(key, config, d, tx, dtype=X.dtype)
+  step = dense.make_step(config, tx)
+  batches = [(X[b], labels[b]) for b in _batches(n, batch, steps)]
+  timing, _ = bench.time_steps(lambda s, xy: step(s, *xy), state, batches, warmup=2)
+  return timing
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
+  parser.add_argument("--out", default="experiments/results/step.json")
+  args = parser.parse_args(argv)
+  key = jax.random.PRNGKey(0)
+  if args.smoke:
+    m, n, batch, log2_ds, dense_log2_d, big_m, big_n = 256, 64, 8, (6, 8, 10), 8, 1024, 64
+  else:
+    m, n, batch, log2_ds, dense_log2_d, big_m, big_n = 4096, 1024, 32, (10, 14, 20), 16, 65536, 512
+  out = {"environment": bench.environment(), "m": m, "n": n, "batch": batch}
+
+  rows = []
+  for log2_d in log2_ds:
+    t = kron_step_time(key, m, n, batch, log2_d)
+    rows.append({"log2_d": log2_d, **{k: v for k, v in t.items() if k != "times_s"}})
+    print(f"kronjax  d=2^{log2_d:<2d} step {t['median_s'] * 1e3:8.3f} ms  active {t['active']:.1f}  path {t['path']}")
+  medians = [r["median_s"] for r in rows]
+  out["flat_in_d"] = {"rows": rows, "max_over_min": max(medians) / min(medians)}
+  print(f"flat in d: max/min = {out['flat_in_d']['max_over_min']:.3f}")
+
+  kron_d16 = kron_step_time(key, m, n, batch, dense_log2_d)
+  dense_d16 = dense_step_time(key, m, n, batch, dense_log2_d)
+  out["vs_dense"] = {"log2_d": dense_log2_d, "kronjax": kron_d16, "dense": dense_d16}
+  if "median_s" in dense_d16:
+    out["vs_dense"]["speedup"] = dense_d16["median_s"] / kron_d16["median_s"]
+    print(f"d=2^{dense_log2_d}: dense {dense_d16['median_s'] * 1e3:.1f} ms vs kronjax "
+          f"{kron_d16['median_s'] * 1e3:.3f} ms: {out['vs_dense']['speedup']:.0f}x")
+  else:
+    print(f"d=2^{dense_log2_d}: dense {dense_d16['skipped']}")
+
+  cap = kronjax.Config(width=m).active_capacity
+  fl = floor_time(key, m, n, batch, cap)
+  out["floor"] = {"capacity": cap, "floor": fl, "kronjax": kron_d16,
+                  "ratio": kron_d16["median_s"] / fl["median_s"]}
+  print(f"floor (scatter of {batch}x{cap} rows of {n}): {fl['median_s'] * 1e3:.3f} ms; "
+        f"step/floor = {out['floor']['ratio']:.2f}")
+
+  sparse = kron_step_time(key, big_m, big_n, 1, 10, update="sparse", steps=40)
+  dense_path = kron_step_time(key, big_m, big_n, 1, 10, update="dense", steps=20)
+  out["batch1_paths"] = {"m": big_m, "n": big_n, "sparse": sparse, "dense": dense_path,
+                         "speedup": dense_path["median_s"] / sparse["median_s"]}
+  print(f"batch 1, m={big_m}, n={big_n}: sparse {sparse['median_s'] * 1e3:.3f} ms, dense "
+        f"{dense_path['median_s'] * 1e3:.3f} ms: {out['batch1_paths']['speedup']:.1f}x")
+  bench.write_json(args.out, out)
+  print(f"wrote {args.out}")
+  return out
+
+
+if __name__ == "__main__":
+  main()
