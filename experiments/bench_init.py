@@ -41,13 +41,17 @@ def _timed(fn, args, repeats):
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
   first = time.perf_counter() - t0
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  # CPU seconds (all threads) tell contention apart from work on a shared machine:
+  # wall ~ cpu / cores when the process had the cores to itself.
   return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times),
-          "repeats": repeats}
+          "median_cpu_s": statistics.median(cpu), "repeats": repeats,
+          "loadavg_1min": os.getloadavg()[0]}
 
 
 def worker(kind: str, n: int, m: int, dims: tuple[int, ...], chunk: int, repeats: int) -> dict:
@@ -92,7 +96,8 @@ def run_in_subprocess(kind, n, m, dims, chunk, repeats, timeout):
     raise RuntimeError(f"worker {kind} failed:\n{proc.stderr[-4000:]}")
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"  {kind:9s} n={n} m={m} d={res['d']:>8d}: median {res['median_s']:.4f} s "
-        f"(first call {res['first_call_s']:.2f} s), peak RSS {res['peak_rss_bytes'] / GIB:.3f} GiB "
+        f"(min {res['min_s']:.4f} s, cpu {res['median_cpu_s']:.3f} s, first call "
+        f"{res['first_call_s']:.2f} s, load {res['loadavg_1min']:.1f}), peak RSS {res['peak_rss_bytes'] / GIB:.3f} GiB "
         f"(rise {res['peak_rss_rise_bytes'] / GIB:.3f} GiB)", flush=True)
   return res
 
@@ -167,6 +172,8 @@ def main(argv=None) -> int:
           "implicit_peak_rss_rise_gib": implicit["peak_rss_rise_bytes"] / GIB,
           "implicit_meets_time_target": implicit["median_s"] < 1.0,
           "implicit_meets_memory_target": implicit["peak_rss_bytes"] < GIB,
+          "implicit_min_s": implicit["min_s"],
+          "implicit_median_cpu_s": implicit["median_cpu_s"],
           "gram_median_s": gram["median_s"],
           "explicit_width_measured": m_exp,
           "explicit_scaled_from_smaller_width": m_exp != m,
@@ -178,6 +185,7 @@ def main(argv=None) -> int:
           "explicit_over_implicit_at_d_big": t_exp * d_big / d_small / implicit["median_s"],
       },
       total_wall_s=time.perf_counter() - t_start,
+      loadavg_at_end=list(os.getloadavg()),
   )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
