@@ -1,0 +1,652 @@
+"""Config-driven experiments: TOML configs, typed parameters, one results.json per run.
+
+The contract between a config, an experiment module and the ``kronjax run`` CLI:
+
+**Config** (a TOML file, stdlib ``tomllib``)::
+
+    [experiment]
+    name = "quickstart"        # module experiments.<name>
+    seed = 0                   # optional (default 0): sets Params.seed, if Params has one
+    description = "..."        # optional, shown by `kronjax list`
+
+    [params]                   # mapped onto the module's Params (frozen dataclass)
+    width = 4096
+
+    [smoke]                    # optional: param overrides applied by `--smoke`
+    width = 64
+
+Top-level tables other than these, unknown keys (in any table), values of the
+wrong type and missing required params are errors (``ConfigError``, a
+``ValueError``) naming the key and, for unknown keys, the closest valid one.
+``kronjax run`` turns them into a one-line message and exit status 2.
+
+Overrides: ``--set section.key=value`` with ``value`` a TOML literal (``3``,
+``1e-3``, ``true``, ``"text"``, ``[1, 2]``); a bare word (``implicit``) is taken
+as a string. The resolved params are, in order of precedence: ``--set
+params.*``, then ``[smoke]`` (with ``--smoke``; ``--set smoke.*`` edits it), then
+``[params]``, then the ``Params`` defaults.
+
+**Params typing.** Fields of ``Params`` are annotated with ``int``, ``float``
+(an int is accepted and converted), ``bool``, ``str``, ``X | None`` (TOML has no
+null: only the default can be None), ``tuple[X, ...]`` / ``tuple[X, Y]`` (from
+TOML arrays) or ``typing.Literal[...]``. ``Params.__post_init__`` may raise
+``ValueError``/``TypeError`` for bad values; they are reported as config errors.
+
+**Module** ``experiments/<name>.py`` exposes::
+
+    @dataclasses.dataclass(frozen=True)
+    class Params: ...
+
+    def run(params: Params, out_dir: pathlib.Path, *, progress: bool[, resume: bool]) -> dict
+
+``run`` returns ``{"metrics": {...}, "table": [row dicts], "plots": [file names
+written into out_dir]}`` and may add ``"timings": {...}`` (medians and spreads
+from ``kronjax.bench``). A module whose ``run`` accepts ``resume`` supports
+``kronjax run --resume DIR``: it is called again with ``out_dir=DIR`` and
+``resume=True`` and continues from the checkpoints it wrote there (``train``
+below does this for ``kronjax.fit``).
+
+**Framework** (``run_config``): writes ``out_dir/run_config.json`` (so ``--resume``
+can rebuild the run) before calling ``run``, then ``out_dir/results.json`` =
+``{config, environment, metrics, timings, plots, table}`` with ``config`` the
+resolved config (experiment, params after smoke and overrides, the file, the
+overrides, smoke flag) and ``environment`` from ``kronjax.bench.environment()``,
+and prints the table.
+
+Helpers for modules: ``train`` (``kronjax.fit`` with resumable checkpoints and
+history), ``save_figure`` (small PNG), ``format_table``, ``to_jsonable``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import sys
+import time
+import tomllib
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+from kronjax import _checks
+
+SECTIONS = ("experiment", "params", "smoke")
+EXPERIMENT_KEYS = ("name", "seed", "description")
+RUN_CONFIG = "run_config.json"
+RESULTS = "results.json"
+CHECKPOINTS = "checkpoints"
+PACKAGE = "experiments"
+
+
+class ConfigError(ValueError):
+  """A bad config, override or experiment name: the CLI exits with status 2."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+  """Parses a TOML config file; ``ConfigError`` when missing or not valid TOML."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file {str(path)!r} not found"
+                      + (" (it is a directory)" if path.is_dir() else "")
+                      + "; `kronjax list` shows the available configs.")
+  try:
+    with open(path, "rb") as f:
+      return tomllib.load(f)
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+  """``"section.key=value"`` -> ``(("section", "key"), value)`` with value a TOML literal."""
+  if "=" not in text:
+    raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. params.width=256).")
+  lhs, rhs = text.split("=", 1)
+  path = tuple(part.strip() for part in lhs.strip().split("."))
+  if len(path) < 2 or not all(re.fullmatch(r"[A-Za-z0-9_-]+", p) for p in path):
+    raise ConfigError(f"--set {text!r}: the key must be section.key (e.g. params.width), got {lhs!r}.")
+  rhs = rhs.strip()
+  try:
+    value = tomllib.loads(f"v = {rhs}")["v"]
+  except tomllib.TOMLDecodeError:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]*", rhs):
+      value = rhs  # a bare word: a string (TOML would need quotes)
+    else:
+      raise ConfigError(f"--set {text!r}: {rhs!r} is not a TOML value (numbers, true/false, "
+                        "\"strings\", [arrays]).") from None
+  return path, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+  """A deep copy of ``raw`` with ``--set`` overrides applied (no validation of keys yet)."""
+  out = json.loads(json.dumps(raw))  # deep copy; TOML values are JSON values (datetimes aside)
+  for text in overrides:
+    path, value = parse_override(text)
+    node = out
+    for part in path[:-1]:
+      child = node.setdefault(part, {})
+      if not isinstance(child, dict):
+        raise ConfigError(f"--set {text!r}: {part!r} is a value, not a table.")
+      node = child
+    node[path[-1]] = value
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A config resolved against its experiment module."""
+  name: str
+  module: types.ModuleType
+  params: Any
+  config: dict[str, Any]  # what results.json records under "config"
+
+
+def resolve(raw: Mapping[str, Any], *, overrides: Sequence[str] = (), smoke: bool = False,
+            source: str | None = None) -> Resolved:
+  """Validates a parsed config (plus overrides) and builds the module's ``Params``."""
+  cfg = apply_overrides(raw, overrides)
+  for section in cfg:
+    if section not in SECTIONS:
+      raise ConfigError(_checks.unknown_key_message("config section", section, SECTIONS))
+    if not isinstance(cfg[section], dict):
+      raise ConfigError(f"config section {section!r} must be a table ([{section}]), "
+                        f"got {type(cfg[section]).__name__}.")
+  exp = cfg.get("experiment")
+  if not exp or "name" not in exp:
+    raise ConfigError("config needs an [experiment] table with name = \"<module>\" "
+                      f"(one of: {', '.join(experiment_names())}).")
+  for key in exp:
+    if key not in EXPERIMENT_KEYS:
+      raise ConfigError(_checks.unknown_key_message("experiment key", key, EXPERIMENT_KEYS))
+  name = exp["name"]
+  if not isinstance(name, str):
+    raise ConfigError(f"experiment.name must be a string, got {name!r}.")
+  if "seed" in exp and (isinstance(exp["seed"], bool) or not isinstance(exp["seed"], int)):
+    raise ConfigError(f"experiment.seed must be an integer, got {exp['seed']!r}.")
+  module = import_experiment(name)
+
+  set_params = {}
+  for text in overrides:
+    path, value = parse_override(text)
+    if path[0] == "params":
+      set_params[path[1]] = value
+  values = dict(cfg.get("params", {}))
+  if smoke:
+    values.update(cfg.get("smoke", {}))
+  values.update(set_params)
+  fields = {f.name for f in dataclasses.fields(module.Params)}
+  if "seed" in exp:
+    if "seed" not in fields:
+      raise ConfigError(f"experiment {name!r} takes no seed (its Params has no 'seed' field); "
+                        "remove experiment.seed.")
+    if "seed" in values:
+      raise ConfigError("seed is set both in [experiment] and in [params]; keep one.")
+    values["seed"] = exp["seed"]
+  params = build_params(module.Params, values, where="params")
+  for key in cfg.get("smoke", {}):  # [smoke] keys are checked even without --smoke
+    if key not in fields:
+      raise ConfigError(_checks.unknown_key_message("smoke key", key, fields))
+  config = {
+      "experiment": {"name": name, **{k: v for k, v in exp.items() if k != "name"}},
+      "params": to_jsonable(dataclasses.asdict(params)),
+      "smoke": smoke, "overrides": list(overrides), "file": source,
+  }
+  return Resolved(name=name, module=module, params=params, config=config)
+
+
+def build_params(cls: type, values: Mapping[str, Any], *, where: str = "params") -> Any:
+  """``cls(**values)`` for a frozen dataclass, with unknown-key and type checks."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  for key in values:
+    if key not in fields:
+      raise ConfigError(_checks.unknown_key_message(f"{where} key", key, fields))
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in values.items():
+    kwargs[key] = _coerce(f"{where}.{key}", value, hints[key])
+  missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"{where} is missing required key(s): {', '.join(missing)}.")
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+  """Checks ``value`` against the annotation ``tp``; converts int->float and list->tuple."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if tp is typing.Any:
+    return value
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(where, value, arg)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(f"{where} must be {' or '.join(_type_name(a) for a in args if a is not type(None))}, "
+                      f"got {value!r}.")
+  if origin is typing.Literal:
+    if value not in args:
+      close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}.{hint}")
+    return value
+  if origin in (tuple, list):
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where} must be an array (e.g. [1, 2]), got {value!r}.")
+    if origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
+      if len(value) != len(args):
+        raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}: {value!r}.")
+      items = [_coerce(f"{where}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
+    else:
+      item_tp = args[0] if args else typing.Any
+      items = [_coerce(f"{where}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{where} must be an integer, got {value!r}.")
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{where} must be a number, got {value!r}.")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{where} must be a string, got {value!r}.")
+    return value
+  if isinstance(tp, type) and not isinstance(value, tp):
+    raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}.")
+  return value
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def experiments_dir() -> pathlib.Path:
+  """The ``experiments`` package folder (installed, or beside this source checkout)."""
+  spec = importlib.util.find_spec(PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    # An editable install made before `experiments*` was packaged: use the checkout's copy.
+    checkout = pathlib.Path(__file__).resolve().parents[1]
+    if not (checkout / PACKAGE / "__init__.py").is_file():
+      raise ConfigError(f"the {PACKAGE!r} package is not installed; run `pip install -e .`.")
+    sys.path.append(str(checkout))
+    importlib.invalidate_caches()
+    return checkout / PACKAGE
+  return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def _module_summary(path: pathlib.Path) -> tuple[bool, str]:
+  """(defines Params and run, first docstring line), read without importing."""
+  try:
+    tree = ast.parse(path.read_text())
+  except (OSError, SyntaxError):
+    return False, ""
+  names = {node.name for node in tree.body
+           if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+  doc = (ast.get_docstring(tree) or "").strip().splitlines()
+  return {"Params", "run"} <= names, doc[0] if doc else ""
+
+
+def experiment_names() -> list[str]:
+  """Modules of the experiments package that follow the contract (Params and run)."""
+  try:
+    folder = experiments_dir()
+  except ConfigError:
+    return []
+  return sorted(p.stem for p in folder.glob("*.py")
+                if not p.stem.startswith("_") and _module_summary(p)[0])
+
+
+def import_experiment(name: str) -> types.ModuleType:
+  """``experiments.<name>``, checked for ``Params`` and ``run``; ``ConfigError`` if unknown."""
+  valid = experiment_names()
+  if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name not in valid:
+    raise ConfigError(_checks.unknown_key_message("experiment", name, valid).replace(
+        "Valid keys", "Available experiments"))
+  module = importlib.import_module(f"{PACKAGE}.{name}")
+  if not (dataclasses.is_dataclass(getattr(module, "Params", None)) and callable(getattr(module, "run", None))):
+    raise ConfigError(f"{PACKAGE}.{name} must define a dataclass Params and a function run.")
+  return module
+
+
+def config_dirs() -> list[pathlib.Path]:
+  """Where ``kronjax list`` looks for configs: ./configs and the source checkout's configs/."""
+  dirs = [pathlib.Path.cwd() / "configs"]
+  try:
+    dirs.append(experiments_dir().parent / "configs")
+  except ConfigError:
+    pass
+  out = []
+  for d in dirs:
+    if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+      out.append(d)
+  return out
+
+
+def list_configs() -> list[dict[str, str]]:
+  """``[{"path", "experiment", "description"}]`` for every configs/*.toml found."""
+  rows = []
+  for d in config_dirs():
+    for path in sorted(d.glob("*.toml")):
+      try:
+        exp = read_config(path).get("experiment", {})
+      except ConfigError as e:
+        exp = {"name": "?", "description": f"invalid: {e}"}
+      try:
+        shown = str(path.relative_to(pathlib.Path.cwd()))
+      except ValueError:
+        shown = str(path)
+      rows.append({"path": shown, "experiment": str(exp.get("name", "?")),
+                   "description": str(exp.get("description", ""))})
+  return rows
+
+
+def list_experiments() -> list[dict[str, str]]:
+  """``[{"name", "description"}]`` for every experiment module."""
+  try:
+    folder = experiments_dir()
+  except ConfigError:
+    return []
+  return [{"name": name, "description": _module_summary(folder / f"{name}.py")[1]}
+          for name in experiment_names()]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[str] = (),
+               out_dir: str | os.PathLike | None = None, smoke: bool = False,
+               progress: bool = True, resume: str | os.PathLike | None = None,
+               echo: bool = True) -> dict[str, Any]:
+  """Runs one experiment from a config file (or resumes the run in ``resume``).
+
+  Returns the results payload written to ``out_dir/results.json``.
+  """
+  if resume is not None:
+    out = pathlib.Path(resume)
+    saved_path = out / RUN_CONFIG
+    if not saved_path.is_file():
+      raise ConfigError(f"--resume {str(out)!r}: no {RUN_CONFIG} there; it is not a kronjax run "
+                        "directory (give the --out directory of the interrupted run).")
+    try:
+      saved = json.loads(saved_path.read_text())
+      raw, overrides, smoke, source = saved["raw"], saved["overrides"], saved["smoke"], saved["file"]
+    except (ValueError, KeyError) as e:
+      raise ConfigError(f"--resume {str(out)!r}: {RUN_CONFIG} is unreadable ({e}).") from None
+    resolved = resolve(raw, overrides=overrides, smoke=smoke, source=source)
+    if "resume" not in inspect.signature(resolved.module.run).parameters:
+      raise ConfigError(f"experiment {resolved.name!r} does not support --resume (its run() "
+                        "takes no resume argument); start it again instead.")
+  else:
+    if config is None:
+      raise ConfigError("give a CONFIG file (or --resume DIR).")
+    raw = read_config(config)
+    source = str(config)
+    resolved = resolve(raw, overrides=overrides, smoke=smoke, source=source)
+    out = pathlib.Path(out_dir) if out_dir is not None else default_out_dir(resolved.name, smoke)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a fresh run never continues old state
+    (out / RESULTS).unlink(missing_ok=True)
+    (out / RUN_CONFIG).write_text(json.dumps(
+        {"raw": raw, "overrides": list(overrides), "smoke": smoke, "file": source}, indent=2) + "\n")
+
+  from kronjax import bench  # pylint: disable=g-import-not-at-top  (imports jax)
+
+  kwargs = {"progress": progress}
+  if resume is not None:
+    kwargs["resume"] = True
+  if echo:
+    print(f"kronjax run: experiment {resolved.name!r}{' (smoke)' if smoke else ''}"
+          f"{' resumed' if resume is not None else ''} -> {out}", flush=True)
+  t0 = time.perf_counter()
+  result = resolved.module.run(resolved.params, out, **kwargs)
+  wall = time.perf_counter() - t0
+  check_result(result, out, resolved.name)
+  timings = dict(result.get("timings", {}))
+  timings.setdefault("run_wall_s", wall)
+  payload = {
+      "config": resolved.config, "environment": bench.environment(),
+      "metrics": result["metrics"], "timings": timings, "plots": list(result["plots"]),
+      "table": result["table"],
+  }
+  bench.write_json(out / RESULTS, to_jsonable(payload))
+  if echo:
+    print(format_table(result["table"]))
+    for plot in result["plots"]:
+      print(f"plot: {out / plot}")
+    print(f"results: {out / RESULTS}", flush=True)
+  return payload
+
+
+def default_out_dir(name: str, smoke: bool) -> pathlib.Path:
+  return pathlib.Path("runs") / (f"{name}-smoke" if smoke else name)
+
+
+def check_result(result: Any, out_dir: pathlib.Path, name: str) -> None:
+  """Raises TypeError when an experiment's ``run`` broke the return contract."""
+  where = f"experiments.{name}.run"
+  if not isinstance(result, dict):
+    raise TypeError(f"{where} must return a dict, got {type(result).__name__}.")
+  allowed = {"metrics", "table", "plots", "timings"}
+  for key in result:
+    if key not in allowed:
+      raise TypeError(_checks.unknown_key_message(f"key returned by {where}", key, allowed))
+  for key in ("metrics", "table", "plots"):
+    if key not in result:
+      raise TypeError(f"{where} must return {key!r}.")
+  if not isinstance(result["metrics"], dict) or not isinstance(result.get("timings", {}), dict):
+    raise TypeError(f"{where}: metrics and timings must be dicts.")
+  if not isinstance(result["table"], list) or not all(isinstance(r, dict) for r in result["table"]):
+    raise TypeError(f"{where}: table must be a list of row dicts.")
+  for plot in result["plots"]:
+    if not isinstance(plot, str) or not (out_dir / plot).is_file():
+      raise TypeError(f"{where}: plot {plot!r} is not a file name written into {out_dir}.")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def to_jsonable(x: Any) -> Any:
+  """numpy/jax scalars and arrays -> Python numbers and lists, recursively; NaN/inf kept."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if isinstance(x, dict):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if isinstance(x, pathlib.Path):
+    return str(x)
+  if isinstance(x, np.generic):
+    return x.item()
+  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+    return np.asarray(x).tolist()
+  return x
+
+
+def _fmt(v: Any) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, bool):
+    return "yes" if v else "no"
+  if isinstance(v, float):
+    if math.isnan(v):
+      return "nan"
+    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+      return f"{v:.3e}"
+    return f"{v:.4g}"
+  return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Rows of dicts as an aligned text table (columns in first-seen order)."""
+  if not rows:
+    return "(empty table)"
+  columns: list[str] = []
+  for row in rows:
+    columns += [k for k in row if k not in columns]
+  cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+  widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+  numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
+             for c in columns]
+  lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(columns, widths, numeric)),
+           "  ".join("-" * w for w in widths)]
+  lines += ["  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric))
+            for r in cells]
+  return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The same table as GitHub markdown (for docs)."""
+  columns: list[str] = []
+  for row in rows:
+    columns += [k for k in row if k not in columns]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def save_figure(fig: Any, out_dir: str | os.PathLike, name: str, *, dpi: int = 90) -> str:
+  """Saves a matplotlib figure as ``out_dir/name`` (PNG), closes it, returns ``name``."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(out_dir) / name
+  fig.savefig(path, dpi=dpi, bbox_inches="tight")
+  plt.close(fig)
+  return name
+
+
+def pyplot():
+  """``matplotlib.pyplot`` with the non-interactive Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def train(state: Any, key: Any, *, out_dir: str | os.PathLike, batch_size: int, steps: int,
+          progress: bool = True, resume: bool = False, checkpoint_every: int = 0,
+          eval_every: int = 0, log_every: int = 1, on_overflow: str = "replay",
+          desc: str = "train") -> tuple[Any, dict[str, Any]]:
+  """``kronjax.fit`` for ``steps`` steps with resumable checkpoints in ``out_dir/checkpoints``.
+
+  With ``checkpoint_every`` > 0, training runs in chunks of that many steps and
+  each chunk ends with ``kronjax.checkpoint.save`` of the state plus the history
+  so far (atomic). ``resume=True`` restores the latest checkpoint (``state``
+  serves as ``like``: the same freshly initialized state the run started from)
+  and trains the remaining steps: the final state is bit-for-bit the one of an
+  uninterrupted run, and the returned history covers all steps. Without
+  ``resume`` old checkpoints are removed first.
+
+  Returns ``(state, history)`` as ``kronjax.fit`` (``seconds`` counts the steps
+  run by this process only; ``resumed_from`` is the step it started at).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import kronjax  # pylint: disable=g-import-not-at-top
+  from kronjax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  ckpt_dir = pathlib.Path(out_dir) / CHECKPOINTS
+  history: dict[str, Any] = {}
+  if resume and checkpoint.latest_step(ckpt_dir) is not None:
+    state, meta = checkpoint.load(ckpt_dir, like=state)
+    saved_key = np.asarray(jax.random.key_data(meta["fit_key"]) if _is_typed_key(meta["fit_key"])
+                           else meta["fit_key"])
+    this_key = np.asarray(jax.random.key_data(key) if _is_typed_key(key) else key)
+    if not np.array_equal(saved_key, this_key) or meta["batch_size"] != batch_size:
+      raise ValueError(f"checkpoint in {ckpt_dir} was written by a run with another batch key or "
+                       "batch size; resume with the run's own config.")
+    history = meta.get("history", {})
+  elif not resume:
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+  start = int(state.step)
+  remaining = steps - start
+  if remaining < 0:
+    raise ValueError(f"the checkpoint is at step {start}, past the requested {steps} steps.")
+  chunk = checkpoint_every if checkpoint_every else max(remaining, 1)
+  bar = None
+  if progress and checkpoint_every:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+  seconds = 0.0
+  try:
+    while int(state.step) < steps:
+      done = int(state.step)
+      n = min(chunk, steps - done)
+      state, h = kronjax.fit(state, key, batch_size=batch_size, steps=n,
+                             progress=progress and bar is None, eval_every=eval_every,
+                             log_every=log_every, on_overflow=on_overflow)
+      seconds += h["seconds"]
+      h = dict(h, replays=[(done + t, c) for t, c in h["replays"]])  # chunk-local -> global step
+      history = merge_histories(history, h)
+      if checkpoint_every:
+        checkpoint.save(ckpt_dir, state, {"fit_key": key, "batch_size": batch_size,
+                                          "history": history})
+      if bar is not None:
+        bar.update(n)
+        if len(h["loss"]):
+          bar.set_postfix(loss=f"{h['loss'][-1]:.4g}", active=f"{h['active'][-1]:.1f}",
+                          steps_s=f"{n / max(h['seconds'], 1e-9):.1f}", refresh=True)
+  finally:
+    if bar is not None:
+      bar.close()
+  out = {k: (np.asarray(v) if k not in ("replays",) else v) for k, v in history.items()}
+  out.setdefault("replays", [])
+  out["seconds"] = seconds
+  out["resumed_from"] = start
+  return state, out
+
+
+def _is_typed_key(x: Any) -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def merge_histories(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+  """Concatenates two ``kronjax.fit`` histories (per-step arrays and replays)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  out: dict[str, Any] = {}
+  for k in set(a) | set(b):
+    if k in ("seconds", "steps_per_second", "resumed_from"):
+      continue
+    if k == "replays":
+      out[k] = [list(r) for r in a.get(k, [])] + [list(r) for r in b.get(k, [])]
+    else:
+      parts = [np.asarray(x[k]) for x in (a, b) if k in x]
+      out[k] = np.concatenate(parts) if parts else np.asarray([])
+  return out
+
+
+__all__ = (
+    "ConfigError", "Resolved", "apply_overrides", "build_params", "check_result", "format_table",
+    "import_experiment", "list_configs", "list_experiments", "markdown_table", "merge_histories",
+    "parse_override", "pyplot", "read_config", "resolve", "run_config", "save_figure", "to_jsonable",
+    "train",
+)
