@@ -186,7 +186,7 @@ def dense_scan(*, active_capacity: int) -> ThresholdIndex:
 
 # ----------------------------------------------------------------------------- bucketed
 
-_REBUILD_CHUNK = 32  # columns compacted together at a rebuild (bounds the int32 temporaries)
+_REBUILD_CHUNK = 8  # columns compacted together at a rebuild (measured: 4-8 best on CPU)
 
 
 def _candidates(P: jax.Array, lo: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -194,14 +194,16 @@ def _candidates(P: jax.Array, lo: jax.Array, capacity: int) -> tuple[jax.Array, 
   m, n = P.shape
   g = min(_REBUILD_CHUNK, n)
   chunks = -(-n // g)
+  # The last chunk is shifted left to stay in bounds; overlapping columns agree.
+  starts = jnp.minimum(jnp.arange(chunks, dtype=jnp.int32) * g, n - g)
 
   def one(start):
-    cols = start + jnp.arange(g, dtype=jnp.int32)
-    mask = (jnp.take(P, jnp.minimum(cols, n - 1), axis=1) > lo) & (cols < n)[None]
-    return compact_columns(mask, capacity, m)
+    return compact_columns(jax.lax.dynamic_slice_in_dim(P, start, g, axis=1) > lo, capacity, m)
 
-  cand, count = jax.lax.map(one, jnp.arange(chunks, dtype=jnp.int32) * g)
-  return cand.reshape(chunks * g, capacity)[:n], count.reshape(chunks * g)[:n]
+  cand, count = jax.lax.map(one, starts)                        # (chunks, g, cap), (chunks, g)
+  cols = (starts[:, None] + jnp.arange(g, dtype=jnp.int32)[None, :]).reshape(-1)
+  return (jnp.zeros((n, capacity), jnp.int32).at[cols].set(cand.reshape(-1, capacity)),
+          jnp.zeros((n,), jnp.int32).at[cols].set(count.reshape(-1)))
 
 
 def _rounding_scale(dtype) -> tuple[float, float]:
