@@ -1,0 +1,150 @@
+"""Step time and active neurons per point vs the width ``m``.
+
+For each ``m = 2**k`` (``k`` in ``[log2_m_min, log2_m_max]``) at the paper's
+threshold ``b = sqrt(0.4 ln m)``:
+
+  * the number of active neurons per point at init, measured over all ``n``
+    points (``P[:, j] > b``), against its expectation ``m Q(b)`` (Binomial, so a
+    per-point standard deviation ``sqrt(m Q (1 - Q))``) and the paper's bound
+    ``m^(4/5)``;
+  * the median wall time of one jit-compiled, donated ``kronjax.train_step``
+    (SGD, batch ``B``) after compilation, and the active count it reports.
+
+Shapes: m neurons, n points, B batch.
+
+    kronjax run configs/scaling_m.toml [--smoke]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kronjax
+from kronjax import bench
+from kronjax.config import default_threshold, gaussian_tail
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """Sizes of the sweep over ``m`` (synthetic unit-norm Gaussian factors)."""
+  log2_m_min: int = 10
+  log2_m_max: int = 16
+  n: int = 512
+  dims: tuple[int, ...] = (32, 32)
+  batch_size: int = 32
+  learning_rate: float = 1.0
+  init: str = "implicit"
+  timed_steps: int = 30
+  warmup_steps: int = 3
+  seed: int = 0
+
+
+def active_at_init(P: jax.Array, b: float) -> dict[str, float]:
+  """Active neurons per point ``(P[:, j] > b).sum()`` over the ``n`` columns, vs ``m Q(b)``."""
+  m, n = P.shape
+  counts = np.asarray(jnp.sum(P > b, axis=0))
+  q = gaussian_tail(b)
+  expected = m * q
+  sigma = math.sqrt(m * q * (1.0 - q))
+  mean = float(counts.mean())
+  return {"active_mean": mean, "active_std": float(counts.std()), "active_max": int(counts.max()),
+          "expected": expected, "sigma_point": sigma,
+          "z_mean": (mean - expected) / (sigma / math.sqrt(n)),
+          "bound_m45": m ** 0.8}
+
+
+def measure_width(p: Params, m: int, data: kronjax.KronData, labels: jax.Array,
+                  key: jax.Array) -> tuple[dict[str, object], dict]:
+  """One row: init statistics and steady-state step time at width ``m``."""
+  b = default_threshold(m)
+  config = kronjax.Config(width=m, init=p.init)
+  state = kronjax.init(key, config, data, labels, optax.sgd(p.learning_rate))
+  row: dict[str, object] = {"m": m, "b": b, "Q_b": gaussian_tail(b),
+                            "index": state.index_kind, "active_capacity": config.active_capacity}
+  row.update(active_at_init(state.P, b))
+  step = jax.jit(kronjax.train_step, donate_argnums=0)
+  total = p.warmup_steps + p.timed_steps
+  perm = np.random.default_rng(p.seed).permutation(total * p.batch_size) % data.n
+  batches = [jnp.asarray(perm[i * p.batch_size:(i + 1) * p.batch_size], jnp.int32)
+             for i in range(total)]
+  seen: list[dict] = []
+
+  def timed(state, batch):
+    state, metrics = step(state, batch)
+    seen.append(metrics)
+    return state, metrics
+
+  timing, state = bench.time_steps(timed, state, batches, warmup=p.warmup_steps)
+  seen = jax.device_get(seen)
+  row.update({"step_ms": 1e3 * timing["median_s"], "step_ms_p10": 1e3 * timing["p10_s"],
+              "step_ms_p90": 1e3 * timing["p90_s"],
+              "train_active_mean": float(np.mean([s["active"] for s in seen])),
+              "overflow_steps": int(sum(bool(s["overflow"]) for s in seen))})
+  return row, timing
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ms = np.array([r["m"] for r in rows], float)
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
+  ax0.errorbar(ms, [r["active_mean"] for r in rows], yerr=[r["active_std"] for r in rows],
+               fmt="o", capsize=3, label="measured at init (mean ± std over points)")
+  grid = np.geomspace(ms.min(), ms.max(), 100)
+  ax0.plot(grid, [g * gaussian_tail(default_threshold(int(g))) for g in grid], "-",
+           label=r"$m\,Q(b)$, $b=\sqrt{0.4\ln m}$")
+  ax0.plot(grid, grid ** 0.8, "--", label=r"$m^{4/5}$ (paper's bound)")
+  ax0.plot(grid, grid, ":", color="gray", label="m")
+  ax0.set(xscale="log", yscale="log", xlabel="width m", ylabel="active neurons per point",
+          title="Active neurons vs width")
+  ax0.legend(fontsize=8)
+  ax1.errorbar(ms, [r["step_ms"] for r in rows],
+               yerr=[[r["step_ms"] - r["step_ms_p10"] for r in rows],
+                     [r["step_ms_p90"] - r["step_ms"] for r in rows]], fmt="o-", capsize=3)
+  ax1.set(xscale="log", yscale="log", xlabel="width m", ylabel="ms per step (median, p10-p90)",
+          title="kronjax step time vs width")
+  for ax in (ax0, ax1):
+    ax.set_xscale("log", base=2)
+    ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if params.log2_m_min > params.log2_m_max:
+    raise ValueError(f"log2_m_min={params.log2_m_min} must not exceed log2_m_max={params.log2_m_max}.")
+  key = jax.random.PRNGKey(params.seed)
+  kdata, kinit = jax.random.split(key)
+  # i.i.d. Gaussian factors: nearly orthogonal points, so the per-point counts at init
+  # are close to independent Binomial(m, Q(b)) draws and their mean has a known spread.
+  data = kronjax.data.synthetic(kdata, params.n, tuple(params.dims))
+  labels = jax.random.normal(jax.random.fold_in(kdata, 1), (params.n, 1))
+  rows, timings = [], {}
+  for k in range(params.log2_m_min, params.log2_m_max + 1):
+    m = 2 ** k
+    row, timing = measure_width(params, m, data, labels, kinit)
+    rows.append(row)
+    timings[f"step_m{m}"] = timing
+    if progress:
+      print(f"scaling_m: m={m:6d} active {row['active_mean']:8.1f} (m Q(b) {row['expected']:8.1f}) "
+            f"step {row['step_ms']:.2f} ms", flush=True)
+  plot(rows, out_dir / "scaling_m.png")
+  table = [{k: r[k] for k in ("m", "b", "index", "active_mean", "expected", "z_mean", "bound_m45",
+                              "train_active_mean", "step_ms")} for r in rows]
+  worst_z = max(abs(r["z_mean"]) for r in rows)
+  metrics = {"rows": rows, "max_abs_z_mean": worst_z,
+             "all_below_m45": all(r["active_max"] < r["bound_m45"] for r in rows),
+             "n": params.n, "d": math.prod(params.dims), "batch_size": params.batch_size}
+  return {"metrics": metrics, "table": table, "plots": ["scaling_m.png"], "timings": timings}

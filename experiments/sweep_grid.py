@@ -1,0 +1,226 @@
+"""A vmapped learning-rate x threshold grid: final losses and time per step.
+
+Every member of the grid starts from the same network (same key, so the same
+``W0`` and ``a``) and sees the same batches; members differ only in the
+learning rate (``optax.inject_hyperparams(optax.sgd)``, set per member in the
+optimizer state) and the ReLU threshold ``b`` (``kronjax.init(..., threshold=b)``).
+Both are arrays in the state, so one ``jax.vmap`` of ``kronjax.train_step``
+trains the whole grid with one compilation. The static active capacity must
+hold the *smallest* ``b``'s active sets, so every member pays for it; a member
+that overflows is re-run with a doubled capacity (never silently skipped).
+
+Time per step, two ways:
+  * the vmapped sweep: median wall time of one step of the whole grid, divided
+    by the number of members;
+  * single runs: each (lr, b) cell trained alone with the capacity its own ``b``
+    needs (``Config(threshold=b)``), median step time over ``timed_steps``.
+    This is where ``b`` shows in the cost (fewer active neurons, smaller capacity).
+
+Shapes: G grid members, m neurons, n points, n_e held-out points.
+
+    kronjax run configs/sweep_grid.toml [--smoke]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kronjax
+from kronjax import bench
+from kronjax.config import default_active_capacity, default_threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """The grid and the planted regression task it is trained on."""
+  learning_rates: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+  thresholds: tuple[float, ...] = (0.75, 1.25, 1.75, 2.25, 2.75)
+  width: int = 2048
+  n: int = 512
+  n_eval: int = 256
+  dims: tuple[int, ...] = (32, 32)
+  batch_size: int = 16
+  steps: int = 400
+  timed_steps: int = 20
+  init: str = "implicit"
+  seed: int = 0
+
+
+def _with_lr(state: kronjax.TrainState, lr) -> kronjax.TrainState:
+  """The state with its injected learning rate set to ``lr`` (may be traced)."""
+  hp = dict(state.opt_state.hyperparams)
+  hp["learning_rate"] = jnp.asarray(lr, hp["learning_rate"].dtype)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+
+
+def grid_states(key, config, data, labels, eval_data, eval_labels, bs, lrs):
+  """``G`` stacked states, member ``g`` with threshold ``bs[g]`` and learning rate ``lrs[g]``."""
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+
+  def one(b, lr):
+    state = kronjax.init(key, config, data, labels, tx, eval_data=eval_data,
+                         eval_labels=eval_labels, threshold=b)
+    return _with_lr(state, lr)
+
+  return jax.vmap(one)(jnp.asarray(bs), jnp.asarray(lrs))
+
+
+def batches_for(p: Params, count: int) -> list[jax.Array]:
+  rng = np.random.default_rng(p.seed + 1)
+  per_epoch = p.n // p.batch_size
+  order = np.concatenate([rng.permutation(p.n)[:per_epoch * p.batch_size]
+                          for _ in range(-(-count // per_epoch))])
+  return [jnp.asarray(order[i * p.batch_size:(i + 1) * p.batch_size], jnp.int32) for i in range(count)]
+
+
+def train_grid(p: Params, task, bs, lrs, capacity: int):
+  """Trains the grid for ``p.steps`` steps; returns (states, timing, overflowed members)."""
+  key, data, labels, eval_data, eval_labels = task
+  config = kronjax.Config(width=p.width, init=p.init, active_capacity=capacity,
+                          candidate_capacity=capacity)
+  states = grid_states(key, config, data, labels, eval_data, eval_labels, bs, lrs)
+  step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None)), donate_argnums=0)
+  overflow = np.zeros(len(bs), bool)
+
+  def counted(states, batch):
+    states, metrics = step(states, batch)
+    nonlocal overflow
+    overflow = overflow | np.asarray(metrics["overflow"])
+    return states, metrics
+
+  timing, states = bench.time_steps(counted, states, batches_for(p, p.steps), warmup=3)
+  return states, timing, overflow
+
+
+def single_run_ms(p: Params, task, b: float, lr: float) -> tuple[float, bool]:
+  """Median ms per step of one (lr, b) run alone, with the capacity its own ``b`` needs."""
+  key, data, labels, eval_data, eval_labels = task
+  config = kronjax.Config(width=p.width, threshold=float(b), init=p.init)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=float(lr))
+  state = kronjax.init(key, config, data, labels, tx, eval_data=eval_data, eval_labels=eval_labels)
+  step = _single_step()
+  seen = []
+
+  def counted(state, batch):
+    state, metrics = step(state, batch)
+    seen.append(metrics["overflow"])
+    return state, metrics
+
+  timing, _ = bench.time_steps(counted, state, batches_for(p, p.timed_steps + 3), warmup=3)
+  return 1e3 * timing["median_s"], bool(np.any(jax.device_get(seen)))
+
+
+_SINGLE = []
+
+
+def _single_step():
+  if not _SINGLE:
+    _SINGLE.append(jax.jit(kronjax.train_step, donate_argnums=0))
+  return _SINGLE[0]
+
+
+def heat_map(ax, values, lrs, bs, title, fmt, cmap, log=False):
+  import matplotlib.colors as mcolors
+  norm = None
+  finite = values[np.isfinite(values)]
+  if log and finite.size and finite.min() > 0:
+    norm = mcolors.LogNorm(vmin=finite.min(), vmax=finite.max())
+  im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, norm=norm, aspect="auto")
+  ax.set_xticks(range(len(lrs)), [f"{x:g}" for x in lrs])
+  ax.set_yticks(range(len(bs)), [f"{x:g}" for x in bs])
+  ax.set(xlabel="learning rate", ylabel="threshold b", title=title)
+  for i in range(len(bs)):
+    for j in range(len(lrs)):
+      v = values[i, j]
+      ax.text(j, i, "diverged" if not np.isfinite(v) else format(v, fmt), ha="center",
+              va="center", fontsize=7, color="black" if np.isfinite(v) else "red")
+  ax.figure.colorbar(im, ax=ax)
+
+
+def plot(p: Params, res: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  lrs, bs = p.learning_rates, p.thresholds
+  fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+  heat_map(axes[0], res["train_loss"], lrs, bs, "final training loss", ".3f", "viridis", log=True)
+  heat_map(axes[1], res["eval_loss"], lrs, bs, "final held-out loss", ".3f", "viridis", log=True)
+  heat_map(axes[2], res["single_ms"], lrs, bs,
+           f"ms per step, single runs\n(vmapped grid: {res['vmapped_ms_per_member']:.3f} ms "
+           f"per member-step)", ".2f", "magma")
+  paper_b = default_threshold(p.width)
+  for ax in axes:
+    ax.axhline(np.interp(paper_b, bs, range(len(bs))), color="white", ls="--", lw=1)
+  fig.suptitle(f"lr x b grid, m={p.width}, n={p.n}, {p.steps} SGD steps of batch {p.batch_size} "
+               f"(dashed: paper's b={paper_b:.2f})", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  p = params
+  key = jax.random.PRNGKey(p.seed)
+  kdata, kinit = jax.random.split(key)
+  data, labels = kronjax.data.planted(kdata, p.n + p.n_eval, dims=tuple(p.dims))
+  train_idx, eval_idx = jnp.arange(p.n), jnp.arange(p.n, p.n + p.n_eval)
+  task = (kinit, data.subset(train_idx), labels[:p.n], data.subset(eval_idx), labels[p.n:])
+  nb, nl = len(p.thresholds), len(p.learning_rates)
+  bs = np.repeat(np.asarray(p.thresholds, np.float32), nl)        # (G,) row-major (b, lr)
+  lrs = np.tile(np.asarray(p.learning_rates, np.float32), nb)     # (G,)
+  capacity = default_active_capacity(p.width, min(p.thresholds))
+  attempts = []
+  while True:
+    states, timing, overflow = train_grid(p, task, bs, lrs, capacity)
+    attempts.append({"active_capacity": capacity, "overflowed_members": int(overflow.sum())})
+    if progress:
+      print(f"sweep_grid: {len(bs)} members, capacity {capacity}: "
+            f"{1e3 * timing['median_s']:.2f} ms per grid step, {int(overflow.sum())} overflowed",
+            flush=True)
+    if not overflow.any() or capacity >= p.width:
+      break
+    capacity = min(p.width, 2 * capacity)
+  ev = jax.device_get(jax.vmap(kronjax.evaluate)(states))
+  train_loss = np.asarray(ev["train_loss"], float).reshape(nb, nl)
+  eval_loss = np.asarray(ev["eval_loss"], float).reshape(nb, nl)
+  single = np.full((nb, nl), np.nan)
+  single_overflow = np.zeros((nb, nl), bool)
+  for i, b in enumerate(p.thresholds):
+    for j, lr in enumerate(p.learning_rates):
+      single[i, j], single_overflow[i, j] = single_run_ms(p, task, b, lr)
+    if progress:
+      print(f"sweep_grid: b={b:g} single-run ms per step {np.round(single[i], 3)}", flush=True)
+  G = len(bs)
+  res = {"train_loss": train_loss, "eval_loss": eval_loss, "single_ms": single,
+         "vmapped_ms_per_member": 1e3 * timing["median_s"] / G}
+  plot(p, res, out_dir / "sweep_grid.png")
+  table = []
+  for i, b in enumerate(p.thresholds):
+    for j, lr in enumerate(p.learning_rates):
+      table.append({"b": b, "lr": lr, "train_loss": train_loss[i, j], "eval_loss": eval_loss[i, j],
+                    "single_ms_per_step": single[i, j],
+                    "vmapped_ms_per_member_step": res["vmapped_ms_per_member"]})
+  finite = np.where(np.isfinite(eval_loss), eval_loss, np.inf)
+  bi, li = np.unravel_index(np.argmin(finite), finite.shape)
+  metrics = {
+      "train_loss": train_loss, "eval_loss": eval_loss, "single_ms_per_step": single,
+      "single_run_overflowed": single_overflow,
+      "vmapped_ms_per_grid_step": 1e3 * timing["median_s"],
+      "vmapped_ms_per_member_step": res["vmapped_ms_per_member"], "members": G,
+      "vmapped_active_capacity": capacity, "attempts": attempts,
+      "final_overflowed_members": attempts[-1]["overflowed_members"],
+      "diverged": int((~np.isfinite(train_loss)).sum()),
+      "best": {"b": p.thresholds[bi], "lr": p.learning_rates[li], "eval_loss": eval_loss[bi, li]},
+      "paper_b": default_threshold(p.width),
+  }
+  return {"metrics": metrics, "table": table, "plots": ["sweep_grid.png"],
+          "timings": {"vmapped_grid_step": timing}}

@@ -1,0 +1,154 @@
+"""Smoke runs of the scaling_m, sparsity, sweep_grid and digit_pairs experiments.
+
+Each runs its config's ``[smoke]`` scale through the module's ``run`` and checks
+the result schema, that the plots are non-empty PNGs, and numbers that must hold
+whatever the scale (not accuracies that a smoke run cannot promise).
+"""
+
+import dataclasses
+import importlib
+import json
+import math
+import pathlib
+import sys
+import tomllib
+import typing
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the repo root
+  sys.path.insert(0, str(ROOT))
+
+
+def smoke_params(name: str):
+  """The module and its ``Params`` from ``configs/<name>.toml`` with ``[smoke]`` applied."""
+  raw = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())
+  assert raw["experiment"]["name"] == name
+  module = importlib.import_module(f"experiments.{name}")
+  values = {**raw.get("params", {}), **raw.get("smoke", {})}
+  if "seed" in raw["experiment"]:
+    values["seed"] = raw["experiment"]["seed"]
+  hints = typing.get_type_hints(module.Params)
+  fields = {f.name for f in dataclasses.fields(module.Params)}
+  assert set(values) <= fields, f"unknown params {set(values) - fields}"
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+  for k, v in values.items():
+    if hints[k] is float:
+      values[k] = float(v)
+  return module, module.Params(**values)
+
+
+def run_smoke(name: str, tmp_path: pathlib.Path) -> tuple[typing.Any, dict]:
+  module, params = smoke_params(name)
+  result = module.run(params, tmp_path, progress=False)
+  assert set(result) >= {"metrics", "table", "plots"}
+  assert isinstance(result["metrics"], dict) and result["metrics"]
+  assert isinstance(result["table"], list) and result["table"]
+  assert all(isinstance(row, dict) for row in result["table"])
+  assert result["plots"]
+  for plot in result["plots"]:
+    data = (tmp_path / plot).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
+  from kronjax import bench
+  json.loads(json.dumps(result, default=bench._to_jsonable))  # the framework can write it
+  return params, result
+
+
+def test_scaling_m_smoke(tmp_path):
+  params, result = run_smoke("scaling_m", tmp_path)
+  rows = result["metrics"]["rows"]
+  assert [r["m"] for r in rows] == [2**k for k in range(params.log2_m_min, params.log2_m_max + 1)]
+  for r in rows:
+    # At Gaussian init the per-point count is Binomial(m, Q(b)) (points nearly orthogonal).
+    assert abs(r["active_mean"] - r["expected"]) < 5 * r["sigma_point"] / math.sqrt(params.n) + 1
+    assert r["expected"] < r["bound_m45"] < r["m"]
+    assert r["active_max"] < r["m"]
+    assert r["overflow_steps"] == 0
+    assert r["step_ms"] > 0 and r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"]
+  assert result["metrics"]["all_below_m45"]
+
+
+def test_sparsity_smoke(tmp_path):
+  params, result = run_smoke("sparsity", tmp_path)
+  widths = result["metrics"]["widths"]
+  assert [w["m"] for w in widths] == list(params.widths)
+  for w in widths:
+    probes = w["probes"]
+    assert probes[0]["step"] == 0 and probes[-1]["step"] == params.steps
+    assert len(w["batch_active_every_step"]) == params.steps
+    assert 0 < w["active_init"] < w["m"] and 0 < w["active_final"] < w["m"]
+    assert all(math.isfinite(p["loss"]) for p in probes)
+    sigma = math.sqrt(w["m_Q_b"])
+    assert abs(w["active_init"] - w["m_Q_b"]) < 5 * sigma / math.sqrt(params.n) + 1
+
+
+def test_sweep_grid_smoke(tmp_path):
+  params, result = run_smoke("sweep_grid", tmp_path)
+  m = result["metrics"]
+  shape = (len(params.thresholds), len(params.learning_rates))
+  for key in ("train_loss", "eval_loss", "single_ms_per_step"):
+    assert np.asarray(m[key]).shape == shape
+  assert m["members"] == shape[0] * shape[1]
+  assert m["final_overflowed_members"] == 0
+  assert np.all(np.isfinite(m["train_loss"])) and np.all(np.asarray(m["single_ms_per_step"]) > 0)
+  assert len(result["table"]) == m["members"]
+  # Members differ: a larger learning rate at the same b moves the loss further from init.
+  assert np.ptp(np.asarray(m["train_loss"])) > 0
+
+
+def test_sweep_grid_member_equals_single_run(tmp_path):
+  """Every vmapped member trains exactly as that (lr, b) run would alone."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import kronjax
+  from experiments import sweep_grid
+  _, p = smoke_params("sweep_grid")
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(1), p.n, dims=tuple(p.dims))
+  key = jax.random.PRNGKey(2)
+  bs, lrs = np.array([1.0, 2.0], np.float32), np.array([16.0, 4.0], np.float32)
+  config = kronjax.Config(width=p.width, init="implicit", active_capacity=p.width)
+  states = sweep_grid.grid_states(key, config, data, labels, None, None, bs, lrs)
+  batches = sweep_grid.batches_for(p, 4)
+  vstep = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None)))
+  for batch in batches:
+    states, _ = vstep(states, batch)
+  for g in range(2):
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=float(lrs[g]))
+    single = kronjax.init(key, config, data, labels, tx, threshold=float(bs[g]))
+    for batch in batches:
+      single, _ = jax.jit(kronjax.train_step)(single, batch)
+    np.testing.assert_allclose(states.P[g], single.P, rtol=1e-5, atol=1e-5)
+
+
+def test_digit_pairs_smoke(tmp_path):
+  params, result = run_smoke("digit_pairs", tmp_path)
+  m = result["metrics"]
+  assert m["d"] == 64 ** params.images_per_input
+  assert m["disjoint_images"]
+  assert abs(m["train_same_fraction"] - params.same_fraction) < 0.05
+  assert abs(m["test_same_fraction"] - params.same_fraction) < 0.05
+  for model in m["models"]:
+    acc = model["test_accuracy"]
+    assert acc is None or 0.0 <= acc <= 1.0
+  # Explicit init: kronjax and the dense baseline start from the same W0, see the same
+  # batches and compute the same SGD steps, so they predict the same on the test pairs.
+  assert m["kronjax"]["init"] == "explicit"
+  assert abs(m["kronjax"]["test_loss"] - m["dense"]["test_loss"]) < 1e-4
+  assert abs(m["kronjax_minus_dense_test_accuracy"]) <= 2.0 / params.test_inputs
+  timed = [r for r in m["models"] if r["seconds_per_epoch"] is not None]
+  assert len(timed) == 4 and all(r["seconds_per_epoch"] > 0 for r in timed)
+
+
+def test_digit_pairs_pairs_balanced_and_disjoint():
+  from experiments import digit_pairs
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), 20)
+  idx, y = digit_pairs.sample_inputs(labels, 400, 3, 0.5, rng)
+  assert idx.shape == (400, 3) and y.mean() == 0.5
+  same = np.array([len(set(labels[r])) == 1 for r in idx])
+  np.testing.assert_array_equal(same, y.astype(bool))
+  assert all(len(set(r)) == 3 for r in idx)  # never the same image twice in one input
