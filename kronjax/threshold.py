@@ -219,7 +219,7 @@ def bucketed(*, active_capacity: int, candidate_capacity: int, delta) -> Thresho
 
   def rebuild(P, b, rebuilds):
     dtype = jnp.result_type(P.dtype, jnp.asarray(b).dtype)
-    b = jnp.asarray(b, dtype)
+    b = jnp.array(b, dtype)  # a copy: the caller's b may be donated alongside this state
     lo = b - jnp.asarray(delta, dtype)
     cand, cand_count = _candidates(P, lo, candidate_capacity)
     return BucketedIndexState(
