@@ -49,9 +49,8 @@ class Params:
   dense_probe_repeats: int = 3
 
   def __post_init__(self):
-    for name in ("n_train", "n_eval", "width", "batch_size", "epochs", "latent_dim", "teacher_width"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    xp.require_positive(self, "n_train", "n_eval", "width", "batch_size", "epochs", "latent_dim",
+                        "teacher_width")
     if self.batch_size > self.n_train:
       raise ValueError(f"batch_size must be <= n_train={self.n_train}, got {self.batch_size}.")
     if self.init not in ("implicit", "explicit"):

@@ -304,7 +304,7 @@ def load(directory: str | os.PathLike, *, like: TrainState,
         f"{manifest.get('tx', {}).get('opt_state_structure')!r} was saved; build `like` with "
         "the same tx, config, data and eval data as the saved run.")
   for p, want, got in zip(like_paths, like_leaves, leaves):
-    if tuple(np.shape(want)) != tuple(got.shape) or jnp.dtype(want.dtype) != jnp.dtype(got.dtype):
+    if tuple(np.shape(want)) != tuple(got.shape) or want.dtype != got.dtype:
       raise ValueError(
           f"checkpoint {str(path)!r} does not match `like` at {p}: saved "
           f"{got.dtype}{list(got.shape)}, `like` has {want.dtype}{list(np.shape(want))}. "

@@ -54,7 +54,8 @@ overrides, smoke flag) and ``environment`` from ``kronjax.bench.environment()``,
 and prints the table.
 
 Helpers for modules: ``train`` (``kronjax.fit`` with resumable checkpoints and
-history), ``save_figure`` (small PNG), ``format_table``, ``to_jsonable``.
+history), ``pyplot`` + ``save_figure`` (small PNG), ``format_table``,
+``markdown_table``, ``to_jsonable``, ``require_positive`` (Params checks).
 """
 
 from __future__ import annotations
@@ -490,6 +491,14 @@ def to_jsonable(x: Any) -> Any:
   return x
 
 
+def require_positive(params: Any, *names: str) -> None:
+  """For ``Params.__post_init__``: ValueError unless every named field is >= 1."""
+  for name in names:
+    value = getattr(params, name)
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
 def _fmt(v: Any) -> str:
   if v is None:
     return "-"
@@ -647,6 +656,6 @@ def merge_histories(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
 __all__ = (
     "ConfigError", "Resolved", "apply_overrides", "build_params", "check_result", "format_table",
     "import_experiment", "list_configs", "list_experiments", "markdown_table", "merge_histories",
-    "parse_override", "pyplot", "read_config", "resolve", "run_config", "save_figure", "to_jsonable",
+    "parse_override", "pyplot", "read_config", "require_positive", "resolve", "run_config", "save_figure", "to_jsonable",
     "train",
 )
