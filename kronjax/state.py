@@ -144,8 +144,7 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
 
   # The state owns fresh buffers: a step jitted with donate_argnums=0 must not
   # delete the caller's key, data or labels.
-  key, data, labels, eval_data, eval_labels = jax.tree.map(
-      lambda x: jnp.array(x, copy=True), (key, data, labels, eval_data, eval_labels))
+  key, data, labels, eval_data, eval_labels = _fresh((key, data, labels, eval_data, eval_labels))
   dtype = data.dtype
   m, n, C = config.width, data.n, config.num_classes
   keys = initializers.init_keys(key)
@@ -165,7 +164,7 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
   A = jnp.zeros((m, n), dtype)
   opt_state = tx.init(trainable_tree(A, P, a, P_eval, config))
   kind = config.index if config.index != "auto" else threshold_lib.choose_kind(m, n)
-  index_state = index_for(config, n, kind).build(P, b)
+  index_state = _fresh(index_for(config, n, kind).build(P, b))
   return TrainState(
       P=P, A=A, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
       index=index_state, P_eval=P_eval, data=data, labels=labels, gram=gram,
@@ -188,9 +187,15 @@ def with_config(state: TrainState, **changes: Any) -> TrainState:
                        "build a new state with kronjax.init instead.")
   config = state.config.replace(**changes)
   kind = config.index if config.index != "auto" else threshold_lib.choose_kind(config.width, state.data.n)
-  new_index = index_for(config, state.data.n, kind).build(state.P, state.b)
+  new_index = _fresh(index_for(config, state.data.n, kind).build(state.P, state.b))
   index_state = _carry_rebuild_count(state.index, new_index)
   return state.replace(config=config, index_kind=kind, index=index_state)
+
+
+def _fresh(tree):
+  """Copies of the leaves: an index state may hold an input (``b``) as is, and two
+  leaves sharing one buffer cannot both be donated to a jitted step."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def _carry_rebuild_count(old, new):

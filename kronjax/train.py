@@ -39,10 +39,11 @@ def resolve_update(state: TrainState, batch_size: int) -> str:
   if choice != "auto":
     return choice
   m, K = state.config.width, state.config.active_capacity
-  # The sparse path scatters B*K rows of n; the dense one multiplies (m, B) by (B, n)
-  # and sweeps (m, n) a few times. Row scatters run several times slower per entry
-  # than a matmul, so sparse pays once K is a small fraction of m.
-  return "sparse" if 4 * K <= m else "dense"
+  # The sparse path updates T <= B*K rows of n (a (T, B) @ (B, n) product and a
+  # copy-free scatter); the dense one sweeps all m rows. Measured on CPU
+  # (experiments/bench_step.py) the sorted unique row scatter costs about twice
+  # a dense row per row, so sparse pays while the rows it may touch stay under m/3.
+  return "sparse" if 3 * batch_size * K <= m else "dense"
 
 
 def train_step(state: TrainState, batch_idx: Any) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -95,21 +96,22 @@ def _step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None)
       "overflow": overflow,
   }
 
-  def apply(state):
-    return _apply(state, batch_idx, q.idx, index, axis_name)
-
-  def skip(state):
-    return state, jnp.asarray(jnp.nan, state.P.dtype)
-
-  new_state, loss = jax.lax.cond(overflow, skip, apply, state)
+  # A skipped step is a masked one, not a lax.cond: both branches of a cond
+  # returning the state make XLA copy every (m, n) array on every step.
+  new_state, loss = _apply(state, batch_idx, q.idx, index, ~overflow, axis_name)
   metrics = dict(metrics_common, loss=loss, step=new_state.step,
                  index_rebuilds=getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32)))
   return new_state, metrics
 
 
-def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index,
+def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: jax.Array,
            axis_name: str | None = None):
-  """Steps 2-5 for active sets ``idx (B, K)`` that fit (no overflow)."""
+  """Steps 2-5 for active sets ``idx (B, K)``.
+
+  ``ok`` ``()`` bool: False (an active set overflowed) turns the step into an
+  exact no-op: zero coefficients, zero updates, the old optimizer state and
+  step count, and a NaN loss.
+  """
   config = state.config
   rows = state.P.shape[0]  # this shard's neurons (= width unsharded); also the pad value
   B = batch_idx.shape[0]
@@ -124,43 +126,98 @@ def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index,
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
   loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
   # dL/dw_r = sum_i c[i, k] x_i: relu' is 1 on the active set (z > b strictly).
-  c = jnp.where(valid, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
-  grad_a_rows = h[..., None] * g[:, None, :] * inv_sqrt_m            # (B, K, C)
+  c = jnp.where(valid & ok, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
+  grad_a_rows = jnp.where(ok, h[..., None] * g[:, None, :] * inv_sqrt_m, 0.0)        # (B, K, C)
   K_rows, K_rows_eval = _gram_rows(state, batch_idx)
 
   path = resolve_update(state, B)
-  if state.shape_free_tx and path == "sparse":
-    new = _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval)
+  if state.shape_free_tx and path == "sparse":  # the only path with no O(m n) pass
+    new = _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, ok)
     A, P, a, P_eval, opt_state, rows, row_change = new
   else:
     A, P, a, P_eval, opt_state, rows, row_change = _dense_update(
-        state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path)
+        state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path, ok)
   index_state = index.update(state.index, P, state.b, rows, row_change)
   new_state = state.replace(A=A, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
-                            index=index_state, step=state.step + 1)
-  return new_state, loss
+                            index=index_state, step=state.step + ok.astype(state.step.dtype))
+  return new_state, jnp.where(ok, loss, jnp.nan)
 
 
-def _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval):
-  """Touched rows only: the optimizer acts on the compact gradient entries."""
+def _optimize(state: TrainState, grads: dict, ok: jax.Array):
+  """The optax update, masked: when ``ok`` is False the updates are zero and the
+  optimizer state is the old one (momentum must not decay on a skipped step)."""
+  updates, opt_state = state.tx.update(grads, state.opt_state, None)
+  updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+  opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
+  return updates, opt_state
+
+
+def touched_rows(idx: jax.Array, c: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+  """The union of the batch's active sets and each point's coefficient on it.
+
+  Args:
+    idx: ``(B, K)`` active neurons per point (ascending, padded with ``rows``).
+    c: ``(B, K)`` coefficients (zero on padding).
+    rows: number of neurons (the padding value).
+
+  Returns:
+    ``T (T_cap,)`` int32 sorted unique neuron ids, padded with the distinct
+    out-of-range ids ``rows, rows + 1, ...`` (so scatters may promise sorted,
+    unique indices, which XLA turns into a copy-free loop several times faster
+    than a general scatter-add), and ``U (T_cap, B)`` with
+    ``U[t, i] = c[i, k]`` where ``idx[i, k] == T[t]``. ``T_cap = min(rows, B*K)``.
+  """
+  B, K = idx.shape
+  if B == 1:  # one active set is already sorted and unique
+    T = jnp.where(idx[0] < rows, idx[0], rows + jnp.arange(K, dtype=idx.dtype))
+    return T, c.T
+  cap = min(rows, B * K)
+  flat = jnp.sort(idx.reshape(-1))
+  first = jnp.concatenate([jnp.ones((1,), bool), flat[1:] != flat[:-1]]) & (flat < rows)
+  (pos,) = jnp.nonzero(first, size=cap, fill_value=0)
+  n_unique = jnp.sum(first)
+  slot = jnp.arange(cap)
+  T = jnp.where(slot < n_unique, flat[pos], rows + slot).astype(idx.dtype)
+  where = jnp.searchsorted(T, idx)                                  # (B, K) slot of each entry
+  U = jnp.zeros((cap, B), c.dtype).at[where, jnp.arange(B)[:, None]].add(
+      jnp.where(idx < rows, c, 0.0), mode="drop")
+  return T, U
+
+
+def _add_rows(X: jax.Array, T: jax.Array, rows_update: jax.Array) -> jax.Array:
+  """``X[T] += rows_update`` for the sorted unique (padded) ids of ``touched_rows``."""
+  return X.at[T].add(rows_update, mode="drop", indices_are_sorted=True, unique_indices=True)
+
+
+def _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, ok):
+  """Touched rows only: the optimizer acts on the compact gradient entries.
+
+  Work ``O(T B n)`` with ``T <= B K`` the union of the active sets, plus one
+  copy-free scatter of ``T`` rows: no ``O(m n)`` pass.
+  """
   config = state.config
-  grads = {"A": c, "P": c[..., None] * K_rows[:, None, :]}          # (B, K), (B, K, n)
+  T, U = touched_rows(idx, c, state.P.shape[0])                     # (T,), (T, B)
+  grads = {"A": c, "P": U @ K_rows}                                 # (B, K), (T, n)
   if config.train_output:
     grads["a"] = grad_a_rows                                        # (B, K, C)
   if state.P_eval is not None:
-    grads["P_eval"] = c[..., None] * K_rows_eval[:, None, :]        # (B, K, n_e)
-  updates, opt_state = state.tx.update(grads, state.opt_state, None)
+    grads["P_eval"] = U @ K_rows_eval                               # (T, n_e)
+  updates, opt_state = _optimize(state, grads, ok)
   A = state.A.at[idx, batch_idx[:, None]].add(updates["A"], mode="drop")
-  P = state.P.at[idx].add(updates["P"], mode="drop")
+  P = _add_rows(state.P, T, updates["P"])
   a = state.a.at[idx].add(updates["a"], mode="drop") if config.train_output else state.a
-  P_eval = (state.P_eval.at[idx].add(updates["P_eval"], mode="drop")
-            if state.P_eval is not None else None)
-  row_change = jnp.max(jnp.abs(updates["P"]), axis=-1)              # (B, K)
-  return A, P, a, P_eval, opt_state, idx.reshape(-1), row_change.reshape(-1)
+  P_eval = _add_rows(state.P_eval, T, updates["P_eval"]) if state.P_eval is not None else None
+  row_change = jnp.max(jnp.abs(updates["P"]), axis=-1)              # (T,)
+  return A, P, a, P_eval, opt_state, T, row_change
 
 
-def _dense_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path):
-  """Full-shape gradients (any linear optimizer); ``P``'s via one matmul or a row scatter."""
+def _dense_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path, ok):
+  """``P``'s gradient as one ``(m, B) @ (B, n)`` product (or a row scatter).
+
+  With a shape-free optimizer (sgd, schedules) ``A`` and ``a`` keep their
+  compact gradients (``(m, B)`` columns, ``(B, K, C)`` rows); a stateful one
+  (momentum) needs full-shape gradients because its traces are full-shape.
+  """
   config = state.config
   m, n = state.P.shape
   B = batch_idx.shape[0]
@@ -168,17 +225,24 @@ def _dense_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, pa
   if path == "dense":
     gP = G @ K_rows                                                 # (m, n)
     gP_eval = None if K_rows_eval is None else G @ K_rows_eval
+  else:  # touched rows only, scattered into the full-shape gradient the optimizer needs
+    T, U = touched_rows(idx, c, m)
+    gP = _add_rows(jnp.zeros_like(state.P), T, U @ K_rows)
+    gP_eval = None if K_rows_eval is None else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval)
+  if state.shape_free_tx:
+    grads = trainable_tree(G, gP, grad_a_rows, gP_eval, config)
+    updates, opt_state = _optimize(state, grads, ok)
+    A = state.A.at[:, batch_idx].add(updates["A"])
+    a = state.a.at[idx].add(updates["a"], mode="drop") if config.train_output else state.a
   else:
-    gP = jnp.zeros_like(state.P).at[idx].add(c[..., None] * K_rows[:, None, :], mode="drop")
-    gP_eval = (None if K_rows_eval is None else jnp.zeros_like(state.P_eval).at[idx].add(
-        c[..., None] * K_rows_eval[:, None, :], mode="drop"))
-  gA = jnp.zeros_like(state.A).at[:, batch_idx].add(G)
-  ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
-  grads = trainable_tree(gA, gP, ga, gP_eval, config)
-  updates, opt_state = state.tx.update(grads, state.opt_state, None)
-  A = state.A + updates["A"]
+    gA = jnp.zeros_like(state.A).at[:, batch_idx].add(G)
+    ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
+    grads = trainable_tree(gA, gP, ga, gP_eval, config)
+    updates, opt_state = _optimize(state, grads, ok)
+    A = state.A + updates["A"]
+    a = state.a + updates["a"] if config.train_output else state.a
   P = state.P + updates["P"]
-  a = state.a + updates["a"] if config.train_output else state.a
   P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
+  # Dead code (and eliminated by XLA) for index kinds that ignore it.
   row_change = jnp.max(jnp.abs(updates["P"]), axis=1)              # (m,)
   return A, P, a, P_eval, opt_state, None, row_change
