@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench
+from kronjax import bench, experiment
 
 PIXELS = 64
 
@@ -175,11 +175,8 @@ def fit_logreg(p: Params, F_train, y_train, F_test, y_test) -> tuple[dict, dict]
 
 # -- the experiment.
 
-def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], out_dir: pathlib.Path, title: str, name: str = "digit_pairs.png") -> str:
+  plt = experiment.pyplot()
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
   names = [r["model"] for r in rows]
   colors = [f"C{i}" for i in range(len(rows))]
@@ -198,13 +195,11 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
           title="Training time")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
 def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
   out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   p = params
   if p.images_per_input < 2:
     raise ValueError(f"images_per_input must be >= 2 (a pair), got {p.images_per_input}.")
@@ -261,7 +256,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
     add("logistic regression on |u - v|", res, t, note="seconds_per_epoch is the whole fit")
   title = (f"digit_pairs: {k} images per input (d = {d}), {p.train_inputs} train / "
            f"{p.test_inputs} test inputs from disjoint images, {p.epochs} epochs")
-  plot(rows, out_dir / "digit_pairs.png", title)
+  plots = [plot(rows, out_dir, title)]
   measured = [r for r in rows if r["test_accuracy"] is not None]
   best = max(measured, key=lambda r: r["test_accuracy"])
   metrics = {
@@ -273,4 +268,4 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       "kronjax_minus_dense_test_accuracy": (None if res_d is None
                                             else res_k["test_accuracy"] - res_d["test_accuracy"]),
   }
-  return {"metrics": metrics, "table": rows, "plots": ["digit_pairs.png"], "timings": timings}
+  return {"metrics": metrics, "table": rows, "plots": plots, "timings": timings}

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench
+from kronjax import bench, experiment
 from kronjax.config import default_threshold, gaussian_tail
 
 
@@ -86,15 +86,13 @@ def measure_width(p: Params, m: int, data: kronjax.KronData, labels: jax.Array,
   row.update({"step_ms": 1e3 * timing["median_s"], "step_ms_p10": 1e3 * timing["p10_s"],
               "step_ms_p90": 1e3 * timing["p90_s"],
               "train_active_mean": float(np.mean([s["active"] for s in seen])),
-              "overflow_steps": int(sum(bool(s["overflow"]) for s in seen))})
+              "overflow_steps": int(sum(bool(s["overflow"]) for s in seen)),
+              "index_rebuilds": int(seen[-1]["index_rebuilds"])})
   return row, timing
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], out_dir: pathlib.Path, name: str = "scaling_m.png") -> str:
+  plt = experiment.pyplot()
   ms = np.array([r["m"] for r in rows], float)
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
   ax0.errorbar(ms, [r["active_mean"] for r in rows], yerr=[r["active_std"] for r in rows],
@@ -116,13 +114,11 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ax.set_xscale("log", base=2)
     ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
 def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
   out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   if params.log2_m_min > params.log2_m_max:
     raise ValueError(f"log2_m_min={params.log2_m_min} must not exceed log2_m_max={params.log2_m_max}.")
   key = jax.random.PRNGKey(params.seed)
@@ -140,11 +136,11 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
     if progress:
       print(f"scaling_m: m={m:6d} active {row['active_mean']:8.1f} (m Q(b) {row['expected']:8.1f}) "
             f"step {row['step_ms']:.2f} ms", flush=True)
-  plot(rows, out_dir / "scaling_m.png")
+  plots = [plot(rows, out_dir)]
   table = [{k: r[k] for k in ("m", "b", "index", "active_mean", "expected", "z_mean", "bound_m45",
-                              "train_active_mean", "step_ms")} for r in rows]
+                              "train_active_mean", "index_rebuilds", "step_ms")} for r in rows]
   worst_z = max(abs(r["z_mean"]) for r in rows)
   metrics = {"rows": rows, "max_abs_z_mean": worst_z,
              "all_below_m45": all(r["active_max"] < r["bound_m45"] for r in rows),
              "n": params.n, "d": math.prod(params.dims), "batch_size": params.batch_size}
-  return {"metrics": metrics, "table": table, "plots": ["scaling_m.png"], "timings": timings}
+  return {"metrics": metrics, "table": table, "plots": plots, "timings": timings}

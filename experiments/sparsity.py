@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import kronjax
+from kronjax import experiment
 from kronjax.config import default_threshold, gaussian_tail
 
 
@@ -78,11 +79,8 @@ def train_width(p: Params, m: int, data, labels, key) -> dict:
   }
 
 
-def plot(traces: list[dict], path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+def plot(traces: list[dict], out_dir: pathlib.Path, name: str = "sparsity.png") -> str:
+  plt = experiment.pyplot()
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
   for i, t in enumerate(traces):
     color = f"C{i}"
@@ -105,13 +103,11 @@ def plot(traces: list[dict], path: pathlib.Path) -> None:
   for ax in (ax0, ax1):
     ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
 def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
   out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   key = jax.random.PRNGKey(params.seed)
   kdata, kinit = jax.random.split(key)
   data, labels = kronjax.data.planted(kdata, params.n, dims=tuple(params.dims))
@@ -124,7 +120,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       print(f"sparsity: m={m:6d} active {first['active_mean']:.1f} -> {last['active_mean']:.1f} "
             f"(max {max(q['active_max'] for q in t['probes'])}), loss {first['loss']:.3g} -> "
             f"{last['loss']:.3g}, {t['train_seconds']:.1f} s", flush=True)
-  plot(traces, out_dir / "sparsity.png")
+  plots = [plot(traces, out_dir)]
   table, per_width = [], []
   for t in traces:
     pr = t["probes"]
@@ -139,4 +135,4 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
                       "train_seconds": t["train_seconds"]})
   metrics = {"widths": per_width, "steps": params.steps, "n": params.n,
              "batch_size": params.batch_size, "learning_rate": params.learning_rate}
-  return {"metrics": metrics, "table": table, "plots": ["sparsity.png"]}
+  return {"metrics": metrics, "table": table, "plots": plots}

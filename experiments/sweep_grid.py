@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench
+from kronjax import bench, experiment
 from kronjax.config import default_active_capacity, default_threshold
 
 
@@ -143,11 +143,8 @@ def heat_map(ax, values, lrs, bs, title, fmt, cmap, log=False):
   ax.figure.colorbar(im, ax=ax)
 
 
-def plot(p: Params, res: dict, path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+def plot(p: Params, res: dict, out_dir: pathlib.Path, name: str = "sweep_grid.png") -> str:
+  plt = experiment.pyplot()
   lrs, bs = p.learning_rates, p.thresholds
   fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
   heat_map(axes[0], res["train_loss"], lrs, bs, "final training loss", ".3f", "viridis", log=True)
@@ -161,13 +158,11 @@ def plot(p: Params, res: dict, path: pathlib.Path) -> None:
   fig.suptitle(f"lr x b grid, m={p.width}, n={p.n}, {p.steps} SGD steps of batch {p.batch_size} "
                f"(dashed: paper's b={paper_b:.2f})", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
 def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
   out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   p = params
   key = jax.random.PRNGKey(p.seed)
   kdata, kinit = jax.random.split(key)
@@ -202,7 +197,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   G = len(bs)
   res = {"train_loss": train_loss, "eval_loss": eval_loss, "single_ms": single,
          "vmapped_ms_per_member": 1e3 * timing["median_s"] / G}
-  plot(p, res, out_dir / "sweep_grid.png")
+  plots = [plot(p, res, out_dir)]
   table = []
   for i, b in enumerate(p.thresholds):
     for j, lr in enumerate(p.learning_rates):
@@ -222,5 +217,5 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       "best": {"b": p.thresholds[bi], "lr": p.learning_rates[li], "eval_loss": eval_loss[bi, li]},
       "paper_b": default_threshold(p.width),
   }
-  return {"metrics": metrics, "table": table, "plots": ["sweep_grid.png"],
+  return {"metrics": metrics, "table": table, "plots": plots,
           "timings": {"vmapped_grid_step": timing}}

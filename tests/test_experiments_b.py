@@ -6,12 +6,10 @@ whatever the scale (not accuracies that a smoke run cannot promise).
 """
 
 import dataclasses
-import importlib
 import json
 import math
 import pathlib
 import sys
-import tomllib
 import typing
 
 import numpy as np
@@ -24,27 +22,22 @@ if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not a
 
 
 def smoke_params(name: str):
-  """The module and its ``Params`` from ``configs/<name>.toml`` with ``[smoke]`` applied."""
-  raw = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())
-  assert raw["experiment"]["name"] == name
-  module = importlib.import_module(f"experiments.{name}")
-  values = {**raw.get("params", {}), **raw.get("smoke", {})}
-  if "seed" in raw["experiment"]:
-    values["seed"] = raw["experiment"]["seed"]
-  hints = typing.get_type_hints(module.Params)
-  fields = {f.name for f in dataclasses.fields(module.Params)}
-  assert set(values) <= fields, f"unknown params {set(values) - fields}"
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-  for k, v in values.items():
-    if hints[k] is float:
-      values[k] = float(v)
-  return module, module.Params(**values)
+  """The resolved ``Params`` of ``configs/<name>.toml`` at ``--smoke`` scale."""
+  from kronjax import experiment
+  resolved = experiment.resolve(experiment.read_config(ROOT / "configs" / f"{name}.toml"), smoke=True)
+  assert resolved.name == name
+  return resolved.module, resolved.params
 
 
 def run_smoke(name: str, tmp_path: pathlib.Path) -> tuple[typing.Any, dict]:
-  module, params = smoke_params(name)
-  result = module.run(params, tmp_path, progress=False)
-  assert set(result) >= {"metrics", "table", "plots"}
+  """``kronjax run configs/<name>.toml --smoke --out tmp_path``; returns (params, results.json)."""
+  from kronjax import experiment
+  _, params = smoke_params(name)
+  experiment.run_config(ROOT / "configs" / f"{name}.toml", smoke=True, out_dir=tmp_path,
+                        progress=False, echo=False)
+  result = json.loads((tmp_path / "results.json").read_text())
+  assert set(result) >= {"config", "environment", "metrics", "table", "plots", "timings"}
+  assert result["config"]["params"] == json.loads(json.dumps(dataclasses.asdict(params)))
   assert isinstance(result["metrics"], dict) and result["metrics"]
   assert isinstance(result["table"], list) and result["table"]
   assert all(isinstance(row, dict) for row in result["table"])
@@ -52,8 +45,6 @@ def run_smoke(name: str, tmp_path: pathlib.Path) -> tuple[typing.Any, dict]:
   for plot in result["plots"]:
     data = (tmp_path / plot).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
-  from kronjax import bench
-  json.loads(json.dumps(result, default=bench._to_jsonable))  # the framework can write it
   return params, result
 
 
