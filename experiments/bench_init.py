@@ -88,7 +88,17 @@ def worker(kind: str, n: int, m: int, dims: tuple[int, ...], chunk: int, repeats
   return out
 
 
-def run_in_subprocess(kind, n, m, dims, chunk, repeats, timeout):
+def wait_for_quiet(max_load, patience_s=600.0):
+  """On a shared machine, wait (at most ``patience_s``) until the 1-min load average is below ``max_load``."""
+  if max_load is None:
+    return
+  t0 = time.perf_counter()
+  while os.getloadavg()[0] >= max_load and time.perf_counter() - t0 < patience_s:
+    time.sleep(5.0)
+
+
+def run_in_subprocess(kind, n, m, dims, chunk, repeats, timeout, max_load=None):
+  wait_for_quiet(max_load)
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--n", str(n), "--m", str(m),
          "--dims", ",".join(map(str, dims)), "--chunk", str(chunk), "--repeats", str(repeats)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -124,6 +134,9 @@ def main(argv=None) -> int:
   p.add_argument("--explicit-m", type=int, default=None,
                  help="width for the explicit measurement (scaled linearly to m if smaller)")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+  p.add_argument("--max-load", type=float, default=None,
+                 help="shared machine: wait (up to 10 min) for the 1-min load average to drop "
+                 "below this before each measurement")
   # internal: one measurement in this process
   p.add_argument("--worker", choices=("implicit", "gram", "explicit"), help=argparse.SUPPRESS)
   p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -150,13 +163,13 @@ def main(argv=None) -> int:
   results = {"environment": environment(), "command": " ".join([sys.executable] + sys.argv),
              "smoke": args.smoke, "targets": {"implicit_time_s": 1.0, "implicit_peak_bytes": GIB}}
   t_start = time.perf_counter()
-  implicit = run_in_subprocess("implicit", n, m, big, chunk, repeats, args.timeout)
-  gram = run_in_subprocess("gram", n, m, big, chunk, repeats, args.timeout)
+  implicit = run_in_subprocess("implicit", n, m, big, chunk, repeats, args.timeout, args.max_load)
+  gram = run_in_subprocess("gram", n, m, big, chunk, repeats, args.timeout, args.max_load)
   # explicit is O(m n d): fewer repeats, and two d's to check the linear scaling
   exp_repeats = max(1, min(repeats, 3))
   half = (small[0] // 2, small[1])
-  explicit_half = run_in_subprocess("explicit", n, m_exp, half, chunk, exp_repeats, args.timeout)
-  explicit = run_in_subprocess("explicit", n, m_exp, small, chunk, exp_repeats, args.timeout)
+  explicit_half = run_in_subprocess("explicit", n, m_exp, half, chunk, exp_repeats, args.timeout, args.max_load)
+  explicit = run_in_subprocess("explicit", n, m_exp, small, chunk, exp_repeats, args.timeout, args.max_load)
 
   d_small = small[0] * small[1]
   d_big = big[0] * big[1]
