@@ -157,11 +157,11 @@ def run(p: Params, out_dir: pathlib.Path, *, progress: bool, resume: bool = Fals
                   "value": f"{1000 * dense['extrapolated_step_s']:.0f} (measured "
                            f"{1000 * dense['probe_step_s']:.1f} at d={dense['d_probe']}); "
                            f"~{dense['extrapolated_step_s'] / step_timing['median_s']:.0f}x kronjax"})
-  plots = [_plot(out_dir, hist, p)]
+  plots = [_plot(out_dir, hist, p, start)]
   return {"metrics": metrics, "table": table, "plots": plots, "timings": timings}
 
 
-def _plot(out_dir: pathlib.Path, hist: dict, p: Params) -> str:
+def _plot(out_dir: pathlib.Path, hist: dict, p: Params, start: dict) -> str:
   plt = xp.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.6))
   steps, loss = np.asarray(hist["step"]), np.asarray(hist["loss"])
@@ -171,8 +171,11 @@ def _plot(out_dir: pathlib.Path, hist: dict, p: Params) -> str:
     smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
     ax.plot(steps[w - 1:], smooth, color="C0", lw=1.2, label=f"batch loss ({w}-step mean)")
   if "eval_step" in hist and len(hist["eval_step"]):
-    ax.plot(hist["eval_step"], hist["train_loss"], "o-", ms=3, color="C1", label="train loss (all points)")
-    ax.plot(hist["eval_step"], hist["eval_loss"], "s-", ms=3, color="C2", label="held-out loss")
+    at = np.concatenate([[0], hist["eval_step"]])
+    ax.plot(at, np.concatenate([[start["train_loss"]], hist["train_loss"]]), "o-", ms=3, color="C1",
+            label="train loss (all points)")
+    ax.plot(at, np.concatenate([[start["eval_loss"]], hist["eval_loss"]]), "s-", ms=3, color="C2",
+            label="held-out loss")
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (1/2 squared error)")

@@ -536,8 +536,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   columns: list[str] = []
   for row in rows:
     columns += [k for k in row if k not in columns]
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+  def cell(v):
+    return str(v).replace("|", "\\|").replace("*", "\\*")
+  lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(_fmt(row.get(c))) for c in columns) + " |" for row in rows]
   return "\n".join(lines)
 
 
