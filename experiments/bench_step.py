@@ -46,25 +46,27 @@ def kron_step_time(key, m, n, batch, log2_d, *, update="auto", gram="precomputed
   return timing
 
 
-def floor_time(key, m, n, batch, capacity, steps=60):
-  """The bare P update the sparse step cannot avoid: scatter-add of B*K rows of n."""
+def floor_time(key, m, n, batch, capacity, path, steps=60):
+  """The bare P update a step of this path cannot avoid, same static shapes.
+
+  dense: ``P + G @ K_rows`` with ``G (m, B)``; sparse: the sorted unique scatter
+  of the ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows``.
+  """
   P = jax.random.normal(key, (m, n))
   rng = np.random.default_rng(0)
-
-  @jax.jit
-  def rows_update(idx, coeff, K_rows):
-    return coeff[..., None] * K_rows[:, None, :]  # (B, K, n)
-
-  def scatter(P, args):
-    idx, coeff, K_rows = args
-    return P.at[idx].add(coeff[..., None] * K_rows[:, None, :], mode="drop"), None
-
-  scatter = jax.jit(scatter, donate_argnums=0)
-  args = [(jnp.asarray(np.sort(rng.choice(m, (batch, capacity)), axis=1).astype(np.int32)),
-           jnp.asarray(rng.normal(size=(batch, capacity)).astype(np.float32)),
-           jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32))) for _ in range(steps)]
-  timing, _ = bench.time_steps(scatter, P, args)
-  del rows_update
+  K_rows = [jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32)) for _ in range(steps)]
+  if path == "dense":
+    G = [jnp.asarray(rng.normal(size=(m, batch)).astype(np.float32)) for _ in range(steps)]
+    fn = jax.jit(lambda P, a: (P + a[0] @ a[1], None), donate_argnums=0)
+    args = list(zip(G, K_rows))
+  else:
+    T_cap = min(m, batch * capacity)
+    T = [jnp.asarray(np.sort(rng.choice(m, T_cap, replace=False)).astype(np.int32)) for _ in range(steps)]
+    U = [jnp.asarray(rng.normal(size=(T_cap, batch)).astype(np.float32)) for _ in range(steps)]
+    fn = jax.jit(lambda P, a: (kronjax.train._add_rows(P, a[0], a[1] @ a[2]), None), donate_argnums=0)
+    args = list(zip(T, U, K_rows))
+  timing, _ = bench.time_steps(fn, P, args)
+  timing["path"] = path
   return timing
 
 
@@ -116,10 +118,10 @@ def main(argv=None):
     print(f"d=2^{dense_log2_d}: dense {dense_d16['skipped']}")
 
   cap = kronjax.Config(width=m).active_capacity
-  fl = floor_time(key, m, n, batch, cap)
+  fl = floor_time(key, m, n, batch, cap, kron_d16["path"])
   out["floor"] = {"capacity": cap, "floor": fl, "kronjax": kron_d16,
                   "ratio": kron_d16["median_s"] / fl["median_s"]}
-  print(f"floor (scatter of {batch}x{cap} rows of {n}): {fl['median_s'] * 1e3:.3f} ms; "
+  print(f"floor ({kron_d16['path']} P update, same shapes): {fl['median_s'] * 1e3:.3f} ms; "
         f"step/floor = {out['floor']['ratio']:.2f}")
 
   sparse = kron_step_time(key, big_m, big_n, 1, 10, update="sparse", steps=40)

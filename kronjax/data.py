@@ -59,7 +59,8 @@ def planted(key: jax.Array, n: int, dims: Sequence[int], *, task: str = "regress
   """A learnable task on unit-norm Kronecker inputs.
 
   Factor ``q`` of point ``i`` is ``normalize(B_q z + noise * e)`` with a fixed
-  orthonormal ``B_q`` of shape ``(d_q, k)``, ``z ~ N(0, I_k)``, ``e ~ N(0, I_{d_q})``.
+  Gaussian basis ``B_q`` of shape ``(d_q, k)`` (scaled by ``1/sqrt(d_q)``: near-orthonormal),
+  ``z ~ N(0, I_k)``, ``e ~ N(0, I_{d_q})``.
   The teacher has ``teacher_width`` neurons with weights ``⊗_q B_q t_r^(q)``.
 
   Returns:

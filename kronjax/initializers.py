@@ -91,6 +91,12 @@ def implicit_projections(key: jax.Array, width: int, data: KronData, *,
   width = _checks.check_positive_int("width", width)
   for j, other in enumerate(extra):
     _check_compatible(f"extra[{j}]", data, other)
+  if gram is not None:
+    if not hasattr(gram, "shape") or tuple(gram.shape) != (data.n, data.n):
+      raise ValueError(f"gram must be the ({data.n}, {data.n}) Gram of data, got shape "
+                       f"{tuple(getattr(gram, 'shape', ()))}; pass data.gram() or omit it.")
+    _checks.check_finite("gram", gram)
+    gram = jnp.asarray(gram, data.dtype)
   return _implicit_projections(key, data, tuple(extra), gram, width=width)
 
 

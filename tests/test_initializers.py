@@ -266,21 +266,14 @@ def test_bad_extra_type(fn):
     fn(jax.random.key(0), M, unit_data(0, 3, DIMS), extra=(np.ones((3, 15)),))
 
 
-_GRAM_UNCHECKED = (
-    "initializers.implicit_projections does not validate its `gram` argument (it goes "
-    "straight into the jitted sampler): a wrong-shaped or non-finite Gram gives a P0 of the "
-    "wrong shape or full of NaN, or an unrelated broadcasting error, instead of an error "
-    "naming `gram` (DESIGN.md section 7).")
 
 
-@pytest.mark.xfail(strict=True, reason=_GRAM_UNCHECKED)
 def test_bad_implicit_gram_wrong_shape():
   data = unit_data(0, 5, DIMS)
   with pytest.raises(ValueError, match="gram"):
     inits.implicit_projections(jax.random.key(0), M, data, gram=np.eye(6))  # n = 5
 
 
-@pytest.mark.xfail(strict=True, reason=_GRAM_UNCHECKED)
 def test_bad_implicit_gram_non_finite():
   data = unit_data(0, 5, DIMS)
   with pytest.raises(ValueError, match="gram"):
