@@ -608,13 +608,11 @@ def train(state: Any, key: Any, *, out_dir: str | os.PathLike, batch_size: int, 
   seconds = 0.0
   try:
     while int(state.step) < steps:
-      done = int(state.step)
-      n = min(chunk, steps - done)
+      n = min(chunk, steps - int(state.step))
       state, h = kronjax.fit(state, key, batch_size=batch_size, steps=n,
                              progress=progress and bar is None, eval_every=eval_every,
                              log_every=log_every, on_overflow=on_overflow)
       seconds += h["seconds"]
-      h = dict(h, replays=[(done + t, c) for t, c in h["replays"]])  # chunk-local -> global step
       history = merge_histories(history, h)
       if checkpoint_every:
         checkpoint.save(ckpt_dir, state, {"fit_key": key, "batch_size": batch_size,

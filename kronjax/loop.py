@@ -112,7 +112,7 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
     The trained state and a history dict of numpy arrays: ``step``, ``loss``,
     ``active``, ``max_active``, ``index_rebuilds``; ``eval_step`` plus one array
     per ``kronjax.evaluate`` metric when ``eval_every``; ``replays`` (a list of
-    ``(step, changes)``), ``seconds`` and ``steps_per_second``.
+    ``(global step, changes)``), ``seconds`` and ``steps_per_second``.
 
   Raises:
     FloatingPointError when the loss becomes non-finite (naming the step);
@@ -164,7 +164,7 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
         if on_overflow == "raise":
           raise CapacityError(_overflow_message(state, t, metrics))
         changes = grown_capacity(state, metrics)
-        replays.append((t, changes))
+        replays.append((start + t, changes))
         bar.write(f"kronjax.fit: overflow at step {t}; replaying with {changes}")
         state = with_config(state, **changes)
         if mesh is not None:

@@ -47,7 +47,7 @@ def test_overflow_replay_equals_run_with_large_capacity(x64):
   out_small, h_small = kronjax.fit(s_small, key, batch_size=8, steps=40, progress=False)
   out_large, h_large = kronjax.fit(s_large, key, batch_size=8, steps=40, progress=False)
   assert h_small["replays"], "the tiny capacity should have overflowed"
-  assert h_small["replays"][0][0] == 0
+  assert h_small["replays"][0][0] == 0  # global step of the first overflow
   assert out_small.config.active_capacity > small.active_capacity
   assert not h_large["replays"]
   chex.assert_trees_all_close(out_small.P, out_large.P, rtol=1e-12, atol=1e-12)
