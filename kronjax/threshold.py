@@ -265,8 +265,8 @@ def bucketed(*, active_capacity: int, candidate_capacity: int, delta) -> Thresho
       touched = drift.at[rows].get(mode="fill", fill_value=0)
       max_drift = jnp.maximum(state.max_drift, jnp.max(touched, initial=0))
     state = state._replace(drift=drift, max_drift=max_drift)
-    return jax.lax.cond(certified(state, b), lambda: state,
-                        lambda: rebuild(P, b, state.rebuilds + 1))
+    return jax.lax.cond(certified(state, b), lambda s, P, b: s,
+                        lambda s, P, b: rebuild(P, b, s.rebuilds + 1), state, P, b)
 
   return ThresholdIndex("bucketed", build, query, update)
 
