@@ -49,10 +49,25 @@ its smallest normal, covering flush-to-zero), and the certificate
 Measured on 2 CPU cores (XLA CPU, float32, n = 256, medians, milliseconds;
 ``experiments/bench_threshold.py``, results in ``experiments/results/threshold.json``):
 
-  CROSSOVER_TABLE_PLACEHOLDER
+    m      B  active  candidates  dense scan  bucketed  query speedup  rebuild
+    4096   1     142         235       0.214     0.177          1.21x     28
+    4096  32     133         235       2.413     1.039          2.32x     28
+   65536   1    1162        2078       1.406     0.601          2.34x    320
+   65536  32    1147        2078      49.60     12.36           4.01x    320
+  262144   1    3315        6194       4.554     0.898          5.07x   1393
+  262144  32    3325        6194     337.0      63.95           5.27x   1393
 
-``choose_kind`` picks ``bucketed`` from ``m >= AUTO_BUCKETED_MIN_WIDTH`` on and
-``dense`` below, following that table.
+  Full plain-SGD train step (sparse path, batch 1, n = 256), interleaved runs:
+    m = 2**12: dense 0.49, bucketed 0.67;  m = 2**16: dense 3.1, bucketed 4.0;
+    m = 2**18: dense 10.8, bucketed 18.4 (0 rebuilds in 100 steps at lr 1).
+  The query wins, the step loses: XLA CPU copies the (n, C_cap) buckets and the
+  (m,) drift through the ``lax.cond`` of ``update`` and of ``train_step`` every
+  step (13 MB twice at m = 2**18), more than the scan saves. A ``while_loop``
+  instead of the cond avoids the copy but ran 300x slower on XLA CPU.
+
+So ``choose_kind`` (``index="auto"``, which serves the train step) picks ``dense``
+on every measured shape; ``bucketed`` is for query-bound use and for backends
+where the measurement comes out the other way (rerun the benchmark there).
 """
 
 from __future__ import annotations
@@ -284,14 +299,17 @@ def needed_candidate_capacity(state) -> jax.Array:
 
 KINDS = ("dense", "bucketed")
 
-# ``auto`` picks ``bucketed`` from this width on (measured crossover, module docstring).
-AUTO_BUCKETED_MIN_WIDTH = 2**16
+# ``auto`` picks ``bucketed`` from this width on; None: never (the measured train step
+# is faster with the dense scan at every width on CPU, module docstring).
+AUTO_BUCKETED_MIN_WIDTH = None
 
 
 def choose_kind(width: int, n: int) -> str:
   """The kind ``index="auto"`` picks for ``m = width`` neurons and ``n`` points."""
   del n
-  return "bucketed" if width >= AUTO_BUCKETED_MIN_WIDTH else "dense"
+  if AUTO_BUCKETED_MIN_WIDTH is not None and width >= AUTO_BUCKETED_MIN_WIDTH:
+    return "bucketed"
+  return "dense"
 
 
 def make_index(kind: str, *, width: int, active_capacity: int, candidate_capacity: int,
