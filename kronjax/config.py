@@ -130,5 +130,9 @@ class Config:
     return cls(**values)
 
   def replace(self, **changes: Any) -> "Config":
-    """A copy with ``changes`` applied (derived capacities are re-derived unless given)."""
+    """A copy with ``changes`` applied.
+
+    Every other field keeps its resolved value, derived ones included: a copy with
+    a new ``width`` or ``threshold`` keeps the old capacities unless they are given.
+    """
     return Config.from_dict({**dataclasses.asdict(self), **changes})

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax import _checks
+from kronjax import threshold as threshold_lib
 from kronjax.inference import evaluate
 from kronjax.state import TrainState, with_config
 from kronjax.train import _step
@@ -57,30 +58,40 @@ def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *, start
 
 
 def grown_capacity(state: TrainState, metrics: dict[str, Any]) -> dict[str, int]:
-  """Capacities that fit the batch that overflowed: at least doubled, capped at m."""
+  """Capacities that fit the batch that overflowed: at least doubled, capped at m.
+
+  A point's active set may have outgrown ``active_capacity``, or (bucketed
+  index) its candidate list may have outgrown ``candidate_capacity`` at the last
+  rebuild; the index says which, and only that capacity grows.
+  """
   config = state.config
   m = config.width
-  need = int(metrics["max_active"])
   changes = {}
-  if need > config.active_capacity:
-    changes["active_capacity"] = min(m, max(2 * config.active_capacity, -(-need // 8) * 8))
-  else:  # the active set fitted: the index's candidate list did not
-    changes["candidate_capacity"] = min(m, 2 * config.candidate_capacity)
-  if changes.get("active_capacity", 0) > config.candidate_capacity:
-    changes["candidate_capacity"] = min(m, max(changes["active_capacity"], 2 * config.candidate_capacity))
+  need_cand = int(threshold_lib.needed_candidate_capacity(state.index))
+  if need_cand > config.candidate_capacity:
+    changes["candidate_capacity"] = min(m, max(2 * config.candidate_capacity, _round8(need_cand)))
+  else:
+    need = int(metrics["max_active"])
+    changes["active_capacity"] = min(m, max(2 * config.active_capacity, _round8(need)))
   return changes
+
+
+def _round8(x: int) -> int:
+  return -(-x // 8) * 8
 
 
 def _overflow_message(state: TrainState, step: int, metrics: dict[str, Any]) -> str:
   config = state.config
   need = int(metrics["max_active"])
-  if need > config.active_capacity:
+  need_cand = int(threshold_lib.needed_candidate_capacity(state.index))
+  if need_cand <= config.candidate_capacity:
     return (f"step {step}: a point of the batch has {need} active neurons, more than "
             f"active_capacity={config.active_capacity}. Use Config(active_capacity>={need}) "
             "or fit(..., on_overflow='replay') to grow it automatically.")
   return (f"step {step}: a point's candidate list in the {state.index_kind!r} threshold index "
-          f"overflowed candidate_capacity={config.candidate_capacity}. Use a larger "
-          "Config(candidate_capacity=...), a smaller index_delta, or on_overflow='replay'.")
+          f"holds {need_cand} neurons, more than candidate_capacity={config.candidate_capacity}. "
+          f"Use Config(candidate_capacity>={need_cand}), a smaller index_delta, or "
+          "on_overflow='replay'.")
 
 
 def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None = None,

@@ -108,3 +108,22 @@ def test_fit_rejects_bad_arguments(task, kwargs, match):
   state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), data, labels, optax.sgd(0.1))
   with pytest.raises((ValueError, TypeError), match=match):
     kronjax.fit(state, jax.random.PRNGKey(0), progress=False, **kwargs)
+
+
+def test_candidate_overflow_grows_only_the_candidate_capacity(x64):
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 120, (8, 8), task="regression")
+  small = kronjax.Config(width=128, threshold=0.8, index="bucketed", candidate_capacity=8,
+                         active_capacity=128)
+  large = small.replace(candidate_capacity=128)
+  tx = optax.sgd(0.5)
+  key = jax.random.PRNGKey(1)
+  with pytest.raises(kronjax.CapacityError, match=r"candidate list.*candidate_capacity>=\d+"):
+    kronjax.fit(kronjax.init(key, small, data, labels, tx), key, batch_size=8, steps=2,
+                progress=False, on_overflow="raise")
+  out_small, h_small = kronjax.fit(kronjax.init(key, small, data, labels, tx), key, batch_size=8,
+                                   steps=20, progress=False)
+  out_large, _ = kronjax.fit(kronjax.init(key, large, data, labels, tx), key, batch_size=8,
+                             steps=20, progress=False)
+  assert h_small["replays"] and all(set(c) == {"candidate_capacity"} for _, c in h_small["replays"])
+  assert out_small.config.active_capacity == 128
+  chex.assert_trees_all_close(out_small.P, out_large.P, rtol=1e-12, atol=1e-12)
