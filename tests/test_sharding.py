@@ -1,0 +1,182 @@
+"""kronjax.sharding: neuron-sharded training equals single-device training (float64).
+
+The multi-device checks run in a subprocess: ``--xla_force_host_platform_device_count``
+must be set before jax initializes its backend, and this pytest process has already done so.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kronjax
+from kronjax import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import json, pathlib, re, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+import kronjax
+from kronjax import sharding
+
+assert jax.device_count() == 8, jax.devices()
+key = jax.random.PRNGKey(0)
+out = {}
+
+def rel(x, y):
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
+
+def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
+  data, labels = kronjax.data.planted(key, 40, (4, 6), task=task, num_classes=3)
+  ev, ev_labels = data.subset(jnp.arange(30, 40)), labels[30:]
+  state = kronjax.init(key, config, data, labels, tx, eval_data=ev, eval_labels=ev_labels)
+  ref, h_ref = kronjax.fit(state, key, batch_size=8, steps=steps, progress=False)
+  start = state if sharded_capacity is None else kronjax.with_config(state, active_capacity=sharded_capacity)
+  mesh = sharding.neuron_mesh(jax.devices()[:devices])
+  got, h = kronjax.fit(start, key, batch_size=8, steps=steps, progress=False, mesh=mesh)
+  m, m_pad = config.width, got.P.shape[0]
+  res = {"devices": devices, "m": m, "m_pad": m_pad, "replays": len(h["replays"]),
+         "P_spec": str(got.P.sharding.spec), "gram_spec": str(got.gram.sharding.spec),
+         "loss_err": rel(h["loss"], h_ref["loss"]),
+         "pad_P_is_minus_inf": bool(np.all(np.asarray(got.P)[m:] == -np.inf)),
+         "pad_A_a_zero": bool(np.all(np.asarray(got.A)[m:] == 0) and np.all(np.asarray(got.a)[m:] == 0))}
+  if hasattr(got.index, "cand"):   # per-shard candidate lists never hold a padded neuron
+    local = m_pad // devices
+    first_pad = local - (m_pad - m)
+    cand = np.asarray(got.index.cand[-1])
+    res["pad_in_candidates"] = int(np.sum((cand >= first_pad) & (cand < local)))
+  un = sharding.unshard_state(got)
+  for f in ("P", "A", "a", "P_eval"):
+    res[f + "_err"] = rel(getattr(un, f), getattr(ref, f))
+  res["predict_err"] = rel(kronjax.predict(un, ev), kronjax.predict(ref, ev))
+  res["index_is_global"] = jax.tree.structure(un.index) == jax.tree.structure(ref.index) and all(
+      x.shape == y.shape for x, y in zip(jax.tree.leaves(un.index), jax.tree.leaves(ref.index)))
+  if name == "sgd8":
+    res["collectives"] = sharding.step_collectives(got, jnp.arange(8), mesh)
+    res["estimate"] = sharding.estimated_bytes(8, config.num_classes, float_bytes=8)
+    res["P_bytes"] = 8 * m * data.n
+  out[name] = res
+
+# Capacity 2 per shard overflows at once: fit replays under the mesh (with_config, re-shard)
+# and grows it to 8 (= the 8 rows of a shard).
+compare("sgd8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
+                                  train_output=True, index="dense", update="sparse",
+                                  active_capacity=32), optax.sgd(0.5), "classification",
+        sharded_capacity=2)
+kinds = kronjax.threshold.KINDS
+compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
+                                       active_capacity=32, candidate_capacity=48,
+                                       index="bucketed" if "bucketed" in kinds else "dense"),
+        optax.sgd(0.3, momentum=0.9), "classification")
+
+docs = pathlib.Path(sys.argv[1]).read_text()
+block = re.findall(r"```python\n(.*?)```", docs, flags=re.S)[1]
+ns = {}
+exec(compile(block, "docs/scaling.md", "exec"), ns)
+loss = ns["history"]["loss"]
+out["docs"] = {"P_shape": list(ns["state"].P.shape),
+               "loss": [float(loss[:5].mean()), float(loss[-10:].mean())]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def multi_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "docs" / "scaling.md")],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("case", ["sgd8", "momentum4"])
+def test_sharded_training_equals_single_device(multi_device, case):
+  res = multi_device[case]
+  for f in ("P", "A", "a", "P_eval", "loss", "predict"):
+    assert res[f + "_err"] < 1e-10, (f, res)
+  # 62 neurons are padded to a multiple of the device count with never-firing neurons.
+  assert res["m_pad"] == 64 and res["m_pad"] % res["devices"] == 0
+  assert res["pad_P_is_minus_inf"] and res["pad_A_a_zero"]
+  assert res.get("pad_in_candidates", 0) == 0
+  assert res["P_spec"] in ("P('neurons',)", "PartitionSpec('neurons',)") and "'neurons'" not in res["gram_spec"]
+  assert res["index_is_global"]                          # unshard_state rebuilt one global index
+  if case == "sgd8":                                     # overflow under a mesh replays and re-shards
+    assert res["replays"] >= 1
+
+
+def test_sharded_step_moves_only_the_outputs(multi_device):
+  res = multi_device["sgd8"]
+  ops = res["collectives"]
+  assert {op["op"] for op in ops} == {"all-reduce"}, ops       # no all-gather / permute of P
+  assert sum(op["bytes"] for op in ops) == res["estimate"]["total"], (ops, res["estimate"])
+  assert max(op["bytes"] for op in ops) == res["estimate"]["outputs"] < res["P_bytes"] / 50
+
+
+def test_docs_sharding_example_runs_on_eight_devices(multi_device):
+  docs = multi_device["docs"]
+  assert docs["P_shape"] == [250, 128]          # padding (to 256) stripped
+  assert docs["loss"][1] < docs["loss"][0]
+
+
+# ----------------------------------------------------------------------------- in-process (1 device)
+
+def _small_state():
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 16, (3, 4), task="regression")
+  return kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=10, active_capacity=8), data,
+                      labels, optax.sgd(0.1, momentum=0.9))
+
+
+def test_shard_state_layout_and_unshard_roundtrip():
+  state = _small_state()
+  mesh = sharding.neuron_mesh(jax.devices()[:1])
+  sharded = sharding.shard_state(state, mesh)
+  specs = sharding.state_specs(sharded)
+  assert specs.P == jax.sharding.PartitionSpec("neurons") and specs.gram == jax.sharding.PartitionSpec()
+  trace_specs = [s for s in jax.tree.leaves(specs.opt_state) if s == jax.sharding.PartitionSpec("neurons")]
+  assert len(trace_specs) == 2                        # momentum traces of A and P; count replicated
+  assert sharded.index.rebuilds.shape == (1,)        # one index per shard
+  back = sharding.unshard_state(sharded)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(x, y)
+  assert sharding.padded_width(62, 8) == 64 and sharding.padded_width(64, 8) == 64
+
+
+def test_shard_state_bad_input():
+  state = _small_state()
+  mesh = sharding.neuron_mesh(jax.devices()[:1])
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    sharding.shard_state(state, "cpu")
+  with pytest.raises(ValueError, match="axis_name 'model' is not an axis"):
+    sharding.shard_state(state, mesh, axis_name="model")
+  with pytest.raises(TypeError, match="state must be a kronjax.TrainState"):
+    sharding.shard_state({"P": state.P}, mesh)
+  stacked = jax.tree.map(lambda x: x[None], state)
+  with pytest.raises(ValueError, match="stacked sweep state cannot be neuron-sharded"):
+    sharding.shard_state(stacked, mesh)
+
+
+def test_collectives_parser():
+  hlo = """
+  %all-reduce.1 = f32[32,10]{1,0} all-reduce(f32[32,10]{1,0} %x), replica_groups={{0,1}}, to_apply=%add
+  %ar.2 = (s32[], s32[32]{0}) all-reduce(s32[] %a, s32[32]{0} %b), to_apply=%add
+  %ag = f32[8,512]{1,0} all-gather(f32[1,512]{1,0} %p), dimensions={0}
+  %mul = f32[32,10]{1,0} multiply(f32[32,10]{1,0} %x, f32[32,10]{1,0} %y)
+  """
+  ops = sharding.collectives(hlo)
+  assert [o["op"] for o in ops] == ["all-reduce", "all-reduce", "all-gather"]
+  assert [o["bytes"] for o in ops] == [1280, 132, 16384]
+  assert sharding.estimated_bytes(32, 10) == {"outputs": 1280, "counts": 128, "scalars": 12, "total": 1420}
