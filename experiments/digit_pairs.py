@@ -59,7 +59,7 @@ class Params:
   test_image_fraction: float = 0.5
   width: int = 4096
   threshold: float | None = None      # None: the paper's sqrt(0.4 ln m)
-  learning_rate: float = 16.0
+  learning_rate: float = 128.0
   batch_size: int = 32
   epochs: int = 10
   train_output: bool = False
