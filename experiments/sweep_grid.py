@@ -1,11 +1,12 @@
 """A vmapped learning-rate x threshold grid: final losses and time per step.
 
-Every member of the grid starts from the same network (same key, so the same
-``W0`` and ``a``) and sees the same batches; members differ only in the
-learning rate (``optax.inject_hyperparams(optax.sgd)``, set per member in the
-optimizer state) and the ReLU threshold ``b`` (``kronjax.init(..., threshold=b)``).
-Both are arrays in the state, so one ``jax.vmap`` of ``kronjax.train_step``
-trains the whole grid with one compilation. The static active capacity must
+The grid is a ``kronjax.sweep`` (``kronjax.sweep.grid(threshold=..., learning_rate=...)``):
+every member starts from the same network (seed 0, so the same ``W0`` and ``a``)
+and sees the same batches; members differ only in the learning rate
+(``optax.inject_hyperparams(optax.sgd)``, per member in the optimizer state) and
+the ReLU threshold ``b``. Both are arrays in the state, so one ``jax.vmap`` of
+``kronjax.train_step`` (``kronjax.sweep.compiled_step``, data and Gram stored
+once) trains the whole grid with one compilation. The static active capacity must
 hold the *smallest* ``b``'s active sets, so every member pays for it; a member
 that overflows is re-run with a doubled capacity (never silently skipped).
 
@@ -33,6 +34,7 @@ import optax
 
 import kronjax
 from kronjax import bench, experiment
+from kronjax import sweep as kron_sweep
 from kronjax.config import default_active_capacity, default_threshold
 
 
@@ -52,23 +54,13 @@ class Params:
   seed: int = 0
 
 
-def _with_lr(state: kronjax.TrainState, lr) -> kronjax.TrainState:
-  """The state with its injected learning rate set to ``lr`` (may be traced)."""
-  hp = dict(state.opt_state.hyperparams)
-  hp["learning_rate"] = jnp.asarray(lr, hp["learning_rate"].dtype)
-  return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
-
-
-def grid_states(key, config, data, labels, eval_data, eval_labels, bs, lrs):
-  """``G`` stacked states, member ``g`` with threshold ``bs[g]`` and learning rate ``lrs[g]``."""
-  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-
-  def one(b, lr):
-    state = kronjax.init(key, config, data, labels, tx, eval_data=eval_data,
-                         eval_labels=eval_labels, threshold=b)
-    return _with_lr(state, lr)
-
-  return jax.vmap(one)(jnp.asarray(bs), jnp.asarray(lrs))
+def grid_sweep(config: kronjax.Config, task, p: "Params") -> kron_sweep.Sweep:
+  """The stacked grid, threshold-major: member ``i * len(lrs) + j`` has ``(b_i, lr_j)``."""
+  _, data, labels, eval_data, eval_labels = task
+  members = kron_sweep.grid(threshold=[float(b) for b in p.thresholds],
+                            learning_rate=[float(lr) for lr in p.learning_rates])
+  return kron_sweep.init(config, data, labels, members, eval_data=eval_data,
+                         eval_labels=eval_labels)
 
 
 def batches_for(p: Params, count: int) -> list[jax.Array]:
@@ -79,23 +71,22 @@ def batches_for(p: Params, count: int) -> list[jax.Array]:
   return [jnp.asarray(order[i * p.batch_size:(i + 1) * p.batch_size], jnp.int32) for i in range(count)]
 
 
-def train_grid(p: Params, task, bs, lrs, capacity: int):
-  """Trains the grid for ``p.steps`` steps; returns (states, timing, overflowed members)."""
-  key, data, labels, eval_data, eval_labels = task
+def train_grid(p: Params, task, capacity: int):
+  """Trains the grid for ``p.steps`` steps; returns (sweep, timing, overflowed members)."""
   config = kronjax.Config(width=p.width, init=p.init, active_capacity=capacity,
                           candidate_capacity=capacity)
-  states = grid_states(key, config, data, labels, eval_data, eval_labels, bs, lrs)
-  step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None)), donate_argnums=0)
-  overflow = np.zeros(len(bs), bool)
+  sweep = grid_sweep(config, task, p)
+  step = kron_sweep.compiled_step()
+  overflow = np.zeros(sweep.size, bool)
 
-  def counted(states, batch):
-    states, metrics = step(states, batch)
+  def counted(state, batch):
+    state, metrics = step(state, batch)
     nonlocal overflow
     overflow = overflow | np.asarray(metrics["overflow"])
-    return states, metrics
+    return state, metrics
 
-  timing, states = bench.time_steps(counted, states, batches_for(p, p.steps), warmup=3)
-  return states, timing, overflow
+  timing, state = bench.time_steps(counted, sweep.state, batches_for(p, p.steps), warmup=3)
+  return sweep.replace(state=state), timing, overflow
 
 
 def single_run_ms(p: Params, task, b: float, lr: float) -> tuple[float, bool]:
@@ -138,8 +129,9 @@ def heat_map(ax, values, lrs, bs, title, fmt, cmap, log=False):
   for i in range(len(bs)):
     for j in range(len(lrs)):
       v = values[i, j]
+      dark = np.isfinite(v) and im.norm(v) < 0.5
       ax.text(j, i, "diverged" if not np.isfinite(v) else format(v, fmt), ha="center",
-              va="center", fontsize=7, color="black" if np.isfinite(v) else "red")
+              va="center", fontsize=7, color="red" if not np.isfinite(v) else "white" if dark else "black")
   ax.figure.colorbar(im, ax=ax)
 
 
@@ -170,23 +162,22 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   train_idx, eval_idx = jnp.arange(p.n), jnp.arange(p.n, p.n + p.n_eval)
   task = (kinit, data.subset(train_idx), labels[:p.n], data.subset(eval_idx), labels[p.n:])
   nb, nl = len(p.thresholds), len(p.learning_rates)
-  bs = np.repeat(np.asarray(p.thresholds, np.float32), nl)        # (G,) row-major (b, lr)
-  lrs = np.tile(np.asarray(p.learning_rates, np.float32), nb)     # (G,)
   capacity = default_active_capacity(p.width, min(p.thresholds))
   attempts = []
   while True:
-    states, timing, overflow = train_grid(p, task, bs, lrs, capacity)
+    sweep, timing, overflow = train_grid(p, task, capacity)
     attempts.append({"active_capacity": capacity, "overflowed_members": int(overflow.sum())})
     if progress:
-      print(f"sweep_grid: {len(bs)} members, capacity {capacity}: "
+      print(f"sweep_grid: {sweep.size} members, capacity {capacity}: "
             f"{1e3 * timing['median_s']:.2f} ms per grid step, {int(overflow.sum())} overflowed",
             flush=True)
     if not overflow.any() or capacity >= p.width:
       break
     capacity = min(p.width, 2 * capacity)
-  ev = jax.device_get(jax.vmap(kronjax.evaluate)(states))
-  train_loss = np.asarray(ev["train_loss"], float).reshape(nb, nl)
-  eval_loss = np.asarray(ev["eval_loss"], float).reshape(nb, nl)
+  evaluate = jax.jit(kronjax.evaluate)
+  ev = jax.device_get([evaluate(sweep.member(g)) for g in range(sweep.size)])
+  train_loss = np.asarray([e["train_loss"] for e in ev], float).reshape(nb, nl)
+  eval_loss = np.asarray([e["eval_loss"] for e in ev], float).reshape(nb, nl)
   single = np.full((nb, nl), np.nan)
   single_overflow = np.zeros((nb, nl), bool)
   for i, b in enumerate(p.thresholds):
@@ -194,7 +185,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       single[i, j], single_overflow[i, j] = single_run_ms(p, task, b, lr)
     if progress:
       print(f"sweep_grid: b={b:g} single-run ms per step {np.round(single[i], 3)}", flush=True)
-  G = len(bs)
+  G = sweep.size
   res = {"train_loss": train_loss, "eval_loss": eval_loss, "single_ms": single,
          "vmapped_ms_per_member": 1e3 * timing["median_s"] / G}
   plots = [plot(p, res, out_dir)]

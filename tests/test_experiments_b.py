@@ -90,31 +90,6 @@ def test_sweep_grid_smoke(tmp_path):
   assert np.ptp(np.asarray(m["train_loss"])) > 0
 
 
-def test_sweep_grid_member_equals_single_run(tmp_path):
-  """Every vmapped member trains exactly as that (lr, b) run would alone."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  import kronjax
-  from experiments import sweep_grid
-  _, p = smoke_params("sweep_grid")
-  data, labels = kronjax.data.planted(jax.random.PRNGKey(1), p.n, dims=tuple(p.dims))
-  key = jax.random.PRNGKey(2)
-  bs, lrs = np.array([1.0, 2.0], np.float32), np.array([16.0, 4.0], np.float32)
-  config = kronjax.Config(width=p.width, init="implicit", active_capacity=p.width)
-  states = sweep_grid.grid_states(key, config, data, labels, None, None, bs, lrs)
-  batches = sweep_grid.batches_for(p, 4)
-  vstep = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None)))
-  for batch in batches:
-    states, _ = vstep(states, batch)
-  for g in range(2):
-    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=float(lrs[g]))
-    single = kronjax.init(key, config, data, labels, tx, threshold=float(bs[g]))
-    for batch in batches:
-      single, _ = jax.jit(kronjax.train_step)(single, batch)
-    np.testing.assert_allclose(states.P[g], single.P, rtol=1e-5, atol=1e-5)
-
-
 def test_digit_pairs_smoke(tmp_path):
   params, result = run_smoke("digit_pairs", tmp_path)
   m = result["metrics"]
