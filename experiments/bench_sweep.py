@@ -1,0 +1,149 @@
+"""Benchmark: a vmapped sweep of 16 members against 16 sequential runs (issue 6).
+
+Claim measured: at m = 1024, n = 512, batch 32 (float32, CPU) one step of a
+16-member sweep (``kronjax.sweep.compiled_step``: vmap over the members, data and
+Gram shared) costs <= 0.5x the 16 steps of the members run one after the other
+(``jax.jit(kronjax.train_step, donate_argnums=0)`` per member), and compiles once.
+
+Also measured: the fully stacked variant ``jax.vmap(kronjax.train_step, in_axes=(0, None))``
+on ``jax.vmap(kronjax.init)`` output (data and Gram copied per member), and the
+member state's memory in both layouts.
+
+    .venv/bin/python experiments/bench_sweep.py            # -> experiments/results/sweep.json
+    .venv/bin/python experiments/bench_sweep.py --smoke    # tiny sizes -> experiments/results/sweep_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kronjax
+from kronjax import bench
+from kronjax import sweep as sw
+from kronjax.config import default_active_capacity, default_threshold
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def _bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer: str) -> dict:
+  key = jax.random.PRNGKey(0)
+  data, labels = kronjax.data.planted(key, n, dims, task="regression")
+  b0 = default_threshold(m)
+  thresholds = [b0, b0 - 0.25]
+  config = kronjax.Config(width=m, threshold=b0,
+                          active_capacity=default_active_capacity(m, min(thresholds)))
+  hyper = dict(learning_rate=[0.5, 1.0, 2.0, 4.0], threshold=thresholds, seed=[0, 1])
+  if optimizer == "momentum":
+    hyper["momentum"] = [0.9]
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+  else:
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  members = sw.grid(**hyper)
+  S = len(members)
+  batches = [jnp.asarray(b) for b in kronjax.loop.batch_schedule(key, n, batch, steps)]
+
+  t0 = time.perf_counter()
+  sweep = sw.init(config, data, labels, members, tx=tx)
+  jax.block_until_ready(sweep.state)
+  init_s = time.perf_counter() - t0
+
+  # 16 sequential runs: the same members as separate states, one jitted donated step.
+  starts = [sweep.member(i) for i in range(S)]
+  single = jax.jit(kronjax.train_step, donate_argnums=0)
+  states = [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts]
+
+  def sequential(states, batch_idx):
+    out = [single(s, batch_idx) for s in states]
+    return [s for s, _ in out], [mt for _, mt in out]
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(sequential(states[:1], batches[0])[0])
+  seq_compile_s = time.perf_counter() - t0
+  states = [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts]
+  seq, states = bench.time_steps(sequential, states, batches)
+
+  # The sweep: vmap over the members, data / Gram / batch shared (in_axes=None).
+  step = sw.compiled_step()
+  traces_before = step.cache_size()
+  state = merge_copy(sweep.state)
+  t0 = time.perf_counter()
+  state, metrics = step(state, batches[0])
+  jax.block_until_ready(state)
+  sweep_compile_s = time.perf_counter() - t0
+  shared, state = bench.time_steps(step, state, batches)
+  compiles = step.cache_size() - traces_before
+  overflow = bool(np.any(np.asarray(metrics["overflow"])))
+
+  # The literal API: vmap(init) and vmap(train_step, in_axes=(0, None)); everything stacked.
+  stacked_state = jax.tree.map(lambda *xs: jnp.stack(xs), *starts)
+  stacked_step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None)), donate_argnums=0)
+  stacked, _ = bench.time_steps(stacked_step, stacked_state, batches)
+
+  # Both layouts end in the same place (same batches, same members).
+  agree = float(jnp.max(jnp.abs(state.P - jnp.stack([s.P for s in states]))))
+
+  part, common = sw.split(sweep.state)
+  return {
+      "optimizer": optimizer, "m": m, "n": n, "dims": list(dims), "batch": batch, "members": S,
+      "update_path": kronjax.train.resolve_update(sweep.member(0), batch),
+      "index": sweep.state.index_kind, "active_capacity": config.active_capacity,
+      "mean_active": float(np.mean(np.asarray(metrics["active"]))),
+      "overflow_seen": overflow,
+      "init_sweep_s": init_s, "compile_sequential_s": seq_compile_s, "compile_sweep_s": sweep_compile_s,
+      "sequential_16_steps": seq, "sweep_step_shared_data": shared,
+      "sweep_step_stacked_data": stacked,
+      "ratio_shared_vs_sequential": shared["median_s"] / seq["median_s"],
+      "ratio_stacked_vs_sequential": stacked["median_s"] / seq["median_s"],
+      "sweep_compilations": compiles,
+      "member_state_bytes": _bytes(part), "shared_bytes": _bytes(common),
+      "stacked_state_bytes": _bytes(stacked_state),
+      "max_abs_diff_sweep_vs_sequential_P": agree,
+      "loadavg_1min": os.getloadavg()[0],
+  }
+
+
+def merge_copy(state):
+  part, shared = sw.split(state)
+  return sw.merge(jax.tree.map(lambda x: jnp.array(x, copy=True), part), shared)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
+  p.add_argument("--out", default=None, help="JSON path (default experiments/results/sweep[_smoke].json)")
+  p.add_argument("--steps", type=int, default=None, help="steps per timing (first 3 are warm-up)")
+  p.add_argument("--optimizers", default="sgd,momentum")
+  args = p.parse_args()
+  optimizers = args.optimizers.split(",")
+  if args.smoke:
+    sizes = [(128, 64, (8, 8), 8, args.steps or 8)]
+  else:  # the claim's size, then a small one where per-call overhead dominates
+    sizes = [(1024, 512, (16, 32), 32, args.steps or 23), (128, 64, (8, 8), 8, args.steps or 23)]
+  results = [run(m, n, dims, batch, steps, o) for m, n, dims, batch, steps in sizes for o in optimizers]
+  for r in results:
+    print(f"m={r['m']:>5} n={r['n']:>4} {r['optimizer']:>8}: 16 sequential {1e3 * r['sequential_16_steps']['median_s']:.2f} ms, "
+          f"sweep (shared data) {1e3 * r['sweep_step_shared_data']['median_s']:.2f} ms "
+          f"(ratio {r['ratio_shared_vs_sequential']:.3f}), stacked data "
+          f"{1e3 * r['sweep_step_stacked_data']['median_s']:.2f} ms "
+          f"(ratio {r['ratio_stacked_vs_sequential']:.3f}); compilations {r['sweep_compilations']}; "
+          f"path {r['update_path']}, active {r['mean_active']:.1f}")
+  out = args.out or RESULTS / ("sweep_smoke.json" if args.smoke else "sweep.json")
+  bench.write_json(out, {"environment": bench.environment(), "results": results,
+                         "command": "experiments/bench_sweep.py" + (" --smoke" if args.smoke else "")})
+  print("wrote", out)
+
+
+if __name__ == "__main__":
+  main()
