@@ -1,11 +1,15 @@
 """kronjax: train two-layer networks on Kronecker-structured data in d-free time."""
 
+from kronjax import checkpoint
 from kronjax import data
 from kronjax import dense
 from kronjax import initializers
+from kronjax import sharding
+from kronjax import sweep
 from kronjax import threshold
 from kronjax.config import Config
 from kronjax.inference import dense_params
+from kronjax.inference import dense_weights
 from kronjax.inference import evaluate
 from kronjax.inference import predict
 from kronjax.kron import KronData
@@ -23,14 +27,18 @@ __all__ = (
     "Config",
     "KronData",
     "TrainState",
+    "checkpoint",
     "data",
     "dense",
     "dense_params",
+    "dense_weights",
     "evaluate",
     "fit",
     "init",
     "initializers",
     "predict",
+    "sharding",
+    "sweep",
     "threshold",
     "train_step",
     "with_config",

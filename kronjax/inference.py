@@ -109,3 +109,8 @@ def dense_params(state: TrainState, *, max_bytes: int = 4 * 2**30) -> dict[str, 
   W0 = initializers.explicit_weights(keys["W0"], m, d, state.P.dtype)
   return {"W": W0 + state.A @ state.data.materialize(), "a": state.a}
 
+
+
+def dense_weights(state: TrainState, *, max_bytes: int = 4 * 2**30) -> jax.Array:
+  """``W = W0 + A X`` ``(m, d)``: the hidden weights of ``dense_params`` (DESIGN §6 name)."""
+  return dense_params(state, max_bytes=max_bytes)["W"]
