@@ -46,6 +46,14 @@ def evaluate(state: TrainState) -> dict[str, jax.Array]:
   return result
 
 
+def _check_unsharded(state: TrainState) -> None:
+  if state.P.shape[0] != state.config.width:
+    raise ValueError(
+        f"state holds {state.P.shape[0]} neuron rows but config.width={state.config.width}: it is "
+        "a padded neuron-sharded state (from fit(..., mesh=...)). Call "
+        "kronjax.sharding.unshard_state(state) first.")
+
+
 def _same_data(x: KronData, y: KronData | None) -> bool:
   if y is None:
     return False
@@ -61,6 +69,7 @@ def projections(state: TrainState, data: KronData, *, chunk: int | None = None) 
   if not isinstance(data, KronData):
     raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}.")
   _check_compatible("data", state.data, data)
+  _check_unsharded(state)
   if _same_data(data, state.data):
     return state.P
   if _same_data(data, state.eval_data):
@@ -97,6 +106,7 @@ def dense_params(state: TrainState, *, max_bytes: int = 4 * 2**30) -> dict[str, 
   if state.config.init != "explicit":
     raise ValueError("dense_params needs init='explicit': an implicit-init state never drew "
                      "W0, only its projections onto the data.")
+  _check_unsharded(state)
   m, d = state.config.width, state.data.dim
   itemsize = jnp.dtype(state.P.dtype).itemsize
   need = m * d * itemsize + state.data.n * d * itemsize

@@ -34,7 +34,16 @@ def _probe_tree(key, scale, shapes):
 
 
 def check_linear(tx: optax.GradientTransformation, *, steps: int = 3, rtol: float = 1e-4) -> None:
-  """Raises ValueError when ``tx`` is not linear in the gradient sequence."""
+  """Raises ValueError when ``tx`` is not linear in the gradient sequence.
+
+  The probe runs on concrete arrays even when called under ``jit``/``vmap``
+  (e.g. ``jax.jit(kronjax.init)``): its inputs do not depend on the traced ones.
+  """
+  with jax.ensure_compile_time_eval():
+    _check_linear(tx, steps=steps, rtol=rtol)
+
+
+def _check_linear(tx, *, steps, rtol):
   if not isinstance(tx, optax.GradientTransformation) and not (
       hasattr(tx, "init") and hasattr(tx, "update")):
     raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}.")

@@ -283,8 +283,7 @@ def _init_members(config, tx, keys, thresholds, hp_values, hp_given, data, label
         s.opt_state, **{k: jnp.where(given[k], hp[k], current[k]) for k in hp}))
     return split(s)
 
-  with jax.ensure_compile_time_eval():  # init's optimizer probe runs on concrete values
-    return jax.vmap(one, out_axes=(0, None))(keys, thresholds, hp_values, hp_given)
+  return jax.vmap(one, out_axes=(0, None))(keys, thresholds, hp_values, hp_given)
 
 
 def stack(states: Sequence[TrainState], members: Sequence[Mapping[str, Any]] | None = None) -> Sweep:

@@ -10,15 +10,18 @@ One step on batch S (DESIGN §2):
   4. the optax update on ``{"A": c, "P": c K[S, :], "a": grad_a, "P_eval": c K[S, E]}``;
   5. maintenance of A, P, P_eval and the index.
 
-If any point of the batch has more active neurons than the capacity, the step
-is *skipped* (the returned state equals the input state) and
+On the sparse path, if any point of the batch has more active neurons than the
+capacity, the step is *skipped* (the returned state equals the input state) and
 ``metrics["overflow"]`` is True; ``kronjax.fit`` replays it with more capacity.
 
-Update paths (``config.update``):
-  * sparse: scatter only the touched rows, ``O(B K n)``; requires an optimizer
-    whose state does not depend on the parameter shapes (plain sgd, schedules).
-  * dense: ``G (m, B) @ K[S, :] (B, n)`` and full ``(m, n)`` passes; the only
-    choice for momentum/nesterov (their traces are ``(m, n)`` anyway).
+Update paths (``config.update``, ``auto`` picks by ``resolve_update``):
+  * sparse: query the threshold index, then update only the union of the
+    batch's active rows, ``O(T B n)`` with ``T <= B K``; no ``O(m n)`` pass with
+    a shape-free optimizer (plain sgd, schedules). Momentum and co. keep
+    full-shape traces, so they add ``O(m n)`` elementwise work.
+  * dense: no index query and no capacity: the whole ``(m, B)`` slice of ``P``,
+    and ``G (m, B) @ K[S, :] (B, n)``. Right when the batch touches a large part
+    of the network.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ def _step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None)
   """The step body. With ``axis_name`` it runs on one neuron shard inside
   ``shard_map``: ``P``, ``A``, ``a`` hold this device's rows, and the only
   communication is the all-reduce of the ``(B, C)`` outputs (plus scalars)."""
+  if resolve_update(state, batch_idx.shape[0]) == "dense":
+    return _dense_step(state, batch_idx, axis_name)
   index = index_for(state)
   q = index.query(state.index, state.P, batch_idx, state.b)
   counts = q.count
@@ -106,7 +111,7 @@ def _step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None)
 
 def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: jax.Array,
            axis_name: str | None = None):
-  """Steps 2-5 for active sets ``idx (B, K)``.
+  """Steps 2-5 of the sparse path for active sets ``idx (B, K)``.
 
   ``ok`` ``()`` bool: False (an active set overflowed) turns the step into an
   exact no-op: zero coefficients, zero updates, the old optimizer state and
@@ -130,13 +135,18 @@ def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: j
   grad_a_rows = jnp.where(ok, h[..., None] * g[:, None, :] * inv_sqrt_m, 0.0)        # (B, K, C)
   K_rows, K_rows_eval = _gram_rows(state, batch_idx)
 
-  path = resolve_update(state, B)
-  if state.shape_free_tx and path == "sparse":  # the only path with no O(m n) pass
+  if state.shape_free_tx:  # the only path with no O(m n) pass
     new = _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, ok)
     A, P, a, P_eval, opt_state, rows, row_change = new
-  else:
-    A, P, a, P_eval, opt_state, rows, row_change = _dense_update(
-        state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path, ok)
+  else:  # momentum & co: full-shape gradients, P's built from the touched rows only
+    G = jnp.zeros((rows, B), c.dtype).at[idx, jnp.arange(B)[:, None]].add(c, mode="drop")
+    T, U = touched_rows(idx, c, rows)
+    gP = _add_rows(jnp.zeros_like(state.P), T, U @ K_rows)
+    gP_eval = (None if K_rows_eval is None
+               else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval))
+    ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
+    A, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
+    rows = None
   index_state = index.update(state.index, P, state.b, rows, row_change)
   new_state = state.replace(A=A, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + ok.astype(state.step.dtype))
@@ -211,38 +221,62 @@ def _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, o
   return A, P, a, P_eval, opt_state, T, row_change
 
 
-def _dense_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, path, ok):
-  """``P``'s gradient as one ``(m, B) @ (B, n)`` product (or a row scatter).
+def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None):
+  """The dense path: the whole ``(m, B)`` slice of ``P``, no index query, no capacity.
 
-  With a shape-free optimizer (sgd, schedules) ``A`` and ``a`` keep their
-  compact gradients (``(m, B)`` columns, ``(B, K, C)`` rows); a stateful one
-  (momentum) needs full-shape gradients because its traces are full-shape.
+  When the batch touches a large part of the network (or the optimizer's traces
+  make every step ``O(m n)`` anyway) the ``(m, B) @ (B, n)`` product is the floor,
+  and compacting active sets would only add work. Nothing can overflow here.
   """
   config = state.config
-  m, n = state.P.shape
-  B = batch_idx.shape[0]
-  G = jnp.zeros((m, B), c.dtype).at[idx, jnp.arange(B)[:, None]].add(c, mode="drop")   # (m, B)
-  if path == "dense":
-    gP = G @ K_rows                                                 # (m, n)
-    gP_eval = None if K_rows_eval is None else G @ K_rows_eval
-  else:  # touched rows only, scattered into the full-shape gradient the optimizer needs
-    T, U = touched_rows(idx, c, m)
-    gP = _add_rows(jnp.zeros_like(state.P), T, U @ K_rows)
-    gP_eval = None if K_rows_eval is None else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval)
+  inv_sqrt_m = 1.0 / math.sqrt(config.width)
+  Ps = state.P[:, batch_idx]                                        # (m, B)
+  mask = Ps > state.b                                               # active: strictly above b
+  h = losses.hidden(Ps, state.b)                                    # (m, B), zero off the mask
+  outputs = h.T @ state.a * inv_sqrt_m                              # (B, C)
+  counts = jnp.sum(mask, axis=0, dtype=jnp.int32)                   # (B,)
+  max_count = jnp.max(counts)
+  if axis_name is not None:
+    outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
+    counts = jax.lax.psum(counts, axis_name)
+    max_count = jnp.max(counts)
+  loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
+  G = jnp.where(mask, state.a @ g.T * inv_sqrt_m, 0.0)              # (m, B) coefficients
+  ga = h @ g * inv_sqrt_m                                           # (m, C)
+  K_rows, K_rows_eval = _gram_rows(state, batch_idx)
+  gP = G @ K_rows                                                   # (m, n)
+  gP_eval = None if K_rows_eval is None else G @ K_rows_eval
+  ok = jnp.ones((), bool)
+  A, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
+  index_state = index_for(state).update(state.index, P, state.b, None, row_change)
+  new_state = state.replace(A=A, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
+                            index=index_state, step=state.step + 1)
+  metrics = {"active": jnp.mean(counts.astype(state.P.dtype)), "max_active": max_count,
+             "overflow": jnp.zeros((), bool), "loss": loss, "step": new_state.step,
+             "index_rebuilds": getattr(index_state, "rebuilds", jnp.zeros((), jnp.int32))}
+  return new_state, metrics
+
+
+def _full_update(state, batch_idx, G, gP, gP_eval, ga, ok):
+  """Applies the optimizer to ``G (m, B)`` columns of ``A``, full ``gP (m, n)`` and ``ga (m, C)``.
+
+  A shape-free optimizer (sgd, schedules) acts on ``G`` directly and only the
+  ``B`` columns of ``A`` are written; a stateful one (momentum) needs the
+  full-shape ``(m, n)`` gradient of ``A`` because its traces are full-shape.
+  """
+  config = state.config
   if state.shape_free_tx:
-    grads = trainable_tree(G, gP, grad_a_rows, gP_eval, config)
+    grads = trainable_tree(G, gP, ga, gP_eval, config)
     updates, opt_state = _optimize(state, grads, ok)
     A = state.A.at[:, batch_idx].add(updates["A"])
-    a = state.a.at[idx].add(updates["a"], mode="drop") if config.train_output else state.a
   else:
     gA = jnp.zeros_like(state.A).at[:, batch_idx].add(G)
-    ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
     grads = trainable_tree(gA, gP, ga, gP_eval, config)
     updates, opt_state = _optimize(state, grads, ok)
     A = state.A + updates["A"]
-    a = state.a + updates["a"] if config.train_output else state.a
+  a = state.a + updates["a"] if config.train_output else state.a
   P = state.P + updates["P"]
   P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
   # Dead code (and eliminated by XLA) for index kinds that ignore it.
   row_change = jnp.max(jnp.abs(updates["P"]), axis=1)              # (m,)
-  return A, P, a, P_eval, opt_state, None, row_change
+  return A, P, a, P_eval, opt_state, row_change

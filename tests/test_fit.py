@@ -113,7 +113,7 @@ def test_fit_rejects_bad_arguments(task, kwargs, match):
 def test_candidate_overflow_grows_only_the_candidate_capacity(x64):
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 120, (8, 8), task="regression")
   small = kronjax.Config(width=128, threshold=0.8, index="bucketed", candidate_capacity=8,
-                         active_capacity=128)
+                         active_capacity=128, update="sparse")  # the dense path never queries
   large = small.replace(candidate_capacity=128)
   tx = optax.sgd(0.5)
   key = jax.random.PRNGKey(1)
