@@ -12,7 +12,7 @@ Shapes: m neurons, n points, B batch, K_cap active capacity, C_cap candidate
 capacity, R touched rows.
 
 ``update`` receives ``rows`` ``(R,)`` int32 (the neurons whose ``P`` row changed;
-entries equal to ``m`` are padding) and ``row_change`` ``(R,)``: an upper bound on
+entries ``>= m`` are padding) and ``row_change`` ``(R,)``: an upper bound on
 ``max_j |dP[r, j]|`` for each listed row (a row listed twice contributes twice).
 ``rows=None`` means every row, with ``row_change`` of shape ``(m,)``.
 
@@ -50,20 +50,20 @@ Measured on 2 CPU cores (XLA CPU, float32, n = 256, medians, milliseconds;
 ``experiments/bench_threshold.py``, results in ``experiments/results/threshold.json``):
 
     m      B  active  candidates  dense scan  bucketed  query speedup  rebuild
-    4096   1     142         235       0.214     0.177          1.21x     28
-    4096  32     133         235       2.413     1.039          2.32x     28
-   65536   1    1162        2078       1.406     0.601          2.34x    320
-   65536  32    1147        2078      49.60     12.36           4.01x    320
-  262144   1    3315        6194       4.554     0.898          5.07x   1393
-  262144  32    3325        6194     337.0      63.95           5.27x   1393
+    4096   1     142         235       0.181     0.128          1.41x     15.5
+    4096  32     133         235       1.609     0.835          1.93x     15.5
+   65536   1    1162        2078       1.002     0.386          2.59x    118.4
+   65536  32    1147        2078      18.07      4.332          4.17x    118.4
+  262144   1    3315        6194       3.245     0.619          5.24x    467.6
+  262144  32    3325        6194      96.88     20.21           4.79x    467.6
 
-  Full plain-SGD train step (sparse path, batch 1, n = 256), interleaved runs:
-    m = 2**12: dense 0.49, bucketed 0.67;  m = 2**16: dense 3.1, bucketed 4.0;
-    m = 2**18: dense 10.8, bucketed 18.4 (0 rebuilds in 100 steps at lr 1).
-  The query wins, the step loses: XLA CPU copies the (n, C_cap) buckets and the
-  (m,) drift through the ``lax.cond`` of ``update`` and of ``train_step`` every
-  step (13 MB twice at m = 2**18), more than the scan saves. A ``while_loop``
-  instead of the cond avoids the copy but ran 300x slower on XLA CPU.
+  Full plain-SGD train step (sparse path, batch 1, m = 2**18, n = 256, lr 1,
+  100 steps, same losses): dense 4.40 ms, bucketed 3.91 ms median (1.13x; mean
+  4.60 vs 5.09 ms), 0 rebuilds. The query wins 5x but the step is dominated by
+  the row update of the ~3300 active rows, and XLA CPU copies the ``(n, C_cap)``
+  buckets through the ``lax.cond`` of ``update`` (a ``while_loop`` instead
+  avoids the copy but ran 300x slower on XLA CPU).
+  (``python -m experiments.bench_threshold --steps 100 --rounds 20``, quiet machine.)
 
 So ``choose_kind`` (``index="auto"``, which serves the train step) picks ``dense``
 on every measured shape; ``bucketed`` is for query-bound use and for backends

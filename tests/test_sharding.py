@@ -82,9 +82,9 @@ compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", 
         optax.sgd(0.3, momentum=0.9), "classification")
 
 docs = pathlib.Path(sys.argv[1]).read_text()
-block = re.findall(r"```python\n(.*?)```", docs, flags=re.S)[1]
+(block,) = [b for b in re.findall(r"```python\n(.*?)```", docs, flags=re.S) if "mesh=mesh" in b]
 ns = {}
-exec(compile(block, "docs/scaling.md", "exec"), ns)
+exec(compile(block, "README.md", "exec"), ns)
 loss = ns["history"]["loss"]
 out["docs"] = {"P_shape": list(ns["state"].P.shape),
                "loss": [float(loss[:5].mean()), float(loss[-10:].mean())]}
@@ -96,7 +96,7 @@ print("RESULT " + json.dumps(out))
 def multi_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "docs" / "scaling.md")],
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "README.md")],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
