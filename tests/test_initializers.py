@@ -11,13 +11,7 @@ from kronjax import KronData
 from kronjax import initializers as inits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  """float64 for this module, restored afterwards (works with or without a conftest)."""
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64_module")  # float64 comparisons throughout
 
 
 def rel_err(a, b):

@@ -15,13 +15,7 @@ import kronjax
 from kronjax import KronData
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  """float64 for this module, restored afterwards (works with or without a conftest)."""
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64_module")  # float64 comparisons throughout
 
 
 # Every numeric check goes through jit, as users run it (and it compiles once per shape
