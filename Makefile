@@ -20,5 +20,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kronjax run configs/quickstart.toml --out runs/quickstart
 
+# The benchmark scripts behind the README's performance tables (minutes; not part of CI).
+bench: $(STAMP)
+	$(BIN)/python -m experiments.bench_step
+	$(BIN)/python -m experiments.bench_threshold
+	$(BIN)/python experiments/bench_init.py
+	$(BIN)/python experiments/bench_sweep.py
+	$(BIN)/python experiments/bench_sharding.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
