@@ -48,7 +48,8 @@ from kronjax import train as train_lib
 from kronjax.state import TrainState, index_for
 
 AXIS = "neurons"
-_ROW_FIELDS = {"P": -jnp.inf, "A": 0.0, "a": 0.0, "P_eval": -jnp.inf}  # field -> padding value
+# field -> (neuron axis, padding value). A_T is stored (n, m): its neurons are axis 1.
+_ROW_FIELDS = {"P": (0, -jnp.inf), "A_T": (1, 0.0), "a": (0, 0.0), "P_eval": (0, -jnp.inf)}
 
 
 def neuron_mesh(devices: Any = None, axis_name: str = AXIS) -> Mesh:
@@ -82,34 +83,53 @@ def _resize_rows(state: TrainState, rows: int) -> TrainState:
   if old == rows:
     return state
 
-  def fit(x, value):
-    if x.shape[0] > rows:
-      return x[:rows]
-    pad = jnp.full((rows - x.shape[0],) + x.shape[1:], value, x.dtype)
-    return jnp.concatenate([x, pad])
+  def fit(x, value, axis):
+    if x.shape[axis] > rows:
+      return jax.lax.slice_in_dim(x, 0, rows, axis=axis)
+    shape = list(x.shape)
+    shape[axis] = rows - x.shape[axis]
+    return jnp.concatenate([x, jnp.full(shape, value, x.dtype)], axis=axis)
 
-  changes = {f: fit(getattr(state, f), v) for f, v in _ROW_FIELDS.items() if getattr(state, f) is not None}
-  changes["opt_state"] = jax.tree.map(
-      lambda x: fit(x, 0) if _is_row_leaf(x, old) else x, state.opt_state)
+  changes = {f: fit(getattr(state, f), v, ax) for f, (ax, v) in _ROW_FIELDS.items()
+             if getattr(state, f) is not None}
+  changes["opt_state"] = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if _neuron_axis(path, x, old) is None else fit(x, 0, _neuron_axis(path, x, old)),
+      state.opt_state)
   return state.replace(**changes)
 
 
-def _is_row_leaf(x: Any, rows: int) -> bool:
-  return getattr(x, "ndim", 0) >= 1 and x.shape[0] == rows
+def _neuron_axis(path: Any, x: Any, rows: int) -> int | None:
+  """The neuron axis of an optimizer-state leaf, or None for a replicated leaf.
+
+  Leaves under the ``"A"`` key mirror ``A_T`` ``(n, m)``: neurons on axis 1; the
+  others mirror ``P``, ``a``, ``P_eval``: neurons on axis 0.
+  """
+  if getattr(x, "ndim", 0) < 1:
+    return None
+  under_A = any(getattr(k, "key", None) == "A" for k in path)
+  if under_A:
+    return 1 if x.ndim >= 2 and x.shape[1] == rows else None
+  return 0 if x.shape[0] == rows else None
+
+
+def _spec(axis: int | None, axis_name: str) -> P:
+  if axis is None:
+    return P()
+  return P(*([None] * axis), axis_name)
 
 
 def state_specs(state: TrainState, axis_name: str = AXIS) -> TrainState:
   """The ``PartitionSpec`` tree of a sharded state (a ``TrainState`` of specs).
 
-  Row fields and optimizer leaves with a leading ``m_pad`` axis are split along
-  ``axis_name``; the index leaves along their leading device axis; the rest is
+  Neuron fields and optimizer leaves are split along ``axis_name`` on their
+  neuron axis; the index leaves along their leading device axis; the rest is
   replicated.
   """
   rows = state.P.shape[0]
   specs = jax.tree.map(lambda _: P(), state)
-  changes = {f: P(axis_name) for f in _ROW_FIELDS if getattr(state, f) is not None}
-  changes["opt_state"] = jax.tree.map(
-      lambda x: P(axis_name) if _is_row_leaf(x, rows) else P(), state.opt_state)
+  changes = {f: _spec(ax, axis_name) for f, (ax, _) in _ROW_FIELDS.items() if getattr(state, f) is not None}
+  changes["opt_state"] = jax.tree_util.tree_map_with_path(
+      lambda path, x: _spec(_neuron_axis(path, x, rows), axis_name), state.opt_state)
   changes["index"] = jax.tree.map(lambda _: P(axis_name), state.index)
   return specs.replace(**changes)
 

@@ -28,10 +28,15 @@ class TrainState:
 
   Attributes:
     P: ``(m, n)`` projections ``<w_r, x_j>`` of the training points.
-    A: ``(m, n)`` coefficients with ``W = W0 + A X`` (zeros at init).
+    A_T: ``(n, m)`` coefficients, transposed: ``W = W0 + A X`` with ``A = A_T.T``
+      (zeros at init). Stored point-major because a step writes the ``B`` batch
+      *columns* of ``A``: rows of ``A_T`` are contiguous, columns of ``A`` are not
+      (2.3 ms vs 0.06 ms per step at m = 4096, n = 1024, B = 32 on XLA CPU).
+      ``state.A`` is the ``(m, n)`` view.
     a: ``(m, C)`` output layer.
     b: ``()`` ReLU threshold (an array so sweeps can vmap it).
-    opt_state: the optax state over the tree ``{"A", "P"[, "a"][, "P_eval"]}``.
+    opt_state: the optax state over the tree ``{"A", "P"[, "a"][, "P_eval"]}``
+      (its ``"A"`` leaf is ``A_T``-shaped, ``(n, m)``).
     step: ``()`` int32, number of applied steps.
     key: the key the state was initialized from (W0 and ``a`` are derived from it).
     index: the threshold index state (kind chosen by ``config.index``).
@@ -44,7 +49,7 @@ class TrainState:
   """
 
   P: jax.Array
-  A: jax.Array
+  A_T: jax.Array
   a: jax.Array
   b: jax.Array
   opt_state: Any
@@ -70,9 +75,14 @@ class TrainState:
   def width(self) -> int:
     return self.config.width
 
+  @property
+  def A(self) -> jax.Array:
+    """``(m, n)`` coefficients, ``W = W0 + A X`` (a view of ``A_T``; ``(S, m, n)`` in a sweep)."""
+    return jnp.swapaxes(self.A_T, -1, -2)
+
   def trainable(self) -> dict[str, jax.Array]:
     """The tree the optimizer acts on: ``{"A", "P"[, "a"][, "P_eval"]}``."""
-    return trainable_tree(self.A, self.P, self.a, self.P_eval, self.config)
+    return trainable_tree(self.A_T, self.P, self.a, self.P_eval, self.config)
 
 
 jax.tree_util.register_dataclass(
@@ -82,8 +92,8 @@ jax.tree_util.register_dataclass(
 )
 
 
-def trainable_tree(A, P, a, P_eval, config: Config) -> dict[str, jax.Array]:
-  tree = {"A": A, "P": P}
+def trainable_tree(A_T, P, a, P_eval, config: Config) -> dict[str, jax.Array]:
+  tree = {"A": A_T, "P": P}
   if config.train_output:
     tree["a"] = a
   if P_eval is not None:
@@ -161,15 +171,15 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
                if eval_data is not None and config.gram == "precomputed" else None)
   a = initializers.output_layer(keys["a"], m, C, dtype)
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
-  A = jnp.zeros((m, n), dtype)
-  opt_state = tx.init(trainable_tree(A, P, a, P_eval, config))
+  A_T = jnp.zeros((n, m), dtype)
+  opt_state = tx.init(trainable_tree(A_T, P, a, P_eval, config))
   kind = config.index if config.index != "auto" else threshold_lib.choose_kind(m, n)
   index_state = _fresh(index_for(config, n, kind).build(P, b))
   return TrainState(
-      P=P, A=A, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
+      P=P, A_T=A_T, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
       index=index_state, P_eval=P_eval, data=data, labels=labels, gram=gram,
       gram_eval=gram_eval, eval_data=eval_data, eval_labels=eval_labels, config=config, tx=tx,
-      shape_free_tx=optim.is_shape_free(tx, trainable_tree(A, P, a, P_eval, config)),
+      shape_free_tx=optim.is_shape_free(tx, trainable_tree(A_T, P, a, P_eval, config)),
       index_kind=kind)
 
 

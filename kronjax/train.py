@@ -137,7 +137,7 @@ def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: j
 
   if state.shape_free_tx:  # the only path with no O(m n) pass
     new = _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, ok)
-    A, P, a, P_eval, opt_state, rows, row_change = new
+    A_T, P, a, P_eval, opt_state, rows, row_change = new
   else:  # momentum & co: full-shape gradients, P's built from the touched rows only
     G = jnp.zeros((rows, B), c.dtype).at[idx, jnp.arange(B)[:, None]].add(c, mode="drop")
     T, U = touched_rows(idx, c, rows)
@@ -145,10 +145,10 @@ def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: j
     gP_eval = (None if K_rows_eval is None
                else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval))
     ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
-    A, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
+    A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
     rows = None
   index_state = index.update(state.index, P, state.b, rows, row_change)
-  new_state = state.replace(A=A, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
+  new_state = state.replace(A_T=A_T, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + ok.astype(state.step.dtype))
   return new_state, jnp.where(ok, loss, jnp.nan)
 
@@ -213,12 +213,12 @@ def _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, o
   if state.P_eval is not None:
     grads["P_eval"] = U @ K_rows_eval                               # (T, n_e)
   updates, opt_state = _optimize(state, grads, ok)
-  A = state.A.at[idx, batch_idx[:, None]].add(updates["A"], mode="drop")
+  A_T = state.A_T.at[batch_idx[:, None], idx].add(updates["A"], mode="drop")
   P = _add_rows(state.P, T, updates["P"])
   a = state.a.at[idx].add(updates["a"], mode="drop") if config.train_output else state.a
   P_eval = _add_rows(state.P_eval, T, updates["P_eval"]) if state.P_eval is not None else None
   row_change = jnp.max(jnp.abs(updates["P"]), axis=-1)              # (T,)
-  return A, P, a, P_eval, opt_state, T, row_change
+  return A_T, P, a, P_eval, opt_state, T, row_change
 
 
 def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None):
@@ -247,9 +247,9 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   gP = G @ K_rows                                                   # (m, n)
   gP_eval = None if K_rows_eval is None else G @ K_rows_eval
   ok = jnp.ones((), bool)
-  A, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
+  A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
   index_state = index_for(state).update(state.index, P, state.b, None, row_change)
-  new_state = state.replace(A=A, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
+  new_state = state.replace(A_T=A_T, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + 1)
   metrics = {"active": jnp.mean(counts.astype(state.P.dtype)), "max_active": max_count,
              "overflow": jnp.zeros((), bool), "loss": loss, "step": new_state.step,
@@ -261,22 +261,22 @@ def _full_update(state, batch_idx, G, gP, gP_eval, ga, ok):
   """Applies the optimizer to ``G (m, B)`` columns of ``A``, full ``gP (m, n)`` and ``ga (m, C)``.
 
   A shape-free optimizer (sgd, schedules) acts on ``G`` directly and only the
-  ``B`` columns of ``A`` are written; a stateful one (momentum) needs the
-  full-shape ``(m, n)`` gradient of ``A`` because its traces are full-shape.
+  ``B`` rows of ``A_T`` are written; a stateful one (momentum) needs the
+  full-shape ``(n, m)`` gradient of ``A_T`` because its traces are full-shape.
   """
   config = state.config
   if state.shape_free_tx:
     grads = trainable_tree(G, gP, ga, gP_eval, config)
     updates, opt_state = _optimize(state, grads, ok)
-    A = state.A.at[:, batch_idx].add(updates["A"])
+    A_T = state.A_T.at[batch_idx].add(updates["A"].T)
   else:
-    gA = jnp.zeros_like(state.A).at[:, batch_idx].add(G)
+    gA = jnp.zeros_like(state.A_T).at[batch_idx].add(G.T)
     grads = trainable_tree(gA, gP, ga, gP_eval, config)
     updates, opt_state = _optimize(state, grads, ok)
-    A = state.A + updates["A"]
+    A_T = state.A_T + updates["A"]
   a = state.a + updates["a"] if config.train_output else state.a
   P = state.P + updates["P"]
   P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
   # Dead code (and eliminated by XLA) for index kinds that ignore it.
   row_change = jnp.max(jnp.abs(updates["P"]), axis=1)              # (m,)
-  return A, P, a, P_eval, opt_state, row_change
+  return A_T, P, a, P_eval, opt_state, row_change
