@@ -51,7 +51,8 @@ def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool 
 
   ``metrics``: ``loss`` (before the step) and ``active`` (mean active neurons per point).
   """
-  optim.check_linear(tx)  # same contract as kronjax, so comparisons are apples to apples
+  # Same contract as kronjax, so comparisons are apples to apples.
+  optim.check_linear(tx, keys=("W", "a") if config.train_output else ("W",))
 
   def loss_fn(params, a, b, X, y):
     a = params.get("a", a)

@@ -57,7 +57,7 @@ def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *, start
   return np.concatenate(out)[offset:offset + steps].astype(np.int32)
 
 
-def grown_capacity(state: TrainState, metrics: dict[str, Any]) -> dict[str, int]:
+def grown_capacity(state: TrainState, metrics: dict[str, Any], batch: Any = None) -> dict[str, int]:
   """Capacities that fit the batch that overflowed: at least doubled, capped at m.
 
   A point's active set may have outgrown ``active_capacity``, or (bucketed
@@ -67,7 +67,7 @@ def grown_capacity(state: TrainState, metrics: dict[str, Any]) -> dict[str, int]
   config = state.config
   m = config.width
   changes = {}
-  need_cand = int(threshold_lib.needed_candidate_capacity(state.index))
+  need_cand = int(threshold_lib.needed_candidate_capacity(state.index, batch))
   if need_cand > config.candidate_capacity:
     changes["candidate_capacity"] = min(m, max(2 * config.candidate_capacity, _round8(need_cand)))
   else:
@@ -80,10 +80,10 @@ def _round8(x: int) -> int:
   return -(-x // 8) * 8
 
 
-def _overflow_message(state: TrainState, step: int, metrics: dict[str, Any]) -> str:
+def _overflow_message(state: TrainState, step: int, metrics: dict[str, Any], batch: Any = None) -> str:
   config = state.config
   need = int(metrics["max_active"])
-  need_cand = int(threshold_lib.needed_candidate_capacity(state.index))
+  need_cand = int(threshold_lib.needed_candidate_capacity(state.index, batch))
   if need_cand <= config.candidate_capacity:
     return (f"step {step}: a point of the batch has {need} active neurons, more than "
             f"active_capacity={config.active_capacity}. Use Config(active_capacity>={need}) "
@@ -173,10 +173,10 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
       if bool(metrics["overflow"]):
         state = new_state  # the skipped step returned the unchanged state
         if on_overflow == "raise":
-          raise CapacityError(_overflow_message(state, t, metrics))
-        changes = grown_capacity(state, metrics)
+          raise CapacityError(_overflow_message(state, start + t, metrics, batch))
+        changes = grown_capacity(state, metrics, batch)
         replays.append((start + t, changes))
-        bar.write(f"kronjax.fit: overflow at step {t}; replaying with {changes}")
+        bar.write(f"kronjax.fit: overflow at step {start + t}; replaying with {changes}")
         state = with_config(state, **changes)
         if mesh is not None:
           state = sharding.shard_state(state, mesh)
@@ -184,7 +184,7 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         err = FloatingPointError(
-            f"loss became non-finite ({loss}) at step {t}; the learning rate is most likely "
+            f"loss became non-finite ({loss}) at step {start + t}; the learning rate is most likely "
             "too large for this width/threshold (or the labels are badly scaled). Lower "
             "the learning rate and start again from the state you passed to fit.")
         raise err
@@ -202,7 +202,10 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
         for k, v in ev.items():
           eval_hist.setdefault(k, []).append(float(v))
       if checkpoint_dir is not None and (t == steps or (checkpoint_every and t % checkpoint_every == 0)):
-        checkpoint.save(checkpoint_dir, state, {"fit_key": key, "batch_size": batch_size})
+        # Saved unsharded (no padding, one index), so kronjax.checkpoint.load(like=init(...))
+        # restores it whatever mesh wrote it.
+        saved = state if mesh is None else sharding.unshard_state(state)
+        checkpoint.save(checkpoint_dir, saved, {"fit_key": key, "batch_size": batch_size})
       bar.update(1)
       if t % 10 == 0 or t == steps:
         rate = t / max(time.perf_counter() - t_start, 1e-9)

@@ -24,53 +24,78 @@ WORKING = ("optax.sgd (with or without momentum / nesterov), learning-rate sched
            "optax.inject_hyperparams(optax.sgd), optax.chain of optax.trace and "
            "optax.scale / optax.scale_by_schedule")
 
-_PROBE_SHAPES = {"A": (3, 5), "P": (3, 5), "a": (3, 2)}
-
-
 def _probe_tree(key, scale, shapes):
   keys = jax.random.split(key, len(shapes))
   return {name: scale * jax.random.normal(k, s, jnp.float32)
           for k, (name, s) in zip(keys, sorted(shapes.items()))}
 
 
-def check_linear(tx: optax.GradientTransformation, *, steps: int = 3, rtol: float = 1e-4) -> None:
-  """Raises ValueError when ``tx`` is not linear in the gradient sequence.
+def check_linear(tx: optax.GradientTransformation, keys=("A", "P", "a"), *, steps: int = 3,
+                 rtol: float = 1e-4) -> None:
+  """Raises ValueError unless ``tx`` is one linear map of the gradient sequence for
+  every entry of ``A``, ``P`` and ``P_eval``.
 
-  The probe runs on concrete arrays even when called under ``jit``/``vmap``
-  (e.g. ``jax.jit(kronjax.init)``): its inputs do not depend on the traced ones.
+  Args:
+    tx: the optax transformation.
+    keys: the keys of the tree the optimizer will see (``TrainState.trainable``),
+      so that masks and ``multi_transform`` labels are probed as they will run.
+
+  The probe feeds the *same* random gradient to the ``A``, ``P`` and ``P_eval``
+  entries and requires identical updates (``a`` may have its own map), additivity
+  on O(1) gradients, and homogeneity at 1e-3, 1e3 and 1e8 (clipping, normalization,
+  adam-style rescaling). It runs on concrete arrays even under ``jit``/``vmap``.
   """
   with jax.ensure_compile_time_eval():
-    _check_linear(tx, steps=steps, rtol=rtol)
+    _check_linear(tx, tuple(keys), steps=steps, rtol=rtol)
 
 
-def _check_linear(tx, *, steps, rtol):
+_TIED = ("A", "P", "P_eval")  # these must see one and the same linear map (P = P0 + A K)
+
+
+def _check_linear(tx, keys, *, steps, rtol):
   if not isinstance(tx, optax.GradientTransformation) and not (
       hasattr(tx, "init") and hasattr(tx, "update")):
     raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}.")
-  shapes = dict(_PROBE_SHAPES)
+  shapes = {k: (3, 5) for k in keys}
+  tied = [k for k in keys if k in _TIED]
   zeros = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+
+  def probe(key, scale):
+    tree = _probe_tree(key, scale, shapes)
+    for k in tied[1:]:
+      tree[k] = tree[tied[0]]
+    return tree
+
+  def flat(u):
+    return np.concatenate([np.ravel(np.asarray(u[k], np.float64)) for k in keys])
+
+  def close(x, y):
+    return np.max(np.abs(x - y)) <= rtol * (np.max(np.abs(y)) + 1e-30)
+
+  scales = (1e3, 1e-3, 1e8)
+  failure = None
   try:
-    states = [tx.init(zeros) for _ in range(5)]
+    states = [tx.init(zeros) for _ in range(3 + len(scales))]
     key = jax.random.PRNGKey(1234)
     for t in range(steps):
       key, k1, k2 = jax.random.split(key, 3)
-      ga, gb = _probe_tree(k1, 1.0, shapes), _probe_tree(k2, 1.0, shapes)
-      # Additivity on O(1) gradients; homogeneity at 1e3 and 1e-3 catches clipping,
-      # normalization and adam-style rescaling.
-      grads = (ga, gb, jax.tree.map(jnp.add, ga, gb),
-               jax.tree.map(lambda x: 1e3 * x, ga), jax.tree.map(lambda x: 1e-3 * x, ga))
+      ga, gb = probe(k1, 1.0), probe(k2, 1.0)
+      grads = [ga, gb, jax.tree.map(jnp.add, ga, gb)]
+      grads += [jax.tree.map(lambda x, c=c: c * x, ga) for c in scales]
       outs = [tx.update(g, st, None) for st, g in zip(states, grads)]
-      states = [s for _, s in outs]
-      ua, ub, usum, ubig, usmall = (
-          np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(u)])
-          for u, _ in outs)
-      def close(x, y):
-        return np.max(np.abs(x - y)) <= rtol * (np.max(np.abs(y)) + 1e-30)
-      if not (close(ua + ub, usum) and close(ubig, 1e3 * ua) and close(usmall, 1e-3 * ua)):
+      states = [st for _, st in outs]
+      ua, ub, usum, *scaled = (flat(u) for u, _ in outs)
+      if not close(ua + ub, usum) or not all(close(u, c * ua) for u, c in zip(scaled, scales)):
         failure = f"its update is not linear in the gradient (probe step {t})"
         break
-    else:
-      failure = None
+      first = np.asarray(outs[0][0][tied[0]]) if tied else None
+      for k in tied[1:]:
+        if not close(np.asarray(outs[0][0][k], np.float64), np.asarray(first, np.float64)):
+          failure = (f"it updates {k!r} differently from {tied[0]!r} (a mask or multi_transform "
+                     "label that separates them); A, P and P_eval must share one map")
+          break
+      if failure:
+        break
   except Exception as e:  # e.g. a transform that needs params (weight decay)
     raise ValueError(_nonlinear_message(
         f"it cannot update without parameters ({type(e).__name__}: {str(e).splitlines()[0]})")) from e

@@ -147,7 +147,7 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
                                         eval_data.n, "eval_labels")
   elif eval_labels is not None:
     raise ValueError("eval_labels was given without eval_data; pass both or neither.")
-  optim.check_linear(tx)
+  optim.check_linear(tx, keys=trainable_tree(0, 0, 0, None if eval_data is None else 0, config))
   if threshold is not None and _checks.is_concrete(threshold):
     if not math.isfinite(float(jnp.asarray(threshold))):
       raise ValueError(f"threshold must be finite, got {threshold}.")
@@ -190,7 +190,7 @@ def with_config(state: TrainState, **changes: Any) -> TrainState:
   or to switch index kind / update path. Only settings that do not change the
   network may differ: width, loss, classes, init and train_output may not.
   """
-  fixed = ("width", "loss", "num_classes", "init", "train_output", "threshold")
+  fixed = ("width", "loss", "num_classes", "init", "train_output", "threshold", "gram")
   for name in changes:
     if name in fixed:
       raise ValueError(f"with_config cannot change {name!r}: it defines the network; "

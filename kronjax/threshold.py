@@ -286,14 +286,16 @@ def bucketed(*, active_capacity: int, candidate_capacity: int, delta) -> Thresho
   return ThresholdIndex("bucketed", build, query, update)
 
 
-def needed_candidate_capacity(state) -> jax.Array:
+def needed_candidate_capacity(state, points=None) -> jax.Array:
   """The candidate capacity the last rebuild needed (``0`` for kinds without buckets).
 
-  When a query overflows and this exceeds ``config.candidate_capacity``, growing
+  Over all points, or over ``points`` (e.g. the batch that overflowed). When a
+  query overflows and this exceeds ``config.candidate_capacity``, growing
   ``active_capacity`` alone cannot help: grow ``candidate_capacity`` to at least this.
   """
   if isinstance(state, BucketedIndexState):
-    return jnp.max(state.cand_count)
+    counts = state.cand_count if points is None else state.cand_count[..., points]
+    return jnp.max(counts)
   return jnp.zeros((), jnp.int32)
 
 

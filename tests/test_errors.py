@@ -146,3 +146,30 @@ def test_config_unknown_key_suggests_closest():
 def test_with_config_refuses_network_changes(state):
   with pytest.raises(ValueError, match="with_config cannot change 'width'"):
     kronjax.with_config(state, width=64)
+
+
+def test_optimizer_that_separates_A_from_P_is_refused(reg):
+  data, labels = reg
+  tx = optax.chain(optax.sgd(0.5),
+                   optax.masked(optax.scale(3.0), lambda p: {k: k == "A" for k in p}))
+  with pytest.raises(ValueError, match=r"updates 'P' differently from 'A'"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+
+
+def test_optimizer_scaling_only_the_output_layer_is_accepted(reg):
+  data, labels = reg
+  tx = optax.chain(optax.sgd(0.5),
+                   optax.masked(optax.scale(3.0), lambda p: {k: k == "a" for k in p}))
+  kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, train_output=True), data, labels, tx)
+
+
+def test_large_threshold_clipping_is_refused(reg):
+  data, labels = reg
+  tx = optax.chain(optax.clip_by_global_norm(1e5), optax.sgd(0.1))
+  with pytest.raises(ValueError, match="not linear"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+
+
+def test_with_config_refuses_gram_change(state):
+  with pytest.raises(ValueError, match="with_config cannot change 'gram'"):
+    kronjax.with_config(state, gram="factors")

@@ -181,3 +181,14 @@ def test_collectives_parser():
   assert [o["op"] for o in ops] == ["all-reduce", "all-reduce", "all-gather"]
   assert [o["bytes"] for o in ops] == [1280, 132, 16384]
   assert sharding.estimated_bytes(32, 10) == {"outputs": 1280, "counts": 128, "scalars": 12, "total": 1420}
+
+
+def test_checkpoint_written_under_a_mesh_restores_into_a_fresh_state(tmp_path):
+  state = _small_state()
+  mesh = sharding.neuron_mesh(jax.devices()[:1])
+  out, _ = kronjax.fit(state, jax.random.PRNGKey(0), batch_size=4, steps=6, progress=False,
+                       mesh=mesh, checkpoint_dir=tmp_path, checkpoint_every=3)
+  restored, _ = kronjax.checkpoint.load(tmp_path, like=_small_state())
+  expected = sharding.unshard_state(out)
+  for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
