@@ -57,6 +57,19 @@ def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *, start
   return np.concatenate(out)[offset:offset + steps].astype(np.int32)
 
 
+def resolve_schedule(n: int, batch_size: Any, steps: Any, epochs: Any) -> tuple[int, int]:
+  """Validates ``batch_size`` in ``[1, n]`` and exactly one of ``steps``/``epochs``;
+  returns ``(batch_size, steps)`` (an epoch is ``n // batch_size`` steps)."""
+  batch_size = _checks.check_positive_int("batch_size", batch_size)
+  if batch_size > n:
+    raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}.")
+  if (steps is None) == (epochs is None):
+    raise ValueError("pass exactly one of steps= or epochs=.")
+  if steps is None:
+    return batch_size, _checks.check_positive_int("epochs", epochs) * (n // batch_size)
+  return batch_size, _checks.check_positive_int("steps", steps)
+
+
 def grown_capacity(state: TrainState, metrics: dict[str, Any], batch: Any = None) -> dict[str, int]:
   """Capacities that fit the batch that overflowed: at least doubled, capped at m.
 
@@ -133,14 +146,7 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   n = state.data.n
-  batch_size = _checks.check_positive_int("batch_size", batch_size)
-  if batch_size > n:
-    raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}.")
-  if (steps is None) == (epochs is None):
-    raise ValueError("pass exactly one of steps= or epochs=.")
-  if steps is None:
-    steps = _checks.check_positive_int("epochs", epochs) * (n // batch_size)
-  steps = _checks.check_positive_int("steps", steps)
+  batch_size, steps = resolve_schedule(n, batch_size, steps, epochs)
   _checks.check_choice("on_overflow", on_overflow, ("replay", "raise"))
   eval_every = _checks.check_positive_int("eval_every", eval_every, minimum=0)
   log_every = _checks.check_positive_int("log_every", log_every)

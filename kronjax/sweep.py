@@ -59,7 +59,7 @@ from kronjax import train as train_lib
 from kronjax.config import Config
 from kronjax.inference import evaluate
 from kronjax.kron import KronData
-from kronjax.loop import CapacityError, _progress_bar, batch_schedule, grown_capacity
+from kronjax.loop import CapacityError, _progress_bar, batch_schedule, grown_capacity, resolve_schedule
 from kronjax.state import TrainState
 
 SHARED_FIELDS = ("data", "labels", "gram", "gram_eval", "eval_data", "eval_labels")
@@ -435,13 +435,7 @@ def fit(sweep: Sweep, key: jax.Array, *, batch_size: int, steps: int | None = No
   eval_every = _checks.check_positive_int("eval_every", eval_every, minimum=0)
   log_every = _checks.check_positive_int("log_every", log_every)
   state, S, n = sweep.state, sweep.size, sweep.state.data.n
-  batch_size = _checks.check_positive_int("batch_size", batch_size)
-  if batch_size > n:
-    raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}.")
-  if (steps is None) == (epochs is None):
-    raise ValueError("pass exactly one of steps= or epochs=.")
-  steps = _checks.check_positive_int("steps", steps) if epochs is None else (
-      _checks.check_positive_int("epochs", epochs) * (n // batch_size))
+  batch_size, steps = resolve_schedule(n, batch_size, steps, epochs)
   live = np.array([s is None for s in sweep.stopped])
   member_steps = np.asarray(state.step)
   if not live.any():
