@@ -3,10 +3,12 @@
 Measures, in one process on the same data, steady-state medians after compilation:
   1. kronjax step time vs d in {2**10, 2**14, 2**20} (flat in d);
   2. kronjax vs the dense baseline at d = 2**16 (dense skipped where W does not fit);
-  3. the floor: the bare row-scatter P update of the same static shape;
+  3. the floor: the bare P update of the path the step takes, same static shapes;
   4. batch 1, m = 65536, n = 512: the sparse update path vs the dense path.
+The steps of 1 and 2 and the floor of 3 run in interleaved rounds
+(``bench.time_steps_interleaved``), so the machine's drift hits them alike.
 
-    .venv/bin/python -m experiments.bench_step [--smoke] [--out experiments/results/step.json]
+    .venv/bin/python -m experiments.bench_step [--smoke] [--rounds 10] [--out experiments/results/step.json]
 """
 
 from __future__ import annotations
@@ -32,22 +34,32 @@ def _batches(n, batch, count, seed=0):
   return [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32)) for _ in range(count)]
 
 
-def kron_step_time(key, m, n, batch, log2_d, *, update="auto", gram="precomputed", steps=60,
-                   lr=0.5, config_kw=None):
+def kron_state(key, m, n, log2_d, *, update="auto", gram="precomputed", lr=0.5, config_kw=None):
+  """A plain-SGD state on the planted regression task with ``d = 2**log2_d``."""
   data, labels = kronjax.data.planted(key, n, _dims_for(log2_d), task="regression")
   config = kronjax.Config(width=m, init="implicit", update=update, gram=gram, **(config_kw or {}))
-  state = kronjax.init(key, config, data, labels, optax.sgd(lr))
+  return kronjax.init(key, config, data, labels, optax.sgd(lr))
+
+
+def _describe(state, step, batch, timing):
+  """Adds the active count, overflow flag and update path of one more step to ``timing``."""
+  _, metrics = step(state, _batches(state.data.n, batch, 1, seed=1)[0])
+  timing.update(active=float(metrics["active"]), overflow=bool(metrics["overflow"]),
+                active_capacity=state.config.active_capacity,
+                path=kronjax.train.resolve_update(state, batch))
+  return {k: v for k, v in timing.items() if k not in ("times_s",)}
+
+
+def kron_step_time(key, m, n, batch, log2_d, *, steps=60, **state_kw):
+  state = kron_state(key, m, n, log2_d, **state_kw)
   step = jax.jit(kronjax.train_step, donate_argnums=0)
   timing, state = bench.time_steps(step, state, _batches(n, batch, steps))
-  _, metrics = step(state, _batches(n, batch, 1, seed=1)[0])
-  timing.update(active=float(metrics["active"]), overflow=bool(metrics["overflow"]),
-                active_capacity=config.active_capacity,
-                path=kronjax.train.resolve_update(state, batch))
-  return timing
+  return _describe(state, step, batch, timing)
 
 
-def floor_time(key, m, n, batch, capacity, path, steps=60):
-  """The bare P update a step of this path cannot avoid, same static shapes.
+def floor_run(key, m, n, batch, capacity, path, steps=20):
+  """The bare P update a step of this path cannot avoid, same static shapes,
+  as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
 
   dense: ``P + G @ K_rows`` with ``G (m, B)``; sparse: the sorted unique scatter
   of the ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows``.
@@ -65,9 +77,7 @@ def floor_time(key, m, n, batch, capacity, path, steps=60):
     U = [jnp.asarray(rng.normal(size=(T_cap, batch)).astype(np.float32)) for _ in range(steps)]
     fn = jax.jit(lambda P, a: (kronjax.train._add_rows(P, a[0], a[1] @ a[2]), None), donate_argnums=0)
     args = list(zip(T, U, K_rows))
-  timing, _ = bench.time_steps(fn, P, args)
-  timing["path"] = path
-  return timing
+  return fn, P, args
 
 
 def dense_step_time(key, m, n, batch, log2_d, *, steps=8, max_bytes=4 * 2**30):
@@ -90,24 +100,51 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
   parser.add_argument("--out", default="experiments/results/step.json")
+  parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
   args = parser.parse_args(argv)
   key = jax.random.PRNGKey(0)
   if args.smoke:
     m, n, batch, log2_ds, dense_log2_d, big_m, big_n = 256, 64, 8, (6, 8, 10), 8, 1024, 64
+    rounds, steps_per_round = 2, 5
   else:
     m, n, batch, log2_ds, dense_log2_d, big_m, big_n = 4096, 1024, 32, (10, 14, 20), 16, 65536, 512
+    rounds, steps_per_round = args.rounds, 20
   out = {"environment": bench.environment(), "m": m, "n": n, "batch": batch}
+
+  # The steps at every d, the step at the dense comparison's d and the floor are
+  # timed in interleaved rounds: ratios of medians taken minutes apart swung by
+  # 20 % with the machine's drift.
+  log2_d_all = sorted(set(log2_ds) | {dense_log2_d})
+  states = {d: kron_state(key, m, n, d) for d in log2_d_all}
+  path = kronjax.train.resolve_update(states[dense_log2_d], batch)
+  cap = kronjax.Config(width=m).active_capacity
+  runs = {f"d=2^{d}": (jax.jit(kronjax.train_step, donate_argnums=0), states[d],
+                       _batches(n, batch, steps_per_round + 3, seed=d)) for d in log2_d_all}
+  runs["floor"] = floor_run(key, m, n, batch, cap, path, steps=steps_per_round + 3)
+  timings, states = bench.time_steps_interleaved(runs, rounds=rounds)
+  kron = {d: _describe(states[f"d=2^{d}"], runs[f"d=2^{d}"][0], batch, timings[f"d=2^{d}"])
+          for d in log2_d_all}
 
   rows = []
   for log2_d in log2_ds:
-    t = kron_step_time(key, m, n, batch, log2_d)
-    rows.append({"log2_d": log2_d, **{k: v for k, v in t.items() if k != "times_s"}})
+    t = kron[log2_d]
+    rows.append({"log2_d": log2_d, **t})
     print(f"kronjax  d=2^{log2_d:<2d} step {t['median_s'] * 1e3:8.3f} ms  active {t['active']:.1f}  path {t['path']}")
   medians = [r["median_s"] for r in rows]
   out["flat_in_d"] = {"rows": rows, "max_over_min": max(medians) / min(medians)}
   print(f"flat in d: max/min = {out['flat_in_d']['max_over_min']:.3f}")
 
-  kron_d16 = kron_step_time(key, m, n, batch, dense_log2_d)
+  kron_d16 = kron[dense_log2_d]
+  fl = {k: v for k, v in timings["floor"].items() if k != "times_s"}
+  fl["path"] = path
+  ratios = [s_ / f_ for s_, f_ in zip(kron_d16["round_medians_s"], fl["round_medians_s"])]
+  out["floor"] = {"capacity": cap, "floor": fl, "kronjax": kron_d16, "rounds": rounds,
+                  "steps_per_round": steps_per_round,
+                  "ratio": kron_d16["median_s"] / fl["median_s"],
+                  "ratio_per_round": ratios}
+  print(f"floor ({path} P update, same shapes): {fl['median_s'] * 1e3:.3f} ms; "
+        f"step/floor = {out['floor']['ratio']:.2f} (per round {min(ratios):.2f}-{max(ratios):.2f})")
+
   dense_d16 = dense_step_time(key, m, n, batch, dense_log2_d)
   out["vs_dense"] = {"log2_d": dense_log2_d, "kronjax": kron_d16, "dense": dense_d16}
   if "median_s" in dense_d16:
@@ -116,13 +153,6 @@ def main(argv=None):
           f"{kron_d16['median_s'] * 1e3:.3f} ms: {out['vs_dense']['speedup']:.0f}x")
   else:
     print(f"d=2^{dense_log2_d}: dense {dense_d16['skipped']}")
-
-  cap = kronjax.Config(width=m).active_capacity
-  fl = floor_time(key, m, n, batch, cap, kron_d16["path"])
-  out["floor"] = {"capacity": cap, "floor": fl, "kronjax": kron_d16,
-                  "ratio": kron_d16["median_s"] / fl["median_s"]}
-  print(f"floor ({kron_d16['path']} P update, same shapes): {fl['median_s'] * 1e3:.3f} ms; "
-        f"step/floor = {out['floor']['ratio']:.2f}")
 
   sparse = kron_step_time(key, big_m, big_n, 1, 10, update="sparse", steps=40)
   dense_path = kron_step_time(key, big_m, big_n, 1, 10, update="dense", steps=20)

@@ -1,11 +1,14 @@
 """Where the dense-path step's time goes (m = 4096, n = 1024, batch 32, plain SGD).
 
-Times, in one process, medians after compilation: the full donated train step;
-the bare update floor ``P + G @ K_rows``; the forward's strided read ``P[:, S]``;
-and the read plus the update in one jitted function.
+Times, in one process and in interleaved rounds (``bench.time_steps_interleaved``),
+medians after compilation: the full donated train step; the bare update floor
+``P + G @ K_rows``; the forward's strided read ``P[:, S]``; and the read plus
+the update in one jitted function.
 
-    .venv/bin/python -m experiments.profile_dense_step
+    .venv/bin/python -m experiments.profile_dense_step [--rounds 10]
 """
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -13,20 +16,19 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax.bench import time_steps
+from kronjax import bench
 
 
-def main(m=4096, n=1024, batch=32, rounds=2):
+def main(argv=None, m=4096, n=1024, batch=32):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=10)
+  args = parser.parse_args(argv)
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, (32, 32), task="regression")
   state = kronjax.init(key, kronjax.Config(width=m, init="implicit"), data, labels, optax.sgd(0.5))
   rng = np.random.default_rng(0)
-  batches = [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32)) for _ in range(60)]
-  step = jax.jit(kronjax.train_step, donate_argnums=0)
-  for _ in range(rounds):
-    t, state = time_steps(step, state, batches)
-    print(f"full step          {t['median_s'] * 1e3:7.3f} ms")
-  P, K, a = state.P, state.gram, state.a
+  batches = [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32)) for _ in range(23)]
+  K, a, P = (jnp.array(x, copy=True) for x in (state.gram, state.a, state.P))  # the step donates state
 
   def floor(P, b):
     return P + (P[:, :batch] * 1e-3) @ K[b], None
@@ -38,11 +40,15 @@ def main(m=4096, n=1024, batch=32, rounds=2):
     G = jnp.where(P[:, b] > 1.8, a @ jnp.ones((1, batch), P.dtype), 0.0) * 1e-3
     return P + G @ K[b], None
 
+  runs = {"full step": (jax.jit(kronjax.train_step, donate_argnums=0), state, batches)}
   for name, f in (("floor", floor), ("read P[:, S]", read), ("read + update", read_and_update)):
-    fn = jax.jit(f, donate_argnums=0)
-    for _ in range(rounds):
-      t, P = time_steps(fn, P, batches)
-      print(f"{name:18s} {t['median_s'] * 1e3:7.3f} ms")
+    runs[name] = (jax.jit(f, donate_argnums=0), jnp.array(P, copy=True), batches)
+  timings, _ = bench.time_steps_interleaved(runs, rounds=args.rounds)
+  for name, t in timings.items():
+    print(f"{name:18s} {t['median_s'] * 1e3:7.3f} ms  (p10 {t['p10_s'] * 1e3:.3f}, "
+          f"p90 {t['p90_s'] * 1e3:.3f})")
+  print(f"full step / floor: {timings['full step']['median_s'] / timings['floor']['median_s']:.2f}")
+  return timings
 
 
 if __name__ == "__main__":

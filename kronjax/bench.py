@@ -68,6 +68,38 @@ def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batches:
   return summarize(times), state
 
 
+def time_steps_interleaved(runs: dict[str, tuple[Callable[[Any, Any], tuple[Any, Any]], Any, list[Any]]],
+                           *, rounds: int = 10, warmup: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Times several state-threading steps in alternating rounds.
+
+  ``runs[name] = (step, state, batches)``. Each round runs every step over its
+  ``batches[warmup:]`` in turn, so drift in the machine's speed (other
+  processes, thermal state) hits all of them alike; comparing medians taken at
+  different moments is what made single-shot ratios swing by 20 %.
+
+  Returns ``(timings, states)``: per name a timing dict as in ``time_fn`` over
+  all rounds' calls, plus ``round_medians_s``; and the final states.
+  """
+  states, times, round_medians = {}, {k: [] for k in runs}, {k: [] for k in runs}
+  for name, (step, state, batches) in runs.items():
+    for b in batches[:warmup]:
+      state, aux = step(state, b)
+    states[name] = block(state)
+  for _ in range(rounds):
+    for name, (step, _, batches) in runs.items():
+      state, this_round = states[name], []
+      for b in batches[warmup:]:
+        t0 = time.perf_counter()
+        state, aux = step(state, b)
+        block((state, aux))
+        this_round.append(time.perf_counter() - t0)
+      states[name] = state
+      times[name].extend(this_round)
+      round_medians[name].append(float(np.median(this_round)))
+  timings = {k: dict(summarize(v), round_medians_s=round_medians[k]) for k, v in times.items()}
+  return timings, states
+
+
 def environment() -> dict[str, Any]:
   """What the numbers were measured on."""
   dev = jax.devices()[0]
