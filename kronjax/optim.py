@@ -75,18 +75,32 @@ def _check_linear(tx, keys, *, steps, rtol):
   scales = (1e3, 1e-3, 1e8)
   failure = None
   try:
-    states = [tx.init(zeros) for _ in range(3 + len(scales))]
-    key = jax.random.PRNGKey(1234)
+    states = [tx.init(zeros) for _ in range(4 + len(scales))]
+    key, k0 = jax.random.split(jax.random.PRNGKey(1234))
+    constant = probe(k0, 1.0)
     for t in range(steps):
       key, k1, k2 = jax.random.split(key, 3)
       ga, gb = probe(k1, 1.0), probe(k2, 1.0)
       grads = [ga, gb, jax.tree.map(jnp.add, ga, gb)]
       grads += [jax.tree.map(lambda x, c=c: c * x, ga) for c in scales]
+      grads.append(constant)
       outs = [tx.update(g, st, None) for st, g in zip(states, grads)]
       states = [st for _, st in outs]
-      ua, ub, usum, *scaled = (flat(u) for u, _ in outs)
+      ua, ub, usum, *scaled, _ = (flat(u) for u, _ in outs)
       if not close(ua + ub, usum) or not all(close(u, c * ua) for u, c in zip(scaled, scales)):
         failure = f"its update is not linear in the gradient (probe step {t})"
+        break
+      # Scalar coefficients: a constant gradient sequence must give updates
+      # parallel to it (the step relies on L(G @ K) = L(G) @ K; a permutation or
+      # per-entry scaling is linear but breaks P = W X^T).
+      for k in tied:
+        u, g = (np.ravel(np.asarray(x[k], np.float64)) for x in (outs[-1][0], constant))
+        if not close(u, (u @ g) / (g @ g) * g):
+          failure = (f"its update of {k!r} is not a scalar multiple of the gradient "
+                     f"(probe step {t}); A, P and P_eval need one scalar per step and "
+                     "past gradient")
+          break
+      if failure:
         break
       first = np.asarray(outs[0][0][tied[0]]) if tied else None
       for k in tied[1:]:

@@ -373,7 +373,8 @@ def compiled_step(*, masked: bool = False, donate: bool = True):
   and the batch unbatched. With ``masked=True`` the step takes a ``(S,)`` bool
   ``mask`` and members with ``mask[i] == False`` keep their state (their metrics
   are still computed). The member part is donated unless ``donate=False``.
-  ``step.cache_size()`` counts compilations.
+  ``step.cache_size()`` counts compilations; ``step.lower(state, batch_idx)``
+  lowers it for inspection (``.as_text()``, ``.compile()``).
   """
   key = (masked, donate)
   if key not in _STEP_CACHE:
@@ -388,7 +389,12 @@ def compiled_step(*, masked: bool = False, donate: bool = True):
       new, metrics = jitted(part, shared, jnp.asarray(batch_idx, jnp.int32), *mask)
       return merge(new, shared), metrics
 
+    def lower(state, batch_idx, *mask):
+      part, shared = split(state)
+      return jitted.lower(part, shared, jnp.asarray(batch_idx, jnp.int32), *mask)
+
     step.cache_size = jitted._cache_size  # pylint: disable=protected-access
+    step.lower = lower
     _STEP_CACHE[key] = step
   return _STEP_CACHE[key]
 

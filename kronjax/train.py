@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kronjax import _checks, losses
+from kronjax import _checks, losses, products
 from kronjax.state import TrainState, index_for, trainable_tree
 
 
@@ -145,7 +145,8 @@ def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: j
     gP_eval = (None if K_rows_eval is None
                else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval))
     ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
-    A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
+    A_T, P, a, P_eval, opt_state, row_change = _full_update(
+        state, batch_idx, G, K_rows, K_rows_eval, ga, ok, gP=gP, gP_eval=gP_eval)
     rows = None
   index_state = index.update(state.index, P, state.b, rows, row_change)
   new_state = state.replace(A_T=A_T, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
@@ -244,10 +245,9 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   G = jnp.where(mask, state.a @ g.T * inv_sqrt_m, 0.0)              # (m, B) coefficients
   ga = h @ g * inv_sqrt_m                                           # (m, C)
   K_rows, K_rows_eval = _gram_rows(state, batch_idx)
-  gP = G @ K_rows                                                   # (m, n)
-  gP_eval = None if K_rows_eval is None else G @ K_rows_eval
   ok = jnp.ones((), bool)
-  A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, gP, gP_eval, ga, ok)
+  A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, K_rows, K_rows_eval,
+                                                          ga, ok)
   index_state = index_for(state).update(state.index, P, state.b, None, row_change)
   new_state = state.replace(A_T=A_T, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + 1)
@@ -257,26 +257,42 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   return new_state, metrics
 
 
-def _full_update(state, batch_idx, G, gP, gP_eval, ga, ok):
-  """Applies the optimizer to ``G (m, B)`` columns of ``A``, full ``gP (m, n)`` and ``ga (m, C)``.
+def _full_update(state, batch_idx, G, K_rows, K_rows_eval, ga, ok, gP=None, gP_eval=None):
+  """Applies the optimizer to ``G (m, B)`` columns of ``A``, ``G @ K_rows (m, n)`` and ``ga (m, C)``.
 
-  A shape-free optimizer (sgd, schedules) acts on ``G`` directly and only the
-  ``B`` rows of ``A_T`` are written; a stateful one (momentum) needs the
-  full-shape ``(n, m)`` gradient of ``A_T`` because its traces are full-shape.
+  A shape-free optimizer (sgd, schedules) is one scalar per step
+  (``optim.check_linear``), so it commutes with the product: it acts on ``G``,
+  only the ``B`` rows of ``A_T`` are written, and ``P`` gets the update as one
+  ``P + L(G) @ K_rows`` (``products.add_product``: no ``(m, n)`` gradient is
+  formed). A stateful one (momentum) needs the full-shape ``(n, m)`` gradient of
+  ``A_T`` and ``(m, n)`` of ``P`` because its traces are full-shape: ``gP`` and
+  ``gP_eval`` when the caller built them (the sparse path, from touched rows),
+  else ``G @ K_rows``.
   """
   config = state.config
   if state.shape_free_tx:
-    grads = trainable_tree(G, gP, ga, gP_eval, config)
+    grads = trainable_tree(G, G, ga, None if K_rows_eval is None else G, config)
     updates, opt_state = _optimize(state, grads, ok)
     A_T = state.A_T.at[batch_idx].add(updates["A"].T)
+    P = products.add_product(state.P, updates["P"], K_rows)
+    P_eval = (None if K_rows_eval is None
+              else products.add_product(state.P_eval, updates["P_eval"], K_rows_eval))
+    # An upper bound on max_j |dP[r, j]| for the threshold index (dead code for
+    # kinds that ignore it): |sum_i u_ri K_ij| <= sum_i |u_ri| max_j |K_ij|, widened
+    # by the rounding of both float sums.
+    eps = jnp.finfo(K_rows.dtype).eps
+    bound = jnp.abs(updates["P"]) @ jnp.max(jnp.abs(K_rows), axis=1)
+    row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)    # (m,)
   else:
     gA = jnp.zeros_like(state.A_T).at[batch_idx].add(G.T)
+    if gP is None:
+      gP = G @ K_rows                                               # (m, n)
+      gP_eval = None if K_rows_eval is None else G @ K_rows_eval
     grads = trainable_tree(gA, gP, ga, gP_eval, config)
     updates, opt_state = _optimize(state, grads, ok)
     A_T = state.A_T + updates["A"]
+    P = state.P + updates["P"]
+    P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
+    row_change = jnp.max(jnp.abs(updates["P"]), axis=1)            # (m,)
   a = state.a + updates["a"] if config.train_output else state.a
-  P = state.P + updates["P"]
-  P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
-  # Dead code (and eliminated by XLA) for index kinds that ignore it.
-  row_change = jnp.max(jnp.abs(updates["P"]), axis=1)              # (m,)
   return A_T, P, a, P_eval, opt_state, row_change

@@ -163,6 +163,20 @@ def test_optimizer_scaling_only_the_output_layer_is_accepted(reg):
   kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, train_output=True), data, labels, tx)
 
 
+@pytest.mark.parametrize("name, transform", [
+    ("permutation", lambda g: jnp.flip(g, axis=-1)),
+    ("per-entry scaling", lambda g: g * jnp.arange(1, g.size + 1, dtype=g.dtype).reshape(g.shape)),
+])
+def test_linear_but_not_scalar_optimizer_is_refused(reg, name, transform):
+  # Linear and stateless, so additivity and homogeneity pass; but it does not
+  # commute with the product by K, so P would stop equalling W X^T.
+  data, labels = reg
+  tx = optax.chain(optax.stateless(lambda updates, params=None: jax.tree.map(transform, updates)),
+                   optax.sgd(0.5))
+  with pytest.raises(ValueError, match="not a scalar multiple of the gradient"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+
+
 def test_large_threshold_clipping_is_refused(reg):
   data, labels = reg
   tx = optax.chain(optax.clip_by_global_norm(1e5), optax.sgd(0.1))
