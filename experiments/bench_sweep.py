@@ -5,7 +5,9 @@ Claim measured: at m = 1024, n = 512, batch 32 (float32, CPU) one step of a
 Gram shared) costs <= 0.5x the 16 steps of the members run one after the other
 (``jax.jit(kronjax.train_step, donate_argnums=0)`` per member), and compiles once.
 
-Also measured: the fully stacked variant ``jax.vmap(kronjax.train_step, in_axes=(0, None))``
+All variants are timed in interleaved rounds (``bench.time_steps_interleaved``).
+Also measured: the update floor (every member's ``P + G @ K_rows``, nothing
+else: no schedule of the members can go below it); the fully stacked variant ``jax.vmap(kronjax.train_step, in_axes=(0, None))``
 on ``jax.vmap(kronjax.init)`` output (data and Gram copied per member), and the
 member state's memory in both layouts.
 
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench
+from kronjax import bench, products
 from kronjax import sweep as sw
 from kronjax.config import default_active_capacity, default_threshold
 
@@ -37,7 +39,8 @@ def _bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer: str) -> dict:
+def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer: str,
+        rounds: int = 5) -> dict:
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, dims, task="regression")
   b0 = default_threshold(m)
@@ -72,24 +75,39 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   jax.block_until_ready(sequential(states[:1], batches[0])[0])
   seq_compile_s = time.perf_counter() - t0
   states = [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts]
-  seq, states = bench.time_steps(sequential, states, batches)
 
   # The sweep: vmap over the members, data / Gram / batch shared (in_axes=None).
   step = sw.compiled_step()
   traces_before = step.cache_size()
-  state = merge_copy(sweep.state)
   t0 = time.perf_counter()
-  state, metrics = step(state, batches[0])
-  jax.block_until_ready(state)
+  _, metrics = step(merge_copy(sweep.state), batches[0])  # compiles; the result is discarded
+  jax.block_until_ready(metrics)
   sweep_compile_s = time.perf_counter() - t0
-  shared, state = bench.time_steps(step, state, batches)
+  state = merge_copy(sweep.state)  # the same start as the sequential runs
   compiles = step.cache_size() - traces_before
   overflow = bool(np.any(np.asarray(metrics["overflow"])))
 
   # The literal API: vmap(init) and vmap(train_step, in_axes=(0, None)); everything stacked.
   stacked_state = jax.tree.map(lambda *xs: jnp.stack(xs), *starts)
   stacked_step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None)), donate_argnums=0)
-  stacked, _ = bench.time_steps(stacked_step, stacked_state, batches)
+
+  # The floor no schedule of the members avoids: each member's P + G @ K_rows,
+  # here as the in-place per-member loop add_product runs on CPU.
+  rng = np.random.default_rng(0)
+  floor_args = [(jnp.asarray(rng.normal(size=(S, m, batch)).astype(np.float32)),
+                 jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32))) for _ in batches]
+  floor = jax.jit(lambda P, a: (jax.vmap(products.add_product, in_axes=(0, 0, None))(P, *a), None),
+                  donate_argnums=0)
+
+  # Interleaved rounds: the machine's drift hits every variant alike.
+  timings, finals = bench.time_steps_interleaved({
+      "sequential": (sequential, states, batches),
+      "sweep": (step, state, batches),
+      "stacked": (stacked_step, stacked_state, batches),
+      "update_floor": (floor, jnp.zeros((S, m, n), jnp.float32), floor_args),
+  }, rounds=rounds)
+  seq, shared, stacked = timings["sequential"], timings["sweep"], timings["stacked"]
+  states, state = finals["sequential"], finals["sweep"]
 
   # Both layouts end in the same place (same batches, same members).
   agree = float(jnp.max(jnp.abs(state.P - jnp.stack([s.P for s in states]))))
@@ -107,6 +125,8 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
       "ratio_shared_vs_sequential": shared["median_s"] / seq["median_s"],
       "ratio_stacked_vs_sequential": stacked["median_s"] / seq["median_s"],
       "sweep_compilations": compiles,
+      "update_floor": timings["update_floor"],
+      "ratio_update_floor_vs_sequential": timings["update_floor"]["median_s"] / seq["median_s"],
       "member_state_bytes": _bytes(part), "shared_bytes": _bytes(common),
       "stacked_state_bytes": _bytes(stacked_state),
       "max_abs_diff_sweep_vs_sequential_P": agree,
@@ -119,30 +139,36 @@ def merge_copy(state):
   return sw.merge(jax.tree.map(lambda x: jnp.array(x, copy=True), part), shared)
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
   p.add_argument("--out", default=None, help="JSON path (default experiments/results/sweep[_smoke].json)")
   p.add_argument("--steps", type=int, default=None, help="steps per timing (first 3 are warm-up)")
   p.add_argument("--optimizers", default="sgd,momentum")
-  args = p.parse_args()
+  p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+  args = p.parse_args(argv)
   optimizers = args.optimizers.split(",")
   if args.smoke:
     sizes = [(128, 64, (8, 8), 8, args.steps or 8)]
   else:  # the claim's size, then a small one where per-call overhead dominates
     sizes = [(1024, 512, (16, 32), 32, args.steps or 23), (128, 64, (8, 8), 8, args.steps or 23)]
-  results = [run(m, n, dims, batch, steps, o) for m, n, dims, batch, steps in sizes for o in optimizers]
+  rounds = 2 if args.smoke else args.rounds
+  results = [run(m, n, dims, batch, steps, o, rounds) for m, n, dims, batch, steps in sizes
+             for o in optimizers]
   for r in results:
     print(f"m={r['m']:>5} n={r['n']:>4} {r['optimizer']:>8}: 16 sequential {1e3 * r['sequential_16_steps']['median_s']:.2f} ms, "
           f"sweep (shared data) {1e3 * r['sweep_step_shared_data']['median_s']:.2f} ms "
           f"(ratio {r['ratio_shared_vs_sequential']:.3f}), stacked data "
           f"{1e3 * r['sweep_step_stacked_data']['median_s']:.2f} ms "
-          f"(ratio {r['ratio_stacked_vs_sequential']:.3f}); compilations {r['sweep_compilations']}; "
+          f"(ratio {r['ratio_stacked_vs_sequential']:.3f}); update floor "
+          f"{1e3 * r['update_floor']['median_s']:.2f} ms (ratio {r['ratio_update_floor_vs_sequential']:.3f}); "
+          f"compilations {r['sweep_compilations']}; "
           f"path {r['update_path']}, active {r['mean_active']:.1f}")
   out = args.out or RESULTS / ("sweep_smoke.json" if args.smoke else "sweep.json")
   bench.write_json(out, {"environment": bench.environment(), "results": results,
                          "command": "experiments/bench_sweep.py" + (" --smoke" if args.smoke else "")})
   print("wrote", out)
+  return results
 
 
 if __name__ == "__main__":

@@ -30,3 +30,14 @@ def test_bench_step_smoke_writes_every_section(tmp_path):
   assert set(written) >= {"environment", "flat_in_d", "floor", "vs_dense", "batch1_paths"}
   assert len(written["floor"]["ratio_per_round"]) == out["floor"]["rounds"]
   assert all(not r["overflow"] for r in written["flat_in_d"]["rows"])
+
+
+@pytest.mark.slow
+def test_bench_sweep_smoke_compiles_once_and_agrees(tmp_path):
+  from experiments import bench_sweep
+  results = bench_sweep.main(["--smoke", "--out", str(tmp_path / "sweep.json")])
+  assert json.loads((tmp_path / "sweep.json").read_text())["results"]
+  for r in results:
+    assert r["sweep_compilations"] == 1 and not r["overflow_seen"]
+    assert r["max_abs_diff_sweep_vs_sequential_P"] < 1e-4   # same members, same batches
+    assert r["update_floor"]["median_s"] > 0
