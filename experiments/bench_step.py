@@ -101,6 +101,8 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
   parser.add_argument("--out", default="experiments/results/step.json")
   parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+  parser.add_argument("--update", default="dense", choices=("auto", "dense", "sparse"),
+                      help="update path of the m x n steps (dense: P stored point-major)")
   args = parser.parse_args(argv)
   key = jax.random.PRNGKey(0)
   if args.smoke:
@@ -114,16 +116,24 @@ def main(argv=None):
   # The steps at every d, the step at the dense comparison's d and the floor are
   # timed in interleaved rounds: ratios of medians taken minutes apart swung by
   # 20 % with the machine's drift.
+  # The steps run with update=args.update (default "dense": the path auto picks
+  # here, and with it P is stored point-major); the d = 2**16 step is also run
+  # with update="auto" (same path, P neuron-major) to show what the layout buys.
   log2_d_all = sorted(set(log2_ds) | {dense_log2_d})
-  states = {d: kron_state(key, m, n, d) for d in log2_d_all}
+  states = {d: kron_state(key, m, n, d, update=args.update) for d in log2_d_all}
   path = kronjax.train.resolve_update(states[dense_log2_d], batch)
   cap = kronjax.Config(width=m).active_capacity
   runs = {f"d=2^{d}": (jax.jit(kronjax.train_step, donate_argnums=0), states[d],
                        _batches(n, batch, steps_per_round + 3, seed=d)) for d in log2_d_all}
+  neurons = kron_state(key, m, n, dense_log2_d, update="auto")
+  runs["neurons"] = (jax.jit(kronjax.train_step, donate_argnums=0), neurons,
+                     _batches(n, batch, steps_per_round + 3, seed=dense_log2_d))
   runs["floor"] = floor_run(key, m, n, batch, cap, path, steps=steps_per_round + 3)
   timings, states = bench.time_steps_interleaved(runs, rounds=rounds)
   kron = {d: _describe(states[f"d=2^{d}"], runs[f"d=2^{d}"][0], batch, timings[f"d=2^{d}"])
           for d in log2_d_all}
+  kron_neurons = _describe(states["neurons"], runs["neurons"][0], batch, timings["neurons"])
+  out["update"], out["layout"] = args.update, states[f"d=2^{dense_log2_d}"].layout
 
   rows = []
   for log2_d in log2_ds:
@@ -143,7 +153,14 @@ def main(argv=None):
                   "ratio": kron_d16["median_s"] / fl["median_s"],
                   "ratio_per_round": ratios}
   print(f"floor ({path} P update, same shapes): {fl['median_s'] * 1e3:.3f} ms; "
-        f"step/floor = {out['floor']['ratio']:.2f} (per round {min(ratios):.2f}-{max(ratios):.2f})")
+        f"step/floor = {out['floor']['ratio']:.2f} (per round {min(ratios):.2f}-{max(ratios):.2f}; "
+        f"layout {out['layout']})")
+  out["floor"]["neurons_layout"] = {
+      "kronjax": kron_neurons, "layout": states["neurons"].layout,
+      "ratio": kron_neurons["median_s"] / fl["median_s"]}
+  print(f"same step with update='auto' (path {kron_neurons['path']}, layout "
+        f"{states['neurons'].layout}): {kron_neurons['median_s'] * 1e3:.3f} ms; "
+        f"step/floor = {out['floor']['neurons_layout']['ratio']:.2f}")
 
   dense_d16 = dense_step_time(key, m, n, batch, dense_log2_d)
   out["vs_dense"] = {"log2_d": dense_log2_d, "kronjax": kron_d16, "dense": dense_d16}

@@ -40,12 +40,12 @@ def _bytes(tree) -> int:
 
 
 def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer: str,
-        rounds: int = 5) -> dict:
+        rounds: int = 5, update: str = "dense") -> dict:
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, dims, task="regression")
   b0 = default_threshold(m)
   thresholds = [b0, b0 - 0.25]
-  config = kronjax.Config(width=m, threshold=b0,
+  config = kronjax.Config(width=m, threshold=b0, update=update,
                           active_capacity=default_active_capacity(m, min(thresholds)))
   hyper = dict(learning_rate=[0.5, 1.0, 2.0, 4.0], threshold=thresholds, seed=[0, 1])
   if optimizer == "momentum":
@@ -116,6 +116,7 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   return {
       "optimizer": optimizer, "m": m, "n": n, "dims": list(dims), "batch": batch, "members": S,
       "update_path": kronjax.train.resolve_update(sweep.member(0), batch),
+      "layout": sweep.state.layout,
       "index": sweep.state.index_kind, "active_capacity": config.active_capacity,
       "mean_active": float(np.mean(np.asarray(metrics["active"]))),
       "overflow_seen": overflow,
@@ -146,6 +147,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=None, help="steps per timing (first 3 are warm-up)")
   p.add_argument("--optimizers", default="sgd,momentum")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+  p.add_argument("--update", default="dense", choices=("auto", "dense", "sparse"),
+                 help="update path (dense: P stored point-major; the path auto picks at these sizes)")
   args = p.parse_args(argv)
   optimizers = args.optimizers.split(",")
   if args.smoke:
@@ -153,7 +156,7 @@ def main(argv=None):
   else:  # the claim's size, then a small one where per-call overhead dominates
     sizes = [(1024, 512, (16, 32), 32, args.steps or 23), (128, 64, (8, 8), 8, args.steps or 23)]
   rounds = 2 if args.smoke else args.rounds
-  results = [run(m, n, dims, batch, steps, o, rounds) for m, n, dims, batch, steps in sizes
+  results = [run(m, n, dims, batch, steps, o, rounds, args.update) for m, n, dims, batch, steps in sizes
              for o in optimizers]
   for r in results:
     print(f"m={r['m']:>5} n={r['n']:>4} {r['optimizer']:>8}: 16 sequential {1e3 * r['sequential_16_steps']['median_s']:.2f} ms, "
@@ -163,7 +166,7 @@ def main(argv=None):
           f"(ratio {r['ratio_stacked_vs_sequential']:.3f}); update floor "
           f"{1e3 * r['update_floor']['median_s']:.2f} ms (ratio {r['ratio_update_floor_vs_sequential']:.3f}); "
           f"compilations {r['sweep_compilations']}; "
-          f"path {r['update_path']}, active {r['mean_active']:.1f}")
+          f"path {r['update_path']}, layout {r['layout']}, active {r['mean_active']:.1f}")
   out = args.out or RESULTS / ("sweep_smoke.json" if args.smoke else "sweep.json")
   bench.write_json(out, {"environment": bench.environment(), "results": results,
                          "command": "experiments/bench_sweep.py" + (" --smoke" if args.smoke else "")})

@@ -17,6 +17,7 @@ INITS = ("explicit", "implicit")
 GRAMS = ("precomputed", "factors")
 INDEX_KINDS = ("auto", "dense", "bucketed")
 UPDATES = ("auto", "sparse", "dense")
+LAYOUTS = ("auto", "neurons", "points")
 
 
 def default_threshold(width: int) -> float:
@@ -63,6 +64,12 @@ class Config:
     index: threshold index kind: ``"auto"``, ``"dense"`` or ``"bucketed"``.
     update: P-update path: ``"auto"``, ``"sparse"`` (touched rows only) or
       ``"dense"`` (one ``(m, B) @ (B, n)`` product).
+    layout: how ``P`` is stored (``state.P`` is the ``(m, n)`` view either way):
+      ``"neurons"`` (``(m, n)``: a neuron's row is contiguous, what the sparse
+      path's row updates need), ``"points"`` (``(n, m)``: a batch's columns are
+      contiguous rows, what the dense path's forward reads; dense path only) or
+      ``"auto"``: ``"points"`` when ``update == "dense"`` (and the index is not
+      ``"bucketed"``), else ``"neurons"``.
     init_chunk: neurons per chunk when drawing ``W0`` explicitly.
   """
 
@@ -78,6 +85,7 @@ class Config:
   gram: str = "precomputed"
   index: str = "auto"
   update: str = "auto"
+  layout: str = "auto"
   init_chunk: int = 256
 
   def __post_init__(self):
@@ -118,7 +126,24 @@ class Config:
     _checks.check_choice("gram", self.gram, GRAMS)
     _checks.check_choice("index", self.index, INDEX_KINDS)
     _checks.check_choice("update", self.update, UPDATES)
+    _checks.check_choice("layout", self.layout, LAYOUTS)
+    if self.layout == "points" and self.update == "sparse":
+      raise ValueError(
+          "layout='points' stores P point-major, which only the dense update path uses, but "
+          "update='sparse' was asked for; use layout='neurons' (or 'auto') with the sparse path, "
+          "or update='dense' (or 'auto') with layout='points'.")
+    if self.layout == "points" and self.index == "bucketed":
+      raise ValueError(
+          "layout='points' runs the dense update path, which needs no threshold index, so "
+          "index='bucketed' would only cost time; use index='auto' or 'dense' with it.")
     _checks.check_positive_int("init_chunk", self.init_chunk)
+
+  @property
+  def resolved_layout(self) -> str:
+    """``"neurons"`` or ``"points"``: the layout ``layout="auto"`` stands for."""
+    if self.layout != "auto":
+      return self.layout
+    return "points" if self.update == "dense" and self.index != "bucketed" else "neurons"
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "Config":

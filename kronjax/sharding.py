@@ -48,8 +48,12 @@ from kronjax import train as train_lib
 from kronjax.state import TrainState, index_for
 
 AXIS = "neurons"
-# field -> (neuron axis, padding value). A_T is stored (n, m): its neurons are axis 1.
-_ROW_FIELDS = {"P": (0, -jnp.inf), "A_T": (1, 0.0), "a": (0, 0.0), "P_eval": (0, -jnp.inf)}
+def _row_fields(state: TrainState) -> dict[str, tuple[int, float]]:
+  """field -> (neuron axis, padding value). ``A_T`` is stored ``(n, m)`` and so is
+  ``projections`` in the ``"points"`` layout: their neurons are axis 1."""
+  p_axis = 1 if state.layout == "points" else 0
+  return {"projections": (p_axis, -jnp.inf), "A_T": (1, 0.0), "a": (0, 0.0),
+          "P_eval": (0, -jnp.inf)}
 
 
 def neuron_mesh(devices: Any = None, axis_name: str = AXIS) -> Mesh:
@@ -90,24 +94,25 @@ def _resize_rows(state: TrainState, rows: int) -> TrainState:
     shape[axis] = rows - x.shape[axis]
     return jnp.concatenate([x, jnp.full(shape, value, x.dtype)], axis=axis)
 
-  changes = {f: fit(getattr(state, f), v, ax) for f, (ax, v) in _ROW_FIELDS.items()
+  changes = {f: fit(getattr(state, f), v, ax) for f, (ax, v) in _row_fields(state).items()
              if getattr(state, f) is not None}
+  axis = functools.partial(_neuron_axis, rows=old, layout=state.layout)
   changes["opt_state"] = jax.tree_util.tree_map_with_path(
-      lambda path, x: x if _neuron_axis(path, x, old) is None else fit(x, 0, _neuron_axis(path, x, old)),
-      state.opt_state)
+      lambda path, x: x if axis(path, x) is None else fit(x, 0, axis(path, x)), state.opt_state)
   return state.replace(**changes)
 
 
-def _neuron_axis(path: Any, x: Any, rows: int) -> int | None:
+def _neuron_axis(path: Any, x: Any, rows: int, layout: str) -> int | None:
   """The neuron axis of an optimizer-state leaf, or None for a replicated leaf.
 
-  Leaves under the ``"A"`` key mirror ``A_T`` ``(n, m)``: neurons on axis 1; the
-  others mirror ``P``, ``a``, ``P_eval``: neurons on axis 0.
+  Leaves under the ``"A"`` key mirror ``A_T`` ``(n, m)`` (neurons on axis 1), and
+  so do those under ``"P"`` in the ``"points"`` layout; the others mirror ``P``,
+  ``a``, ``P_eval``: neurons on axis 0.
   """
   if getattr(x, "ndim", 0) < 1:
     return None
-  under_A = any(getattr(k, "key", None) == "A" for k in path)
-  if under_A:
+  keys = {getattr(k, "key", None) for k in path}
+  if "A" in keys or ("P" in keys and layout == "points"):
     return 1 if x.ndim >= 2 and x.shape[1] == rows else None
   return 0 if x.shape[0] == rows else None
 
@@ -127,9 +132,10 @@ def state_specs(state: TrainState, axis_name: str = AXIS) -> TrainState:
   """
   rows = state.P.shape[0]
   specs = jax.tree.map(lambda _: P(), state)
-  changes = {f: _spec(ax, axis_name) for f, (ax, _) in _ROW_FIELDS.items() if getattr(state, f) is not None}
+  changes = {f: _spec(ax, axis_name) for f, (ax, _) in _row_fields(state).items()
+             if getattr(state, f) is not None}
   changes["opt_state"] = jax.tree_util.tree_map_with_path(
-      lambda path, x: _spec(_neuron_axis(path, x, rows), axis_name), state.opt_state)
+      lambda path, x: _spec(_neuron_axis(path, x, rows, state.layout), axis_name), state.opt_state)
   changes["index"] = jax.tree.map(lambda _: P(axis_name), state.index)
   return specs.replace(**changes)
 

@@ -27,7 +27,9 @@ class TrainState:
   """Everything one training run carries from step to step.
 
   Attributes:
-    P: ``(m, n)`` projections ``<w_r, x_j>`` of the training points.
+    projections: the projections ``P[r, j] = <w_r, x_j>`` of the training points,
+      stored as ``config.resolved_layout`` says: ``(m, n)`` (``"neurons"``) or
+      ``(n, m)`` (``"points"``). ``state.P`` is the ``(m, n)`` view either way.
     A_T: ``(n, m)`` coefficients, transposed: ``W = W0 + A X`` with ``A = A_T.T``
       (zeros at init). Stored point-major because a step writes the ``B`` batch
       *columns* of ``A``: rows of ``A_T`` are contiguous, columns of ``A`` are not
@@ -36,7 +38,8 @@ class TrainState:
     a: ``(m, C)`` output layer.
     b: ``()`` ReLU threshold (an array so sweeps can vmap it).
     opt_state: the optax state over the tree ``{"A", "P"[, "a"][, "P_eval"]}``
-      (its ``"A"`` leaf is ``A_T``-shaped, ``(n, m)``).
+      (its ``"A"`` leaf is ``A_T``-shaped, ``(n, m)``; its ``"P"`` leaf is
+      shaped as ``projections``).
     step: ``()`` int32, number of applied steps.
     key: the key the state was initialized from (W0 and ``a`` are derived from it).
     index: the threshold index state (kind chosen by ``config.index``).
@@ -48,7 +51,7 @@ class TrainState:
     config, tx, shape_free_tx, index_kind: static metadata.
   """
 
-  P: jax.Array
+  projections: jax.Array
   A_T: jax.Array
   a: jax.Array
   b: jax.Array
@@ -69,7 +72,27 @@ class TrainState:
   index_kind: str = dataclasses.field(metadata=dict(static=True))
 
   def replace(self, **changes: Any) -> "TrainState":
+    """A copy with ``changes``; ``P=`` takes the ``(m, n)`` view and is stored in
+    this state's layout (``(S, m, n)`` in a sweep)."""
+    if "P" in changes:
+      if "projections" in changes:
+        raise ValueError("replace got both P and projections; pass one of them.")
+      P = changes.pop("P")
+      changes["projections"] = P if self.layout == "neurons" else jnp.swapaxes(P, -1, -2)
     return dataclasses.replace(self, **changes)
+
+  @property
+  def layout(self) -> str:
+    """``"neurons"`` (``projections`` is ``(m, n)``) or ``"points"`` (``(n, m)``)."""
+    return self.config.resolved_layout
+
+  @property
+  def P(self) -> jax.Array:
+    """``(m, n)`` projections of the training points (``(S, m, n)`` in a sweep); a
+    transposed view of ``projections`` in the ``"points"`` layout."""
+    if self.layout == "neurons":
+      return self.projections
+    return jnp.swapaxes(self.projections, -1, -2)
 
   @property
   def width(self) -> int:
@@ -82,7 +105,7 @@ class TrainState:
 
   def trainable(self) -> dict[str, jax.Array]:
     """The tree the optimizer acts on: ``{"A", "P"[, "a"][, "P_eval"]}``."""
-    return trainable_tree(self.A_T, self.P, self.a, self.P_eval, self.config)
+    return trainable_tree(self.A_T, self.projections, self.a, self.P_eval, self.config)
 
 
 jax.tree_util.register_dataclass(
@@ -165,21 +188,22 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
                                                     extra=extra)
   else:
     projections = initializers.implicit_projections(keys["W0"], m, data, extra=extra, gram=gram)
-  P = projections[0]
+  P = projections[0]                                                    # (m, n)
   P_eval = projections[1] if eval_data is not None else None
+  stored = P if config.resolved_layout == "neurons" else jnp.array(P.T)
   gram_eval = (data.gram(other=eval_data)
                if eval_data is not None and config.gram == "precomputed" else None)
   a = initializers.output_layer(keys["a"], m, C, dtype)
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
   A_T = jnp.zeros((n, m), dtype)
-  opt_state = tx.init(trainable_tree(A_T, P, a, P_eval, config))
+  opt_state = tx.init(trainable_tree(A_T, stored, a, P_eval, config))
   kind = config.index if config.index != "auto" else threshold_lib.choose_kind(m, n)
   index_state = _fresh(index_for(config, n, kind).build(P, b))
   return TrainState(
-      P=P, A_T=A_T, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
+      projections=stored, A_T=A_T, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
       index=index_state, P_eval=P_eval, data=data, labels=labels, gram=gram,
       gram_eval=gram_eval, eval_data=eval_data, eval_labels=eval_labels, config=config, tx=tx,
-      shape_free_tx=optim.is_shape_free(tx, trainable_tree(A_T, P, a, P_eval, config)),
+      shape_free_tx=optim.is_shape_free(tx, trainable_tree(A_T, stored, a, P_eval, config)),
       index_kind=kind)
 
 
@@ -187,8 +211,10 @@ def with_config(state: TrainState, **changes: Any) -> TrainState:
   """The same state under a changed static config, with the index rebuilt from ``P``.
 
   Used to grow capacities after an overflow (``fit`` replays the step with it)
-  or to switch index kind / update path. Only settings that do not change the
-  network may differ: width, loss, classes, init and train_output may not.
+  or to switch index kind / update path / layout (``P`` and the optimizer's
+  ``"P"`` leaves are transposed when the layout changes: exact). Only settings
+  that do not change the network may differ: width, loss, classes, init and
+  train_output may not.
   """
   fixed = ("width", "loss", "num_classes", "init", "train_output", "threshold", "gram")
   for name in changes:
@@ -196,10 +222,23 @@ def with_config(state: TrainState, **changes: Any) -> TrainState:
       raise ValueError(f"with_config cannot change {name!r}: it defines the network; "
                        "build a new state with kronjax.init instead.")
   config = state.config.replace(**changes)
+  if config.resolved_layout != state.layout:
+    state = _transpose_projections(state).replace(config=config)
   kind = config.index if config.index != "auto" else threshold_lib.choose_kind(config.width, state.data.n)
   new_index = _fresh(index_for(config, state.data.n, kind).build(state.P, state.b))
   index_state = _carry_rebuild_count(state.index, new_index)
   return state.replace(config=config, index_kind=kind, index=index_state)
+
+
+def _transpose_projections(state: TrainState) -> TrainState:
+  """``projections`` and the optimizer leaves under ``"P"`` with their last two axes swapped."""
+  def swap(path, x):
+    under_P = any(getattr(k, "key", None) == "P" for k in path)
+    return jnp.swapaxes(x, -1, -2) if under_P and getattr(x, "ndim", 0) >= 2 else x
+
+  return dataclasses.replace(
+      state, projections=jnp.swapaxes(state.projections, -1, -2),
+      opt_state=jax.tree_util.tree_map_with_path(swap, state.opt_state))
 
 
 def _fresh(tree):

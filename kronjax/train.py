@@ -39,6 +39,8 @@ from kronjax.state import TrainState, index_for, trainable_tree
 def resolve_update(state: TrainState, batch_size: int) -> str:
   """The update path for this state and batch size (static)."""
   choice = state.config.update
+  if state.layout == "points":  # P is stored point-major: only the dense path reads it
+    return "dense"
   if choice != "auto":
     return choice
   m, K = state.config.width, state.config.active_capacity
@@ -139,17 +141,17 @@ def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: j
     new = _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, ok)
     A_T, P, a, P_eval, opt_state, rows, row_change = new
   else:  # momentum & co: full-shape gradients, P's built from the touched rows only
-    G = jnp.zeros((rows, B), c.dtype).at[idx, jnp.arange(B)[:, None]].add(c, mode="drop")
+    G_T = jnp.zeros((B, rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
     T, U = touched_rows(idx, c, rows)
     gP = _add_rows(jnp.zeros_like(state.P), T, U @ K_rows)
     gP_eval = (None if K_rows_eval is None
                else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval))
     ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
     A_T, P, a, P_eval, opt_state, row_change = _full_update(
-        state, batch_idx, G, K_rows, K_rows_eval, ga, ok, gP=gP, gP_eval=gP_eval)
+        state, batch_idx, G_T, K_rows, K_rows_eval, ga, ok, gP=gP, gP_eval=gP_eval)
     rows = None
   index_state = index.update(state.index, P, state.b, rows, row_change)
-  new_state = state.replace(A_T=A_T, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
+  new_state = state.replace(A_T=A_T, projections=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + ok.astype(state.step.dtype))
   return new_state, jnp.where(ok, loss, jnp.nan)
 
@@ -228,71 +230,82 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   When the batch touches a large part of the network (or the optimizer's traces
   make every step ``O(m n)`` anyway) the ``(m, B) @ (B, n)`` product is the floor,
   and compacting active sets would only add work. Nothing can overflow here.
+  Works in ``(B, m)`` orientation: in the ``"points"`` layout the batch's
+  projections are ``B`` contiguous rows of ``state.projections``; in the
+  ``"neurons"`` layout they are ``B`` strided columns (~B cache lines per row).
   """
   config = state.config
   inv_sqrt_m = 1.0 / math.sqrt(config.width)
-  Ps = state.P[:, batch_idx]                                        # (m, B)
-  mask = Ps > state.b                                               # active: strictly above b
-  h = losses.hidden(Ps, state.b)                                    # (m, B), zero off the mask
-  outputs = h.T @ state.a * inv_sqrt_m                              # (B, C)
-  counts = jnp.sum(mask, axis=0, dtype=jnp.int32)                   # (B,)
+  if state.layout == "points":
+    Ps_T = state.projections[batch_idx]                             # (B, m)
+  else:
+    Ps_T = state.projections[:, batch_idx].T                        # (B, m)
+  mask_T = Ps_T > state.b                                           # active: strictly above b
+  h_T = losses.hidden(Ps_T, state.b)                                # (B, m), zero off the mask
+  outputs = h_T @ state.a * inv_sqrt_m                              # (B, C)
+  counts = jnp.sum(mask_T, axis=1, dtype=jnp.int32)                 # (B,)
   max_count = jnp.max(counts)
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
     counts = jax.lax.psum(counts, axis_name)
     max_count = jnp.max(counts)
   loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
-  G = jnp.where(mask, state.a @ g.T * inv_sqrt_m, 0.0)              # (m, B) coefficients
-  ga = h @ g * inv_sqrt_m                                           # (m, C)
+  G_T = jnp.where(mask_T, g @ state.a.T * inv_sqrt_m, 0.0)          # (B, m) coefficients
+  ga = h_T.T @ g * inv_sqrt_m                                       # (m, C)
   K_rows, K_rows_eval = _gram_rows(state, batch_idx)
   ok = jnp.ones((), bool)
-  A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G, K_rows, K_rows_eval,
-                                                          ga, ok)
+  A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G_T, K_rows,
+                                                          K_rows_eval, ga, ok)
   index_state = index_for(state).update(state.index, P, state.b, None, row_change)
-  new_state = state.replace(A_T=A_T, P=P, a=a, P_eval=P_eval, opt_state=opt_state,
+  new_state = state.replace(A_T=A_T, projections=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + 1)
-  metrics = {"active": jnp.mean(counts.astype(state.P.dtype)), "max_active": max_count,
+  metrics = {"active": jnp.mean(counts.astype(Ps_T.dtype)), "max_active": max_count,
              "overflow": jnp.zeros((), bool), "loss": loss, "step": new_state.step,
              "index_rebuilds": getattr(index_state, "rebuilds", jnp.zeros((), jnp.int32))}
   return new_state, metrics
 
 
-def _full_update(state, batch_idx, G, K_rows, K_rows_eval, ga, ok, gP=None, gP_eval=None):
-  """Applies the optimizer to ``G (m, B)`` columns of ``A``, ``G @ K_rows (m, n)`` and ``ga (m, C)``.
+def _full_update(state, batch_idx, G_T, K_rows, K_rows_eval, ga, ok, gP=None, gP_eval=None):
+  """Applies the optimizer to ``G_T (B, m)`` (the batch's rows of ``A_T``), the
+  ``P`` gradient ``G_T^T @ K_rows`` and ``ga (m, C)``; returns the new stored arrays.
 
   A shape-free optimizer (sgd, schedules) is one scalar per step
-  (``optim.check_linear``), so it commutes with the product: it acts on ``G``,
+  (``optim.check_linear``), so it commutes with the product: it acts on ``G_T``,
   only the ``B`` rows of ``A_T`` are written, and ``P`` gets the update as one
-  ``P + L(G) @ K_rows`` (``products.add_product``: no ``(m, n)`` gradient is
-  formed). A stateful one (momentum) needs the full-shape ``(n, m)`` gradient of
-  ``A_T`` and ``(m, n)`` of ``P`` because its traces are full-shape: ``gP`` and
-  ``gP_eval`` when the caller built them (the sparse path, from touched rows),
-  else ``G @ K_rows``.
+  ``P + L(G) @ K_rows`` in its stored layout (``products.add_product``: no
+  ``(m, n)`` gradient is formed). A stateful one (momentum) needs the full-shape ``(n, m)`` gradient of
+  ``A_T`` and the full gradient of ``P`` because its traces are full-shape:
+  ``gP`` and ``gP_eval`` when the caller built them (the sparse path, from
+  touched rows), else the product.
   """
   config = state.config
+  points = state.layout == "points"
   if state.shape_free_tx:
-    grads = trainable_tree(G, G, ga, None if K_rows_eval is None else G, config)
+    grads = trainable_tree(G_T, G_T, ga, None if K_rows_eval is None else G_T, config)
     updates, opt_state = _optimize(state, grads, ok)
-    A_T = state.A_T.at[batch_idx].add(updates["A"].T)
-    P = products.add_product(state.P, updates["P"], K_rows)
+    A_T = state.A_T.at[batch_idx].add(updates["A"])
+    if points:   # (n, m) + (n, B) @ (B, m)
+      P = products.add_product(state.projections, K_rows.T, updates["P"])
+    else:        # (m, n) + (m, B) @ (B, n)
+      P = products.add_product(state.projections, updates["P"].T, K_rows)
     P_eval = (None if K_rows_eval is None
-              else products.add_product(state.P_eval, updates["P_eval"], K_rows_eval))
+              else products.add_product(state.P_eval, updates["P_eval"].T, K_rows_eval))
     # An upper bound on max_j |dP[r, j]| for the threshold index (dead code for
-    # kinds that ignore it): |sum_i u_ri K_ij| <= sum_i |u_ri| max_j |K_ij|, widened
+    # kinds that ignore it): |sum_i u_ir K_ij| <= sum_i |u_ir| max_j |K_ij|, widened
     # by the rounding of both float sums.
     eps = jnp.finfo(K_rows.dtype).eps
-    bound = jnp.abs(updates["P"]) @ jnp.max(jnp.abs(K_rows), axis=1)
+    bound = jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(updates["P"])
     row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)    # (m,)
   else:
-    gA = jnp.zeros_like(state.A_T).at[batch_idx].add(G.T)
+    gA = jnp.zeros_like(state.A_T).at[batch_idx].add(G_T)
     if gP is None:
-      gP = G @ K_rows                                               # (m, n)
-      gP_eval = None if K_rows_eval is None else G @ K_rows_eval
+      gP = K_rows.T @ G_T if points else G_T.T @ K_rows             # as stored
+      gP_eval = None if K_rows_eval is None else G_T.T @ K_rows_eval
     grads = trainable_tree(gA, gP, ga, gP_eval, config)
     updates, opt_state = _optimize(state, grads, ok)
     A_T = state.A_T + updates["A"]
-    P = state.P + updates["P"]
+    P = state.projections + updates["P"]
     P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
-    row_change = jnp.max(jnp.abs(updates["P"]), axis=1)            # (m,)
+    row_change = jnp.max(jnp.abs(updates["P"]), axis=0 if points else 1)   # (m,)
   a = state.a + updates["a"] if config.train_output else state.a
   return A_T, P, a, P_eval, opt_state, row_change

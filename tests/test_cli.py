@@ -176,7 +176,7 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
   step_a, resumed, hist_a = _final(killed)
   step_b, uninterrupted, hist_b = _final(full)
   assert step_a == step_b == 96
-  for leaf in (".P", ".A_T", ".a", ".P_eval"):
+  for leaf in (".projections", ".A_T", ".a", ".P_eval"):
     np.testing.assert_array_equal(resumed[leaf], uninterrupted[leaf])
   assert resumed.keys() == uninterrupted.keys()
   for k in resumed:  # and everything else: optimizer and index state, step, key

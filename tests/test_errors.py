@@ -132,6 +132,11 @@ def test_bad_batch_indices_leave_state_untouched(state, batch, match, exc):
     ({"width": 16, "loss": "softmax", "num_classes": 1}, "num_classes must be >= 2", ValueError),
     ({"width": 16, "train_output": 1}, "train_output must be a bool", TypeError),
     ({"width": 16, "init_chunk": 0}, "init_chunk must be >= 1", ValueError),
+    ({"width": 16, "layout": "rows"}, "layout must be one of", ValueError),
+    ({"width": 16, "layout": "points", "update": "sparse"},
+     r"layout='points'.*update='sparse'.*use layout='neurons'", ValueError),
+    ({"width": 16, "layout": "points", "index": "bucketed"},
+     r"layout='points'.*index='bucketed'.*use index='auto' or 'dense'", ValueError),
 ])
 def test_config_validation(kwargs, match, exc):
   with pytest.raises(exc, match=match):

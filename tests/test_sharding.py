@@ -48,7 +48,8 @@ def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
   got, h = kronjax.fit(start, key, batch_size=8, steps=steps, progress=False, mesh=mesh)
   m, m_pad = config.width, got.P.shape[0]
   res = {"devices": devices, "m": m, "m_pad": m_pad, "replays": len(h["replays"]),
-         "P_spec": str(got.P.sharding.spec), "gram_spec": str(got.gram.sharding.spec),
+         "layout": got.layout, "P_spec": str(got.projections.sharding.spec),
+         "gram_spec": str(got.gram.sharding.spec),
          "loss_err": rel(h["loss"], h_ref["loss"]),
          "pad_P_is_minus_inf": bool(np.all(np.asarray(got.P)[m:] == -np.inf)),
          "pad_A_a_zero": bool(np.all(np.asarray(got.A)[m:] == 0) and np.all(np.asarray(got.a)[m:] == 0))}
@@ -80,6 +81,10 @@ compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", 
                                        active_capacity=32, candidate_capacity=48,
                                        index="bucketed" if "bucketed" in kinds else "dense"),
         optax.sgd(0.3, momentum=0.9), "classification")
+# The dense path with P stored point-major (n, m): split on axis 1, momentum traces too.
+compare("points8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
+                                     train_output=True, update="dense"),
+        optax.sgd(0.3, momentum=0.9), "classification")
 
 docs = pathlib.Path(sys.argv[1]).read_text()
 (block,) = [b for b in re.findall(r"```python\n(.*?)```", docs, flags=re.S) if "mesh=mesh" in b]
@@ -103,7 +108,7 @@ def multi_device():
   return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("case", ["sgd8", "momentum4"])
+@pytest.mark.parametrize("case", ["sgd8", "momentum4", "points8"])
 def test_sharded_training_equals_single_device(multi_device, case):
   res = multi_device[case]
   for f in ("P", "A", "a", "P_eval", "loss", "predict"):
@@ -112,7 +117,9 @@ def test_sharded_training_equals_single_device(multi_device, case):
   assert res["m_pad"] == 64 and res["m_pad"] % res["devices"] == 0
   assert res["pad_P_is_minus_inf"] and res["pad_A_a_zero"]
   assert res.get("pad_in_candidates", 0) == 0
-  assert res["P_spec"] in ("P('neurons',)", "PartitionSpec('neurons',)") and "'neurons'" not in res["gram_spec"]
+  assert res["layout"] == ("points" if case == "points8" else "neurons")
+  want = "(None, 'neurons')" if case == "points8" else "('neurons',)"
+  assert res["P_spec"] in ("P" + want, "PartitionSpec" + want) and "'neurons'" not in res["gram_spec"]
   assert res["index_is_global"]                          # unshard_state rebuilt one global index
   if case == "sgd8":                                     # overflow under a mesh replays and re-shards
     assert res["replays"] >= 1

@@ -21,17 +21,18 @@ TXS = {
 # A covering set of the option matrix: every value of every option appears, and
 # the risky pairs (momentum x sparse gradient, factors Gram x rank 2, ...) too.
 CASES = [
-    # tx, loss, train_output, update, gram, dims, rank
-    ("sgd", "mse", False, "sparse", "precomputed", (4, 6), 1),
-    ("sgd", "softmax", True, "sparse", "factors", (3, 4, 5), 2),
-    ("sgd", "mse", True, "dense", "factors", (4, 6), 2),
-    ("momentum", "mse", False, "dense", "precomputed", (3, 4, 5), 1),
-    ("momentum", "softmax", True, "sparse", "precomputed", (4, 6), 2),
-    ("nesterov", "softmax", False, "dense", "factors", (4, 6), 1),
-    ("nesterov", "mse", True, "sparse", "precomputed", (3, 4, 5), 1),
-    ("schedule", "softmax", True, "dense", "precomputed", (4, 6), 1),
-    ("schedule", "mse", False, "sparse", "factors", (3, 4, 5), 2),
-    ("inject", "softmax", False, "sparse", "precomputed", (4, 6), 1),
+    # tx, loss, train_output, update, gram, dims, rank, layout
+    ("sgd", "mse", False, "sparse", "precomputed", (4, 6), 1, "auto"),
+    ("sgd", "softmax", True, "sparse", "factors", (3, 4, 5), 2, "auto"),
+    ("sgd", "mse", True, "dense", "factors", (4, 6), 2, "neurons"),
+    ("momentum", "mse", False, "dense", "precomputed", (3, 4, 5), 1, "auto"),
+    ("momentum", "softmax", True, "sparse", "precomputed", (4, 6), 2, "neurons"),
+    ("nesterov", "softmax", False, "dense", "factors", (4, 6), 1, "neurons"),
+    ("nesterov", "mse", True, "sparse", "precomputed", (3, 4, 5), 1, "auto"),
+    ("schedule", "softmax", True, "dense", "precomputed", (4, 6), 1, "points"),
+    ("schedule", "mse", False, "sparse", "factors", (3, 4, 5), 2, "auto"),
+    ("inject", "softmax", False, "sparse", "precomputed", (4, 6), 1, "auto"),
+    ("sgd", "mse", False, "dense", "precomputed", (4, 6), 1, "points"),
 ]
 
 
@@ -41,11 +42,13 @@ def _task(loss, dims, rank, n=48, seed=0):
   return kronjax.data.planted(key, n, dims, task=task, num_classes=3, rank=rank)
 
 
-@pytest.mark.parametrize("tx_name,loss,train_output,update,gram,dims,rank", CASES)
-def test_matches_dense_sgd(x64, tx_name, loss, train_output, update, gram, dims, rank):
+@pytest.mark.parametrize("tx_name,loss,train_output,update,gram,dims,rank,layout", CASES)
+def test_matches_dense_sgd(x64, tx_name, loss, train_output, update, gram, dims, rank, layout):
   data, labels = _task(loss, dims, rank)
   config = kronjax.Config(width=96, threshold=0.6, loss=loss, num_classes=3 if loss == "softmax" else 1,
-                          train_output=train_output, update=update, gram=gram)
+                          train_output=train_output, update=update, gram=gram, layout=layout)
+  assert config.resolved_layout == ("points" if update == "dense" and layout != "neurons"
+                                    else "neurons")
   state, dstate, hist = run_pair(jax.random.PRNGKey(3), config, TXS[tx_name](), data, labels,
                                  steps=50, batch=8)
   assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
@@ -90,10 +93,11 @@ def test_invariants_after_many_steps(x64):
   chex.assert_trees_all_close(state.P, W @ data.materialize().T, rtol=0, atol=1e-10)
 
 
-def test_eval_projections_and_predict_match_dense(x64):
+@pytest.mark.parametrize("update", ["auto", "dense"])   # "dense" stores P point-major
+def test_eval_projections_and_predict_match_dense(x64, update):
   data, labels = _task("mse", (4, 6), 1, n=60)
   train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
-  config = kronjax.Config(width=96, threshold=0.5, train_output=True)
+  config = kronjax.Config(width=96, threshold=0.5, train_output=True, update=update)
   state, dstate, _ = run_pair(jax.random.PRNGKey(2), config, optax.sgd(0.5, momentum=0.3), train,
                               labels[:40], steps=30, eval_data=held, eval_labels=labels[40:])
   dense_out = kronjax.dense.forward(dstate.params["W"], dstate.a, dstate.b, held.materialize())
@@ -145,3 +149,35 @@ def test_step_compiles_once_per_shape():
 
   for bi in batches(data.n, 4, 5):
     state, _ = step(state, jnp.asarray(bi))
+
+
+@pytest.mark.parametrize("tx_name", ["sgd", "momentum"])
+def test_layout_switch_mid_training_is_exact(x64, tx_name):
+  """with_config(layout=...) transposes P and the optimizer's P traces: the run
+  continues exactly as if it had never switched."""
+  data, labels = _task("mse", (4, 6), 1)
+  config = kronjax.Config(width=96, threshold=0.6, update="dense", layout="neurons")
+  state = kronjax.init(jax.random.PRNGKey(5), config, data, labels, TXS[tx_name]())
+  step = jax.jit(kronjax.train_step)
+  switched = straight = state
+  for t, bi in enumerate(batches(data.n, 8, 20)):
+    if t == 10:
+      switched = kronjax.with_config(switched, layout="points")
+      assert switched.projections.shape == (data.n, 96) and switched.P.shape == (96, data.n)
+    switched, m1 = step(switched, jnp.asarray(bi))
+    straight, m2 = step(straight, jnp.asarray(bi))
+    assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-12 * abs(float(m2["loss"]))
+  chex.assert_trees_all_close(switched.P, straight.P, rtol=1e-12, atol=1e-12)
+  chex.assert_trees_all_close(switched.A_T, straight.A_T, rtol=1e-12, atol=1e-12)
+  back = kronjax.with_config(switched, layout="neurons")
+  chex.assert_trees_all_close(back.opt_state, straight.opt_state, rtol=1e-12, atol=1e-12)
+
+
+def test_replace_P_is_stored_in_the_layout():
+  data, labels = _task("mse", (4, 6), 1)
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32, update="dense"), data,
+                       labels, optax.sgd(0.1))
+  assert state.layout == "points"
+  P = jnp.arange(32 * data.n, dtype=state.P.dtype).reshape(32, data.n)
+  np.testing.assert_array_equal(state.replace(P=P).P, P)
+  np.testing.assert_array_equal(state.replace(P=P).projections, P.T)
