@@ -1,9 +1,10 @@
 """Where the dense-path step's time goes (m = 4096, n = 1024, batch 32, plain SGD).
 
 Times, in one process and in interleaved rounds (``bench.time_steps_interleaved``),
-medians after compilation: the full donated train step; the bare update floor
-``P + G @ K_rows``; the forward's strided read ``P[:, S]``; and the read plus
-the update in one jitted function.
+medians after compilation: the full donated train step with ``P`` neuron-major
+(``update="auto"``) and point-major (``update="dense"``, ``Config.layout``); the
+bare update floor ``P + G @ K_rows``; the neuron-major forward's strided read
+``P[:, S]``; and that read plus the update in one jitted function.
 
     .venv/bin/python -m experiments.profile_dense_step [--rounds 10]
 """
@@ -26,6 +27,8 @@ def main(argv=None, m=4096, n=1024, batch=32):
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, (32, 32), task="regression")
   state = kronjax.init(key, kronjax.Config(width=m, init="implicit"), data, labels, optax.sgd(0.5))
+  points = kronjax.init(key, kronjax.Config(width=m, init="implicit", update="dense"), data, labels,
+                        optax.sgd(0.5))
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32)) for _ in range(23)]
   K, a, P = (jnp.array(x, copy=True) for x in (state.gram, state.a, state.P))  # the step donates state
@@ -40,14 +43,16 @@ def main(argv=None, m=4096, n=1024, batch=32):
     G = jnp.where(P[:, b] > 1.8, a @ jnp.ones((1, batch), P.dtype), 0.0) * 1e-3
     return P + G @ K[b], None
 
-  runs = {"full step": (jax.jit(kronjax.train_step, donate_argnums=0), state, batches)}
+  runs = {"full step": (jax.jit(kronjax.train_step, donate_argnums=0), state, batches),
+          "full step, points": (jax.jit(kronjax.train_step, donate_argnums=0), points, batches)}
   for name, f in (("floor", floor), ("read P[:, S]", read), ("read + update", read_and_update)):
     runs[name] = (jax.jit(f, donate_argnums=0), jnp.array(P, copy=True), batches)
   timings, _ = bench.time_steps_interleaved(runs, rounds=args.rounds)
   for name, t in timings.items():
     print(f"{name:18s} {t['median_s'] * 1e3:7.3f} ms  (p10 {t['p10_s'] * 1e3:.3f}, "
           f"p90 {t['p90_s'] * 1e3:.3f})")
-  print(f"full step / floor: {timings['full step']['median_s'] / timings['floor']['median_s']:.2f}")
+  for name in ("full step", "full step, points"):
+    print(f"{name} / floor: {timings[name]['median_s'] / timings['floor']['median_s']:.2f}")
   return timings
 
 

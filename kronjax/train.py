@@ -273,10 +273,10 @@ def _full_update(state, batch_idx, G_T, K_rows, K_rows_eval, ga, ok, gP=None, gP
   (``optim.check_linear``), so it commutes with the product: it acts on ``G_T``,
   only the ``B`` rows of ``A_T`` are written, and ``P`` gets the update as one
   ``P + L(G) @ K_rows`` in its stored layout (``products.add_product``: no
-  ``(m, n)`` gradient is formed). A stateful one (momentum) needs the full-shape ``(n, m)`` gradient of
-  ``A_T`` and the full gradient of ``P`` because its traces are full-shape:
-  ``gP`` and ``gP_eval`` when the caller built them (the sparse path, from
-  touched rows), else the product.
+  ``(m, n)`` gradient is formed). A stateful one (momentum) needs the
+  full-shape ``(n, m)`` gradient of ``A_T`` and the full gradient of ``P``
+  because its traces are full-shape: ``gP`` and ``gP_eval`` when the caller
+  built them (the sparse path, from touched rows), else the product.
   """
   config = state.config
   points = state.layout == "points"
