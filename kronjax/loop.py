@@ -176,6 +176,7 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
     while t < steps:
       batch = jnp.asarray(batches[t])
       new_state, metrics = step_fn(state, batch)
+      metrics = jax.device_get(metrics)  # one transfer: each scalar's own cost ~0.4 ms on CPU
       if bool(metrics["overflow"]):
         state = new_state  # the skipped step returned the unchanged state
         if on_overflow == "raise":
