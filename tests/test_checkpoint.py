@@ -57,6 +57,22 @@ def test_roundtrip_is_exact_with_metadata(tmp_path):
   assert got["batch_size"] == 4 and got["note"] is None
 
 
+def test_point_major_momentum_state_roundtrips(tmp_path):
+  config = kronjax.Config(width=M, init="implicit", update="dense")   # P stored (n, m)
+  tx = optax.sgd(0.5, momentum=0.9)
+  state = _init(config=config, tx=tx)
+  state, _ = kronjax.fit(state, jax.random.PRNGKey(1), batch_size=4, steps=5, progress=False)
+  assert state.layout == "points" and state.projections.shape == (N, M)
+  checkpoint.save(tmp_path, state, {})
+  restored, _ = checkpoint.load(tmp_path, like=_init(config=config, tx=tx))
+  _assert_same(restored, state)
+  # Like capacities, the layout is not part of the network: a neuron-major `like` gets the
+  # saved config back, and with it the saved layout (never a transposed misreading).
+  other, _ = checkpoint.load(tmp_path, like=_init(config=config.replace(layout="neurons"), tx=tx))
+  assert other.config == state.config and other.layout == "points"
+  _assert_same(other, state)
+
+
 def test_restores_grown_capacity_config(tmp_path):
   like = _init()
   grown = kronjax.with_config(like, active_capacity=like.config.active_capacity + 8,
