@@ -291,6 +291,7 @@ def load(directory: str | os.PathLike, *, like: TrainState,
         f"checkpoint {str(path)!r} is corrupt or incomplete ({type(e).__name__}: {e}). "
         "Delete it to fall back to the previous checkpoint, or start the run again.") from e
 
+  _upgrade_pre_layout(manifest)
   state = _matching_like(like, manifest, path)
   paths_and_like = jax.tree_util.tree_flatten_with_path(state)
   like_leaves, treedef = [x for _, x in paths_and_like[0]], paths_and_like[1]
@@ -314,6 +315,17 @@ def load(directory: str | os.PathLike, *, like: TrainState,
     raise ValueError(f"checkpoint {str(path)!r} is corrupt: its file name and manifest say step "
                      f"{manifest['step']}, its state says step {int(restored.step)}.")
   return restored, metadata
+
+
+def _upgrade_pre_layout(manifest: dict) -> None:
+  """Checkpoints written before ``Config.layout`` existed stored ``P`` neuron-major as
+  the leaf ``.P``: read them as ``layout="neurons"`` with the leaf ``.projections``."""
+  if "layout" in manifest["config"]:
+    return
+  manifest["config"]["layout"] = "neurons"
+  for entry in manifest["leaves"]:
+    if entry["path"] == ".P":
+      entry["path"] = ".projections"
 
 
 def _matching_like(like: TrainState, manifest: dict, path: pathlib.Path) -> TrainState:

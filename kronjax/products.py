@@ -20,6 +20,7 @@ product.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 # Below this many bytes of batched result the default batched product stays in
 # cache and its single dispatch wins over a loop (measured: experiments/bench_sweep.py
@@ -31,22 +32,39 @@ def _add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   return X + G @ R
 
 
-@jax.custom_batching.custom_vmap
+@jax.custom_jvp
 def add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   """``X + G @ R`` for ``X (m, n)``, ``G (m, B)``, ``R (B, n)``; returns ``(m, n)``.
 
   Exactly ``X + G @ R``; only its batching under ``jax.vmap`` differs from the
-  plain expression (see the module docstring).
+  plain expression (see the module docstring). Differentiable (forward and
+  reverse mode) like the plain expression.
   """
+  return _batched_add_product(X, G, R)
+
+
+@add_product.defjvp
+def _add_product_jvp(primals, tangents):
+  # custom_vmap has no transpose rule: give autodiff the plain linear tangent.
+  X, G, R = primals
+  dX, dG, dR = tangents
+  return add_product(X, G, R), dX + dG @ R + G @ dR
+
+
+@jax.custom_batching.custom_vmap
+def _batched_add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   return _add_product(X, G, R)
 
 
-@add_product.def_vmap
+@_batched_add_product.def_vmap
 def _add_product_vmap(axis_size, in_batched, X, G, R):
   x_batched, g_batched, r_batched = in_batched
   out_bytes = axis_size * X.shape[-2] * X.shape[-1] * X.dtype.itemsize
   in_axes = tuple(0 if b else None for b in in_batched)
-  if not x_batched or out_bytes < LOOP_MIN_BYTES:
+  # The in-place loop writes into X: only when the result keeps X's dtype (mixed
+  # dtypes promote, as the plain expression does).
+  same_dtype = jnp.result_type(X, G, R) == X.dtype
+  if not x_batched or out_bytes < LOOP_MIN_BYTES or not same_dtype:
     return jax.vmap(_add_product, in_axes=in_axes)(X, G, R), True
 
   def batched(X, G, R):

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kronjax import train as train_lib
-from kronjax.state import TrainState, index_for
+from kronjax.state import TrainState, index_for, trainable_key
 
 AXIS = "neurons"
 def _row_fields(state: TrainState) -> dict[str, tuple[int, float]]:
@@ -111,8 +111,8 @@ def _neuron_axis(path: Any, x: Any, rows: int, layout: str) -> int | None:
   """
   if getattr(x, "ndim", 0) < 1:
     return None
-  keys = {getattr(k, "key", None) for k in path}
-  if "A" in keys or ("P" in keys and layout == "points"):
+  key = trainable_key(path)
+  if key == "A" or (key == "P" and layout == "points"):
     return 1 if x.ndim >= 2 and x.shape[1] == rows else None
   return 0 if x.shape[0] == rows else None
 

@@ -90,8 +90,8 @@ class TrainState:
   def P(self) -> jax.Array:
     """``(m, n)`` projections of the training points (``(S, m, n)`` in a sweep); a
     transposed view of ``projections`` in the ``"points"`` layout."""
-    if self.layout == "neurons":
-      return self.projections
+    if self.layout == "neurons" or not hasattr(self.projections, "ndim"):
+      return self.projections  # (also a spec tree's PartitionSpec, as stored)
     return jnp.swapaxes(self.projections, -1, -2)
 
   @property
@@ -197,7 +197,7 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
   A_T = jnp.zeros((n, m), dtype)
   opt_state = tx.init(trainable_tree(A_T, stored, a, P_eval, config))
-  kind = config.index if config.index != "auto" else threshold_lib.choose_kind(m, n)
+  kind = _index_kind(config, n)
   index_state = _fresh(index_for(config, n, kind).build(P, b))
   return TrainState(
       projections=stored, A_T=A_T, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
@@ -224,17 +224,38 @@ def with_config(state: TrainState, **changes: Any) -> TrainState:
   config = state.config.replace(**changes)
   if config.resolved_layout != state.layout:
     state = _transpose_projections(state).replace(config=config)
-  kind = config.index if config.index != "auto" else threshold_lib.choose_kind(config.width, state.data.n)
+  kind = _index_kind(config, state.data.n)
   new_index = _fresh(index_for(config, state.data.n, kind).build(state.P, state.b))
   index_state = _carry_rebuild_count(state.index, new_index)
   return state.replace(config=config, index_kind=kind, index=index_state)
 
 
+def _index_kind(config: Config, n: int) -> str:
+  """The index kind ``config.index`` stands for. The point-major layout runs only the
+  dense path, which never queries an index: it always gets the trivial dense one."""
+  if config.resolved_layout == "points":
+    return "dense"
+  return config.index if config.index != "auto" else threshold_lib.choose_kind(config.width, n)
+
+
+TRAINABLE_KEYS = ("A", "P", "a", "P_eval")
+
+
+def trainable_key(path: Any) -> str | None:
+  """Which trainable leaf (``"A"``, ``"P"``, ``"a"``, ``"P_eval"``) an optimizer-state
+  leaf mirrors: the innermost such dict key of its path (a ``multi_transform``
+  label named ``"P"`` further out does not count), or None."""
+  for k in reversed(tuple(path)):
+    if getattr(k, "key", None) in TRAINABLE_KEYS:
+      return k.key
+  return None
+
+
 def _transpose_projections(state: TrainState) -> TrainState:
-  """``projections`` and the optimizer leaves under ``"P"`` with their last two axes swapped."""
+  """``projections`` and the optimizer leaves mirroring ``P`` with their last two axes swapped."""
   def swap(path, x):
-    under_P = any(getattr(k, "key", None) == "P" for k in path)
-    return jnp.swapaxes(x, -1, -2) if under_P and getattr(x, "ndim", 0) >= 2 else x
+    mirrors_P = trainable_key(path) == "P"
+    return jnp.swapaxes(x, -1, -2) if mirrors_P and getattr(x, "ndim", 0) >= 2 else x
 
   return dataclasses.replace(
       state, projections=jnp.swapaxes(state.projections, -1, -2),

@@ -73,6 +73,27 @@ def test_point_major_momentum_state_roundtrips(tmp_path):
   _assert_same(other, state)
 
 
+def test_checkpoint_from_before_the_layout_field_loads(tmp_path):
+  """Written before Config.layout: no "layout" in the config, P stored as the leaf ".P"."""
+  import io, json   # pylint: disable=g-import-not-at-top,multiple-imports
+  state, _ = kronjax.fit(_init(), jax.random.PRNGKey(1), batch_size=4, steps=3, progress=False)
+  path = checkpoint.save(tmp_path, state, {})
+  with np.load(path) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  manifest = json.loads(bytes(arrays["__manifest__"]).decode())
+  del manifest["config"]["layout"]
+  for entry in manifest["leaves"]:
+    entry["path"] = ".P" if entry["path"] == ".projections" else entry["path"]
+  arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  path.write_bytes(buf.getvalue())
+  restored, _ = checkpoint.load(tmp_path, like=_init())
+  # read as what old kronjax stored: neuron-major, said explicitly in the config
+  assert restored.config == state.config.replace(layout="neurons")
+  _assert_same(restored, state.replace(config=restored.config))
+
+
 def test_restores_grown_capacity_config(tmp_path):
   like = _init()
   grown = kronjax.with_config(like, active_capacity=like.config.active_capacity + 8,

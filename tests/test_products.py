@@ -54,3 +54,28 @@ def test_loop_is_what_runs_on_cpu(rule):
   X, G, R = _operands()
   hlo = jax.jit(jax.vmap(products.add_product, in_axes=(0, 0, None))).lower(X, G, R[0]).as_text()
   assert ("while" in hlo) == (rule == "loop" and jax.default_backend() == "cpu")
+
+
+def test_mixed_dtypes_promote_like_the_expression(x64, rule):
+  X, G, R = _operands()
+  X = X.astype(jnp.float32)
+  got = jax.jit(jax.vmap(products.add_product, in_axes=(0, 0, None)))(X, G, R[0])
+  want = jax.vmap(_reference, in_axes=(0, 0, None))(X, G, R[0])
+  assert got.dtype == want.dtype == jnp.float64
+  chex.assert_trees_all_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_gradients_equal_the_expression(x64, rule, batched):
+  X, G, R = _operands()
+
+  def loss(fn, X, G, R):
+    out = jax.vmap(fn, in_axes=(0, 0, None))(X, G, R[0]) if batched else fn(X[0], G[0], R[0])
+    return jnp.sum(jnp.sin(out))
+
+  got = jax.grad(lambda *a: loss(products.add_product, *a), argnums=(0, 1, 2))(X, G, R)
+  want = jax.grad(lambda *a: loss(_reference, *a), argnums=(0, 1, 2))(X, G, R)
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
+  tangent = jax.jvp(lambda x: loss(products.add_product, x, G, R), (X,), (jnp.ones_like(X),))[1]
+  want_t = jax.jvp(lambda x: loss(_reference, x, G, R), (X,), (jnp.ones_like(X),))[1]
+  chex.assert_trees_all_close(tangent, want_t, rtol=1e-12, atol=1e-12)

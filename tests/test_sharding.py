@@ -163,6 +163,17 @@ def test_shard_state_layout_and_unshard_roundtrip():
   assert sharding.padded_width(62, 8) == 64 and sharding.padded_width(64, 8) == 64
 
 
+def test_point_major_specs_split_the_neuron_axis():
+  state = _small_state()
+  state = kronjax.with_config(state, update="dense")              # layout auto -> points
+  assert state.layout == "points"
+  specs = sharding.state_specs(state)
+  split = jax.sharding.PartitionSpec(None, "neurons")
+  assert specs.projections == split and specs.P == split           # spec trees: P is as stored
+  traces = [s for s in jax.tree.leaves(specs.opt_state) if "neurons" in tuple(s)]
+  assert traces == [split, split]                                 # A and P traces, both (n, m)
+
+
 def test_shard_state_bad_input():
   state = _small_state()
   mesh = sharding.neuron_mesh(jax.devices()[:1])

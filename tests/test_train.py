@@ -151,13 +151,21 @@ def test_step_compiles_once_per_shape():
     state, _ = step(state, jnp.asarray(bi))
 
 
-@pytest.mark.parametrize("tx_name", ["sgd", "momentum"])
+def _one_label_named_P():
+  # A multi_transform whose only label is literally "P": the A trace sits under
+  # inner_states["P"] too, and must not be transposed with P's.
+  return optax.multi_transform({"P": optax.sgd(0.2, momentum=0.9)},
+                               lambda params: {k: "P" for k in params})
+
+
+@pytest.mark.parametrize("tx_name", ["sgd", "momentum", "label named P"])
 def test_layout_switch_mid_training_is_exact(x64, tx_name):
   """with_config(layout=...) transposes P and the optimizer's P traces: the run
   continues exactly as if it had never switched."""
   data, labels = _task("mse", (4, 6), 1)
   config = kronjax.Config(width=96, threshold=0.6, update="dense", layout="neurons")
-  state = kronjax.init(jax.random.PRNGKey(5), config, data, labels, TXS[tx_name]())
+  tx = _one_label_named_P() if tx_name == "label named P" else TXS[tx_name]()
+  state = kronjax.init(jax.random.PRNGKey(5), config, data, labels, tx)
   step = jax.jit(kronjax.train_step)
   switched = straight = state
   for t, bi in enumerate(batches(data.n, 8, 20)):
@@ -181,3 +189,17 @@ def test_replace_P_is_stored_in_the_layout():
   P = jnp.arange(32 * data.n, dtype=state.P.dtype).reshape(32, data.n)
   np.testing.assert_array_equal(state.replace(P=P).P, P)
   np.testing.assert_array_equal(state.replace(P=P).projections, P.T)
+
+
+def test_point_major_state_always_gets_the_dense_index(monkeypatch):
+  # The dense path never queries an index; a bucketed one built from the (n, m)
+  # array would be wrong and would cost rebuilds.
+  monkeypatch.setattr(kronjax.threshold, "AUTO_BUCKETED_MIN_WIDTH", 1)
+  data, labels = _task("mse", (4, 6), 1)
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64, update="dense"), data,
+                       labels, optax.sgd(0.1))
+  assert state.layout == "points" and state.index_kind == "dense"
+  state, metrics = jax.jit(kronjax.train_step)(state, jnp.arange(8))
+  assert np.isfinite(float(metrics["loss"]))
+  assert kronjax.with_config(state, active_capacity=32).index_kind == "dense"
+  assert kronjax.with_config(state, layout="neurons").index_kind == "bucketed"
