@@ -243,12 +243,13 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   mask_T = Ps_T > state.b                                           # active: strictly above b
   h_T = losses.hidden(Ps_T, state.b)                                # (B, m), zero off the mask
   outputs = h_T @ state.a * inv_sqrt_m                              # (B, C)
-  counts = jnp.sum(mask_T, axis=1, dtype=jnp.int32)                 # (B,)
-  max_count = jnp.max(counts)
+  # Counted in floats (exact below 2**24 per point): an int32 sum of the mask was
+  # a separate convert pass plus a reduce-window tree on XLA CPU.
+  counts = jnp.sum(mask_T.astype(Ps_T.dtype), axis=1)              # (B,)
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
     counts = jax.lax.psum(counts, axis_name)
-    max_count = jnp.max(counts)
+  max_count = jnp.max(counts).astype(jnp.int32)
   loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
   G_T = jnp.where(mask_T, g @ state.a.T * inv_sqrt_m, 0.0)          # (B, m) coefficients
   ga = h_T.T @ g * inv_sqrt_m                                       # (m, C)
@@ -259,7 +260,7 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   index_state = index_for(state).update(state.index, P, state.b, None, row_change)
   new_state = state.replace(A_T=A_T, projections=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + 1)
-  metrics = {"active": jnp.mean(counts.astype(Ps_T.dtype)), "max_active": max_count,
+  metrics = {"active": jnp.mean(counts), "max_active": max_count,
              "overflow": jnp.zeros((), bool), "loss": loss, "step": new_state.step,
              "index_rebuilds": getattr(index_state, "rebuilds", jnp.zeros((), jnp.int32))}
   return new_state, metrics

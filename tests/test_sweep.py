@@ -102,21 +102,27 @@ def test_sweep_equals_separate_runs(x64, optimizer, kind):
   assert np.ptp(history["loss"][:, -1]) > 1e-3
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
 @pytest.mark.parametrize("loop", [True, False])
-def test_dense_path_sweep_equals_separate_runs(x64, monkeypatch, loop):
-  """Plain SGD on the dense path: the P update is products.add_product, whose vmap rule
-  loops over the members on CPU above a size (forced here) and batches below it."""
+def test_dense_path_sweep_equals_separate_runs(x64, monkeypatch, loop, optimizer):
+  """The dense path in the point-major layout. With sgd the P update is
+  products.add_product, whose vmap rule loops over the members on CPU above a size
+  (forced here) and batches below it; momentum takes the full-shape optimizer path."""
   monkeypatch.setattr(kronjax.products, "LOOP_MIN_BYTES", 0 if loop else 2**62)
   jax.clear_caches()  # the rule runs at trace time: no step compiled under the other setting
   monkeypatch.setattr(sw, "_STEP_CACHE", {})
   data, labels = _task()
   config = kronjax.Config(width=64, threshold=0.6, update="dense")
-  members = sw.grid(learning_rate=[0.5, 2.0], threshold=[0.5, 0.8], seed=[0, 1])
+  axes = dict(learning_rate=[0.5, 2.0], threshold=[0.5, 0.8], seed=[0, 1])
+  if optimizer == "momentum":
+    axes.update(learning_rate=[0.1, 0.4], momentum=[0.5, 0.9])
+  members = sw.grid(**axes)
   key = jax.random.PRNGKey(3)
-  sweep = sw.init(config, data, labels, members, tx=TX["sgd"])
+  sweep = sw.init(config, data, labels, members, tx=TX[optimizer])
   step = sw.compiled_step()
   hlo = step.lower(sweep.state, jnp.arange(BATCH)).as_text()
-  assert ("while" in hlo) == (loop and jax.default_backend() == "cpu")
+  if optimizer == "sgd":
+    assert ("while" in hlo) == (loop and jax.default_backend() == "cpu")
   trained, history = sw.fit(sweep, key, batch_size=BATCH, steps=STEPS, progress=False)
   for i, member in enumerate(members):
     ref, losses = _separate(sweep.member(i), data, labels, member, key)
