@@ -64,11 +64,12 @@ def _add_product_vmap(axis_size, in_batched, X, G, R):
   # The in-place loop writes into X: only when the result keeps X's dtype (mixed
   # dtypes promote, as the plain expression does).
   same_dtype = jnp.result_type(X, G, R) == X.dtype
-  if not x_batched or out_bytes < LOOP_MIN_BYTES or not same_dtype:
-    return jax.vmap(_add_product, in_axes=in_axes)(X, G, R), True
 
   def batched(X, G, R):
     return jax.vmap(_add_product, in_axes=in_axes)(X, G, R)
+
+  if not x_batched or out_bytes < LOOP_MIN_BYTES or not same_dtype:
+    return batched(X, G, R), True
 
   def looped(X, G, R):
     def member(i, X):
