@@ -16,7 +16,9 @@ A checkpoint is one ``.npz`` file, ``<directory>/ckpt-<step>.npz``, holding
 it, and renames it over the final name (``os.replace``), so a process killed at
 any moment leaves either the previous checkpoint or the new one, never half a
 file. It keeps the latest ``keep`` checkpoints (default 2: the latest and one
-before it) and deletes older ones.
+before it) and deletes older ones. Saving step ``s`` also deletes checkpoints of
+steps after ``s``: they belong to a trajectory abandoned by resuming from an
+older checkpoint, and would otherwise be what the next ``load`` restores.
 
 ``load(directory, like=state)`` needs a freshly initialized state built with the
 same data, labels, config and ``tx`` (the optimizer cannot be restored from the
@@ -91,7 +93,8 @@ def save(directory: str | os.PathLike, state: TrainState, metadata: dict | None 
     metadata: a dict of JSON values (str keys, numbers, strings, lists, dicts)
       and arrays (numpy or jax, PRNG keys included); returned by ``load``.
       Tuples come back as lists.
-    keep: how many checkpoints to keep, newest first (older ones are deleted).
+    keep: how many checkpoints to keep, newest first (older ones are deleted,
+      and so are any of steps after ``state.step``: see the module docstring).
 
   Returns:
     The path of the written file.
@@ -135,7 +138,13 @@ def save(directory: str | os.PathLike, state: TrainState, metadata: dict | None 
     if tmp.exists():
       tmp.unlink()
   _fsync_dir(directory)
-  for old in steps(directory)[:-keep]:
+  # Checkpoints of later steps belong to a trajectory that was abandoned (a run
+  # resumed from an older checkpoint): left in place, they would shadow this one
+  # in ``latest_step`` and ``load``, and a resume would jump back onto them.
+  found = steps(directory)
+  stale = [s for s in found if s > step]
+  current = [s for s in found if s <= step]
+  for old in stale + current[:-keep]:
     checkpoint_path(directory, old).unlink(missing_ok=True)
   return final
 

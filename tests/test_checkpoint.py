@@ -121,6 +121,24 @@ def test_keeps_latest_two_and_loads_a_given_step(tmp_path):
     checkpoint.load(tmp_path, like=_init(), step=1)
 
 
+def test_resuming_from_an_older_step_drops_the_abandoned_later_ones(tmp_path):
+  state = _init()
+  saved = {}
+  for _ in range(3):
+    state, _ = kronjax.fit(state, jax.random.PRNGKey(1), batch_size=4, steps=1, progress=False)
+    checkpoint.save(tmp_path, state, keep=3)
+    saved[int(state.step)] = state
+  assert checkpoint.steps(tmp_path) == [1, 2, 3]
+  # Roll back to step 1 and train on with another key: steps 2 and 3 are stale.
+  state, _ = checkpoint.load(tmp_path, like=_init(), step=1)
+  state, _ = kronjax.fit(state, jax.random.PRNGKey(7), batch_size=4, steps=1, progress=False)
+  checkpoint.save(tmp_path, state, keep=3)
+  assert checkpoint.steps(tmp_path) == [1, 2]
+  restored, _ = checkpoint.load(tmp_path, like=_init())
+  _assert_same(restored, state)
+  assert not np.allclose(np.asarray(restored.P), np.asarray(saved[2].P))
+
+
 def test_fit_checkpoints_resume_bit_for_bit(tmp_path):
   key = jax.random.PRNGKey(5)
   full, _ = kronjax.fit(_init(), key, batch_size=4, steps=10, progress=False)
