@@ -6,10 +6,13 @@ Gram shared) costs <= 0.5x the 16 steps of the members run one after the other
 (``jax.jit(kronjax.train_step, donate_argnums=0)`` per member), and compiles once.
 
 All variants are timed in interleaved rounds (``bench.time_steps_interleaved``).
-Also measured: the update floor (every member's ``P + G @ K_rows``, nothing
-else: no schedule of the members can go below it); the fully stacked variant ``jax.vmap(kronjax.train_step, in_axes=(0, None))``
-on ``jax.vmap(kronjax.init)`` output (data and Gram copied per member), and the
-member state's memory in both layouts.
+Also measured: the update floor (every member's ``P + G @ K_rows``, nothing else:
+no schedule of the members can go below it); the fully stacked variant
+``jax.vmap(kronjax.train_step, in_axes=(0, None))`` on ``jax.vmap(kronjax.init)``
+output (data and Gram copied per member); the member state's memory in both
+layouts; and the sequential runs, the sweep and the floor once more with XLA's
+product and add instead of the native CPU kernel (``kronjax.native``, the
+default), compiled in the same process (``*_xla``).
 
     .venv/bin/python experiments/bench_sweep.py            # -> experiments/results/sweep.json
     .venv/bin/python experiments/bench_sweep.py --smoke    # tiny sizes -> experiments/results/sweep_smoke.json
@@ -40,12 +43,12 @@ def _bytes(tree) -> int:
 
 
 def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer: str,
-        rounds: int = 5, update: str = "dense") -> dict:
+        rounds: int = 5, update: str = "dense", layout: str = "auto") -> dict:
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, dims, task="regression")
   b0 = default_threshold(m)
   thresholds = [b0, b0 - 0.25]
-  config = kronjax.Config(width=m, threshold=b0, update=update,
+  config = kronjax.Config(width=m, threshold=b0, update=update, layout=layout,
                           active_capacity=default_active_capacity(m, min(thresholds)))
   hyper = dict(learning_rate=[0.5, 1.0, 2.0, 4.0], threshold=thresholds, seed=[0, 1])
   if optimizer == "momentum":
@@ -67,7 +70,7 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   single = jax.jit(kronjax.train_step, donate_argnums=0)
   states = [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts]
 
-  def sequential(states, batch_idx):
+  def sequential(states, batch_idx, single=single):
     out = [single(s, batch_idx) for s in states]
     return [s for s, _ in out], [mt for _, mt in out]
 
@@ -99,12 +102,29 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   floor = jax.jit(lambda P, a: (jax.vmap(products.add_product, in_axes=(0, 0, None))(P, *a), None),
                   donate_argnums=0)
 
+  # The same three with XLA's product and add instead of the native kernel
+  # (kronjax.native), compiled ahead so both run interleaved in this process.
+  xla = {}
+  if products.native.available():
+    single_xla = products.compile_with(single, starts[0], batches[0], use_native=False)
+    xla = {
+        "sequential_xla": (lambda st, b: sequential(st, b, single_xla),
+                           [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts],
+                           batches),
+        "sweep_xla": (products.compile_with(step, merge_copy(sweep.state), batches[0],
+                                            use_native=False), merge_copy(sweep.state), batches),
+        "update_floor_xla": (products.compile_with(floor, jnp.zeros((S, m, n), jnp.float32),
+                                                   floor_args[0], use_native=False),
+                             jnp.zeros((S, m, n), jnp.float32), floor_args),
+    }
+
   # Interleaved rounds: the machine's drift hits every variant alike.
   timings, finals = bench.time_steps_interleaved({
       "sequential": (sequential, states, batches),
       "sweep": (step, state, batches),
       "stacked": (stacked_step, stacked_state, batches),
       "update_floor": (floor, jnp.zeros((S, m, n), jnp.float32), floor_args),
+      **xla,
   }, rounds=rounds)
   seq, shared, stacked = timings["sequential"], timings["sweep"], timings["stacked"]
   states, state = finals["sequential"], finals["sweep"]
@@ -130,6 +150,16 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
       "ratio_update_floor_vs_sequential": timings["update_floor"]["median_s"] / seq["median_s"],
       "member_state_bytes": _bytes(part), "shared_bytes": _bytes(common),
       "stacked_state_bytes": _bytes(stacked_state),
+      **({} if not xla else {
+          "xla_product": {k: timings[k] for k in xla},
+          "ratio_shared_vs_sequential_xla": (timings["sweep_xla"]["median_s"]
+                                             / timings["sequential_xla"]["median_s"]),
+          "speedup_native_sequential": (timings["sequential_xla"]["median_s"]
+                                        / seq["median_s"]),
+          "speedup_native_sweep": timings["sweep_xla"]["median_s"] / shared["median_s"],
+          "speedup_native_update_floor": (timings["update_floor_xla"]["median_s"]
+                                          / timings["update_floor"]["median_s"]),
+      }),
       "max_abs_diff_sweep_vs_sequential_P": agree,
       "loadavg_1min": os.getloadavg()[0],
   }
@@ -149,6 +179,8 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
   p.add_argument("--update", default="dense", choices=("auto", "dense", "sparse"),
                  help="update path (dense: P stored point-major; the path auto picks at these sizes)")
+  p.add_argument("--layout", default="auto", choices=("auto", "neurons", "points"),
+                 help="how P is stored (auto: point-major on the dense path)")
   args = p.parse_args(argv)
   optimizers = args.optimizers.split(",")
   if args.smoke:
@@ -156,7 +188,7 @@ def main(argv=None):
   else:  # the claim's size, then a small one where per-call overhead dominates
     sizes = [(1024, 512, (16, 32), 32, args.steps or 23), (128, 64, (8, 8), 8, args.steps or 23)]
   rounds = 2 if args.smoke else args.rounds
-  results = [run(m, n, dims, batch, steps, o, rounds, args.update) for m, n, dims, batch, steps in sizes
+  results = [run(m, n, dims, batch, steps, o, rounds, args.update, args.layout) for m, n, dims, batch, steps in sizes
              for o in optimizers]
   for r in results:
     print(f"m={r['m']:>5} n={r['n']:>4} {r['optimizer']:>8}: 16 sequential {1e3 * r['sequential_16_steps']['median_s']:.2f} ms, "
@@ -167,6 +199,14 @@ def main(argv=None):
           f"{1e3 * r['update_floor']['median_s']:.2f} ms (ratio {r['ratio_update_floor_vs_sequential']:.3f}); "
           f"compilations {r['sweep_compilations']}; "
           f"path {r['update_path']}, layout {r['layout']}, active {r['mean_active']:.1f}")
+    if "xla_product" in r:
+      x = r["xla_product"]
+      print(f"    with XLA's product instead of the native kernel: 16 sequential "
+            f"{1e3 * x['sequential_xla']['median_s']:.2f} ms, sweep {1e3 * x['sweep_xla']['median_s']:.2f} ms "
+            f"(ratio {r['ratio_shared_vs_sequential_xla']:.3f}), update floor "
+            f"{1e3 * x['update_floor_xla']['median_s']:.2f} ms; native speedup: sequential "
+            f"{r['speedup_native_sequential']:.2f}x, sweep {r['speedup_native_sweep']:.2f}x, "
+            f"floor {r['speedup_native_update_floor']:.2f}x")
   out = args.out or RESULTS / ("sweep_smoke.json" if args.smoke else "sweep.json")
   bench.write_json(out, {"environment": bench.environment(), "results": results,
                          "command": "experiments/bench_sweep.py" + (" --smoke" if args.smoke else "")})

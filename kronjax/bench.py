@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from kronjax import native
+
 
 def block(tree: Any) -> Any:
   """Waits for every array in ``tree``."""
@@ -112,6 +114,7 @@ def environment() -> dict[str, Any]:
       "platform": platform.platform(),
       "python": platform.python_version(),
       "x64": bool(jax.config.jax_enable_x64),
+      "native": native.info(),
   }
 
 

@@ -1,35 +1,71 @@
-"""The step's one ``O(m n)`` operation, ``X + G @ R``, with a batching rule for sweeps.
+"""The step's one ``O(m n)`` operation, ``X + G @ R``, and how it runs on each backend.
 
 Shapes: m rows (neurons), B batch, n columns (points).
 
 On the dense path every step adds ``G (m, B) @ K[S, :] (B, n)`` to ``P (m, n)``.
-Under ``jax.vmap`` over sweep members (``kronjax.sweep``) with the batch and the
-Gram shared, JAX's default rule folds the members into one tall product
-``(S m, B) @ (B, n)`` whose ``(S, m, n)`` result is written out and then added
-to ``P``. On a CPU that temporary does not fit in cache once ``S m n`` floats pass
-a few MiB, and XLA's tall product itself ran at half the rate of the
-per-member one (``experiments/bench_sweep.py``: the 16-member sweep at
-m = 1024, n = 512 was 2x *slower* than 16 separate steps). ``add_product``
-carries a ``jax.custom_batching.custom_vmap`` rule that, on CPU, loops over the
-members inside the compiled program and updates each member's rows in place,
-so the temporary is one member's ``(m, n)`` and stays in cache. On GPU and TPU,
-where one member's product leaves the device idle, the rule keeps the batched
-product.
+
+* CPU, native kernel available (``kronjax.native``, the default where a C++
+  compiler exists): in place, one BLAS ``gemm`` with ``beta = 1`` per member,
+  or, when ``G`` is mostly zeros (inactive neurons), one axpy per nonzero.
+  Under ``jax.vmap`` over sweep members all members go to one call, and the
+  shared ``R`` (the batch's Gram rows) is not copied per member.
+* CPU, XLA only (``KRONJAX_NATIVE=off`` or no compiler): XLA's product into a
+  temporary, then an add pass. Under ``jax.vmap`` JAX's default rule would fold
+  the members into one tall product ``(S m, B) @ (B, n)`` whose ``(S, m, n)``
+  result is written out and then added; on a CPU that temporary does not fit in
+  cache and the 16-member sweep at m = 1024, n = 512 ran 2x *slower* than 16
+  separate steps. The batching rule instead loops over the members inside the
+  compiled program and updates each member's rows in place.
+* GPU and TPU: the plain expression and JAX's batched product (one member's
+  product leaves the device idle; XLA fuses the add into the gemm there).
+
+Every variant is exactly ``X + G @ R`` up to float rounding order.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+
+from kronjax import native
 
 # Below this many bytes of batched result the default batched product stays in
 # cache and its single dispatch wins over a loop (measured: experiments/bench_sweep.py
 # at m = 128, n = 64 runs ~0.2x of 16 sequential steps with the batched product).
 LOOP_MIN_BYTES = 4 * 2**20
 
+# Read when a caller is traced (like LOOP_MIN_BYTES): False keeps XLA's product
+# and add on CPU even where the native kernel builds. For A/B benchmarks and the
+# tests of the XLA path; users switch with KRONJAX_NATIVE=off (kronjax.native).
+USE_NATIVE = True
+
+
+def compile_with(fn: Callable[..., Any], *args: Any, use_native: bool) -> Any:
+  """``fn.lower(*args).compile()`` for a jitted ``fn`` with the native kernel on or off.
+
+  For A/B benchmarks in one process. JAX caches traces by function, so the
+  caches are cleared around the trace; the compiled result keeps its choice.
+  """
+  global USE_NATIVE
+  previous, USE_NATIVE = USE_NATIVE, use_native
+  jax.clear_caches()
+  try:
+    return fn.lower(*args).compile()
+  finally:
+    USE_NATIVE = previous
+    jax.clear_caches()
+
 
 def _add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   return X + G @ R
+
+
+def _use_native(X: jax.Array, G: jax.Array, R: jax.Array) -> bool:
+  """Trace-time choice for the CPU branch: the native kernel takes these operands."""
+  return (USE_NATIVE and native.supports(X, G, R)
+          and native.available(warn=jax.default_backend() == "cpu"))
 
 
 @jax.custom_jvp
@@ -53,7 +89,12 @@ def _add_product_jvp(primals, tangents):
 
 @jax.custom_batching.custom_vmap
 def _batched_add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
-  return _add_product(X, G, R)
+  # A fresh closure per trace: JAX caches branch traces by function, and the
+  # choice below depends on USE_NATIVE at trace time.
+  def cpu(X, G, R):
+    return native.add_product(X, G, R) if _use_native(X, G, R) else _add_product(X, G, R)
+
+  return jax.lax.platform_dependent(X, G, R, cpu=cpu, default=_add_product)
 
 
 @_batched_add_product.def_vmap
@@ -68,8 +109,10 @@ def _add_product_vmap(axis_size, in_batched, X, G, R):
   def batched(X, G, R):
     return jax.vmap(_add_product, in_axes=in_axes)(X, G, R)
 
-  if not x_batched or out_bytes < LOOP_MIN_BYTES or not same_dtype:
-    return batched(X, G, R), True
+  def members_native(X, G, R):
+    # Unbatched operands get a leading axis of 1: the kernel broadcasts it.
+    X = X if x_batched else jnp.broadcast_to(X, (axis_size, *X.shape))
+    return native.add_product(X, G if g_batched else G[None], R if r_batched else R[None])
 
   def looped(X, G, R):
     def member(i, X):
@@ -82,4 +125,11 @@ def _add_product_vmap(axis_size, in_batched, X, G, R):
       return jax.lax.dynamic_update_slice_in_dim(X, rows, i, 0)
     return jax.lax.fori_loop(0, axis_size, member, X)
 
-  return jax.lax.platform_dependent(X, G, R, cpu=looped, default=batched), True
+  def cpu(X, G, R):
+    if _use_native(X, G, R):
+      return members_native(X, G, R)
+    if not x_batched or out_bytes < LOOP_MIN_BYTES or not same_dtype:
+      return batched(X, G, R)
+    return looped(X, G, R)
+
+  return jax.lax.platform_dependent(X, G, R, cpu=cpu, default=batched), True

@@ -102,13 +102,17 @@ def test_sweep_equals_separate_runs(x64, optimizer, kind):
   assert np.ptp(history["loss"][:, -1]) > 1e-3
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
-@pytest.mark.parametrize("loop", [True, False])
-def test_dense_path_sweep_equals_separate_runs(x64, monkeypatch, loop, optimizer):
+@pytest.mark.parametrize("product,optimizer", [("native", "sgd"), ("loop", "sgd"), ("batched", "sgd"),
+                                               ("loop", "momentum"), ("batched", "momentum")])
+def test_dense_path_sweep_equals_separate_runs(x64, monkeypatch, product, optimizer):
   """The dense path in the point-major layout. With sgd the P update is
-  products.add_product, whose vmap rule loops over the members on CPU above a size
-  (forced here) and batches below it; momentum takes the full-shape optimizer path."""
-  monkeypatch.setattr(kronjax.products, "LOOP_MIN_BYTES", 0 if loop else 2**62)
+  products.add_product: on CPU the native kernel (all members in one call), or
+  XLA's rule, which loops over the members above a size (forced here) and batches
+  below it; momentum takes the full-shape optimizer path."""
+  if product == "native" and not kronjax.native.available():
+    pytest.skip(f"native kernel unavailable: {kronjax.native.info()['reason']}")
+  monkeypatch.setattr(kronjax.products, "USE_NATIVE", product == "native")
+  monkeypatch.setattr(kronjax.products, "LOOP_MIN_BYTES", 0 if product == "loop" else 2**62)
   jax.clear_caches()  # the rule runs at trace time: no step compiled under the other setting
   monkeypatch.setattr(sw, "_STEP_CACHE", {})
   data, labels = _task()
@@ -121,8 +125,9 @@ def test_dense_path_sweep_equals_separate_runs(x64, monkeypatch, loop, optimizer
   sweep = sw.init(config, data, labels, members, tx=TX[optimizer])
   step = sw.compiled_step()
   hlo = step.lower(sweep.state, jnp.arange(BATCH)).as_text()
-  if optimizer == "sgd":
-    assert ("while" in hlo) == (loop and jax.default_backend() == "cpu")
+  if optimizer == "sgd" and jax.default_backend() == "cpu":
+    assert ("while" in hlo) == (product == "loop")
+    assert ("kronjax_add_product" in hlo) == (product == "native")
   trained, history = sw.fit(sweep, key, batch_size=BATCH, steps=STEPS, progress=False)
   for i, member in enumerate(members):
     ref, losses = _separate(sweep.member(i), data, labels, member, key)
