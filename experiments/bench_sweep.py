@@ -111,8 +111,9 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
         "sequential_xla": (lambda st, b: sequential(st, b, single_xla),
                            [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts],
                            batches),
-        "sweep_xla": (products.compile_with(step, merge_copy(sweep.state), batches[0],
-                                            use_native=False), merge_copy(sweep.state), batches),
+        "sweep_xla": (_sweep_step_from(products.compile_with(step, merge_copy(sweep.state), batches[0],
+                                                             use_native=False)),
+                      merge_copy(sweep.state), batches),
         "update_floor_xla": (products.compile_with(floor, jnp.zeros((S, m, n), jnp.float32),
                                                    floor_args[0], use_native=False),
                              jnp.zeros((S, m, n), jnp.float32), floor_args),
@@ -163,6 +164,15 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
       "max_abs_diff_sweep_vs_sequential_P": agree,
       "loadavg_1min": os.getloadavg()[0],
   }
+
+
+def _sweep_step_from(compiled):
+  """A sweep step from ``compiled_step().lower(...).compile()`` (which takes the split state)."""
+  def step(state, batch_idx):
+    part, shared = sw.split(state)
+    new, metrics = compiled(part, shared, jnp.asarray(batch_idx, jnp.int32))
+    return sw.merge(new, shared), metrics
+  return step
 
 
 def merge_copy(state):
