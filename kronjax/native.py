@@ -105,10 +105,12 @@ def _build(cxx: str) -> pathlib.Path:
 
 
 def _capsule_pointer(capsule: Any) -> int:
-  name = ctypes.pythonapi.PyCapsule_GetName
-  name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-  pointer = ctypes.pythonapi.PyCapsule_GetPointer
-  pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+  # Own prototypes: setting restype on ctypes.pythonapi's shared entries would
+  # change them for every other user in the process.
+  name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+      ("PyCapsule_GetName", ctypes.pythonapi))
+  pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+      ("PyCapsule_GetPointer", ctypes.pythonapi))
   return pointer(capsule, name(capsule))
 
 

@@ -72,9 +72,10 @@ def _use_native(X: jax.Array, G: jax.Array, R: jax.Array) -> bool:
 def add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   """``X + G @ R`` for ``X (m, n)``, ``G (m, B)``, ``R (B, n)``; returns ``(m, n)``.
 
-  Exactly ``X + G @ R``; only its batching under ``jax.vmap`` differs from the
-  plain expression (see the module docstring). Differentiable (forward and
-  reverse mode) like the plain expression.
+  ``X + G @ R`` up to float rounding order: on CPU the native kernel computes
+  it (when built), and under ``jax.vmap`` the batching differs from the plain
+  expression's (see the module docstring). Differentiable (forward and reverse
+  mode) like the plain expression.
   """
   return _batched_add_product(X, G, R)
 

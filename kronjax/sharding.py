@@ -48,6 +48,8 @@ from kronjax import train as train_lib
 from kronjax.state import TrainState, index_for, trainable_key
 
 AXIS = "neurons"
+
+
 def _row_fields(state: TrainState) -> dict[str, tuple[int, float]]:
   """field -> (neuron axis, padding value). ``A_T`` is stored ``(n, m)`` and so is
   ``projections`` in the ``"points"`` layout: their neurons are axis 1."""
