@@ -16,6 +16,7 @@ default), compiled in the same process (``*_xla``).
 
     .venv/bin/python experiments/bench_sweep.py            # -> experiments/results/sweep.json
     .venv/bin/python experiments/bench_sweep.py --smoke    # tiny sizes -> experiments/results/sweep_smoke.json
+    .venv/bin/python experiments/bench_sweep.py --retain-freed-memory --out experiments/results/sweep_retain.json
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -189,9 +191,12 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
   p.add_argument("--update", default="dense", choices=("auto", "dense", "sparse"),
                  help="update path (dense: P stored point-major; the path auto picks at these sizes)")
+  p.add_argument("--retain-freed-memory", action="store_true",
+                 help="call kronjax.memory.retain_freed_memory() first (glibc: reuse large freed blocks)")
   p.add_argument("--layout", default="auto", choices=("auto", "neurons", "points"),
                  help="how P is stored (auto: point-major on the dense path)")
   args = p.parse_args(argv)
+  retained = kronjax.memory.retain_freed_memory() if args.retain_freed_memory else False
   optimizers = args.optimizers.split(",")
   if args.smoke:
     sizes = [(128, 64, (8, 8), 8, args.steps or 8)]
@@ -219,7 +224,9 @@ def main(argv=None):
             f"floor {r['speedup_native_update_floor']:.2f}x")
   out = args.out or RESULTS / ("sweep_smoke.json" if args.smoke else "sweep.json")
   bench.write_json(out, {"environment": bench.environment(), "results": results,
-                         "command": "experiments/bench_sweep.py" + (" --smoke" if args.smoke else "")})
+                         "retain_freed_memory": retained,
+                         "command": "experiments/bench_sweep.py " + " ".join(argv if argv is not None
+                                                                           else sys.argv[1:])})
   print("wrote", out)
   return results
 

@@ -4,6 +4,7 @@ from kronjax import checkpoint
 from kronjax import data
 from kronjax import dense
 from kronjax import initializers
+from kronjax import memory
 from kronjax import sharding
 from kronjax import sweep
 from kronjax import threshold
@@ -36,6 +37,7 @@ __all__ = (
     "fit",
     "init",
     "initializers",
+    "memory",
     "predict",
     "sharding",
     "sweep",
