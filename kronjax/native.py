@@ -12,8 +12,8 @@ skips them instead: one axpy per nonzero, exact for finite ``R``.
 
 Nothing is built at install time. The first trace that needs the kernel
 compiles ``add_product.cc`` against jaxlib's FFI headers (``jax.ffi.include_dir``)
-into a cache directory, keyed by the source, the jaxlib version and the
-compiler, and loads it; later processes reuse the file. The gemm itself is
+into a cache directory, keyed by the source, the jaxlib version, the
+compiler and the machine, and loads it; later processes reuse the file. The gemm itself is
 scipy's (``scipy.linalg.cython_blas``; scipy is a dependency of jax), so nothing
 links against a BLAS.
 

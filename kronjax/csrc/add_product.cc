@@ -147,16 +147,14 @@ extern "C" void kronjax_set_blas(void* sgemm_fn, void* dgemm_fn) {
   dgemm = reinterpret_cast<GemmFn<double>>(dgemm_fn);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_add_product_f32, AddProduct<ffi::DataType::F32>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::DataType::F32>>()
-                                  .Arg<ffi::Buffer<ffi::DataType::F32>>()
-                                  .Arg<ffi::Buffer<ffi::DataType::F32>>()
-                                  .Ret<ffi::Buffer<ffi::DataType::F32>>());
+// One handler per dtype: X, G, R in, the result (aliased to X) out.
+#define KRONJAX_ADD_PRODUCT_HANDLER(name, DT)                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, AddProduct<DT>,                         \
+                                ffi::Ffi::Bind()                              \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Ret<ffi::Buffer<DT>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_add_product_f64, AddProduct<ffi::DataType::F64>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::DataType::F64>>()
-                                  .Arg<ffi::Buffer<ffi::DataType::F64>>()
-                                  .Arg<ffi::Buffer<ffi::DataType::F64>>()
-                                  .Ret<ffi::Buffer<ffi::DataType::F64>>());
+KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f32, ffi::DataType::F32)
+KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f64, ffi::DataType::F64)
