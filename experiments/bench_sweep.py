@@ -134,6 +134,7 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
 
   # Both layouts end in the same place (same batches, same members).
   agree = float(jnp.max(jnp.abs(state.P - jnp.stack([s.P for s in states]))))
+  faults = _minor_faults_per_step(step, state, batches)
 
   part, common = sw.split(sweep.state)
   return {
@@ -164,8 +165,22 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
                                           / timings["update_floor"]["median_s"]),
       }),
       "max_abs_diff_sweep_vs_sequential_P": agree,
+      "sweep_minor_page_faults_per_step": faults,
       "loadavg_1min": os.getloadavg()[0],
   }
+
+
+def _minor_faults_per_step(step, state, batches) -> float:
+  """Minor page faults per sweep step (``getrusage``): fresh pages the OS maps for
+  the step's temporaries (see ``kronjax.memory``). Runs after the timings."""
+  import resource  # pylint: disable=import-outside-toplevel  (POSIX only)
+  state, _ = step(state, batches[0])
+  jax.block_until_ready(state)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for b in batches:
+    state, _ = step(state, b)
+    jax.block_until_ready(state)
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / len(batches)
 
 
 def _sweep_step_from(compiled):
@@ -213,7 +228,8 @@ def main(argv=None):
           f"(ratio {r['ratio_stacked_vs_sequential']:.3f}); update floor "
           f"{1e3 * r['update_floor']['median_s']:.2f} ms (ratio {r['ratio_update_floor_vs_sequential']:.3f}); "
           f"compilations {r['sweep_compilations']}; "
-          f"path {r['update_path']}, layout {r['layout']}, active {r['mean_active']:.1f}")
+          f"path {r['update_path']}, layout {r['layout']}, active {r['mean_active']:.1f}; "
+          f"sweep page faults/step {r['sweep_minor_page_faults_per_step']:.0f}")
     if "xla_product" in r:
       x = r["xla_product"]
       print(f"    with XLA's product instead of the native kernel: 16 sequential "

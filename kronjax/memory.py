@@ -5,8 +5,8 @@ its mmap threshold (at most 32 MiB by default) with fresh ``mmap`` pages and
 unmaps them on free, so a step whose temporaries are that large pays one page
 fault (and a page zeroing) per 4 KiB, every step. A momentum sweep of 16
 members at m = 1024, n = 512 has ~36 MiB of such temporaries: 9.2k page faults
-per step, and the step took 28.8 ms; with ``retain_freed_memory()`` 0.3k faults
-and 14.7 ms (``experiments/bench_sweep.py --retain-freed-memory``). Plain-SGD
+per step and 31.8 ms, 1.7x the 16 separate steps; with ``retain_freed_memory()``
+1 fault and 18.7 ms, 0.9x (``experiments/bench_sweep.py [--retain-freed-memory]``). Plain-SGD
 steps and single runs at these sizes have no temporaries that large and do not
 change.
 
