@@ -1,7 +1,18 @@
 """Native CPU kernels (XLA FFI), compiled on first use with the system C++ compiler.
 
-One kernel today: ``add_product(X, G, R) = X + G @ R`` accumulated in place by
-BLAS ``gemm`` with ``beta = 1`` (source: ``kronjax/csrc/add_product.cc``). XLA
+Kernels (sources in ``kronjax/csrc/``, built into one library):
+
+* ``add_product(X, G, R) = X + G @ R`` accumulated in place by BLAS ``gemm``
+  with ``beta = 1`` (``add_product.cc``);
+* the dense step's work on the batch's rows (``rows.cc``): ``take_rows`` and
+  ``add_rows`` (``X[..., idx, :]`` read, and added to in place), ``relu_rows``
+  (the hidden layer's output ``relu(X[idx] - b) @ a`` and active count) and
+  ``relu_rows_grad`` (the coefficients ``where(X[idx] > b, g @ a^T, 0)``), each
+  reading a row once and splitting the rows over XLA's intra-op threads. For a
+  sweep's shared batch XLA CPU's own gather goes through an index-major layout
+  and a transpose per consumer (``kronjax.hidden``).
+
+About ``add_product``: XLA
 CPU computes the same expression as a product into a temporary followed by a
 separate add pass over ``X`` that one core runs; for a 16-member sweep at
 m = 1024, n = 512, batch 32 that pass was about a third of the step
@@ -11,9 +22,9 @@ entries are nonzero (the coefficients of inactive neurons are exact zeros) it
 skips them instead: one axpy per nonzero, exact for finite ``R``.
 
 Nothing is built at install time. The first trace that needs the kernel
-compiles ``add_product.cc`` against jaxlib's FFI headers (``jax.ffi.include_dir``)
-into a cache directory, keyed by the source, the jaxlib version, the
-compiler and the machine, and loads it; later processes reuse the file. The gemm itself is
+compiles the sources against jaxlib's FFI headers (``jax.ffi.include_dir``)
+into a cache directory, keyed by the sources, the flags, the jaxlib version,
+the compiler and the machine, and loads it; later processes reuse the file. The gemm itself is
 scipy's (``scipy.linalg.cython_blas``; scipy is a dependency of jax), so nothing
 links against a BLAS.
 
@@ -45,10 +56,14 @@ from typing import Any
 import jax
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "add_product.cc"
+_CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
+SOURCES = (_CSRC / "add_product.cc", _CSRC / "rows.cc")
+HEADERS = (_CSRC / "parallel.h",)
+# -fno-trapping-math lets a masked select vectorize (nothing here reads FP exception flags).
+FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
 MODES = ("auto", "off", "require")
-_TARGETS = {np.dtype(np.float32): "kronjax_add_product_f32",
-            np.dtype(np.float64): "kronjax_add_product_f64"}
+KERNELS = ("add_product", "take_rows", "add_rows", "relu_rows", "relu_rows_grad")
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}   # filled once by _load(): available, reason, library, handle
@@ -82,17 +97,16 @@ def _build(cxx: str) -> pathlib.Path:
   """Compiles the kernel into the cache (atomically; reuses an existing build)."""
   import jaxlib  # the FFI headers and the ABI come with jaxlib
 
-  source = SOURCE.read_bytes()
-  key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), cxx.encode(),
-                                    platform.machine().encode()])).hexdigest()[:16]
+  sources = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
+  key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+                                    cxx.encode(), platform.machine().encode()])).hexdigest()[:16]
   target = cache_dir() / f"kronjax_native_{key}.so"
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
-  cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-         str(SOURCE), "-o", tmp]
+  cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
@@ -132,7 +146,7 @@ def _load() -> dict[str, Any]:
       handle.kronjax_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
       handle.kronjax_set_blas(_capsule_pointer(cython_blas.__pyx_capi__["sgemm"]),
                               _capsule_pointer(cython_blas.__pyx_capi__["dgemm"]))
-      for target in _TARGETS.values():
+      for target in _targets():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)),
                                     platform="cpu")
       _state.update(available=True, reason=None, library=str(library), handle=handle)
@@ -166,10 +180,26 @@ def info() -> dict[str, Any]:
           "reason": state["reason"]}
 
 
+def _targets() -> list[str]:
+  return [f"kronjax_{kernel}_{suffix}" for kernel in KERNELS for suffix in _SUFFIX.values()]
+
+
+def _target(kernel: str, dtype: Any) -> str:
+  return f"kronjax_{kernel}_{_SUFFIX[np.dtype(dtype)]}"
+
+
 def supports(X: jax.Array, G: jax.Array, R: jax.Array) -> bool:
-  """Whether the kernel takes these dtypes: ``X``, ``G``, ``R`` all float32 or all float64."""
+  """Whether ``add_product`` takes these dtypes: ``X``, ``G``, ``R`` all float32 or all float64."""
   dtype = np.dtype(X.dtype)
-  return dtype in _TARGETS and G.dtype == dtype and R.dtype == dtype
+  return dtype in _SUFFIX and G.dtype == dtype and R.dtype == dtype
+
+
+def supports_rows(X: jax.Array, idx: jax.Array, U: jax.Array | None = None) -> bool:
+  """Whether ``take_rows`` / ``add_rows`` take these operands: ``X`` (and ``U``)
+  float32 or float64 of rank >= 2 (``U`` of ``X``'s rank and dtype), ``idx`` int32 of rank 1."""
+  ok = (np.dtype(X.dtype) in _SUFFIX and X.ndim >= 2 and idx.ndim == 1
+        and np.dtype(idx.dtype) == np.dtype(np.int32))
+  return ok and (U is None or (U.dtype == X.dtype and U.ndim == X.ndim))
 
 
 def add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
@@ -184,7 +214,85 @@ def add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   if not supports(X, G, R) or X.ndim < 2 or G.ndim != X.ndim or R.ndim != X.ndim:
     raise TypeError(f"native.add_product needs one float32/float64 dtype and equal ranks >= 2, "
                     f"got X {X.dtype}{X.shape}, G {G.dtype}{G.shape}, R {R.dtype}{R.shape}.")
-  call = jax.ffi.ffi_call(_TARGETS[np.dtype(X.dtype)], jax.ShapeDtypeStruct(X.shape, X.dtype),
+  call = jax.ffi.ffi_call(_target("add_product", X.dtype), jax.ShapeDtypeStruct(X.shape, X.dtype),
                           input_output_aliases={0: 0}, vmap_method="broadcast_all")
   return call(X, G, R)
 
+
+def take_rows(X: jax.Array, idx: jax.Array) -> jax.Array:
+  """``X[..., idx, :]`` on CPU: ``X (..., n, m)``, ``idx (B,)`` int32; returns ``(..., B, m)``.
+
+  Indices as ``X[idx]`` reads them: negative ones count from the end, then
+  they are clamped into ``[0, n)``. CPU only; check ``available`` and ``supports_rows``.
+  """
+  if not supports_rows(X, idx):
+    raise TypeError(f"native.take_rows needs X float32/float64 of rank >= 2 and idx int32 (B,), "
+                    f"got X {X.dtype}{X.shape}, idx {idx.dtype}{idx.shape}.")
+  shape = (*X.shape[:-2], idx.shape[0], X.shape[-1])
+  call = jax.ffi.ffi_call(_target("take_rows", X.dtype), jax.ShapeDtypeStruct(shape, X.dtype),
+                          vmap_method="broadcast_all")
+  return call(X, idx)
+
+
+def add_rows(X: jax.Array, idx: jax.Array, U: jax.Array) -> jax.Array:
+  """``X.at[..., idx, :].add(U)`` in place on CPU: ``X (..., n, m)``, ``idx (B,)``
+  int32, ``U (..., B, m)`` with ``X``'s leading dimensions; returns ``X``'s shape.
+
+  Indices as ``X.at[idx].add`` reads them: negative ones count from the end, and
+  out-of-range ones are dropped; repeated ones accumulate. The result aliases ``X``.
+  """
+  if (not supports_rows(X, idx, U) or U.shape[:-2] != X.shape[:-2]
+      or U.shape[-2:] != (idx.shape[0], X.shape[-1])):
+    raise TypeError(f"native.add_rows needs X (..., n, m) and U (..., B, m) of one float dtype and "
+                    f"idx int32 (B,), got X {X.dtype}{X.shape}, idx {idx.dtype}{idx.shape}, "
+                    f"U {U.dtype}{U.shape}.")
+  call = jax.ffi.ffi_call(_target("add_rows", X.dtype), jax.ShapeDtypeStruct(X.shape, X.dtype),
+                          input_output_aliases={0: 0}, vmap_method="broadcast_all")
+  return call(X, idx, U)
+
+
+
+def _check_hidden(name: str, X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array,
+                  g: jax.Array | None = None) -> None:
+  lead = X.shape[:-2]
+  ok = (supports_rows(X, idx) and b.shape == lead and a.shape[:-1] == (*lead, X.shape[-1])
+        and a.ndim == X.ndim and b.dtype == X.dtype and a.dtype == X.dtype)
+  if g is not None:
+    ok = ok and g.shape == (*lead, idx.shape[0], a.shape[-1]) and g.dtype == X.dtype
+  if not ok:
+    raise TypeError(f"native.{name} needs X (..., n, m), b (...), a (..., m, C)"
+                    f"{', g (..., B, C)' if g is not None else ''} of one float dtype and idx "
+                    f"int32 (B,), got X {X.dtype}{X.shape}, idx {idx.dtype}{idx.shape}, "
+                    f"b {b.dtype}{b.shape}, a {a.dtype}{a.shape}"
+                    f"{'' if g is None else f', g {g.dtype}{g.shape}'}.")
+
+
+def relu_rows(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The hidden layer on the batch's rows, on CPU, without materializing it.
+
+  ``X (..., n, m)``, ``idx (B,)`` int32, ``b (...)``, ``a (..., m, C)``; returns
+  ``(h @ a (..., B, C), count (..., B))`` for ``h = relu(X[..., idx, :] - b)``,
+  with ``count`` the number of entries ``> b`` per row (in ``X``'s dtype).
+  Terms with ``h == 0`` are skipped (exact for finite ``a``). Indices as ``X[idx]``.
+  """
+  _check_hidden("relu_rows", X, idx, b, a)
+  lead, B, C = X.shape[:-2], idx.shape[0], a.shape[-1]
+  call = jax.ffi.ffi_call(_target("relu_rows", X.dtype),
+                          (jax.ShapeDtypeStruct((*lead, B, C), X.dtype),
+                           jax.ShapeDtypeStruct((*lead, B), X.dtype)),
+                          vmap_method="broadcast_all")
+  return call(X, idx, b, a)
+
+
+def relu_rows_grad(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array,
+                   g: jax.Array) -> jax.Array:
+  """``where(X[..., idx, :] > b, g @ a^T, 0)`` on CPU: ``(..., B, m)``.
+
+  ``X (..., n, m)``, ``idx (B,)`` int32, ``b (...)``, ``a (..., m, C)``,
+  ``g (..., B, C)``: the hidden layer's coefficients for output gradients ``g``.
+  """
+  _check_hidden("relu_rows_grad", X, idx, b, a, g)
+  shape = (*X.shape[:-2], idx.shape[0], X.shape[-1])
+  call = jax.ffi.ffi_call(_target("relu_rows_grad", X.dtype), jax.ShapeDtypeStruct(shape, X.dtype),
+                          vmap_method="broadcast_all")
+  return call(X, idx, b, a, g)

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kronjax import _checks, losses, products
+from kronjax import _checks, hidden, losses, products
 from kronjax.state import TrainState, index_for, trainable_tree
 
 
@@ -148,7 +148,8 @@ def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: j
                else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval))
     ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
     A_T, P, a, P_eval, opt_state, row_change = _full_update(
-        state, batch_idx, G_T, K_rows, K_rows_eval, ga, ok, gP=gP, gP_eval=gP_eval)
+        state, batch_idx, lambda scale: scale * G_T, K_rows, K_rows_eval, ga, ok,
+        gP=gP, gP_eval=gP_eval)
     rows = None
   index_state = index.update(state.index, P, state.b, rows, row_change)
   new_state = state.replace(A_T=A_T, projections=P, a=a, P_eval=P_eval, opt_state=opt_state,
@@ -231,32 +232,45 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   make every step ``O(m n)`` anyway) the ``(m, B) @ (B, n)`` product is the floor,
   and compacting active sets would only add work. Nothing can overflow here.
   Works in ``(B, m)`` orientation: in the ``"points"`` layout the batch's
-  projections are ``B`` contiguous rows of ``state.projections``; in the
-  ``"neurons"`` layout they are ``B`` strided columns (~B cache lines per row).
+  projections are ``B`` contiguous rows of ``state.projections``, and the
+  hidden layer and its coefficients are computed on those rows in place
+  (``kronjax.hidden``: one pass each, nothing ``(B, m)`` materialized but the
+  coefficients); in the ``"neurons"`` layout they are ``B`` strided columns
+  (~B cache lines per row), gathered once.
   """
   config = state.config
   inv_sqrt_m = 1.0 / math.sqrt(config.width)
   if state.layout == "points":
-    Ps_T = state.projections[batch_idx]                             # (B, m)
+    P = state.projections                                           # (n, m)
+    raw, counts = hidden.relu_rows(P, batch_idx, state.b, state.a)  # (B, C), (B,)
+
+    def coefficients(g):                                            # (B, C) -> (B, m)
+      return hidden.relu_rows_grad(P, batch_idx, state.b, state.a, g)
+
+    def hidden_rows():
+      return losses.hidden(hidden.take_rows(P, batch_idx), state.b)
   else:
     Ps_T = state.projections[:, batch_idx].T                        # (B, m)
-  mask_T = Ps_T > state.b                                           # active: strictly above b
-  h_T = losses.hidden(Ps_T, state.b)                                # (B, m), zero off the mask
-  outputs = h_T @ state.a * inv_sqrt_m                              # (B, C)
-  # Counted in floats (exact below 2**24 per point): an int32 sum of the mask was
-  # a separate convert pass plus a reduce-window tree on XLA CPU.
-  counts = jnp.sum(mask_T.astype(Ps_T.dtype), axis=1)              # (B,)
+    raw, counts = hidden.relu_of(Ps_T, state.b, state.a)
+
+    def coefficients(g):
+      return hidden.relu_grad_of(Ps_T, state.b, state.a, g)
+
+    def hidden_rows():
+      return losses.hidden(Ps_T, state.b)
+  outputs = raw * inv_sqrt_m                                        # (B, C)
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
     counts = jax.lax.psum(counts, axis_name)
   max_count = jnp.max(counts).astype(jnp.int32)
   loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
-  G_T = jnp.where(mask_T, g @ state.a.T * inv_sqrt_m, 0.0)          # (B, m) coefficients
-  ga = h_T.T @ g * inv_sqrt_m                                       # (m, C)
+  g = g * inv_sqrt_m                                                # (B, C)
+  # dL/dw_r = sum_i G_T[i, r] x_i; relu' is 1 on the active set (z > b strictly).
+  ga = hidden_rows().T @ g if config.train_output else None        # (m, C)
   K_rows, K_rows_eval = _gram_rows(state, batch_idx)
   ok = jnp.ones((), bool)
-  A_T, P, a, P_eval, opt_state, row_change = _full_update(state, batch_idx, G_T, K_rows,
-                                                          K_rows_eval, ga, ok)
+  A_T, P, a, P_eval, opt_state, row_change = _full_update(
+      state, batch_idx, lambda scale: coefficients(g * scale), K_rows, K_rows_eval, ga, ok)
   index_state = index_for(state).update(state.index, P, state.b, None, row_change)
   new_state = state.replace(A_T=A_T, projections=P, a=a, P_eval=P_eval, opt_state=opt_state,
                             index=index_state, step=state.step + 1)
@@ -266,39 +280,49 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   return new_state, metrics
 
 
-def _full_update(state, batch_idx, G_T, K_rows, K_rows_eval, ga, ok, gP=None, gP_eval=None):
-  """Applies the optimizer to ``G_T (B, m)`` (the batch's rows of ``A_T``), the
-  ``P`` gradient ``G_T^T @ K_rows`` and ``ga (m, C)``; returns the new stored arrays.
+def _full_update(state, batch_idx, coefficients, K_rows, K_rows_eval, ga, ok, gP=None,
+                 gP_eval=None):
+  """Applies the optimizer to the batch's coefficients ``G_T (B, m)`` (the
+  batch's rows of ``A_T``'s gradient), the ``P`` gradient ``G_T^T @ K_rows`` and
+  ``ga (m, C)`` (None unless the output layer trains); returns the new stored arrays.
 
-  A shape-free optimizer (sgd, schedules) is one scalar per step
-  (``optim.check_linear``), so it commutes with the product: it acts on ``G_T``,
-  only the ``B`` rows of ``A_T`` are written, and ``P`` gets the update as one
-  ``P + L(G) @ K_rows`` in its stored layout (``products.add_product``: no
-  ``(m, n)`` gradient is formed). A stateful one (momentum) needs the
-  full-shape ``(n, m)`` gradient of ``A_T`` and the full gradient of ``P``
-  because its traces are full-shape: ``gP`` and ``gP_eval`` when the caller
-  built them (the sparse path, from touched rows), else the product.
+  ``coefficients(scale)`` gives ``scale * G_T`` for a traced scalar ``scale``,
+  so that the caller may compute it in one pass (``kronjax.hidden``).
+
+  A shape-free optimizer (sgd, schedules) is one scalar per step, the same for
+  ``A``, ``P`` and ``P_eval`` (``optim.check_linear``), so it commutes with the
+  product: the step applies it to unit scalars to read that scalar ``c``, gets
+  the update ``U = c G_T`` as ``coefficients(c)``, writes only the ``B`` rows of
+  ``A_T``, and adds ``U`` to ``P`` as one ``P + K_rows^T @ U`` in its stored
+  layout (``products.add_product``: no ``(m, n)`` gradient is formed). A
+  stateful one (momentum) needs the full-shape ``(n, m)`` gradient of ``A_T``
+  and the full gradient of ``P`` because its traces are full-shape: ``gP`` and
+  ``gP_eval`` when the caller built them (the sparse path, from touched rows),
+  else the product.
   """
   config = state.config
   points = state.layout == "points"
   if state.shape_free_tx:
-    grads = trainable_tree(G_T, G_T, ga, None if K_rows_eval is None else G_T, config)
+    one = jnp.ones((), state.projections.dtype)
+    grads = trainable_tree(one, one, ga, None if K_rows_eval is None else one, config)
     updates, opt_state = _optimize(state, grads, ok)
-    A_T = state.A_T.at[batch_idx].add(updates["A"])
+    U = coefficients(updates["P"])                                  # (B, m)
+    A_T = hidden.add_rows(state.A_T, batch_idx, U)
     if points:   # (n, m) + (n, B) @ (B, m)
-      P = products.add_product(state.projections, K_rows.T, updates["P"])
+      P = products.add_product(state.projections, K_rows.T, U)
     else:        # (m, n) + (m, B) @ (B, n)
-      P = products.add_product(state.projections, updates["P"].T, K_rows)
+      P = products.add_product(state.projections, U.T, K_rows)
     P_eval = (None if K_rows_eval is None
-              else products.add_product(state.P_eval, updates["P_eval"].T, K_rows_eval))
+              else products.add_product(state.P_eval, U.T, K_rows_eval))
     # An upper bound on max_j |dP[r, j]| for the threshold index (dead code for
     # kinds that ignore it): |sum_i u_ir K_ij| <= sum_i |u_ir| max_j |K_ij|, widened
     # by the rounding of both float sums.
     eps = jnp.finfo(K_rows.dtype).eps
-    bound = jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(updates["P"])
+    bound = jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(U)
     row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)    # (m,)
   else:
-    gA = jnp.zeros_like(state.A_T).at[batch_idx].add(G_T)
+    G_T = coefficients(jnp.ones((), state.projections.dtype))       # (B, m)
+    gA = jnp.zeros_like(state.A_T).at[batch_idx].add(G_T)  # XLA fuses the zeros in
     if gP is None:
       gP = K_rows.T @ G_T if points else G_T.T @ K_rows             # as stored
       gP_eval = None if K_rows_eval is None else G_T.T @ K_rows_eval

@@ -1,0 +1,176 @@
+"""The dense step's work on the batch's rows: read, hidden layer, coefficients, write.
+
+Shapes: n points, m neurons, B batch, C outputs; ``X (n, m)`` is a point-major
+matrix (``state.projections`` in the ``"points"`` layout, or ``state.A_T``).
+
+    take_rows(X, idx)              X[idx]                                   (B, m)
+    add_rows(X, idx, U)            X.at[idx].add(U)                         (n, m)
+    relu_rows(X, idx, b, a)        (relu(X[idx] - b) @ a, #(X[idx] > b))   (B, C), (B,)
+    relu_rows_grad(X, idx, b, a, g)
+                                   where(X[idx] > b, g @ a^T, 0)            (B, m)
+
+Each equals its plain ``jax.numpy`` expression (``*_of`` below) up to float
+rounding order. Why they exist: under ``jax.vmap`` over a sweep the members
+share ``idx``, and the step's small operands become ``(S, B, m)`` stacks
+(2 MiB at S = 16, B = 32, m = 1024) that no longer fit in a core's cache. XLA
+CPU gathers them index-major, transposes them for every consumer and
+materializes the ReLU and its mask in separate passes; measured in the
+16-member sweep of ``experiments/bench_sweep.py`` that was ~2.7 ms of a 7.5 ms
+step, more than half of the product ``P + K_rows^T @ U`` itself. So:
+
+* on CPU with the native kernels (``kronjax.native``) each op is one pass that
+  reads each batch row once and splits the rows over XLA's threads; under
+  ``jax.vmap`` with a shared ``idx`` (any number of nested vmaps) every member
+  goes to the same call;
+* elsewhere (GPU, TPU, ``KRONJAX_NATIVE=off``) the plain expression, and under
+  ``jax.vmap`` JAX's own batching of it.
+
+Index semantics are ``jax.numpy``'s: negative indices count from the end; reads
+clamp, writes drop out-of-range indices; repeated indices accumulate. All four
+are differentiable (forward and reverse mode) through the plain expressions.
+``relu_rows`` skips the terms where the ReLU is zero: exact for finite ``a``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from kronjax import native
+from kronjax import products
+
+
+# ----------------------------------------------------------------------------- the plain math
+
+def relu_of(Z: jax.Array, b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(relu(Z - b) @ a, #(Z > b) per row)`` for rows ``Z (B, m)``, ``a (m, C)``."""
+  h = jax.nn.relu(Z - b)
+  # Counted in floats (exact below 2**24 per row): an int32 sum of the mask was
+  # a separate convert pass plus a reduce-window tree on XLA CPU.
+  return h @ a, jnp.sum((Z > b).astype(Z.dtype), axis=-1)
+
+
+def relu_grad_of(Z: jax.Array, b: jax.Array, a: jax.Array, g: jax.Array) -> jax.Array:
+  """``where(Z > b, g @ a^T, 0)`` for rows ``Z (B, m)``, ``a (m, C)``, ``g (B, C)``."""
+  return jnp.where(Z > b, g @ a.T, jnp.zeros((), Z.dtype))
+
+
+def _take_of(X, idx):
+  return X[idx]
+
+
+def _add_of(X, idx, U):
+  return X.at[idx].add(U)
+
+
+def _relu_rows_of(X, idx, b, a):
+  return relu_of(X[idx], b, a)
+
+
+def _relu_rows_grad_of(X, idx, b, a, g):
+  return relu_grad_of(X[idx], b, a, g)
+
+
+# ----------------------------------------------------------------------------- the dispatch
+
+def _rows_op(plain: Callable[..., Any], kernel: Callable[..., Any], outputs: int) -> Callable[..., Any]:
+  """``plain(X, idx, *rest)`` as an op that runs ``kernel`` on CPU.
+
+  ``X (n, m)`` and every ``rest`` operand may carry leading member dimensions
+  (all the same ones); ``idx (B,)`` never does. The kernel takes any leading
+  dimensions, so a vmap with a shared ``idx`` adds one to every operand (the
+  unbatched ones broadcast) and calls the same op again; a vmap over ``idx``
+  falls back to JAX's batching of the plain expression.
+  """
+  out_batched = True if outputs == 1 else (True,) * outputs
+
+  def stacked_plain(X, idx, *rest):
+    fn = plain
+    for _ in range(X.ndim - 2):  # one vmap per leading member dimension
+      fn = jax.vmap(fn, in_axes=(0, None, *(0,) * len(rest)))
+    return fn(X, idx, *rest)
+
+  def native_ok(X, idx, *rest) -> bool:
+    dtypes_ok = all(r.dtype == X.dtype for r in rest)
+    return (products.USE_NATIVE and dtypes_ok and native.supports_rows(X, idx)
+            and native.available(warn=jax.default_backend() == "cpu"))
+
+  @jax.custom_batching.custom_vmap
+  def op(X, idx, *rest):
+    # A fresh closure per trace: JAX caches branch traces by function, and the
+    # choice depends on products.USE_NATIVE at trace time.
+    def cpu(X, idx, *rest):
+      return kernel(X, idx, *rest) if native_ok(X, idx, *rest) else stacked_plain(X, idx, *rest)
+    return jax.lax.platform_dependent(X, idx, *rest, cpu=cpu, default=stacked_plain)
+
+  @op.def_vmap
+  def _vmap(axis_size, in_batched, X, idx, *rest):
+    if in_batched[1]:  # per-member batches: JAX's own rule on the plain expression
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(stacked_plain, in_axes=in_axes)(X, idx, *rest), out_batched
+    X, *rest = (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                for x, batched in zip((X, *rest), (in_batched[0], *in_batched[2:])))
+    return op(X, idx, *rest), out_batched
+
+  @jax.custom_jvp
+  def differentiable(X, idx, *rest):
+    return op(X, idx, *rest)
+
+  @differentiable.defjvp
+  def _jvp(primals, tangents):
+    # custom_vmap has no transpose rule: autodiff sees the plain expression.
+    return op(*primals), jax.jvp(stacked_plain, primals, tangents)[1]
+
+  return differentiable
+
+
+_take_rows = _rows_op(_take_of, native.take_rows, 1)
+_add_rows = _rows_op(_add_of, native.add_rows, 1)
+_relu_rows = _rows_op(_relu_rows_of, native.relu_rows, 2)
+_relu_rows_grad = _rows_op(_relu_rows_grad_of, native.relu_rows_grad, 1)
+
+
+def _index(idx: Any) -> jax.Array:
+  return jnp.asarray(idx, jnp.int32)
+
+
+def take_rows(X: jax.Array, idx: Any) -> jax.Array:
+  """``X[idx]`` for ``X (n, m)``, ``idx (B,)``; returns ``(B, m)``."""
+  return _take_rows(X, _index(idx))
+
+
+def add_rows(X: jax.Array, idx: Any, U: jax.Array) -> jax.Array:
+  """``X.at[idx].add(U)`` for ``X (n, m)``, ``idx (B,)``, ``U (B, m)``; returns ``(n, m)``.
+
+  In place on CPU (donate ``X``, or let it be a loop carry). ``U`` is cast to
+  ``X``'s dtype, as the scatter casts it.
+  """
+  return _add_rows(X, _index(idx), U.astype(X.dtype))
+
+
+def relu_rows(X: jax.Array, idx: Any, b: Any, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The hidden layer on the batch's rows without materializing it.
+
+  Args:
+    X: ``(n, m)`` pre-activations of every point (``state.projections``).
+    idx: ``(B,)`` the batch.
+    b: ``()`` the ReLU threshold.
+    a: ``(m, C)`` the output layer.
+
+  Returns:
+    ``relu(X[idx] - b) @ a`` ``(B, C)`` (unscaled outputs) and the number of
+    active neurons per point ``(B,)``, as floats of ``X``'s dtype.
+  """
+  return _relu_rows(X, _index(idx), jnp.asarray(b, X.dtype), a.astype(X.dtype))
+
+
+def relu_rows_grad(X: jax.Array, idx: Any, b: Any, a: jax.Array, g: jax.Array) -> jax.Array:
+  """``where(X[idx] > b, g @ a^T, 0)`` ``(B, m)``: the hidden layer's coefficients.
+
+  ``X (n, m)``, ``idx (B,)``, ``b ()``, ``a (m, C)``, ``g (B, C)`` (the output
+  gradient, with any scalar already folded in).
+  """
+  return _relu_rows_grad(X, _index(idx), jnp.asarray(b, X.dtype), a.astype(X.dtype),
+                         g.astype(X.dtype))
