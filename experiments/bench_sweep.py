@@ -6,6 +6,10 @@ Gram shared) costs <= 0.5x the 16 steps of the members run one after the other
 (``jax.jit(kronjax.train_step, donate_argnums=0)`` per member), and compiles once.
 
 All variants are timed in interleaved rounds (``bench.time_steps_interleaved``).
+Also, run against run: ``kronjax.sweep.fit`` of the sweep against ``kronjax.fit``
+of each member one after the other, the same steps and batches, compiled
+beforehand, in alternating rounds (``runs``): the loops' own per-step work
+(batches, the metrics fetch, the checks) is part of what the sweep shares.
 Also measured: the update floor (every member's ``P + G @ K_rows``, nothing else:
 no schedule of the members can go below it); the fully stacked variant
 ``jax.vmap(kronjax.train_step, in_axes=(0, None))`` on ``jax.vmap(kronjax.init)``
@@ -45,7 +49,7 @@ def _bytes(tree) -> int:
 
 
 def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer: str,
-        rounds: int = 5, update: str = "dense", layout: str = "auto") -> dict:
+        rounds: int = 5, update: str = "dense", layout: str = "auto", run_steps: int = 40) -> dict:
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, dims, task="regression")
   b0 = default_threshold(m)
@@ -136,6 +140,7 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   agree = float(jnp.max(jnp.abs(state.P - jnp.stack([s.P for s in states]))))
   faults = _minor_faults_per_step(step, state, batches)
 
+  runs = _time_runs(sweep, key, batch, run_steps, rounds)
   part, common = sw.split(sweep.state)
   return {
       "optimizer": optimizer, "m": m, "n": n, "dims": list(dims), "batch": batch, "members": S,
@@ -165,9 +170,45 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
                                           / timings["update_floor"]["median_s"]),
       }),
       "max_abs_diff_sweep_vs_sequential_P": agree,
+      "runs": runs,
       "sweep_minor_page_faults_per_step": faults,
       "loadavg_1min": os.getloadavg()[0],
   }
+
+
+def _time_runs(sweep, key, batch: int, steps: int, rounds: int) -> dict:
+  """Seconds per step of ``sweep.fit`` and of ``kronjax.fit`` for each member in turn.
+
+  Both loops are compiled first (two steps each); the member states are taken
+  out of the sweep before timing. Rounds alternate which goes first.
+  """
+  members = [sweep.member(i) for i in range(sweep.size)]
+
+  def sweep_run():
+    out, _ = sw.fit(sweep, key, batch_size=batch, steps=steps, progress=False)
+    return out.state.P
+
+  def sequential_runs():
+    return jnp.stack([kronjax.fit(s, key, batch_size=batch, steps=steps, progress=False)[0].P
+                      for s in members])
+
+  sw.fit(sweep, key, batch_size=batch, steps=2, progress=False)
+  kronjax.fit(members[0], key, batch_size=batch, steps=2, progress=False)
+  times = {"sweep_fit": [], "sequential_fits": []}
+  finals = {}
+  for r in range(rounds):
+    order = ("sweep_fit", "sequential_fits") if r % 2 == 0 else ("sequential_fits", "sweep_fit")
+    for name in order:
+      t0 = time.perf_counter()
+      finals[name] = jax.block_until_ready(sweep_run() if name == "sweep_fit" else sequential_runs())
+      times[name].append((time.perf_counter() - t0) / steps)
+  out = {k: bench.summarize(v) for k, v in times.items()}
+  ratios = [a / b for a, b in zip(times["sweep_fit"], times["sequential_fits"])]
+  return {"steps": steps, **out,
+          "ratio_sweep_fit_vs_sequential_fits": out["sweep_fit"]["median_s"]
+          / out["sequential_fits"]["median_s"],
+          "ratio_per_round": ratios,
+          "max_abs_diff_P": float(jnp.max(jnp.abs(finals["sweep_fit"] - finals["sequential_fits"])))}
 
 
 def _minor_faults_per_step(step, state, batches) -> float:
@@ -204,6 +245,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=None, help="steps per timing (first 3 are warm-up)")
   p.add_argument("--optimizers", default="sgd,momentum")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+  p.add_argument("--run-steps", type=int, default=40, help="steps of each timed fit (the runs comparison)")
   p.add_argument("--update", default="dense", choices=("auto", "dense", "sparse"),
                  help="update path (dense: P stored point-major; the path auto picks at these sizes)")
   p.add_argument("--retain-freed-memory", action="store_true",
@@ -218,8 +260,9 @@ def main(argv=None):
   else:  # the claim's size, then a small one where per-call overhead dominates
     sizes = [(1024, 512, (16, 32), 32, args.steps or 23), (128, 64, (8, 8), 8, args.steps or 23)]
   rounds = 2 if args.smoke else args.rounds
-  results = [run(m, n, dims, batch, steps, o, rounds, args.update, args.layout) for m, n, dims, batch, steps in sizes
-             for o in optimizers]
+  run_steps = 6 if args.smoke else args.run_steps
+  results = [run(m, n, dims, batch, steps, o, rounds, args.update, args.layout, run_steps)
+             for m, n, dims, batch, steps in sizes for o in optimizers]
   for r in results:
     print(f"m={r['m']:>5} n={r['n']:>4} {r['optimizer']:>8}: 16 sequential {1e3 * r['sequential_16_steps']['median_s']:.2f} ms, "
           f"sweep (shared data) {1e3 * r['sweep_step_shared_data']['median_s']:.2f} ms "
@@ -230,6 +273,10 @@ def main(argv=None):
           f"compilations {r['sweep_compilations']}; "
           f"path {r['update_path']}, layout {r['layout']}, active {r['mean_active']:.1f}; "
           f"sweep page faults/step {r['sweep_minor_page_faults_per_step']:.0f}")
+    w = r["runs"]
+    print(f"    runs ({w['steps']} steps): sweep.fit {1e3 * w['sweep_fit']['median_s']:.2f} ms/step, "
+          f"16 x kronjax.fit {1e3 * w['sequential_fits']['median_s']:.2f} ms/step "
+          f"(ratio {w['ratio_sweep_fit_vs_sequential_fits']:.3f}; max |dP| {w['max_abs_diff_P']:.1e})")
     if "xla_product" in r:
       x = r["xla_product"]
       print(f"    with XLA's product instead of the native kernel: 16 sequential "

@@ -62,7 +62,7 @@ HEADERS = (_CSRC / "parallel.h",)
 # -fno-trapping-math lets a masked select vectorize (nothing here reads FP exception flags).
 FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
 MODES = ("auto", "off", "require")
-KERNELS = ("add_product", "take_rows", "add_rows", "relu_rows", "relu_rows_grad")
+KERNELS = ("add_product", "add_product_t", "take_rows", "add_rows", "relu_rows", "relu_rows_grad")
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 _lock = threading.Lock()
@@ -202,8 +202,11 @@ def supports_rows(X: jax.Array, idx: jax.Array, U: jax.Array | None = None) -> b
   return ok and (U is None or (U.dtype == X.dtype and U.ndim == X.ndim))
 
 
-def add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
+def add_product(X: jax.Array, G: jax.Array, R: jax.Array, *, transpose_g: bool = False) -> jax.Array:
   """``X + G @ R`` in place on CPU: ``X (..., r, c)``, ``G (..., r, k)``, ``R (..., k, c)``.
+
+  With ``transpose_g``, ``G`` is given transposed, ``(..., k, r)``, and the
+  result is ``X + G^T @ R`` (BLAS reads it transposed; no copy).
 
   Each leading dimension of ``G`` and ``R`` equals ``X``'s or is 1 (broadcast
   without a copy). The result aliases ``X``: donate it (or let it be a loop
@@ -214,7 +217,8 @@ def add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   if not supports(X, G, R) or X.ndim < 2 or G.ndim != X.ndim or R.ndim != X.ndim:
     raise TypeError(f"native.add_product needs one float32/float64 dtype and equal ranks >= 2, "
                     f"got X {X.dtype}{X.shape}, G {G.dtype}{G.shape}, R {R.dtype}{R.shape}.")
-  call = jax.ffi.ffi_call(_target("add_product", X.dtype), jax.ShapeDtypeStruct(X.shape, X.dtype),
+  kernel = "add_product_t" if transpose_g else "add_product"
+  call = jax.ffi.ffi_call(_target(kernel, X.dtype), jax.ShapeDtypeStruct(X.shape, X.dtype),
                           input_output_aliases={0: 0}, vmap_method="broadcast_all")
   return call(X, G, R)
 

@@ -308,8 +308,8 @@ def _full_update(state, batch_idx, coefficients, K_rows, K_rows_eval, ga, ok, gP
     updates, opt_state = _optimize(state, grads, ok)
     U = coefficients(updates["P"])                                  # (B, m)
     A_T = hidden.add_rows(state.A_T, batch_idx, U)
-    if points:   # (n, m) + (n, B) @ (B, m)
-      P = products.add_product(state.projections, K_rows.T, U)
+    if points:   # (n, m) + (B, n)^T @ (B, m)
+      P = products.add_product_t(state.projections, K_rows, U)
     else:        # (m, n) + (m, B) @ (B, n)
       P = products.add_product(state.projections, U.T, K_rows)
     P_eval = (None if K_rows_eval is None

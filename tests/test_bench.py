@@ -41,3 +41,5 @@ def test_bench_sweep_smoke_compiles_once_and_agrees(tmp_path):
     assert r["sweep_compilations"] == 1 and not r["overflow_seen"]
     assert r["max_abs_diff_sweep_vs_sequential_P"] < 1e-4   # same members, same batches
     assert r["update_floor"]["median_s"] > 0
+    # sweep.fit and kronjax.fit per member: the same batches, the same end
+    assert r["runs"]["max_abs_diff_P"] < 1e-4 and r["runs"]["ratio_sweep_fit_vs_sequential_fits"] > 0

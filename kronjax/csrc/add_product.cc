@@ -9,6 +9,8 @@
 // and R is either X's or 1 (broadcast), so a sweep's shared Gram rows are not
 // copied per member. BLAS is column-major: row-major C += G R is column-major
 // C^T += R^T G^T, one gemm("N", "N", c, r, k) per leading index.
+// kronjax_add_product_t takes G transposed, Gt (..., k, r), for X + Gt^T @ R:
+// gemm("N", "T", ...), so the caller never copies a transpose.
 //
 // When G is mostly zeros (the dense path's coefficients are zero for every neuron
 // that is off at a batch point) the kernel skips them instead: per row of X, one
@@ -61,10 +63,11 @@ int64_t BroadcastOffset(int64_t flat, ffi::Span<const int64_t> x_dims,
 #endif
 
 // One member, G mostly zero: x (r, c) += g (r, k) @ rr (k, c), skipping g's zeros.
+// g's entry (j, b) is g[j * g_row + b * g_col] (row-major: g_row = k, g_col = 1).
 template <typename T>
 KRONJAX_CLONES void AddSparseProduct(T* __restrict__ x, const T* __restrict__ g,
                                      const T* __restrict__ rr, int64_t rows, int64_t cols,
-                                     int64_t k) {
+                                     int64_t k, int64_t g_row, int64_t g_col) {
   constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t j = 0; j < rows; ++j) {
     T* __restrict__ xj = x + j * cols;
@@ -74,7 +77,7 @@ KRONJAX_CLONES void AddSparseProduct(T* __restrict__ x, const T* __restrict__ g,
     if (j + 2 < rows)
       for (int64_t i = 0; i < cols; i += kLine) __builtin_prefetch(x + (j + 2) * cols + i, 1, 3);
     for (int64_t b = 0; b < k; ++b) {
-      const T gjb = g[j * k + b];
+      const T gjb = g[j * g_row + b * g_col];
       if (gjb == T(0)) continue;
       const T* __restrict__ rb = rr + b * cols;
       for (int64_t i = 0; i < cols; ++i) xj[i] += gjb * rb[i];
@@ -99,7 +102,10 @@ bool MostlyZero(const T* g, int64_t size) {
   return nnz * kSparseInverseDensity < size;
 }
 
-template <ffi::DataType DT>
+// kTransposedG: G arrives as its transpose, (..., k, r) row-major, and the
+// product is X + G^T @ R (the point-major P's Gram rows, K[S, :] (B, n), need no
+// transposed copy: BLAS reads them transposed).
+template <ffi::DataType DT, bool kTransposedG>
 ffi::Error AddProduct(ffi::Buffer<DT> x_buf, ffi::Buffer<DT> g, ffi::Buffer<DT> r,
                       ffi::Result<ffi::Buffer<DT>> out) {
   using T = ffi::NativeType<DT>;
@@ -109,8 +115,9 @@ ffi::Error AddProduct(ffi::Buffer<DT> x_buf, ffi::Buffer<DT> g, ffi::Buffer<DT> 
   const size_t rank = xd.size();
   if (rank < 2 || gd.size() != rank || rd.size() != rank)
     return ffi::Error::InvalidArgument("kronjax add_product: X, G and R need one rank >= 2");
-  const int64_t rows = xd[rank - 2], cols = xd[rank - 1], k = gd[rank - 1];
-  if (gd[rank - 2] != rows || rd[rank - 2] != k || rd[rank - 1] != cols)
+  const int64_t rows = xd[rank - 2], cols = xd[rank - 1];
+  const int64_t k = gd[rank - (kTransposedG ? 2 : 1)], g_rows = gd[rank - (kTransposedG ? 1 : 2)];
+  if (g_rows != rows || rd[rank - 2] != k || rd[rank - 1] != cols)
     return ffi::Error::InvalidArgument("kronjax add_product: shapes do not chain");
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < rank; ++i) {
@@ -133,7 +140,10 @@ ffi::Error AddProduct(ffi::Buffer<DT> x_buf, ffi::Buffer<DT> g, ffi::Buffer<DT> 
     const T* gs = g.typed_data() + BroadcastOffset(s, xd, gd) * rows * k;
     const T* rs = r.typed_data() + BroadcastOffset(s, xd, rd) * k * cols;
     if (MostlyZero(gs, rows * k))
-      AddSparseProduct(o + s * rows * cols, gs, rs, rows, cols, k);
+      AddSparseProduct(o + s * rows * cols, gs, rs, rows, cols, k, kTransposedG ? 1 : k,
+                       kTransposedG ? rows : 1);
+    else if (kTransposedG)
+      fn("N", "T", &M, &N, &K, &one, rs, &M, gs, &N, &one, o + s * rows * cols, &M);
     else
       fn("N", "N", &M, &N, &K, &one, rs, &M, gs, &K, &one, o + s * rows * cols, &M);
   }
@@ -147,14 +157,16 @@ extern "C" void kronjax_set_blas(void* sgemm_fn, void* dgemm_fn) {
   dgemm = reinterpret_cast<GemmFn<double>>(dgemm_fn);
 }
 
-// One handler per dtype: X, G, R in, the result (aliased to X) out.
-#define KRONJAX_ADD_PRODUCT_HANDLER(name, DT)                                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, AddProduct<DT>,                         \
+// One handler per dtype and G layout: X, G, R in, the result (aliased to X) out.
+#define KRONJAX_ADD_PRODUCT_HANDLER(name, DT, transposed)                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (AddProduct<DT, transposed>),           \
                                 ffi::Ffi::Bind()                              \
                                     .Arg<ffi::Buffer<DT>>()                   \
                                     .Arg<ffi::Buffer<DT>>()                   \
                                     .Arg<ffi::Buffer<DT>>()                   \
                                     .Ret<ffi::Buffer<DT>>());
 
-KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f32, ffi::DataType::F32)
-KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f64, ffi::DataType::F64)
+KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f32, ffi::DataType::F32, false)
+KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f64, ffi::DataType::F64, false)
+KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_t_f32, ffi::DataType::F32, true)
+KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_t_f64, ffi::DataType::F64, true)
