@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, dense
+from kronjax import bench, dense, products
 
 
 def _dims_for(log2_d: int) -> tuple[int, int]:
@@ -61,17 +61,19 @@ def floor_run(key, m, n, batch, capacity, path, steps=20):
   """The bare P update a step of this path cannot avoid, same static shapes,
   as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
 
-  dense: ``P + G @ K_rows`` with ``G (m, B)``; sparse: the sorted unique scatter
+  dense: ``P + K_rows^T @ U`` with ``P (n, m)`` point-major and ``U (B, m)``
+  (``products.add_product_t``, as the step calls it); sparse: the sorted unique scatter
   of the ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows``.
   """
-  P = jax.random.normal(key, (m, n))
   rng = np.random.default_rng(0)
   K_rows = [jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32)) for _ in range(steps)]
-  if path == "dense":
-    G = [jnp.asarray(rng.normal(size=(m, batch)).astype(np.float32)) for _ in range(steps)]
-    fn = jax.jit(lambda P, a: (P + a[0] @ a[1], None), donate_argnums=0)
-    args = list(zip(G, K_rows))
+  if path == "dense":  # P point-major, the op the step runs (the native kernel on CPU)
+    P = jax.random.normal(key, (n, m))
+    U = [jnp.asarray(rng.normal(size=(batch, m)).astype(np.float32)) for _ in range(steps)]
+    fn = jax.jit(lambda P, a: (products.add_product_t(P, a[0], a[1]), None), donate_argnums=0)
+    args = list(zip(K_rows, U))
   else:
+    P = jax.random.normal(key, (m, n))
     T_cap = min(m, batch * capacity)
     T = [jnp.asarray(np.sort(rng.choice(m, T_cap, replace=False)).astype(np.int32)) for _ in range(steps)]
     U = [jnp.asarray(rng.normal(size=(T_cap, batch)).astype(np.float32)) for _ in range(steps)]

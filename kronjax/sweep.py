@@ -470,7 +470,8 @@ def fit(sweep: Sweep, key: jax.Array, *, batch_size: int, steps: int | None = No
         state, metrics = plain(state, batch)
       else:
         state, metrics = masked(state, batch, jnp.asarray(live))
-      metrics = {k: np.array(v) for k, v in metrics.items()}
+      # One transfer for all metrics: one np.array per metric cost ~0.3 ms each on CPU.
+      metrics = {k: np.array(v) for k, v in jax.device_get(metrics).items()}
       pending = metrics["overflow"] & live
       while pending.any():  # the others took the step; the pending ones skipped it
         who = np.flatnonzero(pending).tolist()
