@@ -3,26 +3,25 @@
 Kernels (sources in ``kronjax/csrc/``, built into one library):
 
 * ``add_product(X, G, R) = X + G @ R`` accumulated in place by BLAS ``gemm``
-  with ``beta = 1`` (``add_product.cc``);
+  with ``beta = 1``, and ``add_product_t`` for ``G`` given transposed
+  (``add_product.cc``);
 * the dense step's work on the batch's rows (``rows.cc``): ``take_rows`` and
   ``add_rows`` (``X[..., idx, :]`` read, and added to in place), ``relu_rows``
   (the hidden layer's output ``relu(X[idx] - b) @ a`` and active count) and
   ``relu_rows_grad`` (the coefficients ``where(X[idx] > b, g @ a^T, 0)``), each
-  reading a row once and splitting the rows over XLA's intra-op threads. For a
-  sweep's shared batch XLA CPU's own gather goes through an index-major layout
-  and a transpose per consumer (``kronjax.hidden``).
+  reading a row once and splitting the rows over XLA's intra-op threads
+  (``parallel.h``). Why: ``kronjax.hidden``.
 
-About ``add_product``: XLA
-CPU computes the same expression as a product into a temporary followed by a
-separate add pass over ``X`` that one core runs; for a 16-member sweep at
-m = 1024, n = 512, batch 32 that pass was about a third of the step
-(``experiments/bench_sweep.py``). The kernel runs every member's gemm in one
-call, reading and writing each member's ``X`` once. When under 10 % of ``G``'s
-entries are nonzero (the coefficients of inactive neurons are exact zeros) it
-skips them instead: one axpy per nonzero, exact for finite ``R``.
+About ``add_product``: XLA CPU computes the same expression as a product into
+a temporary followed by a separate add pass over ``X`` that one core runs; for
+a 16-member sweep at m = 1024, n = 512, batch 32 that pass was about a third
+of the step (``experiments/bench_sweep.py``). The kernel runs every member's
+gemm in one call, reading and writing each member's ``X`` once. When under
+10 % of ``G``'s entries are nonzero (the coefficients of inactive neurons are
+exact zeros) it skips them instead: one axpy per nonzero, exact for finite ``R``.
 
-Nothing is built at install time. The first trace that needs the kernel
-compiles the sources against jaxlib's FFI headers (``jax.ffi.include_dir``)
+Nothing is built at install time. The first trace that needs a kernel
+compiles the sources (~13 s) against jaxlib's FFI headers (``jax.ffi.include_dir``)
 into a cache directory, keyed by the sources, the flags, the jaxlib version,
 the compiler and the machine, and loads it; later processes reuse the file. The gemm itself is
 scipy's (``scipy.linalg.cython_blas``; scipy is a dependency of jax), so nothing

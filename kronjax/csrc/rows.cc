@@ -314,37 +314,28 @@ ffi::Error ReluRowsGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer
 
 }  // namespace
 
-#define KRONJAX_ROWS_HANDLERS(suffix, DT)                                                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_take_rows_##suffix, TakeRows<DT>,                   \
-                                ffi::Ffi::Bind()                                            \
-                                    .Ctx<ffi::ThreadPool>()                                 \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
-                                    .Ret<ffi::Buffer<DT>>());                               \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_add_rows_##suffix, AddRows<DT>,                     \
-                                ffi::Ffi::Bind()                                            \
-                                    .Ctx<ffi::ThreadPool>()                                 \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Ret<ffi::Buffer<DT>>());                               \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_relu_rows_##suffix, ReluRows<DT>,                   \
-                                ffi::Ffi::Bind()                                            \
-                                    .Ctx<ffi::ThreadPool>()                                 \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Ret<ffi::Buffer<DT>>()                                 \
-                                    .Ret<ffi::Buffer<DT>>());                               \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_relu_rows_grad_##suffix, ReluRowsGrad<DT>,          \
-                                ffi::Ffi::Bind()                                            \
-                                    .Ctx<ffi::ThreadPool>()                                 \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
-                                    .Arg<ffi::Buffer<DT>>()                                 \
+// Every row kernel takes the thread pool, X and idx first.
+#define KRONJAX_ROWS_BIND(DT) \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<DT>>().Arg<ffi::Buffer<ffi::S32>>()
+
+#define KRONJAX_ROWS_HANDLERS(suffix, DT)                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_take_rows_##suffix, TakeRows<DT>,                    \
+                                KRONJAX_ROWS_BIND(DT).Ret<ffi::Buffer<DT>>());               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_add_rows_##suffix, AddRows<DT>,                      \
+                                KRONJAX_ROWS_BIND(DT)                                        \
+                                    .Arg<ffi::Buffer<DT>>()  /* U */                         \
+                                    .Ret<ffi::Buffer<DT>>());                                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_relu_rows_##suffix, ReluRows<DT>,                    \
+                                KRONJAX_ROWS_BIND(DT)                                        \
+                                    .Arg<ffi::Buffer<DT>>()  /* b */                         \
+                                    .Arg<ffi::Buffer<DT>>()  /* a */                         \
+                                    .Ret<ffi::Buffer<DT>>()  /* h @ a */                     \
+                                    .Ret<ffi::Buffer<DT>>()); /* count */                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_relu_rows_grad_##suffix, ReluRowsGrad<DT>,           \
+                                KRONJAX_ROWS_BIND(DT)                                        \
+                                    .Arg<ffi::Buffer<DT>>()  /* b */                         \
+                                    .Arg<ffi::Buffer<DT>>()  /* a */                         \
+                                    .Arg<ffi::Buffer<DT>>()  /* g */                         \
                                     .Ret<ffi::Buffer<DT>>());
 
 KRONJAX_ROWS_HANDLERS(f32, ffi::DataType::F32)
