@@ -197,3 +197,18 @@ def test_the_dense_step_uses_the_row_kernels(impl):
   text = jax.jit(_fresh(kronjax.train_step)).lower(state, jnp.arange(8)).as_text()
   for name in ("relu_rows", "relu_rows_grad", "add_rows"):
     assert (f"kronjax_{name}_f32" in text) == (impl == "native")
+
+
+def test_the_kernels_check_shapes_themselves():
+  """A direct FFI call with inconsistent shapes fails with the kernel's message
+  (the Python wrappers check first; this guards other callers)."""
+  if not native.available():
+    pytest.skip(f"native kernel unavailable: {native.info()['reason']}")
+  X, idx = jnp.ones((4, 8), jnp.float32), jnp.arange(2, dtype=jnp.int32)
+  take = jax.ffi.ffi_call("kronjax_take_rows_f32", jax.ShapeDtypeStruct((3, 8), jnp.float32))
+  with pytest.raises(Exception, match="kronjax take_rows: X .* do not match"):
+    jax.block_until_ready(take(X, idx))
+  relu = jax.ffi.ffi_call("kronjax_relu_rows_f32", (jax.ShapeDtypeStruct((2, 1), jnp.float32),
+                                                    jax.ShapeDtypeStruct((2,), jnp.float32)))
+  with pytest.raises(Exception, match="kronjax relu_rows: b .* do not match"):
+    jax.block_until_ready(relu(X, idx, jnp.zeros((1,), jnp.float32), jnp.ones((8, 1), jnp.float32)))

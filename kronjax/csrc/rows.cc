@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "parallel.h"
@@ -81,7 +82,7 @@ bool Leading(ffi::Span<const int64_t> x, ffi::Span<const int64_t> dims,
   return true;
 }
 
-ffi::Error Bad(const char* what) { return ffi::Error::InvalidArgument(what); }
+ffi::Error Bad(const std::string& what) { return ffi::Error::InvalidArgument(what); }
 
 // Batch rows are short streams (4 KiB at m = 1024) at random places of a matrix
 // that the previous step's product has just written: the hardware prefetcher
@@ -215,21 +216,32 @@ KRONJAX_CLONES int64_t Relu(const T* __restrict__ z, T b, int64_t m, T* __restri
   return count;
 }
 
+// The operands both hidden-layer kernels take: X (..., n, m), b (...),
+// a (..., m, C). Sets *x and *C; returns what is wrong, or nullptr.
+const char* HiddenOperands(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> bd,
+                           ffi::Span<const int64_t> ad, int64_t B, Stack* x, int64_t* C) {
+  if (!AsStack(xd, x) || ad.size() != xd.size())
+    return "a must be (..., m, C) with X's leading dimensions";
+  *C = ad.back();
+  if (!Leading(xd, ad, {x->cols, *C}) || !Leading(xd, bd, {}))
+    return "b (...) and a (..., m, C) do not match X (..., n, m)";
+  if (x->rows == 0 && B > 0) return "X has no rows";
+  return nullptr;
+}
+
 template <ffi::DataType DT>
 ffi::Error ReluRows(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<ffi::S32> idx_buf,
                     ffi::Buffer<DT> b_buf, ffi::Buffer<DT> a_buf, ffi::Result<ffi::Buffer<DT>> out,
                     ffi::Result<ffi::Buffer<DT>> count) {
   using T = ffi::NativeType<DT>;
   Stack x;
+  int64_t C = 0;
   const int64_t B = idx_buf.element_count();
   const auto xd = x_buf.dimensions();
-  if (!AsStack(xd, &x) || a_buf.dimensions().size() != xd.size())
-    return Bad("kronjax relu_rows: a must be (..., m, C) with X's leading dimensions");
-  const int64_t C = a_buf.dimensions().back();
-  if (!Leading(xd, a_buf.dimensions(), {x.cols, C}) || !Leading(xd, b_buf.dimensions(), {}) ||
-      !Leading(xd, out->dimensions(), {B, C}) || !Leading(xd, count->dimensions(), {B}))
-    return Bad("kronjax relu_rows: operands do not match X (..., n, m) and idx (B,)");
-  if (x.rows == 0 && B > 0) return Bad("kronjax relu_rows: X has no rows");
+  if (const char* e = HiddenOperands(xd, b_buf.dimensions(), a_buf.dimensions(), B, &x, &C))
+    return Bad(std::string("kronjax relu_rows: ") + e);
+  if (!Leading(xd, out->dimensions(), {B, C}) || !Leading(xd, count->dimensions(), {B}))
+    return Bad("kronjax relu_rows: the results do not match X (..., n, m) and idx (B,)");
   const int32_t* idx = idx_buf.typed_data();
   const T *src = x_buf.typed_data(), *bs = b_buf.typed_data(), *as = a_buf.typed_data();
   T *os = out->typed_data(), *cs = count->typed_data();
@@ -275,15 +287,13 @@ ffi::Error ReluRowsGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer
                         ffi::Result<ffi::Buffer<DT>> out) {
   using T = ffi::NativeType<DT>;
   Stack x;
+  int64_t C = 0;
   const int64_t B = idx_buf.element_count();
   const auto xd = x_buf.dimensions();
-  if (!AsStack(xd, &x) || a_buf.dimensions().size() != xd.size())
-    return Bad("kronjax relu_rows_grad: a must be (..., m, C) with X's leading dimensions");
-  const int64_t C = a_buf.dimensions().back();
-  if (!Leading(xd, a_buf.dimensions(), {x.cols, C}) || !Leading(xd, b_buf.dimensions(), {}) ||
-      !Leading(xd, g_buf.dimensions(), {B, C}) || !Leading(xd, out->dimensions(), {B, x.cols}))
-    return Bad("kronjax relu_rows_grad: operands do not match X (..., n, m) and idx (B,)");
-  if (x.rows == 0 && B > 0) return Bad("kronjax relu_rows_grad: X has no rows");
+  if (const char* e = HiddenOperands(xd, b_buf.dimensions(), a_buf.dimensions(), B, &x, &C))
+    return Bad(std::string("kronjax relu_rows_grad: ") + e);
+  if (!Leading(xd, g_buf.dimensions(), {B, C}) || !Leading(xd, out->dimensions(), {B, x.cols}))
+    return Bad("kronjax relu_rows_grad: g or the result does not match X (..., n, m) and idx (B,)");
   const int32_t* idx = idx_buf.typed_data();
   const T *src = x_buf.typed_data(), *bs = b_buf.typed_data(), *as = a_buf.typed_data();
   const T* gs = g_buf.typed_data();
