@@ -36,9 +36,10 @@ from kronjax import native
 # at m = 128, n = 64 runs ~0.2x of 16 sequential steps with the batched product).
 LOOP_MIN_BYTES = 4 * 2**20
 
-# Read when a caller is traced (like LOOP_MIN_BYTES): False keeps XLA's product
-# and add on CPU even where the native kernel builds. For A/B benchmarks and the
-# tests of the XLA path; users switch with KRONJAX_NATIVE=off (kronjax.native).
+# Read when a caller is traced (like LOOP_MIN_BYTES): False keeps XLA's ops on
+# CPU even where the native kernels build (this module's product and
+# kronjax.hidden's row ops). For A/B benchmarks and the tests of the XLA path;
+# users switch with KRONJAX_NATIVE=off (kronjax.native).
 USE_NATIVE = True
 
 
