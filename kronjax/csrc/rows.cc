@@ -93,6 +93,21 @@ inline void PrefetchRow(const T* row, int64_t cols) {
   for (int64_t c = 0; c < cols; c += kLine) __builtin_prefetch(row + c, 0, 3);
 }
 
+// Calls fn(u, s, row) for every unit u = (member s = u / B, batch point u % B),
+// row pointing at X's clamped batch row, split over the pool; the next row of a
+// chunk is prefetched while fn works on this one.
+template <typename T, typename F>
+void ForEachBatchRow(ffi::ThreadPool& pool, const Stack& x, int64_t B, const int32_t* idx,
+                     const T* src, const F& fn) {
+  const int64_t grain = kGrainElements / std::max<int64_t>(x.cols, 1);
+  ParallelFor(pool, x.lead * B, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u) {
+      if (u + 1 < hi) PrefetchRow(src + RowOffset(u + 1, B, idx, x), x.cols);
+      fn(u, u / B, src + RowOffset(u, B, idx, x));
+    }
+  });
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define KRONJAX_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
@@ -113,13 +128,8 @@ ffi::Error TakeRows(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<ffi
   const int32_t* idx = idx_buf.typed_data();
   const T* src = x_buf.typed_data();
   T* dst = out->typed_data();
-  ParallelFor(pool, x.lead * B, kGrainElements / std::max<int64_t>(x.cols, 1), [&](int64_t lo, int64_t hi) {
-    for (int64_t u = lo; u < hi; ++u) {
-      const int64_t s = u / B, i = u % B;
-      const int64_t j = Clamp(Normalize(idx[i], x.rows), x.rows);
-      if (u + 1 < hi) PrefetchRow(src + RowOffset(u + 1, B, idx, x), x.cols);
-      std::memcpy(dst + u * x.cols, src + (s * x.rows + j) * x.cols, sizeof(T) * x.cols);
-    }
+  ForEachBatchRow(pool, x, B, idx, src, [&](int64_t u, int64_t, const T* row) {
+    std::memcpy(dst + u * x.cols, row, sizeof(T) * x.cols);
   });
   return ffi::Error::Success();
 }
@@ -245,27 +255,22 @@ ffi::Error ReluRows(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<ffi
   const int32_t* idx = idx_buf.typed_data();
   const T *src = x_buf.typed_data(), *bs = b_buf.typed_data(), *as = a_buf.typed_data();
   T *os = out->typed_data(), *cs = count->typed_data();
-  ParallelFor(pool, x.lead * B, kGrainElements / std::max<int64_t>(x.cols, 1), [&](int64_t lo, int64_t hi) {
-    std::vector<T> h(C == 1 ? 0 : x.cols);
-    for (int64_t u = lo; u < hi; ++u) {
-      const int64_t s = u / B, i = u % B;
-      const int64_t j = Clamp(Normalize(idx[i], x.rows), x.rows);
-      if (u + 1 < hi) PrefetchRow(src + RowOffset(u + 1, B, idx, x), x.cols);
-      const T* z = src + (s * x.rows + j) * x.cols;
-      const T* a = as + s * x.cols * C;
-      T* o = os + u * C;
+  ForEachBatchRow(pool, x, B, idx, src, [&](int64_t u, int64_t s, const T* z) {
+    const T* a = as + s * x.cols * C;
+    T* o = os + u * C;
+    if (C == 1) {  // one fused, vectorized pass
       int64_t active = 0;
-      if (C == 1) {  // one fused, vectorized pass
-        o[0] = ReluDot(z, bs[s], a, x.cols, &active);
-        cs[u] = static_cast<T>(active);
-        continue;
-      }
-      cs[u] = static_cast<T>(Relu(z, bs[s], x.cols, h.data()));
-      std::fill(o, o + C, T(0));
-      for (int64_t r = 0; r < x.cols; ++r) {
-        if (h[r] == T(0)) continue;  // inactive: exact for finite a
-        for (int64_t c = 0; c < C; ++c) o[c] += h[r] * a[r * C + c];
-      }
+      o[0] = ReluDot(z, bs[s], a, x.cols, &active);
+      cs[u] = static_cast<T>(active);
+      return;
+    }
+    thread_local std::vector<T> h;
+    h.resize(x.cols);
+    cs[u] = static_cast<T>(Relu(z, bs[s], x.cols, h.data()));
+    std::fill(o, o + C, T(0));
+    for (int64_t r = 0; r < x.cols; ++r) {
+      if (h[r] == T(0)) continue;  // inactive: exact for finite a
+      for (int64_t c = 0; c < C; ++c) o[c] += h[r] * a[r * C + c];
     }
   });
   return ffi::Error::Success();
@@ -298,25 +303,19 @@ ffi::Error ReluRowsGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer
   const T *src = x_buf.typed_data(), *bs = b_buf.typed_data(), *as = a_buf.typed_data();
   const T* gs = g_buf.typed_data();
   T* os = out->typed_data();
-  ParallelFor(pool, x.lead * B, kGrainElements / std::max<int64_t>(x.cols, 1), [&](int64_t lo, int64_t hi) {
-    for (int64_t u = lo; u < hi; ++u) {
-      const int64_t s = u / B, i = u % B;
-      const int64_t j = Clamp(Normalize(idx[i], x.rows), x.rows);
-      if (u + 1 < hi) PrefetchRow(src + RowOffset(u + 1, B, idx, x), x.cols);
-      const T* z = src + (s * x.rows + j) * x.cols;
-      const T* a = as + s * x.cols * C;
-      const T* g = gs + u * C;
-      T* o = os + u * x.cols;
-      if (C == 1) {
-        MaskedScale(z, bs[s], g[0], a, x.cols, o);
-        continue;
-      }
-      for (int64_t r = 0; r < x.cols; ++r) {
-        T dot = 0;
-        if (z[r] > bs[s])
-          for (int64_t c = 0; c < C; ++c) dot += g[c] * a[r * C + c];
-        o[r] = dot;
-      }
+  ForEachBatchRow(pool, x, B, idx, src, [&](int64_t u, int64_t s, const T* z) {
+    const T* a = as + s * x.cols * C;
+    const T* g = gs + u * C;
+    T* o = os + u * x.cols;
+    if (C == 1) {
+      MaskedScale(z, bs[s], g[0], a, x.cols, o);
+      return;
+    }
+    for (int64_t r = 0; r < x.cols; ++r) {
+      T dot = 0;
+      if (z[r] > bs[s])
+        for (int64_t c = 0; c < C; ++c) dot += g[c] * a[r * C + c];
+      o[r] = dot;
     }
   });
   return ffi::Error::Success();
