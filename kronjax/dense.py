@@ -1,80 +1,15 @@
-"""The dense baseline: the same network trained on explicit ``(n, d)`` inputs.
+"""The dense baseline: the same network trained on explicit ``(n, d)`` inputs."""
 
-It is the reference of every equivalence test and the opponent in every
-benchmark, so it is written as a careful JAX user would: one fused jit-compiled
-forward/backward, optax, donated buffers.
+from kronjax._src.dense import DenseState
+from kronjax._src.dense import init
+from kronjax._src.dense import forward
+from kronjax._src.dense import make_step
+from kronjax._src.dense import evaluate
 
-Shapes: m neurons, d input dimension, n points, B batch, C outputs.
-"""
-
-from __future__ import annotations
-
-import math
-from typing import Any, NamedTuple
-
-import jax
-import jax.numpy as jnp
-import optax
-
-from kronjax import initializers, losses, optim
-from kronjax.config import Config
-
-
-class DenseState(NamedTuple):
-  params: dict          # {"W": (m, d)[, "a": (m, C)]}: the trained parameters
-  a: jax.Array          # (m, C) output layer (also in params when it is trained)
-  b: jax.Array          # () threshold
-  opt_state: Any
-  step: jax.Array       # () int32
-
-
-def init(key: jax.Array, config: Config, dim: int, tx: optax.GradientTransformation, *,
-         dtype=None, threshold: Any = None) -> DenseState:
-  """The network ``kronjax.init`` (explicit mode) builds from the same key, with ``W (m, d)``."""
-  dtype = dtype or jnp.result_type(float)
-  keys = initializers.init_keys(key)
-  W = initializers.explicit_weights(keys["W0"], config.width, dim, dtype)
-  a = initializers.output_layer(keys["a"], config.width, config.num_classes, dtype)
-  params = {"W": W, "a": a} if config.train_output else {"W": W}
-  b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
-  return DenseState(params, a, b, tx.init(params), jnp.zeros((), jnp.int32))
-
-
-def forward(W: jax.Array, a: jax.Array, b: jax.Array, X: jax.Array) -> jax.Array:
-  """Network outputs ``(n, C)`` for inputs ``X (n, d)``."""
-  m = W.shape[0]
-  return losses.hidden(X @ W.T, b) @ a / math.sqrt(m)
-
-
-def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool = True):
-  """A jit-compiled ``step(state, X_batch (B, d), y_batch) -> (state, metrics)``.
-
-  ``metrics``: ``loss`` (before the step) and ``active`` (mean active neurons per point).
-  """
-  # Same contract as kronjax, so comparisons are apples to apples.
-  optim.check_linear(tx, keys=("W", "a") if config.train_output else ("W",))
-
-  def loss_fn(params, a, b, X, y):
-    a = params.get("a", a)
-    pre = X @ params["W"].T                                        # (B, m)
-    out = losses.hidden(pre, b) @ a / math.sqrt(a.shape[0])
-    active = jnp.mean(jnp.sum(pre > b, axis=1).astype(X.dtype))
-    return losses.batch_loss(config.loss, out, y), active
-
-  def step(state: DenseState, X: jax.Array, y: jax.Array):
-    (loss, active), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.a, state.b, X, y)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    a = params.get("a", state.a)
-    return (DenseState(params, a, state.b, opt_state, state.step + 1),
-            {"loss": loss, "active": active})
-
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
-
-
-def evaluate(state: DenseState, config: Config, X: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-  """Loss (and accuracy for softmax) of the dense network on ``X (n, d)``."""
-  out = forward(state.params["W"], state.a, state.b, X)
-  return {"loss": losses.batch_loss(config.loss, out, y),
-          "accuracy": losses.accuracy(config.loss, out, y)}
+__all__ = (
+    "DenseState",
+    "init",
+    "forward",
+    "make_step",
+    "evaluate",
+)

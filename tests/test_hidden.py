@@ -14,7 +14,8 @@ import optax
 import pytest
 
 import kronjax
-from kronjax import hidden, native, products
+from kronjax._src import native, products
+from kronjax._src import rows as hidden
 
 # Negative, repeated and out-of-range entries: every index rule at once.
 IDX = np.array([3, -1, 0, 3, 9, -9, 5], np.int32)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 import kronjax
-from kronjax import native, products
+from kronjax._src import native, products
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import kronjax
-from kronjax import products
+from kronjax._src import products
 
 
 SPARSE = {"sparse": True}

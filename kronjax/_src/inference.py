@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax import initializers, losses
-from kronjax.kron import KronData, _check_compatible
-from kronjax.state import TrainState
+from kronjax._src import initializers, losses
+from kronjax._src.kron import KronData, check_compatible
+from kronjax._src.state import TrainState
 
 
 def outputs_from_projections(state: TrainState, P: jax.Array) -> jax.Array:
@@ -68,7 +68,7 @@ def projections(state: TrainState, data: KronData, *, chunk: int | None = None) 
   """``W X'^T`` ``(m, n')`` for ``data``, with ``W = W0 + A X`` the current weights."""
   if not isinstance(data, KronData):
     raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}.")
-  _check_compatible("data", state.data, data)
+  check_compatible("data", state.data, data)
   _check_unsharded(state)
   if _same_data(data, state.data):
     return state.P

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax import _checks
+from kronjax._src import checks
 
 
 @jax.tree_util.register_pytree_node_class
@@ -102,11 +102,11 @@ class KronData:
     """
     right = self if other is None else other
     if other is not None:
-      _check_compatible("other", self, other)
+      check_compatible("other", self, other)
     if rows is not None:
-      _checks.check_indices("rows", rows, self.n, allow_empty=True)
+      checks.check_indices("rows", rows, self.n, allow_empty=True)
     if cols is not None:
-      _checks.check_indices("cols", cols, right.n, allow_empty=True)
+      checks.check_indices("cols", cols, right.n, allow_empty=True)
     left_f = self._ranked()
     right_f = right._ranked()
     if rows is not None:
@@ -138,7 +138,7 @@ class KronData:
 
   def subset(self, idx: Any) -> "KronData":
     """The points ``idx`` (a 1-D integer array) as a new ``KronData``."""
-    _checks.check_indices("idx", idx, self.n)
+    checks.check_indices("idx", idx, self.n)
     idx = jnp.asarray(idx)
     return KronData.tree_unflatten(None, tuple(f[idx] for f in self._factors))
 
@@ -160,7 +160,7 @@ class KronData:
     W = jnp.asarray(W)
     if W.ndim != 2 or W.shape[1] != self.dim:
       raise ValueError(f"W must have shape (m, {self.dim}) for dims {self.dims}, got {W.shape}.")
-    _checks.check_positive_int("point_block", point_block)
+    checks.check_positive_int("point_block", point_block)
     Wt = W.reshape((W.shape[0],) + self.dims)
     ranked = self._ranked()
 
@@ -192,7 +192,7 @@ def _gram_from_ranked(left: Sequence[jax.Array], right: Sequence[jax.Array]) -> 
   return jnp.sum(prod, axis=(2, 3))
 
 
-def _check_compatible(name: str, data: KronData, other: Any) -> None:
+def check_compatible(name: str, data: KronData, other: Any) -> None:
   if not isinstance(other, KronData):
     raise TypeError(f"{name} must be a kronjax.KronData, got {type(other).__name__}.")
   if other.dims != data.dims:
@@ -221,7 +221,7 @@ def _validate_factors(factors: Any) -> tuple[jax.Array, ...]:
     dtype = getattr(f, "dtype", None)
     if dtype is not None and not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
       raise TypeError(f"factors[{q}] must be a real numeric array, got dtype {dtype}.")
-    _checks.check_finite(f"factors[{q}]", f)
+    checks.check_finite(f"factors[{q}]", f)
     arr = jnp.asarray(f)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
       arr = arr.astype(jnp.result_type(float))

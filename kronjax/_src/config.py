@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from kronjax import _checks
+from kronjax._src import checks
 
 LOSSES = ("mse", "softmax")
 INITS = ("explicit", "implicit")
@@ -89,7 +89,7 @@ class Config:
   init_chunk: int = 256
 
   def __post_init__(self):
-    _checks.check_positive_int("width", self.width)
+    checks.check_positive_int("width", self.width)
     if self.threshold is not None:
       if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
         raise TypeError(
@@ -100,14 +100,14 @@ class Config:
       object.__setattr__(self, "threshold", float(self.threshold))
     else:
       object.__setattr__(self, "threshold", default_threshold(self.width))
-    _checks.check_choice("loss", self.loss, LOSSES)
-    _checks.check_positive_int("num_classes", self.num_classes, minimum=2 if self.loss == "softmax" else 1)
-    _checks.check_choice("init", self.init, INITS)
+    checks.check_choice("loss", self.loss, LOSSES)
+    checks.check_positive_int("num_classes", self.num_classes, minimum=2 if self.loss == "softmax" else 1)
+    checks.check_choice("init", self.init, INITS)
     if not isinstance(self.train_output, bool):
       raise TypeError(f"train_output must be a bool, got {self.train_output!r}.")
     if self.active_capacity is None:
       object.__setattr__(self, "active_capacity", default_active_capacity(self.width, self.threshold))
-    _checks.check_positive_int("active_capacity", self.active_capacity)
+    checks.check_positive_int("active_capacity", self.active_capacity)
     if self.active_capacity > self.width:
       raise ValueError(
           f"active_capacity must be in [1, width={self.width}], got {self.active_capacity}; "
@@ -119,14 +119,14 @@ class Config:
     if self.candidate_capacity is None:
       object.__setattr__(self, "candidate_capacity", default_active_capacity(
           self.width, self.threshold - self.index_delta))
-    _checks.check_positive_int("candidate_capacity", self.candidate_capacity)
+    checks.check_positive_int("candidate_capacity", self.candidate_capacity)
     if self.candidate_capacity > self.width:
       raise ValueError(
           f"candidate_capacity must be in [1, width={self.width}], got {self.candidate_capacity}.")
-    _checks.check_choice("gram", self.gram, GRAMS)
-    _checks.check_choice("index", self.index, INDEX_KINDS)
-    _checks.check_choice("update", self.update, UPDATES)
-    _checks.check_choice("layout", self.layout, LAYOUTS)
+    checks.check_choice("gram", self.gram, GRAMS)
+    checks.check_choice("index", self.index, INDEX_KINDS)
+    checks.check_choice("update", self.update, UPDATES)
+    checks.check_choice("layout", self.layout, LAYOUTS)
     if self.layout == "points" and self.update == "sparse":
       raise ValueError(
           "layout='points' stores P point-major, which only the dense update path uses, but "
@@ -136,7 +136,7 @@ class Config:
       raise ValueError(
           "layout='points' runs the dense update path, which needs no threshold index, so "
           "index='bucketed' would only cost time; use index='auto' or 'dense' with it.")
-    _checks.check_positive_int("init_chunk", self.init_chunk)
+    checks.check_positive_int("init_chunk", self.init_chunk)
 
   @property
   def resolved_layout(self) -> str:
@@ -151,7 +151,7 @@ class Config:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
       if key not in names:
-        raise ValueError(_checks.unknown_key_message("config key", key, names))
+        raise ValueError(checks.unknown_key_message("config key", key, names))
     return cls(**values)
 
   def replace(self, **changes: Any) -> "Config":

@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kronjax import _checks, hidden, losses, products
-from kronjax.state import TrainState, index_for, trainable_tree
+from kronjax._src import checks, losses, products, rows
+from kronjax._src.state import TrainState, index_for, trainable_tree
 
 
 def resolve_update(state: TrainState, batch_size: int) -> str:
@@ -67,7 +67,7 @@ def train_step(state: TrainState, batch_idx: Any) -> tuple[TrainState, dict[str,
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   if not hasattr(batch_idx, "shape"):
     batch_idx = jnp.asarray(batch_idx)
-  _checks.check_indices("batch_idx", batch_idx, state.data.n)
+  checks.check_indices("batch_idx", batch_idx, state.data.n)
   if batch_idx.ndim != 1 or batch_idx.shape[0] == 0:
     raise ValueError(f"batch_idx must be a non-empty 1-D index array, got shape {batch_idx.shape}.")
   return _step(state, jnp.asarray(batch_idx, jnp.int32))
@@ -242,19 +242,19 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   inv_sqrt_m = 1.0 / math.sqrt(config.width)
   if state.layout == "points":
     P = state.projections                                           # (n, m)
-    raw, counts = hidden.relu_rows(P, batch_idx, state.b, state.a)  # (B, C), (B,)
+    raw, counts = rows.relu_rows(P, batch_idx, state.b, state.a)  # (B, C), (B,)
 
     def coefficients(g):                                            # (B, C) -> (B, m)
-      return hidden.relu_rows_grad(P, batch_idx, state.b, state.a, g)
+      return rows.relu_rows_grad(P, batch_idx, state.b, state.a, g)
 
     def hidden_rows():
-      return losses.hidden(hidden.take_rows(P, batch_idx), state.b)
+      return losses.hidden(rows.take_rows(P, batch_idx), state.b)
   else:
     Ps_T = state.projections[:, batch_idx].T                        # (B, m)
-    raw, counts = hidden.relu_of(Ps_T, state.b, state.a)
+    raw, counts = rows.relu_of(Ps_T, state.b, state.a)
 
     def coefficients(g):
-      return hidden.relu_grad_of(Ps_T, state.b, state.a, g)
+      return rows.relu_grad_of(Ps_T, state.b, state.a, g)
 
     def hidden_rows():
       return losses.hidden(Ps_T, state.b)
@@ -307,7 +307,7 @@ def _full_update(state, batch_idx, coefficients, K_rows, K_rows_eval, ga, ok, gP
     grads = trainable_tree(one, one, ga, None if K_rows_eval is None else one, config)
     updates, opt_state = _optimize(state, grads, ok)
     U = coefficients(updates["P"])                                  # (B, m)
-    A_T = hidden.add_rows(state.A_T, batch_idx, U)
+    A_T = rows.add_rows(state.A_T, batch_idx, U)
     if points:   # (n, m) + (B, n)^T @ (B, m)
       P = products.add_product_t(state.projections, K_rows, U)
     else:        # (m, n) + (m, B) @ (B, n)

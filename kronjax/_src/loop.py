@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax import _checks
-from kronjax import threshold as threshold_lib
-from kronjax.inference import evaluate
-from kronjax.state import TrainState, with_config
-from kronjax.train import _step
+from kronjax._src import checks
+from kronjax._src import index as index_lib
+from kronjax._src.inference import evaluate
+from kronjax._src.state import TrainState, with_config
+from kronjax._src.step import _step
 
 
 class CapacityError(RuntimeError):
@@ -60,14 +60,14 @@ def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *, start
 def resolve_schedule(n: int, batch_size: Any, steps: Any, epochs: Any) -> tuple[int, int]:
   """Validates ``batch_size`` in ``[1, n]`` and exactly one of ``steps``/``epochs``;
   returns ``(batch_size, steps)`` (an epoch is ``n // batch_size`` steps)."""
-  batch_size = _checks.check_positive_int("batch_size", batch_size)
+  batch_size = checks.check_positive_int("batch_size", batch_size)
   if batch_size > n:
     raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}.")
   if (steps is None) == (epochs is None):
     raise ValueError("pass exactly one of steps= or epochs=.")
   if steps is None:
-    return batch_size, _checks.check_positive_int("epochs", epochs) * (n // batch_size)
-  return batch_size, _checks.check_positive_int("steps", steps)
+    return batch_size, checks.check_positive_int("epochs", epochs) * (n // batch_size)
+  return batch_size, checks.check_positive_int("steps", steps)
 
 
 def grown_capacity(state: TrainState, metrics: dict[str, Any], batch: Any = None) -> dict[str, int]:
@@ -80,7 +80,7 @@ def grown_capacity(state: TrainState, metrics: dict[str, Any], batch: Any = None
   config = state.config
   m = config.width
   changes = {}
-  need_cand = int(threshold_lib.needed_candidate_capacity(state.index, batch))
+  need_cand = int(index_lib.needed_candidate_capacity(state.index, batch))
   if need_cand > config.candidate_capacity:
     changes["candidate_capacity"] = min(m, max(2 * config.candidate_capacity, _round8(need_cand)))
   else:
@@ -96,7 +96,7 @@ def _round8(x: int) -> int:
 def _overflow_message(state: TrainState, step: int, metrics: dict[str, Any], batch: Any = None) -> str:
   config = state.config
   need = int(metrics["max_active"])
-  need_cand = int(threshold_lib.needed_candidate_capacity(state.index, batch))
+  need_cand = int(index_lib.needed_candidate_capacity(state.index, batch))
   if need_cand <= config.candidate_capacity:
     return (f"step {step}: a point of the batch has {need} active neurons, more than "
             f"active_capacity={config.active_capacity}. Use Config(active_capacity>={need}) "
@@ -147,10 +147,10 @@ def fit(state: TrainState, key: jax.Array, *, batch_size: int, steps: int | None
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   n = state.data.n
   batch_size, steps = resolve_schedule(n, batch_size, steps, epochs)
-  _checks.check_choice("on_overflow", on_overflow, ("replay", "raise"))
-  eval_every = _checks.check_positive_int("eval_every", eval_every, minimum=0)
-  log_every = _checks.check_positive_int("log_every", log_every)
-  checkpoint_every = _checks.check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
+  checks.check_choice("on_overflow", on_overflow, ("replay", "raise"))
+  eval_every = checks.check_positive_int("eval_every", eval_every, minimum=0)
+  log_every = checks.check_positive_int("log_every", log_every)
+  checkpoint_every = checks.check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
   if checkpoint_every and checkpoint_dir is None:
     raise ValueError("checkpoint_every was set without checkpoint_dir; pass the directory to save into.")
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kronjax import _checks
+from kronjax._src import checks
 
 
 def batch_loss(kind: str, outputs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -56,7 +56,7 @@ def check_labels(kind: str, num_classes: int, labels, n: int, name: str = "label
           f"{num_classes} (or ({n},) when num_classes=1), got {tuple(labels.shape)}.")
     if not np.issubdtype(labels.dtype, np.floating):
       labels = jnp.asarray(labels).astype(jnp.result_type(float))
-    _checks.check_finite(name, labels)
+    checks.check_finite(name, labels)
     return jnp.asarray(labels)
   if labels.shape != (n,):
     raise ValueError(
@@ -64,7 +64,7 @@ def check_labels(kind: str, num_classes: int, labels, n: int, name: str = "label
         f"{tuple(labels.shape)}; pass class indices, not one-hot rows.")
   if not np.issubdtype(labels.dtype, np.integer):
     raise TypeError(f"{name} must hold integer class ids for loss='softmax', got dtype {labels.dtype}.")
-  if _checks.is_concrete(labels):
+  if checks.is_concrete(labels):
     arr = np.asarray(labels)
     if arr.min() < 0 or arr.max() >= num_classes:
       raise ValueError(

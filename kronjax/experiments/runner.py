@@ -79,7 +79,7 @@ import types
 import typing
 from typing import Any, Mapping, Sequence
 
-from kronjax import _checks
+from kronjax._src import checks as _checks
 
 SECTIONS = ("experiment", "params", "smoke")
 EXPERIMENT_KEYS = ("name", "seed", "description")
@@ -419,7 +419,7 @@ def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[s
     (out / RUN_CONFIG).write_text(json.dumps(
         {"raw": raw, "overrides": list(overrides), "smoke": smoke, "file": source}, indent=2) + "\n")
 
-  from kronjax import bench  # pylint: disable=g-import-not-at-top  (imports jax)
+  from kronjax.experiments import timing as bench  # pylint: disable=g-import-not-at-top  (imports jax)
 
   kwargs = {"progress": progress}
   if resume is not None:

@@ -59,7 +59,7 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``kronjax`` console script; returns the exit status."""
-  from kronjax import experiment  # pylint: disable=g-import-not-at-top  (no jax import)
+  from kronjax.experiments import runner as experiment  # pylint: disable=g-import-not-at-top  (no jax import)
 
   parser = _parser()
   try:

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kronjax import _checks, initializers, losses, optim
-from kronjax import threshold as threshold_lib
-from kronjax.config import Config
-from kronjax.kron import KronData, _check_compatible
+from kronjax._src import checks, initializers, losses, optim
+from kronjax._src import index as index_lib
+from kronjax._src.config import Config
+from kronjax._src.kron import KronData, check_compatible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,13 +124,13 @@ def trainable_tree(A_T, P, a, P_eval, config: Config) -> dict[str, jax.Array]:
   return tree
 
 
-def index_for(state_or_config, n: int | None = None, kind: str | None = None) -> threshold_lib.ThresholdIndex:
+def index_for(state_or_config, n: int | None = None, kind: str | None = None) -> index_lib.ThresholdIndex:
   """The ThresholdIndex functions for a state (or a config plus ``n`` and kind)."""
   if isinstance(state_or_config, TrainState):
     config, n, kind = state_or_config.config, state_or_config.data.n, state_or_config.index_kind
   else:
     config = state_or_config
-  return threshold_lib.make_index(
+  return index_lib.make_index(
       kind, width=config.width, active_capacity=config.active_capacity,
       candidate_capacity=config.candidate_capacity, delta=config.index_delta, n=n)
 
@@ -164,14 +164,14 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
                     "wrap your factors with kronjax.KronData((u, v, ...)).")
   labels = losses.check_labels(config.loss, config.num_classes, labels, data.n, "labels")
   if eval_data is not None:
-    _check_compatible("eval_data", data, eval_data)
+    check_compatible("eval_data", data, eval_data)
     if eval_labels is not None:
       eval_labels = losses.check_labels(config.loss, config.num_classes, eval_labels,
                                         eval_data.n, "eval_labels")
   elif eval_labels is not None:
     raise ValueError("eval_labels was given without eval_data; pass both or neither.")
   optim.check_linear(tx, keys=trainable_tree(0, 0, 0, None if eval_data is None else 0, config))
-  if threshold is not None and _checks.is_concrete(threshold):
+  if threshold is not None and checks.is_concrete(threshold):
     if not math.isfinite(float(jnp.asarray(threshold))):
       raise ValueError(f"threshold must be finite, got {threshold}.")
 
@@ -235,7 +235,7 @@ def _index_kind(config: Config, n: int) -> str:
   dense path, which never queries an index: it always gets the trivial dense one."""
   if config.resolved_layout == "points":
     return "dense"
-  return config.index if config.index != "auto" else threshold_lib.choose_kind(config.width, n)
+  return config.index if config.index != "auto" else index_lib.choose_kind(config.width, n)
 
 
 TRAINABLE_KEYS = ("A", "P", "a", "P_eval")

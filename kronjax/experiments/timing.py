@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from kronjax import native
+from kronjax._src import native
 
 
 def block(tree: Any) -> Any:

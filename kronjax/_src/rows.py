@@ -38,7 +38,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kronjax import losses, native, products
+from kronjax._src import losses, native, products
 
 
 # ----------------------------------------------------------------------------- the plain math

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax import _checks
-from kronjax.kron import KronData, _check_compatible
+from kronjax._src import checks
+from kronjax._src.kron import KronData, check_compatible
 
 
 def neuron_keys(key: jax.Array, width: int) -> jax.Array:
@@ -41,7 +41,7 @@ def explicit_weights(key: jax.Array, width: int, dim: int, dtype=None) -> jax.Ar
 
   The dense baseline starts from this matrix, so both runs begin at the same network.
   """
-  _checks.check_positive_int("width", width)
+  checks.check_positive_int("width", width)
   return w0_rows(neuron_keys(key, width), dim, dtype)
 
 
@@ -51,10 +51,10 @@ def explicit_projections(key: jax.Array, width: int, data: KronData, *, chunk: i
 
   Returns a tuple: the projections of ``data`` followed by one per ``extra``.
   """
-  width = _checks.check_positive_int("width", width)
-  chunk = _checks.check_positive_int("chunk", chunk)
+  width = checks.check_positive_int("width", width)
+  chunk = checks.check_positive_int("chunk", chunk)
   for j, other in enumerate(extra):
-    _check_compatible(f"extra[{j}]", data, other)
+    check_compatible(f"extra[{j}]", data, other)
   return _explicit_projections(key, (data,) + tuple(extra), width=width, chunk=min(chunk, width))
 
 
@@ -88,14 +88,14 @@ def implicit_projections(key: jax.Array, width: int, data: KronData, *,
     A tuple ``(P0 (m, n), P0_extra_0 (m, n_0), ...)``, consistent with one
     implicit Gaussian ``W0``.
   """
-  width = _checks.check_positive_int("width", width)
+  width = checks.check_positive_int("width", width)
   for j, other in enumerate(extra):
-    _check_compatible(f"extra[{j}]", data, other)
+    check_compatible(f"extra[{j}]", data, other)
   if gram is not None:
     if not hasattr(gram, "shape") or tuple(gram.shape) != (data.n, data.n):
       raise ValueError(f"gram must be the ({data.n}, {data.n}) Gram of data, got shape "
                        f"{tuple(getattr(gram, 'shape', ()))}; pass data.gram() or omit it.")
-    _checks.check_finite("gram", gram)
+    checks.check_finite("gram", gram)
     gram = jnp.asarray(gram, data.dtype)
   return _implicit_projections(key, data, tuple(extra), gram, width=width)
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kronjax import native
+from kronjax._src import native
 
 # Below this many bytes of batched result the default batched product stays in
 # cache and its single dispatch wins over a loop (measured: experiments/bench_sweep.py

@@ -1,0 +1,189 @@
+"""``Dataset``: the training points, their labels, an optional eval split and the Gram.
+
+Shapes: n training points, n_e eval points, C outputs.
+
+The dataset lives beside the ``TrainState``, never inside it: a sweep stacks
+states and shares one dataset (``jax.vmap(train_step, in_axes=(0, None, None))``),
+a checkpoint holds the state only, and the state remembers the dataset's
+*fingerprint* so that every entry point refuses a different dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kronjax._src import checks
+from kronjax._src.kron import KronData, check_compatible
+
+GRAMS = ("precomputed", "factors")
+
+
+@jax.tree_util.register_pytree_node_class
+class Dataset:
+  """Training points and labels, an optional eval split, and the data Gram (a pytree).
+
+  Args:
+    data: the ``n`` training points (``kronjax.KronData``).
+    labels: ``(n,)`` or ``(n, C)`` float targets (mse) or ``(n,)`` integer class
+      ids (softmax). Float labels are cast to the data's dtype.
+    eval_data, eval_labels: optional held-out points (``n_e``) whose projections
+      the state maintains every step, so ``kronjax.evaluate`` costs no ``d``.
+      ``eval_labels`` needs ``eval_data``.
+    gram: ``"precomputed"`` stores the ``(n, n)`` Gram ``K = X X^T`` and the
+      ``(n, n_e)`` cross Gram once; ``"factors"`` stores nothing ``n x n`` and the
+      step recomputes its ``(B, n)`` Gram rows from the factors
+      (``O(B n sum_q d_q)`` per step): for an ``n`` whose Gram does not fit.
+
+  Attributes:
+    data, labels, eval_data, eval_labels: as given (labels cast as above).
+    gram: ``(n, n)`` or None. gram_eval: ``(n, n_e)`` or None.
+    gram_mode: ``"precomputed"`` or ``"factors"``.
+    fingerprint: sha256 of the factors and labels (train and eval), or None for
+      a dataset built from traced arrays.
+
+  Raises:
+    TypeError / ValueError naming the argument: data that is not a KronData,
+    labels with another row count or NaN/inf, eval data in another tensor space.
+  """
+
+  __slots__ = ("data", "labels", "eval_data", "eval_labels", "gram", "gram_eval", "gram_mode",
+               "fingerprint")
+
+  def __init__(self, data: KronData, labels: Any, *, eval_data: KronData | None = None,
+               eval_labels: Any = None, gram: str = "precomputed"):
+    if not isinstance(data, KronData):
+      raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}; "
+                      "wrap your factors with kronjax.KronData((u, v, ...)).")
+    checks.check_choice("gram", gram, GRAMS)
+    labels = _check_labels("labels", labels, data)
+    if eval_data is not None:
+      check_compatible("eval_data", data, eval_data)
+      if eval_data.dtype != data.dtype:
+        eval_data = KronData(tuple(f.astype(data.dtype) for f in eval_data.factors))
+      if eval_labels is not None:
+        eval_labels = _check_labels("eval_labels", eval_labels, eval_data)
+    elif eval_labels is not None:
+      raise ValueError("eval_labels was given without eval_data; pass both or neither.")
+    self.data, self.labels = data, labels
+    self.eval_data, self.eval_labels = eval_data, eval_labels
+    self.gram_mode = gram
+    self.gram = data.gram() if gram == "precomputed" else None
+    self.gram_eval = (data.gram(other=eval_data)
+                      if gram == "precomputed" and eval_data is not None else None)
+    self.fingerprint = fingerprint(self)
+
+  # -- pytree protocol: unflatten bypasses validation (leaves may be tracers).
+  def tree_flatten(self):
+    children = (self.data, self.labels, self.eval_data, self.eval_labels, self.gram,
+                self.gram_eval)
+    return children, (self.gram_mode, self.fingerprint)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    (obj.data, obj.labels, obj.eval_data, obj.eval_labels, obj.gram, obj.gram_eval) = children
+    obj.gram_mode, obj.fingerprint = aux
+    return obj
+
+  @property
+  def n(self) -> int:
+    """Number of training points."""
+    return self.data.n
+
+  @property
+  def n_eval(self) -> int:
+    """Number of eval points (0 without an eval split)."""
+    return 0 if self.eval_data is None else self.eval_data.n
+
+  @property
+  def dtype(self):
+    return self.data.dtype
+
+  def __repr__(self) -> str:
+    return (f"Dataset(n={self.n}, n_eval={self.n_eval}, dims={self.data.dims}, "
+            f"rank={self.data.rank}, dtype={self.dtype}, gram={self.gram_mode!r})")
+
+  def gram_rows(self, batch_idx: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """``K[S, :]`` ``(B, n)`` and ``K[S, E]`` ``(B, n_e)`` (None without eval data)."""
+    if self.gram_mode == "precomputed":
+      rows = self.gram[batch_idx]
+      rows_eval = None if self.gram_eval is None else self.gram_eval[batch_idx]
+      return rows, rows_eval
+    rows = self.data.gram(rows=batch_idx)
+    rows_eval = (None if self.eval_data is None
+                 else self.data.gram(rows=batch_idx, other=self.eval_data))
+    return rows, rows_eval
+
+
+def _check_labels(name: str, labels: Any, data: KronData) -> jax.Array:
+  """Row count, finiteness and dtype; the loss-specific checks run in ``kronjax.init``."""
+  if isinstance(labels, KronData) or labels is None:
+    raise TypeError(f"{name} must be an array of targets or class ids, got "
+                    f"{type(labels).__name__}.")
+  if not hasattr(labels, "shape"):
+    labels = np.asarray(labels)
+  if labels.ndim not in (1, 2) or labels.shape[0] != data.n:
+    raise ValueError(f"{name} must have shape ({data.n},) or ({data.n}, C) (one row per point), "
+                     f"got {tuple(labels.shape)}.")
+  kind = np.dtype(labels.dtype).kind
+  if kind == "f":
+    checks.check_finite(name, labels)
+    return jnp.asarray(labels, data.dtype)  # labels follow the data's dtype
+  if kind in "iu":
+    return jnp.asarray(labels, jnp.int32)
+  raise TypeError(f"{name} must hold floats (regression targets) or integers (class ids), "
+                  f"got dtype {labels.dtype}.")
+
+
+def fingerprint(dataset: Dataset) -> str | None:
+  """sha256 over the training and eval factors and labels (shapes, dtypes, bytes).
+
+  None when any of them is traced (a dataset built inside ``jit``): such a
+  dataset cannot be told apart from another, so checks against it are skipped.
+  """
+  parts = [("data", dataset.data.factors), ("labels", (dataset.labels,))]
+  if dataset.eval_data is not None:
+    parts.append(("eval_data", dataset.eval_data.factors))
+  if dataset.eval_labels is not None:
+    parts.append(("eval_labels", (dataset.eval_labels,)))
+  if not all(checks.is_concrete(x) for _, arrays in parts for x in arrays):
+    return None
+  h = hashlib.sha256()
+  for name, arrays in parts:
+    h.update(name.encode())
+    for x in arrays:
+      arr = np.ascontiguousarray(jax.device_get(x))
+      h.update(f"{arr.dtype.name}{arr.shape}".encode())
+      h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def check_dataset(name: str, dataset: Any, *, fingerprint: str | None, n: int,
+                  n_eval: int) -> Dataset:
+  """Raises unless ``dataset`` is the dataset a state was built from.
+
+  Args:
+    name: the argument's name in the caller (for the message).
+    fingerprint: the state's record of its dataset (None: unknown).
+    n, n_eval: the point counts the state's arrays were built for.
+  """
+  if not isinstance(dataset, Dataset):
+    raise TypeError(f"{name} must be a kronjax.Dataset, got {type(dataset).__name__}; build it "
+                    "with kronjax.Dataset(data, labels, eval_data=..., eval_labels=...).")
+  if dataset.n != n or dataset.n_eval != n_eval:
+    raise ValueError(
+        f"{name} has n={dataset.n} training and {dataset.n_eval} eval points, but the state was "
+        f"built for n={n} and {n_eval}; pass the dataset given to kronjax.init.")
+  if (fingerprint is not None and dataset.fingerprint is not None
+      and fingerprint != dataset.fingerprint):
+    raise ValueError(
+        f"{name} is not the dataset this state was built from (its fingerprint "
+        f"{dataset.fingerprint[:12]}… differs from the state's {fingerprint[:12]}…: other "
+        "factors, labels or eval split). Pass the dataset given to kronjax.init, or build a "
+        "new state for this one.")
+  return dataset
