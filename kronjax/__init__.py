@@ -6,22 +6,25 @@ from kronjax import dense
 from kronjax import sharding
 from kronjax import sweep
 from kronjax._src.config import Config
+from kronjax._src.dataset import Dataset
 from kronjax._src.inference import dense_params
 from kronjax._src.inference import evaluate
 from kronjax._src.inference import predict
 from kronjax._src.kron import KronData
 from kronjax._src.loop import CapacityError
 from kronjax._src.loop import fit
+from kronjax._src.loop import jit_train_step
 from kronjax._src.state import TrainState
 from kronjax._src.state import init
 from kronjax._src.state import with_config
 from kronjax._src.step import train_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "CapacityError",
     "Config",
+    "Dataset",
     "KronData",
     "TrainState",
     "checkpoint",
@@ -31,6 +34,7 @@ __all__ = (
     "evaluate",
     "fit",
     "init",
+    "jit_train_step",
     "predict",
     "sharding",
     "sweep",

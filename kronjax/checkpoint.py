@@ -5,7 +5,6 @@ from kronjax._src.checkpoint import steps
 from kronjax._src.checkpoint import latest_step
 from kronjax._src.checkpoint import save
 from kronjax._src.checkpoint import describe_tx
-from kronjax._src.checkpoint import data_fingerprint
 from kronjax._src.checkpoint import load
 
 __all__ = (
@@ -14,6 +13,5 @@ __all__ = (
     "latest_step",
     "save",
     "describe_tx",
-    "data_fingerprint",
     "load",
 )

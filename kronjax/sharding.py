@@ -6,8 +6,6 @@ from kronjax._src.sharding import state_specs
 from kronjax._src.sharding import shard_state
 from kronjax._src.sharding import unshard_state
 from kronjax._src.sharding import compiled_step
-from kronjax._src.sharding import collectives
-from kronjax._src.sharding import step_collectives
 from kronjax._src.sharding import estimated_bytes
 
 __all__ = (
@@ -17,7 +15,5 @@ __all__ = (
     "shard_state",
     "unshard_state",
     "compiled_step",
-    "collectives",
-    "step_collectives",
     "estimated_bytes",
 )

@@ -3,14 +3,14 @@
 A checkpoint is one ``.npz`` file, ``<directory>/ckpt-<step>.npz``, holding
 
 * every array leaf of the state (``P``, ``A``, ``a``, ``b``, the optimizer and
-  index states, the data factors and labels, the Grams, the key, ...), with its
+  index states, the key, the step; never the dataset), with its
   dtype (typed PRNG keys are stored as their key data plus the implementation
   name; extension dtypes such as bfloat16 as raw bits plus the dtype name);
 * a JSON manifest: the static ``Config`` (``dataclasses.asdict``), the index
   kind, a description of the optimizer (the structure of its state; an optax
   transformation is a pair of closures and cannot be serialized reliably), the
-  pytree path, shape and dtype of every leaf, a fingerprint of the training
-  data, and the caller's ``metadata`` (JSON values and arrays).
+  pytree path, shape and dtype of every leaf, the fingerprint of the dataset
+  the state was built from, and the caller's ``metadata`` (JSON values and arrays).
 
 ``save`` writes to a temporary file in the same directory, flushes and fsyncs
 it, and renames it over the final name (``os.replace``), so a process killed at
@@ -21,7 +21,7 @@ steps after ``s``: they belong to a trajectory abandoned by resuming from an
 older checkpoint, and would otherwise be what the next ``load`` restores.
 
 ``load(directory, like=state)`` needs a freshly initialized state built with the
-same data, labels, config and ``tx`` (the optimizer cannot be restored from the
+same dataset, config and ``tx`` (the optimizer cannot be restored from the
 file, so the caller passes it again through ``like``). The checkpoint's config
 may differ from ``like.config`` in settings ``kronjax.with_config`` may change
 (capacities grown by an overflow replay, index kind, update path): the state is
@@ -50,11 +50,15 @@ import numpy as np
 from kronjax._src.state import TrainState, with_config
 
 FORMAT = "kronjax-checkpoint"
-VERSION = 1
+VERSION = 2  # v1 (earlier kronjax) stored the dataset inside the state
 _MANIFEST = "__manifest__"
 _NAME = re.compile(r"^ckpt-(\d{10})\.npz$")
 # Settings that define the network (or the state's pytree): a checkpoint must agree on them.
-FIXED_CONFIG = ("width", "threshold", "loss", "num_classes", "init", "train_output", "gram")
+FIXED_CONFIG = ("width", "threshold", "loss", "num_classes", "init", "init_rank", "train_output")
+
+
+class _Outdated(Exception):
+  pass
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> pathlib.Path:
@@ -121,7 +125,7 @@ def save(directory: str | os.PathLike, state: TrainState, metadata: dict | None 
       "format": FORMAT, "version": VERSION, "step": step,
       "config": dataclasses.asdict(state.config), "index_kind": state.index_kind,
       "shape_free_tx": bool(state.shape_free_tx), "tx": describe_tx(state),
-      "data_fingerprint": data_fingerprint(state), "leaves": leaves,
+      "data_fingerprint": state.fingerprint, "leaves": leaves,
       "metadata": _encode(metadata, arrays, "metadata"),
   }
   arrays[_MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
@@ -230,23 +234,6 @@ def describe_tx(state: TrainState) -> dict[str, Any]:
           "opt_state_shapes": [list(np.shape(x)) for x in jax.tree.leaves(state.opt_state)]}
 
 
-def data_fingerprint(state: TrainState) -> str:
-  """sha256 over the training (and registered eval) factors and labels: shapes, dtypes, bytes."""
-  h = hashlib.sha256()
-  parts = [("data", state.data.factors), ("labels", (state.labels,))]
-  if state.eval_data is not None:
-    parts.append(("eval_data", state.eval_data.factors))
-  if state.eval_labels is not None:
-    parts.append(("eval_labels", (state.eval_labels,)))
-  for name, arrays in parts:
-    h.update(name.encode())
-    for x in arrays:
-      arr = np.ascontiguousarray(jax.device_get(x))
-      h.update(f"{arr.dtype.name}{arr.shape}".encode())
-      h.update(arr.tobytes())
-  return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- load
 
 
@@ -286,6 +273,10 @@ def load(directory: str | os.PathLike, *, like: TrainState,
     raw = path.read_bytes()
     with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
       manifest = json.loads(bytes(npz[_MANIFEST]).decode())
+      if manifest.get("format") == FORMAT and manifest.get("version") == 1:
+        raise _Outdated(f"checkpoint {str(path)!r} was written by an earlier kronjax (format v1, "
+                        "which stored the dataset inside the state); this kronjax reads v2. "
+                        "Train again, or load it with the kronjax that wrote it.")
       if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"not a {FORMAT} v{VERSION} file (format={manifest.get('format')!r}, "
                          f"version={manifest.get('version')!r})")
@@ -294,13 +285,14 @@ def load(directory: str | os.PathLike, *, like: TrainState,
           raise KeyError(f"manifest field {field!r}")
       leaves = [_get_array(npz, entry) for entry in manifest["leaves"]]
       metadata = _decode(manifest["metadata"], npz)
+  except _Outdated as e:
+    raise ValueError(str(e)) from None
   except (zipfile.BadZipFile, EOFError, KeyError, ValueError, TypeError, OSError,
           UnicodeDecodeError) as e:
     raise ValueError(
         f"checkpoint {str(path)!r} is corrupt or incomplete ({type(e).__name__}: {e}). "
         "Delete it to fall back to the previous checkpoint, or start the run again.") from e
 
-  _upgrade_pre_layout(manifest)
   state = _matching_like(like, manifest, path)
   paths_and_like = jax.tree_util.tree_flatten_with_path(state)
   like_leaves, treedef = [x for _, x in paths_and_like[0]], paths_and_like[1]
@@ -326,17 +318,6 @@ def load(directory: str | os.PathLike, *, like: TrainState,
   return restored, metadata
 
 
-def _upgrade_pre_layout(manifest: dict) -> None:
-  """Checkpoints written before ``Config.layout`` existed stored ``P`` neuron-major as
-  the leaf ``.P``: read them as ``layout="neurons"`` with the leaf ``.projections``."""
-  if "layout" in manifest["config"]:
-    return
-  manifest["config"]["layout"] = "neurons"
-  for entry in manifest["leaves"]:
-    if entry["path"] == ".P":
-      entry["path"] = ".projections"
-
-
 def _matching_like(like: TrainState, manifest: dict, path: pathlib.Path) -> TrainState:
   """``like`` under the checkpoint's config, after checking they describe the same run."""
   saved = manifest["config"]
@@ -349,11 +330,12 @@ def _matching_like(like: TrainState, manifest: dict, path: pathlib.Path) -> Trai
       raise ValueError(
           f"checkpoint {str(path)!r} does not match `like`: config.{name} is {saved[name]!r} in "
           f"the checkpoint and {current[name]!r} in `like`. Build `like` with the saved run's config.")
-  if manifest["data_fingerprint"] != data_fingerprint(like):
+  saved_fp = manifest["data_fingerprint"]
+  if saved_fp is not None and like.fingerprint is not None and saved_fp != like.fingerprint:
     raise ValueError(
-        f"checkpoint {str(path)!r} was saved for different data: the fingerprint of its "
-        "training/eval factors and labels differs from `like`'s. Build `like` from the same "
-        "data, labels and eval data as the saved run.")
+        f"checkpoint {str(path)!r} was saved for another dataset: the fingerprint of its "
+        "training/eval factors and labels differs from `like`'s. Build `like` with "
+        "kronjax.init from the same kronjax.Dataset as the saved run.")
   saved_tx = manifest.get("tx", {}).get("opt_state_structure")
   if saved_tx is not None and saved_tx != describe_tx(like)["opt_state_structure"]:
     raise ValueError(

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
 
 from kronjax._src import checks
 
 LOSSES = ("mse", "softmax")
-INITS = ("explicit", "implicit")
+INITS = ("kronecker", "implicit", "explicit")
 GRAMS = ("precomputed", "factors")
-INDEX_KINDS = ("auto", "dense", "bucketed")
-UPDATES = ("auto", "sparse", "dense")
+INDEX_KINDS = ("auto", "scan", "bucketed")
+UPDATES = ("auto", "sparse", "full")
 LAYOUTS = ("auto", "neurons", "points")
+
+# Earlier names, still accepted: "dense" meant three things (the baseline, an
+# update path and an index kind); each setting now has a name of its own.
+ALIASES = {"index": {"dense": "scan"}, "update": {"dense": "full"}}
+
+# Fields derived from others when left as None; ``replace`` derives them again
+# (a copy with another width gets that width's capacities) unless given.
+DERIVED = ("threshold", "active_capacity", "candidate_capacity")
 
 
 def default_threshold(width: int) -> float:
@@ -41,6 +50,17 @@ def default_active_capacity(width: int, threshold: float) -> int:
   return min(width, -(-cap // 8) * 8)
 
 
+DEFAULT_INIT_RANK = 4
+"""Kronecker terms per neuron of ``init="kronecker"`` when ``init_rank`` is None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Derived:
+  threshold: float
+  active_capacity: int
+  candidate_capacity: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Static settings of a kronjax network and its training step (hashable).
@@ -51,25 +71,32 @@ class Config:
     loss: ``"mse"`` (batch mean of ``1/2 ||f - y||^2``) or ``"softmax"``
       (batch mean cross-entropy with integer labels).
     num_classes: outputs ``C`` (classes for softmax, targets for mse).
-    init: ``"explicit"`` (``W0`` drawn in ``d`` space; ``predict`` works on any
-      data) or ``"implicit"`` (``P0`` sampled from ``N(0, K)``; no ``d`` at all).
+    init: how ``W0`` is drawn (see ``kronjax.initializers``): ``"kronecker"``
+      (each row a sum of ``init_rank`` Kronecker products of Gaussian factors:
+      no ``d`` anywhere, predicts on any input), ``"implicit"`` (``P0`` sampled
+      from ``N(0, K)`` on the registered points only) or ``"explicit"`` (exact
+      Gaussian ``W0`` drawn in ``d`` dimensions: ``O(m n d)``, for comparisons).
+    init_rank: terms per neuron of the kronecker init (``None``: the default,
+      ``DEFAULT_INIT_RANK``); only with ``init="kronecker"``.
     train_output: also train the output layer ``a``.
     active_capacity: static room ``K_cap`` for active neurons per point;
       ``None`` derives it from ``width`` and ``threshold``.
     candidate_capacity: room per point in the bucketed index; ``None`` derives it.
     index_delta: value margin of the bucketed index (candidates are neurons
       above ``b - index_delta`` at the last rebuild).
-    gram: ``"precomputed"`` (store the ``n x n`` Gram) or ``"factors"``
-      (recompute the ``B x n`` rows from the factors each step).
-    index: threshold index kind: ``"auto"``, ``"dense"`` or ``"bucketed"``.
+    gram: accepted for older configs; the Gram now belongs to the dataset
+      (``kronjax.Dataset(..., gram=...)``), which takes precedence.
+    index: threshold index kind: ``"auto"``, ``"scan"`` (the reference scan of
+      ``P[:, S] > b``; earlier name ``"dense"``) or ``"bucketed"``.
     update: P-update path: ``"auto"``, ``"sparse"`` (touched rows only) or
-      ``"dense"`` (one ``(m, B) @ (B, n)`` product).
+      ``"full"`` (one ``(m, B) @ (B, n)`` product over every neuron; earlier
+      name ``"dense"``). ``"auto"`` is explained in ``kronjax.Config.resolved_update``.
     layout: how ``P`` is stored (``state.P`` is the ``(m, n)`` view either way):
       ``"neurons"`` (``(m, n)``: a neuron's row is contiguous, what the sparse
       path's row updates need), ``"points"`` (``(n, m)``: a batch's columns are
-      contiguous rows, what the dense path's forward reads; dense path only) or
-      ``"auto"``: ``"points"`` when ``update == "dense"`` (and the index is not
-      ``"bucketed"``), else ``"neurons"``.
+      contiguous rows, what the full path's forward reads; full path only) or
+      ``"auto"``: ``"points"`` when the update path is ``"full"`` (and the index
+      is not ``"bucketed"``), else ``"neurons"``.
     init_chunk: neurons per chunk when drawing ``W0`` explicitly.
   """
 
@@ -87,13 +114,14 @@ class Config:
   update: str = "auto"
   layout: str = "auto"
   init_chunk: int = 256
+  init_rank: int | None = None
 
   def __post_init__(self):
     checks.check_positive_int("width", self.width)
     if self.threshold is not None:
-      if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+      if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real):
         raise TypeError(
-            f"threshold must be a Python float or None, got {type(self.threshold).__name__}; "
+            f"threshold must be a real number or None, got {type(self.threshold).__name__}; "
             "to sweep over thresholds pass them to kronjax.init(..., threshold=b) instead.")
       if not math.isfinite(self.threshold):
         raise ValueError(f"threshold must be finite, got {self.threshold}.")
@@ -103,6 +131,16 @@ class Config:
     checks.check_choice("loss", self.loss, LOSSES)
     checks.check_positive_int("num_classes", self.num_classes, minimum=2 if self.loss == "softmax" else 1)
     checks.check_choice("init", self.init, INITS)
+    if self.init_rank is not None:
+      if self.init != "kronecker":
+        raise ValueError(
+            f"init_rank={self.init_rank!r} was given with init={self.init!r}; init_rank is the "
+            "number of Kronecker terms per neuron of init='kronecker'. Drop it or use "
+            "init='kronecker'.")
+      checks.check_positive_int("init_rank", self.init_rank)
+      object.__setattr__(self, "init_rank", int(self.init_rank))
+    elif self.init == "kronecker":
+      object.__setattr__(self, "init_rank", DEFAULT_INIT_RANK)
     if not isinstance(self.train_output, bool):
       raise TypeError(f"train_output must be a bool, got {self.train_output!r}.")
     if self.active_capacity is None:
@@ -124,18 +162,22 @@ class Config:
       raise ValueError(
           f"candidate_capacity must be in [1, width={self.width}], got {self.candidate_capacity}.")
     checks.check_choice("gram", self.gram, GRAMS)
+    for name, aliases in ALIASES.items():
+      value = getattr(self, name)
+      if isinstance(value, str) and value in aliases:
+        object.__setattr__(self, name, aliases[value])
     checks.check_choice("index", self.index, INDEX_KINDS)
     checks.check_choice("update", self.update, UPDATES)
     checks.check_choice("layout", self.layout, LAYOUTS)
     if self.layout == "points" and self.update == "sparse":
       raise ValueError(
-          "layout='points' stores P point-major, which only the dense update path uses, but "
+          "layout='points' stores P point-major, which only the full update path uses, but "
           "update='sparse' was asked for; use layout='neurons' (or 'auto') with the sparse path, "
-          "or update='dense' (or 'auto') with layout='points'.")
+          "or update='full' (or 'auto') with layout='points'.")
     if self.layout == "points" and self.index == "bucketed":
       raise ValueError(
-          "layout='points' runs the dense update path, which needs no threshold index, so "
-          "index='bucketed' would only cost time; use index='auto' or 'dense' with it.")
+          "layout='points' runs the full update path, which needs no threshold index, so "
+          "index='bucketed' would only cost time; use index='auto' or 'scan' with it.")
     checks.check_positive_int("init_chunk", self.init_chunk)
 
   @property
@@ -143,7 +185,7 @@ class Config:
     """``"neurons"`` or ``"points"``: the layout ``layout="auto"`` stands for."""
     if self.layout != "auto":
       return self.layout
-    return "points" if self.update == "dense" and self.index != "bucketed" else "neurons"
+    return "points" if self.update == "full" and self.index != "bucketed" else "neurons"
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "Config":
@@ -157,7 +199,25 @@ class Config:
   def replace(self, **changes: Any) -> "Config":
     """A copy with ``changes`` applied.
 
-    Every other field keeps its resolved value, derived ones included: a copy with
-    a new ``width`` or ``threshold`` keeps the old capacities unless they are given.
+    Settings that were derived (``threshold``, ``active_capacity``,
+    ``candidate_capacity`` left as None) are derived again from the new values:
+    ``Config(width=128).replace(width=1024)`` gets the capacities of width 1024.
+    A derived setting is recognized by its value equal to what derivation gives.
     """
-    return Config.from_dict({**dataclasses.asdict(self), **changes})
+    values = dataclasses.asdict(self)
+    for name in DERIVED:
+      if name not in changes and values[name] == getattr(self._derived_defaults(), name):
+        values[name] = None
+    if "init" in changes and "init_rank" not in changes and changes["init"] != "kronecker":
+      values["init_rank"] = None
+    return Config.from_dict({**values, **changes})
+
+  def _derived_defaults(self) -> "Config":
+    """This config with every derived setting derived afresh (from width, delta)."""
+    threshold = default_threshold(self.width)
+    active = default_active_capacity(self.width, threshold)
+    candidate = default_active_capacity(self.width, threshold - self.index_delta)
+    if self.threshold != threshold:  # an explicit threshold: capacities derive from it
+      active = default_active_capacity(self.width, self.threshold)
+      candidate = default_active_capacity(self.width, self.threshold - self.index_delta)
+    return _Derived(threshold, active, candidate)

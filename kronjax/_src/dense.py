@@ -28,12 +28,22 @@ class DenseState(NamedTuple):
   step: jax.Array       # () int32
 
 
-def init(key: jax.Array, config: Config, dim: int, tx: optax.GradientTransformation, *,
-         dtype=None, threshold: Any = None) -> DenseState:
-  """The network ``kronjax.init`` (explicit mode) builds from the same key, with ``W (m, d)``."""
+def init(key: jax.Array, config: Config, dims: int | tuple[int, ...],
+         tx: optax.GradientTransformation, *, dtype=None, threshold: Any = None) -> DenseState:
+  """The network ``kronjax.init`` builds from the same key, with ``W (m, d)`` explicit.
+
+  Args:
+    dims: the factor dims ``(d_1, ..., d_p)`` of the data (an int ``d`` is
+      accepted for ``init="explicit"``, whose ``W0`` does not depend on them).
+  """
   dtype = dtype or jnp.result_type(float)
+  if isinstance(dims, int):
+    if config.init == "kronecker":
+      raise ValueError("dims must be the tuple of factor dims for init='kronecker' (its W0 is "
+                       f"a sum of Kronecker products of them), got the int {dims}.")
+    dims = (dims,)
   keys = initializers.init_keys(key)
-  W = initializers.explicit_weights(keys["W0"], config.width, dim, dtype)
+  W = initializers.initial_weights(keys["W0"], config, tuple(dims), dtype)
   a = initializers.output_layer(keys["a"], config.width, config.num_classes, dtype)
   params = {"W": W, "a": a} if config.train_output else {"W": W}
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)

@@ -17,7 +17,7 @@ entries ``>= m`` are padding) and ``row_change`` ``(R,)``: an upper bound on
 ``rows=None`` means every row, with ``row_change`` of shape ``(m,)``.
 
 Kinds:
-  * ``dense``: scan ``P[:, S] > b`` and compact. The reference.
+  * ``scan``: scan ``P[:, S] > b`` and compact. The reference.
   * ``bucketed``: buckets over *values* (DESIGN §4). At a (re)build, point ``j``'s
     candidate bucket is ``{r : P[r, j] > lo}`` with ``lo = b - delta``, stored
     ascending in ``(n, C_cap)``. Every other neuron is certified ``<= b`` while the
@@ -196,7 +196,7 @@ def dense_scan(*, active_capacity: int) -> ThresholdIndex:
     del P, b, rows, row_change
     return state
 
-  return ThresholdIndex("dense", build, query, update)
+  return ThresholdIndex("scan", build, query, update)
 
 
 # ----------------------------------------------------------------------------- bucketed
@@ -299,27 +299,26 @@ def needed_candidate_capacity(state, points=None) -> jax.Array:
   return jnp.zeros((), jnp.int32)
 
 
-KINDS = ("dense", "bucketed")
+KINDS = ("scan", "bucketed")
 
 # ``auto`` picks ``bucketed`` from this width on; None: never (the measured train step
 # is faster with the dense scan at every width on CPU, module docstring).
 AUTO_BUCKETED_MIN_WIDTH = None
 
 
-def choose_kind(width: int, n: int) -> str:
-  """The kind ``index="auto"`` picks for ``m = width`` neurons and ``n`` points."""
-  del n
+def choose_kind(width: int) -> str:
+  """The kind ``index="auto"`` picks for ``m = width`` neurons."""
   if AUTO_BUCKETED_MIN_WIDTH is not None and width >= AUTO_BUCKETED_MIN_WIDTH:
     return "bucketed"
-  return "dense"
+  return "scan"
 
 
 def make_index(kind: str, *, width: int, active_capacity: int, candidate_capacity: int,
-               delta: float, n: int) -> ThresholdIndex:
+               delta: float) -> ThresholdIndex:
   """The index of the given kind (``"auto"`` resolved with ``choose_kind``)."""
   if kind == "auto":
-    kind = choose_kind(width, n)
-  if kind == "dense":
+    kind = choose_kind(width)
+  if kind == "scan":
     return dense_scan(active_capacity=active_capacity)
   if kind == "bucketed":
     return bucketed(active_capacity=active_capacity, candidate_capacity=candidate_capacity,

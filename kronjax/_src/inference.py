@@ -1,12 +1,15 @@
-"""Predictions, evaluation and export of a trained network.
+"""Using a trained network: evaluation, predictions on any input, dense export.
 
 Shapes: m neurons, n training points, n_e eval points, n' new points, d input
 dimension, C outputs.
 
 * ``evaluate``: loss/accuracy from the maintained projections; no ``d``.
-* ``predict``: on the training or registered eval points, from the maintained
-  projections (``O(m n)``); on new data (explicit init only) it regenerates
-  ``W0`` in chunks: ``O(m d n')`` for the ``W0`` term plus ``O(m n n')`` for ``A K``.
+* ``predict``: on the dataset's training or eval points, from the maintained
+  projections (``O(m n)``); on other points ``W X'^T = W0 X'^T + A K(X, X')``,
+  with ``W0 X'^T`` from the init (``kronecker``: from the factors,
+  ``O(n' m R sum_q d_q)``; ``explicit``: ``W0`` regenerated in chunks,
+  ``O(m d n')``; ``implicit`` never drew ``W0`` and refuses) and the learned
+  part ``A K(X, X')`` in ``O(n' n sum_q d_q + m n n')``.
 * ``dense_params``: ``{"W": W0 + A X (m, d), "a"}`` when ``d`` fits in memory.
 """
 
@@ -19,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import initializers, losses
+from kronjax._src import checks, initializers, losses
+from kronjax._src.dataset import Dataset
 from kronjax._src.kron import KronData, check_compatible
 from kronjax._src.state import TrainState
 
@@ -29,24 +33,35 @@ def outputs_from_projections(state: TrainState, P: jax.Array) -> jax.Array:
   return losses.hidden(P, state.b).T @ state.a / math.sqrt(state.config.width)
 
 
-def evaluate(state: TrainState) -> dict[str, jax.Array]:
-  """Full-data loss (and accuracy for softmax) on the training and registered eval points.
+def evaluate(state: TrainState, dataset: Dataset) -> dict[str, jax.Array]:
+  """Full-data loss (and accuracy for softmax) on the dataset's training and eval points.
 
   Returns ``{"train_loss", "train_accuracy"[, "eval_loss", "eval_accuracy"]}``
   (accuracies are NaN for mse). Cost ``O(m (n + n_e) C)``; jit-able.
   """
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  state.check_dataset(dataset)
   kind = state.config.loss
   out = outputs_from_projections(state, state.P)
-  result = {"train_loss": losses.batch_loss(kind, out, state.labels),
-            "train_accuracy": losses.accuracy(kind, out, state.labels)}
-  if state.P_eval is not None and state.eval_labels is not None:
+  labels = _labels(state, dataset.labels)
+  result = {"train_loss": losses.batch_loss(kind, out, labels),
+            "train_accuracy": losses.accuracy(kind, out, labels)}
+  if state.P_eval is not None and dataset.eval_labels is not None:
     out_e = outputs_from_projections(state, state.P_eval)
-    result["eval_loss"] = losses.batch_loss(kind, out_e, state.eval_labels)
-    result["eval_accuracy"] = losses.accuracy(kind, out_e, state.eval_labels)
+    eval_labels = _labels(state, dataset.eval_labels)
+    result["eval_loss"] = losses.batch_loss(kind, out_e, eval_labels)
+    result["eval_accuracy"] = losses.accuracy(kind, out_e, eval_labels)
   return result
 
 
-def _check_unsharded(state: TrainState) -> None:
+def _labels(state: TrainState, labels: jax.Array) -> jax.Array:
+  if state.config.loss == "mse":
+    return labels.reshape(labels.shape[0], -1).astype(state.a.dtype)
+  return labels
+
+
+def check_unsharded(state: TrainState) -> None:
   if state.P.shape[0] != state.config.width:
     raise ValueError(
         f"state holds {state.P.shape[0]} neuron rows but config.width={state.config.width}: it is "
@@ -64,63 +79,90 @@ def _same_data(x: KronData, y: KronData | None) -> bool:
   return all(np.array_equal(np.asarray(f), np.asarray(g)) for f, g in zip(x.factors, y.factors))
 
 
-def projections(state: TrainState, data: KronData, *, chunk: int | None = None) -> jax.Array:
-  """``W X'^T`` ``(m, n')`` for ``data``, with ``W = W0 + A X`` the current weights."""
+def check_new_data(name: str, dataset: Dataset, data: Any) -> KronData:
+  """``data`` lives in the dataset's tensor space, holds points and only finite values."""
   if not isinstance(data, KronData):
-    raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}.")
-  check_compatible("data", state.data, data)
-  _check_unsharded(state)
-  if _same_data(data, state.data):
+    raise TypeError(f"{name} must be a kronjax.KronData, got {type(data).__name__}; wrap the "
+                    "factors of the new points with kronjax.KronData((u, v, ...)).")
+  if data.num_factors != dataset.data.num_factors:
+    raise ValueError(f"{name} has {data.num_factors} factors but the training data has "
+                     f"{dataset.data.num_factors}; new points must live in the same tensor space.")
+  check_compatible(name, dataset.data, data)
+  for q, f in enumerate(data.factors):
+    checks.check_finite(f"{name}.factors[{q}]", f)
+  return data
+
+
+def projections(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
+  """``W X'^T`` ``(m, n')`` for ``data``, with ``W = W0 + A X`` the current weights."""
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  state.check_dataset(dataset)
+  data = check_new_data("data", dataset, data)
+  check_unsharded(state)
+  if _same_data(data, dataset.data):
     return state.P
-  if _same_data(data, state.eval_data):
+  if _same_data(data, dataset.eval_data):
     return state.P_eval
-  if state.config.init == "implicit":
+  config = state.config
+  if config.init == "implicit":
     raise ValueError(
-        "data is neither the training data nor the registered eval_data, and this state "
-        "was initialized with init='implicit': W0 was never drawn in d dimensions, so "
-        "projections of new points are undefined. Register the points at init "
-        "(kronjax.init(..., eval_data=...)) or use init='explicit'.")
-  keys = initializers.init_keys(state.key)
-  (P0_new,) = initializers.explicit_projections(
-      keys["W0"], state.config.width, data, chunk=chunk or state.config.init_chunk)
-  return P0_new + state.A @ state.data.gram(other=data)
+        "data is neither the dataset's training nor its eval points, and this state was "
+        "initialized with init='implicit': W0 was never drawn, only its projections onto the "
+        "dataset's points, so the network is undefined elsewhere. Use init='kronecker' (d-free, "
+        "predicts anywhere), or put the points in the dataset's eval split before kronjax.init.")
+  key_w = initializers.init_keys(state.key)["W0"]
+  if config.init == "kronecker":
+    from kronjax._src import kronecker  # pylint: disable=g-import-not-at-top
+    (P0_new,) = kronecker.kronecker_projections(key_w, config.width, config.init_rank, (data,),
+                                                chunk=config.init_chunk)
+  else:
+    (P0_new,) = initializers.explicit_projections(key_w, config.width, data,
+                                                  chunk=config.init_chunk)
+  data = KronData(tuple(f.astype(dataset.dtype) for f in data.factors))
+  return P0_new.astype(state.A_T.dtype) + state.A @ dataset.data.gram(other=data)
 
 
-def predict(state: TrainState, data: KronData) -> jax.Array:
-  """Network outputs ``(n', C)`` on ``data``.
+def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
+  """Network outputs ``(n', C)`` on the points ``data`` (any ``KronData`` in the dataset's space).
 
-  Training and registered eval points come from the maintained projections.
-  Other points need ``init="explicit"``: ``W0`` is regenerated from the key in
-  chunks of ``config.init_chunk`` neurons (cost ``O(m d n')``, memory
-  ``O(chunk d)``) and ``A K(X, X')`` adds the learned part (``O(m n n')``).
+  The dataset's training and eval points come from the maintained projections.
+  Other points: ``W0 X'^T`` from the init (module docstring; ``implicit``
+  refuses) plus the learned ``A K(X, X')``. No ``O(d)`` work for ``kronecker``.
+
+  Raises:
+    TypeError / ValueError: ``data`` not a KronData, other factor count or dims,
+    NaN/inf values; a state built for another dataset; ``init="implicit"`` and
+    points outside the dataset.
   """
-  return outputs_from_projections(state, projections(state, data))
+  return outputs_from_projections(state, projections(state, dataset, data))
 
 
-def dense_params(state: TrainState, *, max_bytes: int = 4 * 2**30) -> dict[str, jax.Array]:
+def dense_params(state: TrainState, dataset: Dataset, *,
+                 max_bytes: int = 4 * 2**30) -> dict[str, jax.Array]:
   """``{"W": W0 + A X (m, d), "a": (m, C)}``: the network as dense weights.
 
-  Only for ``init="explicit"`` (implicit mode never drew ``W0``) and when the
-  ``(m, d)`` weight fits in ``max_bytes``.
+  For ``init="explicit"`` and ``"kronecker"`` (``implicit`` never drew ``W0``),
+  when the ``(m, d)`` weight fits in ``max_bytes``. The dense baseline
+  (``kronjax.dense.init(..., W0=dense_params(state0, dataset)["W"])``) starts
+  from this network.
   """
-  if state.config.init != "explicit":
-    raise ValueError("dense_params needs init='explicit': an implicit-init state never drew "
-                     "W0, only its projections onto the data.")
-  _check_unsharded(state)
-  m, d = state.config.width, state.data.dim
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  state.check_dataset(dataset)
+  config = state.config
+  if config.init == "implicit":
+    raise ValueError("dense_params needs init='kronecker' or 'explicit': an implicit-init state "
+                     "never drew W0, only its projections onto the data.")
+  check_unsharded(state)
+  m, d = config.width, dataset.data.dim
   itemsize = jnp.dtype(state.P.dtype).itemsize
-  need = m * d * itemsize + state.data.n * d * itemsize
+  need = m * d * itemsize + dataset.n * d * itemsize
   if need > max_bytes:
     raise ValueError(
         f"dense_params would need {need / 2**30:.2f} GiB for W ({m} x {d}) and the "
         f"materialized data, more than max_bytes={max_bytes / 2**30:.2f} GiB; raise "
         "max_bytes if you have the memory, or use kronjax.predict / evaluate, which never form W.")
-  keys = initializers.init_keys(state.key)
-  W0 = initializers.explicit_weights(keys["W0"], m, d, state.P.dtype)
-  return {"W": W0 + state.A @ state.data.materialize(), "a": state.a}
-
-
-
-def dense_weights(state: TrainState, *, max_bytes: int = 4 * 2**30) -> jax.Array:
-  """``W = W0 + A X`` ``(m, d)``: the hidden weights of ``dense_params`` (DESIGN §6 name)."""
-  return dense_params(state, max_bytes=max_bytes)["W"]
+  W0 = initializers.initial_weights(initializers.init_keys(state.key)["W0"], config,
+                                    dataset.data.dims, state.P.dtype)
+  return {"W": W0 + state.A @ dataset.data.materialize(), "a": state.a}

@@ -15,13 +15,14 @@ Shapes: m neurons, n points, d = prod_q d_q, C outputs, c neurons per chunk.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks
+from kronjax._src import checks, kronecker
 from kronjax._src.kron import KronData, check_compatible
 
 
@@ -127,6 +128,40 @@ def psd_factor(K: jax.Array) -> jax.Array:
   K = 0.5 * (K + K.T)
   lam, V = jnp.linalg.eigh(K)
   return V * jnp.sqrt(jnp.clip(lam, 0.0, None))[None, :]
+
+
+class Projections(NamedTuple):
+  """Initial projections of a dataset's points."""
+  train: jax.Array          # (m, n)
+  eval: jax.Array | None    # (m, n_e), or None without eval points
+
+
+def initial_projections(key: jax.Array, config: Any, dataset: Any) -> Projections:
+  """``P0 = W0 X^T`` of the dataset's training and eval points under ``config.init``.
+
+  ``key`` is the state's key; ``W0`` is drawn from ``init_keys(key)["W0"]``.
+  """
+  key_w = init_keys(key)["W0"]
+  data = dataset.data
+  extra = () if dataset.eval_data is None else (dataset.eval_data,)
+  m = config.width
+  if config.init == "explicit":
+    out = explicit_projections(key_w, m, data, chunk=config.init_chunk, extra=extra)
+  elif config.init == "kronecker":
+    out = kronecker.kronecker_projections(key_w, m, config.init_rank, (data,) + extra,
+                                          chunk=config.init_chunk)
+  else:
+    out = implicit_projections(key_w, m, data, extra=extra, gram=dataset.gram)
+  return Projections(out[0], out[1] if extra else None)
+
+
+def initial_weights(key_w: jax.Array, config: Any, dims: tuple[int, ...], dtype=None) -> jax.Array:
+  """The dense ``W0`` ``(m, d)`` of ``initial_projections`` (explicit or kronecker), for small ``d``."""
+  if config.init == "kronecker":
+    return kronecker.kronecker_weights(key_w, config.width, config.init_rank, dims, dtype)
+  if config.init == "explicit":
+    return explicit_weights(key_w, config.width, math.prod(dims), dtype)
+  raise ValueError(f"init={config.init!r} draws no W0; only 'kronecker' and 'explicit' do.")
 
 
 def output_layer(key: jax.Array, width: int, num_outputs: int, dtype=None) -> jax.Array:

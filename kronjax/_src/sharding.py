@@ -11,8 +11,8 @@ Layout (``shard_state``), with a 1-D mesh axis ``"neurons"`` of ``D`` devices:
   * per shard: the threshold index, built from the shard's own rows and stored
     with a leading ``(D,)`` axis (``index.leaf[k]`` belongs to device ``k``; for
     the bucketed kind the candidate lists hold *local* neuron ids);
-  * replicated: data factors, labels, the Gram, ``b``, ``step``, ``key``, scalar
-    optimizer leaves (``count``, injected hyperparameters).
+  * replicated: ``b``, ``step``, ``key``, scalar optimizer leaves (``count``,
+    injected hyperparameters), and the whole dataset (factors, labels, Gram).
 
 When ``D`` does not divide ``m`` the state is padded with ``m_pad - m`` neurons
 that can never fire: ``P = -inf`` (so ``P > b`` is never true and they never
@@ -20,7 +20,7 @@ enter an active set or a candidate list), ``A = 0``, ``a = 0``, zero optimizer
 moments. Their gradient is zero, so they stay that way and the trained
 network is exactly the unpadded one; ``unshard_state`` strips them.
 
-The step (``compiled_step``) is ``kronjax.train._step`` under ``jax.shard_map``:
+The step (``compiled_step``) is the train step under ``jax.shard_map``:
 each device queries its index on its rows, computes its partial ``(B, C)``
 outputs, and the only communication is one all-reduce of those outputs plus a
 few ``(B,)``/scalar reductions (active counts, overflow, max count, rebuilds).
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Any
 
 import jax
@@ -44,8 +43,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kronjax._src import loop
 from kronjax._src import step as step_lib
-from kronjax._src.state import TrainState, index_for, trainable_key
+from kronjax._src.dataset import Dataset
+from kronjax._src.state import TrainState, threshold_index, trainable_key, with_config
 
 AXIS = "neurons"
 
@@ -170,7 +171,7 @@ def shard_state(state: TrainState, mesh: Mesh, axis_name: str | None = None) -> 
                      "cannot be neuron-sharded; shard its members one by one.")
   rebuilds = _rebuilds(state.index)
   state = _resize_rows(state, padded_width(state.config.width, devices))
-  index = index_for(state)
+  index = threshold_index(state.config, state.index_kind)
 
   def build(P_local, b):
     return jax.tree.map(lambda x: x[None], index.build(P_local, b))
@@ -202,13 +203,13 @@ def unshard_state(state: TrainState, device: Any = None) -> TrainState:
   if not sharded:
     return state
   state = _resize_rows(state, state.config.width)
-  index = index_for(state).build(state.P, state.b)
+  index = threshold_index(state.config, state.index_kind).build(state.P, state.b)
   return state.replace(index=_keep_rebuilds(index, rebuilds))
 
 
 def _is_global_index(state: TrainState) -> bool:
   """False when the index carries the per-shard leading device axis."""
-  reference = jax.eval_shape(index_for(state).build, state.P, state.b)
+  reference = jax.eval_shape(threshold_index(state.config, state.index_kind).build, state.P, state.b)
   return jax.tree.structure(reference) == jax.tree.structure(state.index) and all(
       x.shape == y.shape for x, y in zip(jax.tree.leaves(reference), jax.tree.leaves(state.index)))
 
@@ -217,11 +218,12 @@ _STEP_CACHE: dict[Any, Any] = {}
 
 
 def compiled_step(mesh: Mesh, axis_name: str | None = None, *, donate: bool = True):
-  """The jitted sharded step ``step(state, batch_idx) -> (state, metrics)``.
+  """The jitted sharded step ``step(state, dataset, batch_idx) -> (state, metrics)``.
 
   ``state`` comes from ``shard_state(state, mesh, axis_name)``; the step donates
-  it unless ``donate=False``. Metrics are as ``kronjax.train_step``'s
-  (``index_rebuilds`` is the largest count over shards).
+  it unless ``donate=False``. The dataset is replicated on every device. Metrics
+  are as ``kronjax.train_step``'s (``index_rebuilds`` is the largest count over
+  shards).
   """
   axis = _axis(mesh, axis_name)
   key = (mesh, axis, donate)
@@ -231,60 +233,51 @@ def compiled_step(mesh: Mesh, axis_name: str | None = None, *, donate: bool = Tr
   return _STEP_CACHE[key]
 
 
-def _sharded_step(state: TrainState, batch_idx: jax.Array, *, mesh: Mesh, axis: str):
+def _sharded_step(state: TrainState, dataset: Dataset, batch_idx: jax.Array, *, mesh: Mesh,
+                  axis: str):
   specs = state_specs(state, axis)
+  data_specs = jax.tree.map(lambda _: P(), dataset)
 
-  def body(state, batch_idx):
+  def body(state, dataset, batch_idx):
     local = state.replace(index=jax.tree.map(lambda x: x[0], state.index))
-    new, metrics = step_lib._step(local, batch_idx, axis_name=axis)  # pylint: disable=protected-access
+    new, metrics = step_lib.step(local, dataset, batch_idx, axis_name=axis)
     metrics["index_rebuilds"] = jax.lax.pmax(metrics["index_rebuilds"], axis)
     return new.replace(index=jax.tree.map(lambda x: x[None], new.index)), metrics
 
   # check_vma=False: the index's loops (fori_loop carries built from constants) are not
   # annotated for varying-manual-axes checking; the replicated outputs (metrics,
   # step) are identical on every shard by construction (all derive from psums).
-  return jax.shard_map(body, mesh=mesh, in_specs=(specs, P()), out_specs=(specs, P()),
-                       check_vma=False)(state, jnp.asarray(batch_idx, jnp.int32))
+  return jax.shard_map(body, mesh=mesh, in_specs=(specs, data_specs, P()),
+                       out_specs=(specs, P()), check_vma=False)(
+                           state, dataset, jnp.asarray(batch_idx, jnp.int32))
+
+
+def replicate(dataset: Dataset, mesh: Mesh) -> Dataset:
+  """``dataset`` with every array replicated over ``mesh``."""
+  return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), dataset)
+
+
+def sharded_runner(mesh: Mesh, axis_name: str | None = None) -> loop.Runner:
+  """The training loop's runner for neuron-sharded training over ``mesh``."""
+  step_fn = compiled_step(mesh, axis_name)
+
+  def prepare(state, dataset):
+    return shard_state(state, mesh, axis_name), replicate(dataset, mesh)
+
+  def run_step(state, dataset, batch, mask):
+    del mask  # one member
+    return step_fn(state, dataset, batch)
+
+  def regrow(state, **changes):
+    return shard_state(with_config(state, **changes), mesh, axis_name)
+
+  # Checkpoints hold the unsharded state (no padding, one index), so
+  # kronjax.checkpoint.load(like=init(...)) restores it whatever mesh wrote it.
+  return loop.Runner(members=None, prepare=prepare, step=run_step, evaluate=loop.evaluate_jit,
+                     with_config=regrow, saveable=unshard_state, name="kronjax.fit")
 
 
 # ----------------------------------------------------------------------------- communication
-
-_COLLECTIVE = re.compile(
-    r"=\s*(?P<type>\([^=]*?\)|\S+)\s+(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|"
-    r"collective-permute)(?:-start)?\(")
-_ARRAY = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|c64|c128)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-          "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-
-
-def collectives(hlo_text: str) -> list[dict[str, Any]]:
-  """The collective ops of a compiled HLO module (``jit(f).lower(...).compile().as_text()``).
-
-  Returns one dict per op: ``op`` (all-reduce, all-gather, ...), ``shapes`` (the
-  result arrays, e.g. ``["f64[8,3]"]``) and ``bytes`` (their total size: the
-  payload each device contributes).
-  """
-  out = []
-  for line in hlo_text.splitlines():
-    m = _COLLECTIVE.search(line)
-    if not m:
-      continue
-    shapes, size = [], 0
-    for dtype, dims in _ARRAY.findall(m.group("type")):
-      count = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-      shapes.append(f"{dtype}[{dims}]")
-      size += count * _BYTES[dtype]
-    out.append({"op": m.group("op"), "shapes": shapes, "bytes": size})
-  return out
-
-
-def step_collectives(state: TrainState, batch_idx: Any, mesh: Mesh,
-                     axis_name: str | None = None) -> list[dict[str, Any]]:
-  """``collectives`` of the compiled sharded step for this state and batch shape."""
-  step = compiled_step(mesh, axis_name)  # the step fit runs (lowering does not donate)
-  text = step.lower(state, jnp.asarray(batch_idx, jnp.int32)).compile().as_text()
-  return collectives(text)
-
 
 def estimated_bytes(batch: int, classes: int, *, float_bytes: int = 4) -> dict[str, int]:
   """The paper estimate of one step's all-reduce payload per device (docs/scaling.md).

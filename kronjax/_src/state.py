@@ -1,9 +1,12 @@
 """The training state and its constructor ``kronjax.init``.
 
-Shapes: m neurons, n training points, n_e registered eval points, C outputs.
+Shapes: m neurons, n training points, n_e eval points, C outputs.
 
-The state is a pytree: arrays are leaves (so ``jax.vmap`` maps them and ``jit``
-traces them); the ``Config`` and the optax transformation are static metadata.
+The state holds what training changes and nothing else: the dataset lives
+beside it (``kronjax.Dataset``), and the state keeps the dataset's fingerprint
+so that every entry point refuses another one. Arrays are pytree leaves (so
+``jax.vmap`` maps them and ``jit`` traces them); the ``Config``, the optax
+transformation and the fingerprint are static metadata.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import optax
 from kronjax._src import checks, initializers, losses, optim
 from kronjax._src import index as index_lib
 from kronjax._src.config import Config
-from kronjax._src.kron import KronData, check_compatible
+from kronjax._src.dataset import Dataset, check_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +35,7 @@ class TrainState:
       ``(n, m)`` (``"points"``). ``state.P`` is the ``(m, n)`` view either way.
     A_T: ``(n, m)`` coefficients, transposed: ``W = W0 + A X`` with ``A = A_T.T``
       (zeros at init). Stored point-major because a step writes the ``B`` batch
-      *columns* of ``A``: rows of ``A_T`` are contiguous, columns of ``A`` are not
-      (2.3 ms vs 0.06 ms per step at m = 4096, n = 1024, B = 32 on XLA CPU).
+      *columns* of ``A``: rows of ``A_T`` are contiguous, columns of ``A`` are not.
       ``state.A`` is the ``(m, n)`` view.
     a: ``(m, C)`` output layer.
     b: ``()`` ReLU threshold (an array so sweeps can vmap it).
@@ -41,14 +43,11 @@ class TrainState:
       (its ``"A"`` leaf is ``A_T``-shaped, ``(n, m)``; its ``"P"`` leaf is
       shaped as ``projections``).
     step: ``()`` int32, number of applied steps.
-    key: the key the state was initialized from (W0 and ``a`` are derived from it).
-    index: the threshold index state (kind chosen by ``config.index``).
-    P_eval: ``(m, n_e)`` maintained projections of registered eval points, or None.
-    data, labels: the training points and their labels (``(n, C)`` or ``(n,)``).
-    gram: ``(n, n)`` data Gram when ``config.gram == "precomputed"``, else None.
-    gram_eval: ``(n, n_e)`` cross Gram to the eval points (precomputed), else None.
-    eval_data, eval_labels: registered eval points and labels, or None.
-    config, tx, shape_free_tx, index_kind: static metadata.
+    key: the key the state was initialized from (``W0`` and ``a`` derive from it).
+    index: the threshold index state (kind ``index_kind``).
+    P_eval: ``(m, n_e)`` maintained projections of the dataset's eval points, or None.
+    config, tx, shape_free_tx, index_kind: static settings.
+    fingerprint: the fingerprint of the dataset the state was built from (static).
   """
 
   projections: jax.Array
@@ -60,16 +59,11 @@ class TrainState:
   key: jax.Array
   index: Any
   P_eval: jax.Array | None
-  data: KronData
-  labels: jax.Array
-  gram: jax.Array | None
-  gram_eval: jax.Array | None
-  eval_data: KronData | None
-  eval_labels: jax.Array | None
   config: Config = dataclasses.field(metadata=dict(static=True))
   tx: optax.GradientTransformation = dataclasses.field(metadata=dict(static=True))
   shape_free_tx: bool = dataclasses.field(metadata=dict(static=True))
   index_kind: str = dataclasses.field(metadata=dict(static=True))
+  fingerprint: str | None = dataclasses.field(metadata=dict(static=True))
 
   def replace(self, **changes: Any) -> "TrainState":
     """A copy with ``changes``; ``P=`` takes the ``(m, n)`` view and is stored in
@@ -99,6 +93,16 @@ class TrainState:
     return self.config.width
 
   @property
+  def n(self) -> int:
+    """Number of training points the state was built for."""
+    return int(self.A_T.shape[-2])
+
+  @property
+  def n_eval(self) -> int:
+    """Number of eval points whose projections the state maintains (0 if none)."""
+    return 0 if self.P_eval is None else int(self.P_eval.shape[-1])
+
+  @property
   def A(self) -> jax.Array:
     """``(m, n)`` coefficients, ``W = W0 + A X`` (a view of ``A_T``; ``(S, m, n)`` in a sweep)."""
     return jnp.swapaxes(self.A_T, -1, -2)
@@ -106,6 +110,11 @@ class TrainState:
   def trainable(self) -> dict[str, jax.Array]:
     """The tree the optimizer acts on: ``{"A", "P"[, "a"][, "P_eval"]}``."""
     return trainable_tree(self.A_T, self.projections, self.a, self.P_eval, self.config)
+
+  def check_dataset(self, dataset: Any, name: str = "dataset") -> Dataset:
+    """Raises TypeError / ValueError unless ``dataset`` is the one this state was built from."""
+    return check_dataset(name, dataset, fingerprint=self.fingerprint, n=self.n,
+                         n_eval=self.n_eval)
 
 
 jax.tree_util.register_dataclass(
@@ -124,33 +133,41 @@ def trainable_tree(A_T, P, a, P_eval, config: Config) -> dict[str, jax.Array]:
   return tree
 
 
-def index_for(state_or_config, n: int | None = None, kind: str | None = None) -> index_lib.ThresholdIndex:
-  """The ThresholdIndex functions for a state (or a config plus ``n`` and kind)."""
-  if isinstance(state_or_config, TrainState):
-    config, n, kind = state_or_config.config, state_or_config.data.n, state_or_config.index_kind
-  else:
-    config = state_or_config
+def threshold_index(config: Config, kind: str) -> index_lib.ThresholdIndex:
+  """The threshold index functions of ``kind`` with ``config``'s capacities."""
   return index_lib.make_index(
       kind, width=config.width, active_capacity=config.active_capacity,
-      candidate_capacity=config.candidate_capacity, delta=config.index_delta, n=n)
+      candidate_capacity=config.candidate_capacity, delta=config.index_delta)
 
 
-def init(key: jax.Array, config: Config, data: KronData, labels: Any,
-         tx: optax.GradientTransformation, *, eval_data: KronData | None = None,
-         eval_labels: Any = None, threshold: Any = None) -> TrainState:
-  """Builds the initial ``TrainState``.
+def check_key(name: str, key: Any) -> jax.Array:
+  """A PRNG key (typed ``jax.random.key`` or raw ``jax.random.PRNGKey``), else TypeError."""
+  if isinstance(key, jax.Array) or hasattr(key, "dtype"):
+    dtype = key.dtype
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      return key
+    if dtype == jnp.uint32 and key.shape[-1:] == (2,):
+      return key
+  raise TypeError(
+      f"{name} must be a JAX PRNG key, got {type(key).__name__}"
+      f"{' ' + repr(key) if isinstance(key, (int, float)) else ''}; build one with "
+      "jax.random.key(seed) (or jax.random.PRNGKey(seed)).")
+
+
+def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTransformation, *,
+         threshold: Any = None) -> TrainState:
+  """Builds the initial ``TrainState`` for ``dataset``.
 
   Args:
     key: PRNG key; ``W0`` and ``a`` are drawn from it exactly as
-      ``kronjax.dense.init`` draws them, so both start from the same network.
-      May be traced: ``jax.vmap(lambda k: kronjax.init(k, ...))(keys)`` works.
+      ``kronjax.dense_params`` and ``kronjax.dense.init`` draw them, so the dense
+      baseline starts from the same network. May be traced:
+      ``jax.vmap(lambda k: kronjax.init(k, ...))(keys)`` works.
     config: static settings (``kronjax.Config``).
-    data: training points ``KronData`` (n points).
-    labels: ``(n, C)`` / ``(n,)`` floats for mse, ``(n,)`` int class ids for softmax.
+    dataset: the ``kronjax.Dataset`` to train on; its eval points' projections
+      are initialized consistently with ``W0`` and maintained every step.
     tx: an optax transformation that is linear in the gradient (sgd, momentum,
       nesterov, schedules, ``inject_hyperparams``); others raise ValueError.
-    eval_data, eval_labels: optional held-out points whose projections are
-      initialized consistently with ``W0`` and maintained every step.
     threshold: optional ``b`` overriding ``config.threshold``; may be a traced
       scalar (sweeps over ``b``).
 
@@ -159,52 +176,46 @@ def init(key: jax.Array, config: Config, data: KronData, labels: Any,
   """
   if not isinstance(config, Config):
     raise TypeError(f"config must be a kronjax.Config, got {type(config).__name__}.")
-  if not isinstance(data, KronData):
-    raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}; "
-                    "wrap your factors with kronjax.KronData((u, v, ...)).")
-  labels = losses.check_labels(config.loss, config.num_classes, labels, data.n, "labels")
-  if eval_data is not None:
-    check_compatible("eval_data", data, eval_data)
-    if eval_labels is not None:
-      eval_labels = losses.check_labels(config.loss, config.num_classes, eval_labels,
-                                        eval_data.n, "eval_labels")
-  elif eval_labels is not None:
-    raise ValueError("eval_labels was given without eval_data; pass both or neither.")
-  optim.check_linear(tx, keys=trainable_tree(0, 0, 0, None if eval_data is None else 0, config))
+  if not isinstance(dataset, Dataset):
+    raise TypeError(f"dataset must be a kronjax.Dataset, got {type(dataset).__name__}; build it "
+                    "with kronjax.Dataset(data, labels, eval_data=..., eval_labels=...).")
+  key = check_key("key", key)
+  if not isinstance(tx, optax.GradientTransformation):
+    raise TypeError(f"tx must be an optax.GradientTransformation (e.g. optax.sgd(0.5)), got "
+                    f"{type(tx).__name__}.")
+  losses.check_labels(config.loss, config.num_classes, dataset.labels, dataset.n, "labels")
+  if dataset.eval_labels is not None:
+    losses.check_labels(config.loss, config.num_classes, dataset.eval_labels, dataset.n_eval,
+                        "eval_labels")
+  if config.gram == "factors" and dataset.gram_mode == "precomputed":
+    raise ValueError(
+        "config.gram='factors' but the dataset stores its (n, n) Gram: the Gram belongs to the "
+        "dataset now. Build it with kronjax.Dataset(data, labels, gram='factors').")
+  optim.check_linear(tx, keys=trainable_tree(0, 0, 0, None if dataset.eval_data is None else 0,
+                                             config))
   if threshold is not None and checks.is_concrete(threshold):
     if not math.isfinite(float(jnp.asarray(threshold))):
       raise ValueError(f"threshold must be finite, got {threshold}.")
 
   # The state owns fresh buffers: a step jitted with donate_argnums=0 must not
-  # delete the caller's key, data or labels.
-  key, data, labels, eval_data, eval_labels = _fresh((key, data, labels, eval_data, eval_labels))
+  # delete the caller's key.
+  key = fresh(key)
+  data = dataset.data
   dtype = data.dtype
   m, n, C = config.width, data.n, config.num_classes
-  keys = initializers.init_keys(key)
-  extra = () if eval_data is None else (eval_data,)
-  gram = data.gram() if config.gram == "precomputed" else None
-  if config.init == "explicit":
-    projections = initializers.explicit_projections(keys["W0"], m, data, chunk=config.init_chunk,
-                                                    extra=extra)
-  else:
-    projections = initializers.implicit_projections(keys["W0"], m, data, extra=extra, gram=gram)
-  P = projections[0]                                                    # (m, n)
-  P_eval = projections[1] if eval_data is not None else None
+  P, P_eval = initializers.initial_projections(key, config, dataset)  # (m, n), (m, n_e) | None
   stored = P if config.resolved_layout == "neurons" else jnp.array(P.T)
-  gram_eval = (data.gram(other=eval_data)
-               if eval_data is not None and config.gram == "precomputed" else None)
-  a = initializers.output_layer(keys["a"], m, C, dtype)
+  a = initializers.output_layer(initializers.init_keys(key)["a"], m, C, dtype)
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
   A_T = jnp.zeros((n, m), dtype)
   opt_state = tx.init(trainable_tree(A_T, stored, a, P_eval, config))
-  kind = _index_kind(config, n)
-  index_state = _fresh(index_for(config, n, kind).build(P, b))
+  kind = index_kind(config, n)
+  index_state = fresh(threshold_index(config, kind).build(P, b))
   return TrainState(
-      projections=stored, A_T=A_T, a=a, b=b, opt_state=opt_state, step=jnp.zeros((), jnp.int32), key=key,
-      index=index_state, P_eval=P_eval, data=data, labels=labels, gram=gram,
-      gram_eval=gram_eval, eval_data=eval_data, eval_labels=eval_labels, config=config, tx=tx,
-      shape_free_tx=optim.is_shape_free(tx, trainable_tree(A_T, stored, a, P_eval, config)),
-      index_kind=kind)
+      projections=stored, A_T=A_T, a=a, b=b, opt_state=opt_state,
+      step=jnp.zeros((), jnp.int32), key=key, index=index_state, P_eval=P_eval, config=config,
+      tx=tx, shape_free_tx=optim.is_shape_free(tx, trainable_tree(A_T, stored, a, P_eval, config)),
+      index_kind=kind, fingerprint=dataset.fingerprint)
 
 
 def with_config(state: TrainState, **changes: Any) -> TrainState:
@@ -216,7 +227,7 @@ def with_config(state: TrainState, **changes: Any) -> TrainState:
   that do not change the network may differ: width, loss, classes, init and
   train_output may not.
   """
-  fixed = ("width", "loss", "num_classes", "init", "train_output", "threshold", "gram")
+  fixed = ("width", "loss", "num_classes", "init", "init_rank", "train_output", "threshold")
   for name in changes:
     if name in fixed:
       raise ValueError(f"with_config cannot change {name!r}: it defines the network; "
@@ -224,18 +235,18 @@ def with_config(state: TrainState, **changes: Any) -> TrainState:
   config = state.config.replace(**changes)
   if config.resolved_layout != state.layout:
     state = _transpose_projections(state).replace(config=config)
-  kind = _index_kind(config, state.data.n)
-  new_index = _fresh(index_for(config, state.data.n, kind).build(state.P, state.b))
-  index_state = _carry_rebuild_count(state.index, new_index)
+  kind = index_kind(config, state.n)
+  new_index = fresh(threshold_index(config, kind).build(state.P, state.b))
+  index_state = carry_rebuild_count(state.index, new_index)
   return state.replace(config=config, index_kind=kind, index=index_state)
 
 
-def _index_kind(config: Config, n: int) -> str:
+def index_kind(config: Config, n: int) -> str:
   """The index kind ``config.index`` stands for. The point-major layout runs only the
-  dense path, which never queries an index: it always gets the trivial dense one."""
+  full path, which never queries an index: it always gets the trivial scan."""
   if config.resolved_layout == "points":
-    return "dense"
-  return config.index if config.index != "auto" else index_lib.choose_kind(config.width, n)
+    return "scan"
+  return config.index if config.index != "auto" else index_lib.choose_kind(config.width)
 
 
 TRAINABLE_KEYS = ("A", "P", "a", "P_eval")
@@ -262,13 +273,13 @@ def _transpose_projections(state: TrainState) -> TrainState:
       opt_state=jax.tree_util.tree_map_with_path(swap, state.opt_state))
 
 
-def _fresh(tree):
+def fresh(tree):
   """Copies of the leaves: an index state may hold an input (``b``) as is, and two
   leaves sharing one buffer cannot both be donated to a jitted step."""
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def _carry_rebuild_count(old, new):
+def carry_rebuild_count(old, new):
   if hasattr(old, "rebuilds") and hasattr(new, "rebuilds") and hasattr(new, "_replace"):
     return new._replace(rebuilds=old.rebuilds)
   return new

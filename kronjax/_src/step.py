@@ -1,25 +1,30 @@
 """The kernel-space SGD step: dense SGD's step, computed on ``P = W X^T`` only.
 
 Shapes: m neurons, n training points, n_e eval points, B batch, K = K_cap
-(active capacity per point), C outputs.
+(active capacity per point), C outputs, T touched rows.
 
-One step on batch S (DESIGN §2):
+One step on batch S:
   1. query the threshold index for the active neurons of each point: ``idx (B, K)``;
   2. forward from the active entries: ``f = relu(P[idx, S] - b) · a[idx] / sqrt(m)``;
   3. coefficients ``c[i, k] = <dl/df_i, a_r> / sqrt(m)`` for ``r = idx[i, k]``;
   4. the optax update on ``{"A": c, "P": c K[S, :], "a": grad_a, "P_eval": c K[S, E]}``;
   5. maintenance of A, P, P_eval and the index.
 
-On the sparse path, if any point of the batch has more active neurons than the
-capacity, the step is *skipped* (the returned state equals the input state) and
-``metrics["overflow"]`` is True; ``kronjax.fit`` replays it with more capacity.
+A step that cannot be taken exactly is *skipped*: the returned state is the
+input state, bit for bit, and a metric says why. ``overflow``: a point of the
+batch has more active neurons than the static capacity (sparse path);
+``invalid_batch``: an index of the batch is outside ``[0, n)`` (under ``jit``
+the values are not known until the step runs); a non-finite ``loss``. The
+training loop (``kronjax.fit``) replays overflows with more capacity and
+raises on the others. A skip is a mask, not a ``lax.cond``: both branches of a
+cond returning the state make XLA copy every ``(m, n)`` array on every step.
 
-Update paths (``config.update``, ``auto`` picks by ``resolve_update``):
+Update paths (``config.update``; ``auto`` is chosen by ``resolve_update``):
   * sparse: query the threshold index, then update only the union of the
     batch's active rows, ``O(T B n)`` with ``T <= B K``; no ``O(m n)`` pass with
     a shape-free optimizer (plain sgd, schedules). Momentum and co. keep
     full-shape traces, so they add ``O(m n)`` elementwise work.
-  * dense: no index query and no capacity: the whole ``(m, B)`` slice of ``P``,
+  * full: no index query and no capacity: the whole ``(m, B)`` slice of ``P``,
     and ``G (m, B) @ K[S, :] (B, n)``. Right when the batch touches a large part
     of the network.
 """
@@ -27,134 +32,171 @@ Update paths (``config.update``, ``auto`` picks by ``resolve_update``):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kronjax._src import checks, losses, products, rows
-from kronjax._src.state import TrainState, index_for, trainable_tree
+from kronjax._src.dataset import Dataset
+from kronjax._src.state import TrainState, threshold_index, trainable_tree
 
 
-def resolve_update(state: TrainState, batch_size: int) -> str:
-  """The update path for this state and batch size (static)."""
-  choice = state.config.update
-  if state.layout == "points":  # P is stored point-major: only the dense path reads it
-    return "dense"
-  if choice != "auto":
-    return choice
-  m, K = state.config.width, state.config.active_capacity
-  # The sparse path updates T <= B*K rows of n (a (T, B) @ (B, n) product and a
-  # copy-free scatter); the dense one sweeps all m rows. Measured on CPU
-  # (experiments/bench_step.py) the sorted unique row scatter costs about twice
-  # a dense row per row, so sparse pays while the rows it may touch stay under m/3.
-  return "sparse" if 3 * batch_size * K <= m else "dense"
+class Updated(NamedTuple):
+  """The stored arrays after the optimizer's update, and what the index needs to know."""
+  A_T: jax.Array                 # (n, m)
+  projections: jax.Array         # (m, n) or (n, m), as stored
+  a: jax.Array                   # (m, C)
+  P_eval: jax.Array | None       # (m, n_e)
+  opt_state: Any
+  rows: jax.Array | None         # (T,) neurons whose P row changed; None: every row
+  row_change: jax.Array          # (T,) or (m,): bound on max_j |dP[r, j]| per listed row
 
 
-def train_step(state: TrainState, batch_idx: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the points ``batch_idx`` ``(B,)``. Pure; jit- and vmap-able.
+class Batch(NamedTuple):
+  """What the step reads from the dataset for one batch."""
+  idx: jax.Array                 # (B,) int32, in [0, n) when ``valid``
+  valid: jax.Array               # () bool: every index is in [0, n)
+  labels: jax.Array              # (B, C) float (mse) or (B,) int32 (softmax)
+  K_rows: jax.Array              # (B, n) Gram rows K[S, :]
+  K_rows_eval: jax.Array | None  # (B, n_e) cross Gram rows K[S, E]
 
-  Returns ``(new_state, metrics)`` with metrics ``loss`` (batch loss before the
-  step; NaN when skipped), ``active`` (mean active neurons per point),
-  ``max_active``, ``overflow`` (bool: the step was skipped for lack of capacity),
-  ``index_rebuilds`` (rebuilds of the threshold index so far) and ``step``.
 
-  Concrete ``batch_idx`` are range-checked here (JAX would clamp them silently).
-  Use ``jax.jit(kronjax.train_step, donate_argnums=0)`` for speed: without
-  donation every step copies the ``(m, n)`` arrays.
+def resolve_update(config, batch_size: int) -> str:
+  """The update path ``config.update`` stands for at this batch size: ``"sparse"`` or ``"full"``.
+
+  ``"auto"`` picks ``"full"`` in the point-major layout (only the full path
+  reads it), and otherwise ``"sparse"`` while the rows a step may touch,
+  ``B * K_cap``, stay under a third of ``m``: the sparse path updates ``T <= B
+  K_cap`` rows of ``n`` through a sorted unique row scatter, which costs about
+  twice a full row per row on CPU (``experiments/bench_step.py``).
+  """
+  if config.resolved_layout == "points":
+    return "full"
+  if config.update != "auto":
+    return config.update
+  return "sparse" if 3 * batch_size * config.active_capacity <= config.width else "full"
+
+
+def train_step(state: TrainState, dataset: Dataset,
+               batch_idx: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the points ``batch_idx`` ``(B,)`` of ``dataset``. Pure; jit- and vmap-able.
+
+  ``jax.vmap(train_step, in_axes=(0, None, None))`` over a stacked state is a
+  sweep. For speed use ``kronjax.jit_train_step``, which donates the state:
+  without donation every step copies the ``(m, n)`` arrays.
+
+  Returns:
+    ``(new_state, metrics)`` with metrics ``loss`` (batch loss before the step;
+    NaN when skipped for overflow or an invalid batch), ``active`` (mean
+    active neurons per point), ``max_active``, ``overflow``, ``invalid_batch``
+    (bools: the step was skipped, see the module docstring), ``skipped`` (the
+    state was returned unchanged, for any reason, a non-finite loss included),
+    ``index_rebuilds`` (rebuilds of the threshold index so far) and ``step``.
+
+  Raises:
+    TypeError / ValueError: another dataset than the state's, or concrete
+    ``batch_idx`` that are not a non-empty 1-D integer array in ``[0, n)``.
   """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  state.check_dataset(dataset)
+  batch_idx = check_batch("batch_idx", batch_idx, state.n)
+  return step(state, dataset, batch_idx)
+
+
+def check_batch(name: str, batch_idx: Any, n: int) -> jax.Array:
+  """``batch_idx`` as an int32 array; its values are checked when they are concrete."""
   if not hasattr(batch_idx, "shape"):
     batch_idx = jnp.asarray(batch_idx)
-  checks.check_indices("batch_idx", batch_idx, state.data.n)
+  checks.check_indices(name, batch_idx, n)
   if batch_idx.ndim != 1 or batch_idx.shape[0] == 0:
-    raise ValueError(f"batch_idx must be a non-empty 1-D index array, got shape {batch_idx.shape}.")
-  return _step(state, jnp.asarray(batch_idx, jnp.int32))
+    raise ValueError(f"{name} must be a non-empty 1-D index array, got shape {batch_idx.shape}.")
+  return jnp.asarray(batch_idx, jnp.int32)
 
 
-def _gram_rows(state: TrainState, batch_idx: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-  """``K[S, :]`` ``(B, n)`` and ``K[S, E]`` ``(B, n_e)`` (None without eval data)."""
-  if state.gram is not None:
-    rows = state.gram[batch_idx]
-    rows_eval = None if state.gram_eval is None else state.gram_eval[batch_idx]
-    return rows, rows_eval
-  rows = state.data.gram(rows=batch_idx)
-  rows_eval = None if state.eval_data is None else state.data.gram(rows=batch_idx, other=state.eval_data)
-  return rows, rows_eval
+def read_batch(state: TrainState, dataset: Dataset, batch_idx: jax.Array) -> Batch:
+  """The batch's labels and Gram rows; out-of-range indices read point 0 (and mark it invalid)."""
+  n = state.n
+  valid = jnp.all((batch_idx >= 0) & (batch_idx < n))
+  idx = jnp.where(valid, batch_idx, 0)
+  labels = dataset.labels[idx]
+  if state.config.loss == "mse":
+    labels = labels.reshape(idx.shape[0], -1).astype(state.a.dtype)
+  K_rows, K_rows_eval = dataset.gram_rows(idx)
+  return Batch(idx, valid, labels, K_rows, K_rows_eval)
 
 
-def _step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None):
-  """The step body. With ``axis_name`` it runs on one neuron shard inside
-  ``shard_map``: ``P``, ``A``, ``a`` hold this device's rows, and the only
-  communication is the all-reduce of the ``(B, C)`` outputs (plus scalars)."""
-  if resolve_update(state, batch_idx.shape[0]) == "dense":
-    return _dense_step(state, batch_idx, axis_name)
-  index = index_for(state)
-  q = index.query(state.index, state.P, batch_idx, state.b)
-  counts = q.count
+def step(state: TrainState, dataset: Dataset, batch_idx: jax.Array,
+         axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The step body, no argument checks. With ``axis_name`` it runs on one neuron
+  shard inside ``shard_map``: ``P``, ``A``, ``a`` hold this device's rows, and the
+  only communication is the all-reduce of the ``(B, C)`` outputs (plus scalars)."""
+  batch = read_batch(state, dataset, batch_idx)
+  if resolve_update(state.config, batch_idx.shape[0]) == "full":
+    return _full_step(state, batch, axis_name)
+  return _sparse_step(state, batch, axis_name)
+
+
+def _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok):
+  return {"loss": loss, "active": jnp.mean(counts.astype(state.projections.dtype)),
+          "max_active": max_count.astype(jnp.int32), "overflow": overflow,
+          "invalid_batch": ~batch.valid, "skipped": ~ok, "step": new_state.step,
+          "index_rebuilds": getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32))}
+
+
+def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
+  """Steps 1-5 on the active sets only."""
+  config = state.config
+  index = threshold_index(config, state.index_kind)
+  q = index.query(state.index, state.P, batch.idx, state.b)
+  counts, max_count = q.count, jnp.max(q.count)
   overflow = jnp.any(q.overflow)
   if axis_name is not None:  # every shard must take the same branch
     counts = jax.lax.psum(counts, axis_name)
+    max_count = jax.lax.pmax(max_count, axis_name)
     overflow = jax.lax.psum(overflow.astype(jnp.int32), axis_name) > 0
-  metrics_common = {
-      "active": jnp.mean(counts.astype(state.P.dtype)),
-      "max_active": jnp.max(q.count) if axis_name is None else jax.lax.pmax(jnp.max(q.count), axis_name),
-      "overflow": overflow,
-  }
-
-  # A skipped step is a masked one, not a lax.cond: both branches of a cond
-  # returning the state make XLA copy every (m, n) array on every step.
-  new_state, loss = _apply(state, batch_idx, q.idx, index, ~overflow, axis_name)
-  metrics = dict(metrics_common, loss=loss, step=new_state.step,
-                 index_rebuilds=getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32)))
-  return new_state, metrics
-
-
-def _apply(state: TrainState, batch_idx: jax.Array, idx: jax.Array, index, ok: jax.Array,
-           axis_name: str | None = None):
-  """Steps 2-5 of the sparse path for active sets ``idx (B, K)``.
-
-  ``ok`` ``()`` bool: False (an active set overflowed) turns the step into an
-  exact no-op: zero coefficients, zero updates, the old optimizer state and
-  step count, and a NaN loss.
-  """
-  config = state.config
-  rows = state.P.shape[0]  # this shard's neurons (= width unsharded); also the pad value
-  B = batch_idx.shape[0]
+  idx = q.idx                                                       # (B, K)
+  n_rows = state.P.shape[0]  # this shard's neurons (= width unsharded); also the pad value
   inv_sqrt_m = 1.0 / math.sqrt(config.width)
-  valid = idx < rows                                                # (B, K)
+  valid = idx < n_rows
   safe = jnp.where(valid, idx, 0)
-  z = state.P[safe, batch_idx[:, None]]                             # (B, K)
+  z = state.P[safe, batch.idx[:, None]]                             # (B, K)
   h = jnp.where(valid, losses.hidden(z, state.b), 0.0)              # (B, K)
   a_rows = jnp.where(valid[..., None], state.a[safe], 0.0)          # (B, K, C)
   outputs = jnp.einsum("bk,bkc->bc", h, a_rows) * inv_sqrt_m        # (B, C)
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
-  loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
+  loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
+  ok = batch.valid & ~overflow & jnp.isfinite(loss)
+  g = jnp.where(ok, g, 0.0)  # a skipped step must not carry NaN into the masked updates
   # dL/dw_r = sum_i c[i, k] x_i: relu' is 1 on the active set (z > b strictly).
-  c = jnp.where(valid & ok, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
-  grad_a_rows = jnp.where(ok, h[..., None] * g[:, None, :] * inv_sqrt_m, 0.0)        # (B, K, C)
-  K_rows, K_rows_eval = _gram_rows(state, batch_idx)
+  c = jnp.where(valid, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
+  grad_a_rows = h[..., None] * g[:, None, :] * inv_sqrt_m                         # (B, K, C)
 
   if state.shape_free_tx:  # the only path with no O(m n) pass
-    new = _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, ok)
-    A_T, P, a, P_eval, opt_state, rows, row_change = new
+    new = _sparse_update(state, batch, idx, c, grad_a_rows, ok)
   else:  # momentum & co: full-shape gradients, P's built from the touched rows only
-    G_T = jnp.zeros((B, rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
-    T, U = touched_rows(idx, c, rows)
-    gP = _add_rows(jnp.zeros_like(state.P), T, U @ K_rows)
-    gP_eval = (None if K_rows_eval is None
-               else _add_rows(jnp.zeros_like(state.P_eval), T, U @ K_rows_eval))
+    B = batch.idx.shape[0]
+    G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
+    T, U = touched_rows(idx, c, n_rows)
+    gP = add_touched_rows(jnp.zeros_like(state.P), T, U @ batch.K_rows)
+    gP_eval = (None if batch.K_rows_eval is None
+               else add_touched_rows(jnp.zeros_like(state.P_eval), T, U @ batch.K_rows_eval))
     ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
-    A_T, P, a, P_eval, opt_state, row_change = _full_update(
-        state, batch_idx, lambda scale: scale * G_T, K_rows, K_rows_eval, ga, ok,
-        gP=gP, gP_eval=gP_eval)
-    rows = None
-  index_state = index.update(state.index, P, state.b, rows, row_change)
-  new_state = state.replace(A_T=A_T, projections=P, a=a, P_eval=P_eval, opt_state=opt_state,
-                            index=index_state, step=state.step + ok.astype(state.step.dtype))
-  return new_state, jnp.where(ok, loss, jnp.nan)
+    new = _full_update(state, batch, lambda scale: scale * G_T, ga, ok, gP=gP, gP_eval=gP_eval)
+  new_state = _finish(state, index, new, ok)
+  loss = jnp.where(batch.valid & ~overflow, loss, jnp.nan)
+  return new_state, _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok)
+
+
+def _finish(state: TrainState, index, new: Updated, ok: jax.Array) -> TrainState:
+  """The new state from the updated arrays: index maintained, step counted when taken."""
+  index_state = index.update(state.index, new.projections if state.layout == "neurons"
+                             else new.projections.T, state.b, new.rows, new.row_change)
+  return state.replace(A_T=new.A_T, projections=new.projections, a=new.a, P_eval=new.P_eval,
+                       opt_state=new.opt_state, index=index_state,
+                       step=state.step + ok.astype(state.step.dtype))
 
 
 def _optimize(state: TrainState, grads: dict, ok: jax.Array):
@@ -198,12 +240,12 @@ def touched_rows(idx: jax.Array, c: jax.Array, rows: int) -> tuple[jax.Array, ja
   return T, U
 
 
-def _add_rows(X: jax.Array, T: jax.Array, rows_update: jax.Array) -> jax.Array:
+def add_touched_rows(X: jax.Array, T: jax.Array, rows_update: jax.Array) -> jax.Array:
   """``X[T] += rows_update`` for the sorted unique (padded) ids of ``touched_rows``."""
   return X.at[T].add(rows_update, mode="drop", indices_are_sorted=True, unique_indices=True)
 
 
-def _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, ok):
+def _sparse_update(state, batch, idx, c, grad_a_rows, ok) -> Updated:
   """Touched rows only: the optimizer acts on the compact gradient entries.
 
   Work ``O(T B n)`` with ``T <= B K`` the union of the active sets, plus one
@@ -211,22 +253,23 @@ def _sparse_update(state, batch_idx, idx, c, grad_a_rows, K_rows, K_rows_eval, o
   """
   config = state.config
   T, U = touched_rows(idx, c, state.P.shape[0])                     # (T,), (T, B)
-  grads = {"A": c, "P": U @ K_rows}                                 # (B, K), (T, n)
+  grads = {"A": c, "P": U @ batch.K_rows}                           # (B, K), (T, n)
   if config.train_output:
     grads["a"] = grad_a_rows                                        # (B, K, C)
   if state.P_eval is not None:
-    grads["P_eval"] = U @ K_rows_eval                               # (T, n_e)
+    grads["P_eval"] = U @ batch.K_rows_eval                         # (T, n_e)
   updates, opt_state = _optimize(state, grads, ok)
-  A_T = state.A_T.at[batch_idx[:, None], idx].add(updates["A"], mode="drop")
-  P = _add_rows(state.P, T, updates["P"])
+  A_T = state.A_T.at[batch.idx[:, None], idx].add(updates["A"], mode="drop")
+  P = add_touched_rows(state.P, T, updates["P"])
   a = state.a.at[idx].add(updates["a"], mode="drop") if config.train_output else state.a
-  P_eval = _add_rows(state.P_eval, T, updates["P_eval"]) if state.P_eval is not None else None
+  P_eval = (add_touched_rows(state.P_eval, T, updates["P_eval"]) if state.P_eval is not None
+            else None)
   row_change = jnp.max(jnp.abs(updates["P"]), axis=-1)              # (T,)
-  return A_T, P, a, P_eval, opt_state, T, row_change
+  return Updated(A_T, P, a, P_eval, opt_state, T, row_change)
 
 
-def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None = None):
-  """The dense path: the whole ``(m, B)`` slice of ``P``, no index query, no capacity.
+def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
+  """The full path: the whole ``(m, B)`` slice of ``P``, no index query, no capacity.
 
   When the batch touches a large part of the network (or the optimizer's traces
   make every step ``O(m n)`` anyway) the ``(m, B) @ (B, n)`` product is the floor,
@@ -234,23 +277,24 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   Works in ``(B, m)`` orientation: in the ``"points"`` layout the batch's
   projections are ``B`` contiguous rows of ``state.projections``, and the
   hidden layer and its coefficients are computed on those rows in place
-  (``kronjax.hidden``: one pass each, nothing ``(B, m)`` materialized but the
+  (``rows``: one pass each, nothing ``(B, m)`` materialized but the
   coefficients); in the ``"neurons"`` layout they are ``B`` strided columns
   (~B cache lines per row), gathered once.
   """
   config = state.config
   inv_sqrt_m = 1.0 / math.sqrt(config.width)
+  idx = batch.idx
   if state.layout == "points":
     P = state.projections                                           # (n, m)
-    raw, counts = rows.relu_rows(P, batch_idx, state.b, state.a)  # (B, C), (B,)
+    raw, counts = rows.relu_rows(P, idx, state.b, state.a)          # (B, C), (B,)
 
     def coefficients(g):                                            # (B, C) -> (B, m)
-      return rows.relu_rows_grad(P, batch_idx, state.b, state.a, g)
+      return rows.relu_rows_grad(P, idx, state.b, state.a, g)
 
     def hidden_rows():
-      return losses.hidden(rows.take_rows(P, batch_idx), state.b)
+      return losses.hidden(rows.take_rows(P, idx), state.b)
   else:
-    Ps_T = state.projections[:, batch_idx].T                        # (B, m)
+    Ps_T = state.projections[:, idx].T                              # (B, m)
     raw, counts = rows.relu_of(Ps_T, state.b, state.a)
 
     def coefficients(g):
@@ -262,32 +306,27 @@ def _dense_step(state: TrainState, batch_idx: jax.Array, axis_name: str | None =
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
     counts = jax.lax.psum(counts, axis_name)
-  max_count = jnp.max(counts).astype(jnp.int32)
-  loss, g = losses.loss_and_output_grad(config.loss, outputs, state.labels[batch_idx])
-  g = g * inv_sqrt_m                                                # (B, C)
+  max_count = jnp.max(counts)
+  loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
+  ok = batch.valid & jnp.isfinite(loss)
+  g = jnp.where(ok, g, 0.0) * inv_sqrt_m                           # (B, C)
   # dL/dw_r = sum_i G_T[i, r] x_i; relu' is 1 on the active set (z > b strictly).
   ga = hidden_rows().T @ g if config.train_output else None        # (m, C)
-  K_rows, K_rows_eval = _gram_rows(state, batch_idx)
-  ok = jnp.ones((), bool)
-  A_T, P, a, P_eval, opt_state, row_change = _full_update(
-      state, batch_idx, lambda scale: coefficients(g * scale), K_rows, K_rows_eval, ga, ok)
-  index_state = index_for(state).update(state.index, P, state.b, None, row_change)
-  new_state = state.replace(A_T=A_T, projections=P, a=a, P_eval=P_eval, opt_state=opt_state,
-                            index=index_state, step=state.step + 1)
-  metrics = {"active": jnp.mean(counts), "max_active": max_count,
-             "overflow": jnp.zeros((), bool), "loss": loss, "step": new_state.step,
-             "index_rebuilds": getattr(index_state, "rebuilds", jnp.zeros((), jnp.int32))}
-  return new_state, metrics
+  new = _full_update(state, batch, lambda scale: coefficients(g * scale), ga, ok)
+  new_state = _finish(state, threshold_index(config, state.index_kind), new, ok)
+  loss = jnp.where(batch.valid, loss, jnp.nan)
+  return new_state, _metrics(state, new_state, loss, counts, max_count, jnp.zeros((), bool),
+                             batch, ok)
 
 
-def _full_update(state, batch_idx, coefficients, K_rows, K_rows_eval, ga, ok, gP=None,
-                 gP_eval=None):
+def _full_update(state: TrainState, batch: Batch, coefficients: Callable[[jax.Array], jax.Array],
+                 ga: jax.Array | None, ok: jax.Array, gP=None, gP_eval=None) -> Updated:
   """Applies the optimizer to the batch's coefficients ``G_T (B, m)`` (the
   batch's rows of ``A_T``'s gradient), the ``P`` gradient ``G_T^T @ K_rows`` and
-  ``ga (m, C)`` (None unless the output layer trains); returns the new stored arrays.
+  ``ga (m, C)`` (None unless the output layer trains).
 
   ``coefficients(scale)`` gives ``scale * G_T`` for a traced scalar ``scale``,
-  so that the caller may compute it in one pass (``kronjax.hidden``).
+  so that the caller may compute it in one pass (``rows``).
 
   A shape-free optimizer (sgd, schedules) is one scalar per step, the same for
   ``A``, ``P`` and ``P_eval`` (``optim.check_linear``), so it commutes with the
@@ -302,12 +341,13 @@ def _full_update(state, batch_idx, coefficients, K_rows, K_rows_eval, ga, ok, gP
   """
   config = state.config
   points = state.layout == "points"
+  K_rows, K_rows_eval = batch.K_rows, batch.K_rows_eval
   if state.shape_free_tx:
     one = jnp.ones((), state.projections.dtype)
     grads = trainable_tree(one, one, ga, None if K_rows_eval is None else one, config)
     updates, opt_state = _optimize(state, grads, ok)
     U = coefficients(updates["P"])                                  # (B, m)
-    A_T = rows.add_rows(state.A_T, batch_idx, U)
+    A_T = rows.add_rows(state.A_T, batch.idx, U)
     if points:   # (n, m) + (B, n)^T @ (B, m)
       P = products.add_product_t(state.projections, K_rows, U)
     else:        # (m, n) + (m, B) @ (B, n)
@@ -322,7 +362,7 @@ def _full_update(state, batch_idx, coefficients, K_rows, K_rows_eval, ga, ok, gP
     row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)    # (m,)
   else:
     G_T = coefficients(jnp.ones((), state.projections.dtype))       # (B, m)
-    gA = jnp.zeros_like(state.A_T).at[batch_idx].add(G_T)  # XLA fuses the zeros in
+    gA = jnp.zeros_like(state.A_T).at[batch.idx].add(G_T)  # XLA fuses the zeros in
     if gP is None:
       gP = K_rows.T @ G_T if points else G_T.T @ K_rows             # as stored
       gP_eval = None if K_rows_eval is None else G_T.T @ K_rows_eval
@@ -333,4 +373,4 @@ def _full_update(state, batch_idx, coefficients, K_rows, K_rows_eval, ga, ok, gP
     P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
     row_change = jnp.max(jnp.abs(updates["P"]), axis=0 if points else 1)   # (m,)
   a = state.a + updates["a"] if config.train_output else state.a
-  return A_T, P, a, P_eval, opt_state, row_change
+  return Updated(A_T, P, a, P_eval, opt_state, None, row_change)

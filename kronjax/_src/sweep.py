@@ -1,41 +1,37 @@
-"""Hyperparameter sweeps as one vmapped computation over a shared dataset.
+"""Hyperparameter sweeps: ``S`` training runs stacked into one state, one compiled step.
 
 Shapes: S members, m neurons, n points, B batch, C outputs.
 
-A sweep is one ``TrainState`` whose *member* leaves (``P``, ``A``, ``a``, ``b``,
-optimizer state, index, key, step) carry a leading ``S`` axis and whose *shared*
-leaves (``data``, ``labels``, ``gram``, ``gram_eval``, ``eval_data``,
-``eval_labels``) do not: the step is ``jax.vmap(kronjax.train_step)`` over the
-members with the shared part and the batch unbatched (``in_axes=None``), so the
-``n x n`` Gram exists once, not ``S`` times, and one compilation serves every
-member.
+A sweep is a ``TrainState`` whose leaves carry a leading ``(S,)`` axis; the
+dataset is shared, unbatched: the step is ``jax.vmap(kronjax.train_step,
+in_axes=(0, None, None))``, so the ``n x n`` Gram exists once, not ``S`` times,
+and one compilation serves every member.
 
-What may vary between members (traced values, DESIGN §6):
+What may vary between members (traced values):
 
   * ``learning_rate`` and any other hyperparameter injected with
     ``optax.inject_hyperparams`` (``momentum`` for ``optax.sgd``): written into
     ``opt_state.hyperparams`` per member;
-  * ``threshold``: the ReLU shift ``b`` (``kronjax.init(..., threshold=b)``; the
-    index is built with the member's ``b``);
+  * ``threshold``: the ReLU shift ``b`` (the index is built with the member's ``b``);
   * ``seed`` or ``key``: the init key (``W0`` and ``a``).
 
 Everything in ``kronjax.Config`` other than ``threshold`` (width, capacities,
 loss, classes, index kind, update path, ...) fixes shapes or code paths: a sweep
 over it is a set of separate sweeps, and asking for one raises ValueError.
 
-Overflow. Capacities are static, so they are shared. When some members overflow
-on a batch, the others have taken the step and the overflowing ones skipped it
-(the step is a no-op for them). ``fit`` then grows the shared capacity and
-replays the batch for the overflowing members only (a masked step), so every
-member sees the same batch sequence exactly once.
+Training (``fit``) runs the same loop as ``kronjax.fit`` (``kronjax``'s loop
+module): every member sees the same batch sequence; an overflow grows the shared
+capacity and replays the batch for the overflowing members only; a member whose
+loss turns non-finite raises by default, or is frozen with
+``on_nonfinite="stop"``.
 
 Example::
 
     members = kronjax.sweep.grid(learning_rate=[0.5, 1.0], threshold=[0.5, 0.8], seed=[0, 1])
-    sweep = kronjax.sweep.init(config, data, labels, members)
-    sweep, history = kronjax.sweep.fit(sweep, key, batch_size=16, steps=100)
-    history["loss"]          # (S, steps)
-    sweep.member(3)          # a plain TrainState: kronjax.evaluate / predict / fit
+    states = kronjax.sweep.init(config, dataset, members)
+    states, history = kronjax.sweep.fit(states, dataset, key, batch_size=16, steps=100)
+    history["loss"]                      # (S, steps)
+    kronjax.sweep.member(states, 3)      # a plain TrainState: evaluate / predict / fit
 """
 
 from __future__ import annotations
@@ -45,7 +41,6 @@ import functools
 import itertools
 import math
 import numbers
-import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -53,67 +48,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kronjax._src import checks, losses
+from kronjax._src import checks, loop
 from kronjax._src import state as state_lib
 from kronjax._src import step as step_lib
 from kronjax._src.config import Config
+from kronjax._src.dataset import Dataset
 from kronjax._src.inference import evaluate
-from kronjax._src.kron import KronData
-from kronjax._src.loop import CapacityError, _progress_bar, batch_schedule, grown_capacity, resolve_schedule
 from kronjax._src.state import TrainState
-
-SHARED_FIELDS = ("data", "labels", "gram", "gram_eval", "eval_data", "eval_labels")
-"""TrainState fields every member shares (stored once, unbatched)."""
 
 MEMBER_KEYS = ("threshold", "seed", "key")
 """Member settings besides the optimizer's injected hyperparameters."""
 
-_STATIC_FIELDS = ("config", "tx", "shape_free_tx", "index_kind")
+
+def size(state: TrainState) -> int:
+  """Number of members of a stacked sweep state."""
+  if np.ndim(state.step) != 1:
+    raise ValueError(f"state is not a stacked sweep state (its step has shape "
+                     f"{np.shape(state.step)}; a sweep's is (S,)).")
+  return int(np.shape(state.step)[0])
 
 
-# ----------------------------------------------------------------------------- the container
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-  """S training runs stacked into one state.
-
-  Attributes:
-    state: a ``TrainState`` whose member leaves have a leading ``(S,)`` axis and
-      whose shared leaves (``SHARED_FIELDS``) are stored once.
-    members: the settings of each member (tuple of dicts, as given).
-    stopped: per member, ``None`` while it trains, else why it stopped
-      (``"diverged at step t"``, ``"overflow at step t"``); stopped members are
-      frozen by ``fit``.
-  """
-
-  state: TrainState
-  members: tuple[Mapping[str, Any], ...]
-  stopped: tuple[str | None, ...]
-
-  @property
-  def size(self) -> int:
-    return len(self.members)
-
-  def member(self, i: int) -> TrainState:
-    """Member ``i`` as a plain ``TrainState`` (for evaluate, predict, fit, ...)."""
-    if not 0 <= i < self.size:
-      raise IndexError(f"member index must be in [0, {self.size}), got {i}.")
-    part, shared = split(self.state)
-    return merge(jax.tree.map(lambda x: x[i], part), shared)
-
-  def replace(self, **changes: Any) -> "Sweep":
-    return dataclasses.replace(self, **changes)
-
-
-def split(state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-  """``(member part, shared part)``: the state with the shared fields set to None, and those fields."""
-  shared = {f: getattr(state, f) for f in SHARED_FIELDS}
-  return state.replace(**{f: None for f in SHARED_FIELDS}), shared
-
-
-def merge(part: TrainState, shared: Mapping[str, Any]) -> TrainState:
-  """Inverse of ``split``."""
-  return part.replace(**shared)
+def member(state: TrainState, i: int) -> TrainState:
+  """Member ``i`` of a stacked sweep state as a plain ``TrainState``."""
+  S = size(state)
+  if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < S:
+    raise IndexError(f"member index must be an int in [0, {S}), got {i!r}.")
+  return jax.tree.map(lambda x: x[i], state)
 
 
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
@@ -127,8 +87,6 @@ def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
   names = list(axes)
   return [dict(zip(names, combo)) for combo in itertools.product(*(axes[k] for k in names))]
 
-
-# ----------------------------------------------------------------------------- validation
 
 def _static_setting_error(where: str, names: Sequence[str], detail: str = "") -> ValueError:
   listed = ", ".join(repr(n) for n in names)
@@ -152,6 +110,18 @@ def _check_number(where: str, name: str, value: Any) -> float:
   return float(value)
 
 
+def _hyperparam_names(tx: optax.GradientTransformation) -> tuple[str, ...]:
+  probe = jax.eval_shape(tx.init, {"A": jax.ShapeDtypeStruct((1, 1), jnp.float32)})
+  hp = getattr(probe, "hyperparams", None)
+  return tuple(sorted(hp)) if isinstance(hp, Mapping) else ()
+
+
+def _check_number(where: str, name: str, value: Any) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise ValueError(f"{where}: {name} must be a finite real number, got {value!r}.")
+  return float(value)
+
+
 def _normalize_members(members: Any, config: Config, tx: optax.GradientTransformation | None):
   """Validates the member dicts; returns ``(members, tx, hyperparam names)``."""
   if isinstance(members, Mapping) or not isinstance(members, Sequence) or not len(members):
@@ -159,6 +129,10 @@ def _normalize_members(members: Any, config: Config, tx: optax.GradientTransform
                      f"got {type(members).__name__}.")
   members = tuple(dict(m) for m in members)
   config_fields = {f.name for f in dataclasses.fields(Config)} - {"threshold"}
+  for i, m in enumerate(members):  # static settings first: no other message hides this one
+    static = sorted(k for k in m if k in config_fields)
+    if static:
+      raise _static_setting_error(f"sweep member {i}", static, " of kronjax.Config")
   if tx is None:
     if not any("learning_rate" in m for m in members):
       raise ValueError("pass tx= or give the members a learning_rate (the default tx is "
@@ -171,9 +145,6 @@ def _normalize_members(members: Any, config: Config, tx: optax.GradientTransform
   valid = set(hp_names) | set(MEMBER_KEYS)
   for i, m in enumerate(members):
     where = f"sweep member {i}"
-    static = sorted(k for k in m if k in config_fields)
-    if static:
-      raise _static_setting_error(where, static, " of kronjax.Config")
     for k, v in m.items():
       if k == "momentum" and v is None:
         raise _static_setting_error(
@@ -227,70 +198,59 @@ def set_hyperparams(opt_state: Any, **values: Any) -> Any:
 
 # ----------------------------------------------------------------------------- construction
 
-def init(config: Config, data: KronData, labels: Any, members: Sequence[Mapping[str, Any]], *,
-         tx: optax.GradientTransformation | None = None, eval_data: KronData | None = None,
-         eval_labels: Any = None) -> Sweep:
-  """Builds a stacked sweep state: ``kronjax.init`` vmapped over the members.
+def init(config: Config, dataset: Dataset, members: Sequence[Mapping[str, Any]], *,
+         tx: optax.GradientTransformation | None = None) -> TrainState:
+  """A stacked sweep state: ``kronjax.init`` vmapped over the members.
 
   Args:
     config: static settings shared by every member (``kronjax.Config``).
-    data, labels, eval_data, eval_labels: as in ``kronjax.init``; stored once.
+    dataset: the ``kronjax.Dataset`` every member trains on (shared, not stacked).
     members: list of dicts (``grid`` builds one) with keys among ``learning_rate``
       (and the other hyperparameters ``tx`` injects), ``threshold``, ``seed`` /
       ``key``. Missing keys take ``tx``'s value, ``config.threshold`` and seed 0.
-    tx: an ``optax.inject_hyperparams(...)`` transformation; default
+    tx: the optimizer; default
       ``optax.inject_hyperparams(optax.sgd)(learning_rate=..., momentum=...)``
-      (momentum only when a member sets it).
+      (momentum only when a member sets it). Members may set only the
+      hyperparameters it injects.
 
   Raises:
     ValueError when a member sets a static setting (width, capacities, loss,
     classes, index, update, ...): run separate sweeps for those. TypeError /
-    ValueError as ``kronjax.init`` for bad data.
+    ValueError as ``kronjax.init`` for bad arguments.
   """
   if not isinstance(config, Config):
     raise TypeError(f"config must be a kronjax.Config, got {type(config).__name__}.")
+  if not isinstance(dataset, Dataset):
+    raise TypeError(f"dataset must be a kronjax.Dataset, got {type(dataset).__name__}.")
   members, tx, hp_names = _normalize_members(members, config, tx)
   keys = _member_keys(members)
   thresholds = np.asarray([m.get("threshold", config.threshold) for m in members], np.float64)
   hp_values = {k: np.asarray([m.get(k, np.nan) for m in members], np.float64) for k in hp_names}
   hp_given = {k: np.asarray([k in m for m in members]) for k in hp_names}
-
-  # Value checks need concrete arrays (inside the jit below only shapes are checked).
-  labels = losses.check_labels(config.loss, config.num_classes, labels, _data_n(data), "labels")
-  if eval_data is not None and eval_labels is not None:
-    eval_labels = losses.check_labels(config.loss, config.num_classes, eval_labels,
-                                      _data_n(eval_data), "eval_labels")
-  part, shared = _init_members(config, tx, keys, thresholds, hp_values, hp_given,
-                               data, labels, eval_data, eval_labels)
-  return Sweep(state=merge(part, shared), members=members, stopped=(None,) * len(members))
-
-
-def _data_n(data: Any) -> int:
-  if not isinstance(data, KronData):
-    raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}; "
-                    "wrap your factors with kronjax.KronData((u, v, ...)).")
-  return data.n
+  # Checks that need concrete values run once, outside the vmapped init below.
+  state_lib.init(keys[0], config, dataset, tx, threshold=float(thresholds[0]))
+  return _init_members(config, tx, keys, thresholds.astype(dataset.dtype), hp_values, hp_given,
+                       dataset)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_members(config, tx, keys, thresholds, hp_values, hp_given, data, labels, eval_data,
-                  eval_labels):
+def _init_members(config, tx, keys, thresholds, hp_values, hp_given, dataset):
   def one(key, b, hp, given):
-    s = state_lib.init(key, config, data, labels, tx, eval_data=eval_data,
-                       eval_labels=eval_labels, threshold=b)
-    current = s.opt_state.hyperparams
-    s = s.replace(opt_state=set_hyperparams(
-        s.opt_state, **{k: jnp.where(given[k], hp[k], current[k]) for k in hp}))
-    return split(s)
+    s = state_lib.init(key, config, dataset, tx, threshold=b)
+    if hp:
+      current = s.opt_state.hyperparams
+      s = s.replace(opt_state=set_hyperparams(
+          s.opt_state, **{k: jnp.where(given[k], hp[k], current[k]) for k in hp}))
+    return s
 
-  return jax.vmap(one, out_axes=(0, None))(keys, thresholds, hp_values, hp_given)
+  return jax.vmap(one)(keys, thresholds, hp_values, hp_given)
 
 
-def stack(states: Sequence[TrainState], members: Sequence[Mapping[str, Any]] | None = None) -> Sweep:
-  """Stacks separately built states (same data, config and tx object) into a sweep.
+def stack(states: Sequence[TrainState]) -> TrainState:
+  """Stacks separately built states (same dataset, config and tx object) into a sweep state.
 
   Raises ValueError naming the static settings that differ (run separate sweeps),
-  or when the states do not share the data, labels or optimizer transformation.
+  or when the states were built for different datasets or optimizers.
   """
   states = list(states)
   if not states or not all(isinstance(s, TrainState) for s in states):
@@ -309,21 +269,14 @@ def stack(states: Sequence[TrainState], members: Sequence[Mapping[str, Any]] | N
           "steps every member with one tx. Build all states with the same "
           "optax.inject_hyperparams(...) object and set each member's values with "
           "kronjax.sweep.set_hyperparams (kronjax.sweep.init does this for you).")
-    for f in SHARED_FIELDS:
-      a, b = getattr(first, f), getattr(s, f)
-      if not _same_tree(a, b):
-        raise ValueError(f"state {i} has different {f} than state 0; the members of a sweep "
-                         "share one dataset. Run separate sweeps per dataset.")
-  parts = [split(s)[0] for s in states]
-  structures = {jax.tree.structure(p) for p in parts}
+    if s.fingerprint != first.fingerprint:
+      raise ValueError(f"state {i} was built for another dataset than state 0; the members of a "
+                       "sweep share one dataset. Run separate sweeps per dataset.")
+  structures = {jax.tree.structure(s) for s in states}
   if len(structures) > 1:
     raise ValueError("the states' optimizer or index states differ in structure; they cannot be "
                      "stacked. Run separate sweeps.")
-  part = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
-  members = tuple(dict(m) for m in members) if members is not None else tuple({} for _ in states)
-  if len(members) != len(states):
-    raise ValueError(f"members has {len(members)} entries for {len(states)} states.")
-  return Sweep(state=merge(part, split(first)[1]), members=members, stopped=(None,) * len(states))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def _static_value(state: TrainState, name: str) -> Any:
@@ -341,202 +294,69 @@ def _same_tree(a: Any, b: Any) -> bool:
 
 def with_config(state: TrainState, **changes: Any) -> TrainState:
   """``kronjax.with_config`` for a stacked sweep state (each member's index rebuilt)."""
-  part, shared = split(state)
-
-  def one(p):
-    return split(state_lib.with_config(merge(p, shared), **changes))[0]
-
-  return merge(jax.vmap(one)(part), shared)
+  return jax.vmap(lambda s: state_lib.with_config(s, **changes))(state)
 
 
 # ----------------------------------------------------------------------------- the step
 
-def _member_step(part, shared, batch_idx):
-  new, metrics = step_lib.train_step(merge(part, shared), batch_idx)
-  return split(new)[0], metrics
+def _masked_step(state, dataset, batch_idx, mask):
+  new, metrics = step_lib.step(state, dataset, batch_idx)
+  return jax.tree.map(lambda x, y: jnp.where(mask, x, y), new, state), metrics
 
 
-def _masked_member_step(part, shared, batch_idx, mask):
-  new, metrics = _member_step(part, shared, batch_idx)
-  return jax.tree.map(lambda x, y: jnp.where(mask, x, y), new, part), metrics
+_plain = jax.jit(jax.vmap(step_lib.step, in_axes=(0, None, None)), donate_argnums=0)
+_masked = jax.jit(jax.vmap(_masked_step, in_axes=(0, None, None, 0)), donate_argnums=0)
 
 
-_STEP_CACHE: dict[Any, Any] = {}
+def train_step(state: TrainState, dataset: Dataset, batch_idx: Any,
+               mask: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One step of every member on the shared batch ``(B,)``: jit-compiled, ``state`` donated.
 
-
-def compiled_step(*, masked: bool = False, donate: bool = True):
-  """The jitted sweep step ``step(state, batch_idx[, mask]) -> (state, metrics)``.
-
-  ``state`` is a stacked sweep state (``Sweep.state``), ``batch_idx`` ``(B,)``
-  is shared by every member, every metric has shape ``(S,)``. It is
-  ``jax.vmap(kronjax.train_step)`` over the member part with the shared part
-  and the batch unbatched. With ``masked=True`` the step takes a ``(S,)`` bool
-  ``mask`` and members with ``mask[i] == False`` keep their state (their metrics
-  are still computed). The member part is donated unless ``donate=False``.
-  ``step.cache_size()`` counts compilations; ``step.lower(state, batch_idx)``
-  lowers it for inspection (``.as_text()``, ``.compile()``).
+  Every metric has shape ``(S,)``. With ``mask`` ``(S,)`` bool, members with
+  ``mask[i] == False`` keep their state bit for bit (their metrics are still
+  computed).
   """
-  key = (masked, donate)
-  if key not in _STEP_CACHE:
-    if masked:
-      body = jax.vmap(_masked_member_step, in_axes=(0, None, None, 0))
-    else:
-      body = jax.vmap(_member_step, in_axes=(0, None, None))
-    jitted = jax.jit(body, donate_argnums=(0,) if donate else ())
-
-    def step(state, batch_idx, *mask):
-      part, shared = split(state)
-      new, metrics = jitted(part, shared, jnp.asarray(batch_idx, jnp.int32), *mask)
-      return merge(new, shared), metrics
-
-    def lower(state, batch_idx, *mask):
-      part, shared = split(state)
-      return jitted.lower(part, shared, jnp.asarray(batch_idx, jnp.int32), *mask)
-
-    step.cache_size = jitted._cache_size  # pylint: disable=protected-access
-    step.lower = lower
-    _STEP_CACHE[key] = step
-  return _STEP_CACHE[key]
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  size(state)
+  state.check_dataset(dataset)
+  batch_idx = step_lib.check_batch("batch_idx", batch_idx, state.n)
+  if mask is None:
+    return _plain(state, dataset, batch_idx)
+  return _masked(state, dataset, batch_idx, jnp.asarray(mask, bool))
 
 
-def _eval_members(part, shared):
-  return evaluate(merge(part, shared))
+def _run_step(state, dataset, batch, mask):
+  return _plain(state, dataset, batch) if mask is None else _masked(state, dataset, batch, mask)
 
 
-_evaluate_sweep = jax.jit(jax.vmap(_eval_members, in_axes=(0, None)))
+_evaluate_sweep = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
 
 
-# ----------------------------------------------------------------------------- the loop
+def runner(members: int) -> loop.Runner:
+  """The training loop's runner for a stacked sweep of ``members`` states."""
+  return loop.Runner(members=members, prepare=loop.copy_state, step=_run_step,
+                     evaluate=_evaluate_sweep, with_config=with_config, saveable=lambda s: s,
+                     name="kronjax.sweep.fit")
 
-def fit(sweep: Sweep, key: jax.Array, *, batch_size: int, steps: int | None = None,
-        epochs: int | None = None, progress: bool = True, on_overflow: str = "replay",
-        on_nonfinite: str = "stop", eval_every: int = 0, log_every: int = 1) -> tuple[Sweep, dict[str, Any]]:
-  """Trains every member of ``sweep`` on the same batch sequence; one progress bar.
 
-  The batches are ``kronjax.loop.batch_schedule(key, ...)`` from the members'
-  step, exactly the ones ``kronjax.fit(member, key, ...)`` would use.
+def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
+        steps: int | None = None, epochs: int | None = None, **options: Any
+        ) -> tuple[TrainState, dict[str, Any]]:
+  """Trains every member of a stacked sweep state on the same batch sequence.
 
-  Args:
-    sweep: from ``init`` or ``stack``; not modified.
-    key, batch_size, steps / epochs, progress, eval_every, log_every: as ``kronjax.fit``.
-    on_overflow: when a member's batch has more active neurons than the shared
-      capacity: ``"replay"`` grows the capacity for the sweep (one recompile) and
-      re-runs the batch for the overflowing members only (the others already took
-      it); ``"stop"`` freezes the overflowing members (recorded in
-      ``Sweep.stopped``; the others go on); ``"raise"`` raises ``CapacityError``.
-    on_nonfinite: a member whose loss is NaN/inf (learning rate too large):
-      ``"stop"`` freezes it and goes on; ``"raise"`` raises FloatingPointError.
+  The batches are the ones ``kronjax.fit(member, dataset, key, ...)`` would use.
+  Takes ``kronjax.fit``'s arguments and policies (not ``mesh``): an overflow
+  is replayed for the overflowing members only; ``on_overflow="stop"`` and
+  ``on_nonfinite="stop"`` freeze the members concerned and train the others on.
 
   Returns:
-    The trained sweep and a history: ``step`` ``(T,)``; ``loss``, ``active``,
-    ``max_active``, ``index_rebuilds`` ``(S, T)`` (NaN / -1 for stopped members);
-    with ``eval_every``: ``eval_step`` and one ``(S, T_e)`` array per
-    ``kronjax.evaluate`` metric; ``replays`` (list of ``(step, changes,
-    members)``), ``stopped``, ``seconds``, ``steps_per_second`` (sweep steps).
+    The trained sweep state and ``kronjax.fit``'s history with ``(S, T)``
+    arrays (NaN / -1 for stopped members), ``replays`` as ``(step, changes,
+    members)`` and ``stopped`` (one entry per member: None, or why it stopped).
   """
-  if not isinstance(sweep, Sweep):
-    raise TypeError(f"sweep must be a kronjax.sweep.Sweep, got {type(sweep).__name__}.")
-  checks.check_choice("on_overflow", on_overflow, ("replay", "stop", "raise"))
-  checks.check_choice("on_nonfinite", on_nonfinite, ("stop", "raise"))
-  eval_every = checks.check_positive_int("eval_every", eval_every, minimum=0)
-  log_every = checks.check_positive_int("log_every", log_every)
-  state, S, n = sweep.state, sweep.size, sweep.state.data.n
-  batch_size, steps = resolve_schedule(n, batch_size, steps, epochs)
-  live = np.array([s is None for s in sweep.stopped])
-  member_steps = np.asarray(state.step)
-  if not live.any():
-    raise ValueError("every member of the sweep has stopped; nothing to train.")
-  if len(set(member_steps[live].tolist())) > 1:
-    raise ValueError(f"the training members are at different steps {sorted(set(member_steps[live].tolist()))}; "
-                     "a sweep trains them on one shared batch sequence.")
-  start = int(member_steps[live][0])
-  batches = batch_schedule(key, n, batch_size, steps, start=start)
-  stopped = list(sweep.stopped)
-
-  part, shared = split(state)
-  state = merge(jax.tree.map(lambda x: jnp.array(x, copy=True), part), shared)  # the step donates
-  plain, masked = compiled_step(), compiled_step(masked=True)
-  names = ("loss", "active", "max_active", "index_rebuilds")
-  hist: dict[str, list] = {k: [] for k in ("step",) + names}
-  eval_hist: dict[str, list] = {"eval_step": []}
-  replays: list[tuple[int, dict[str, int], list[int]]] = []
-  bar = _progress_bar(steps, progress)
-  t_start = time.perf_counter()
-  done = 0
-  try:
-    for t in range(steps):
-      batch = jnp.asarray(batches[t])
-      if live.all():
-        state, metrics = plain(state, batch)
-      else:
-        state, metrics = masked(state, batch, jnp.asarray(live))
-      # One transfer for all metrics: one np.array per metric cost ~0.3 ms each on CPU.
-      metrics = {k: np.array(v) for k, v in jax.device_get(metrics).items()}
-      pending = metrics["overflow"] & live
-      while pending.any():  # the others took the step; the pending ones skipped it
-        who = np.flatnonzero(pending).tolist()
-        if on_overflow == "raise":
-          raise CapacityError(
-              f"step {start + t}: sweep member(s) {who} overflowed the shared capacity "
-              f"(active_capacity={state.config.active_capacity}, candidate_capacity="
-              f"{state.config.candidate_capacity}; max active {int(metrics['max_active'][pending].max())}). "
-              "Use a larger Config capacity or fit(..., on_overflow='replay').")
-        if on_overflow == "stop":
-          for i in who:
-            stopped[i] = f"overflow at step {start + t}"
-          live &= ~pending
-          break
-        changes = grown_capacity(state, {"max_active": int(metrics["max_active"][pending].max())})
-        if all(getattr(state.config, k) == v for k, v in changes.items()):
-          raise CapacityError(f"step {start + t}: members {who} overflow at the largest capacity.")
-        replays.append((start + t, changes, who))
-        bar.write(f"kronjax.sweep.fit: members {who} overflowed at step {start + t}; "
-                  f"replaying them with {changes}")
-        state = with_config(state, **changes)
-        state, again = masked(state, batch, jnp.asarray(pending))
-        for k, v in again.items():
-          metrics[k] = np.where(pending, np.asarray(v), metrics[k])
-        pending = np.asarray(again["overflow"]) & pending
-      bad = live & ~np.isfinite(metrics["loss"])
-      if bad.any():
-        who = np.flatnonzero(bad).tolist()
-        if on_nonfinite == "raise":
-          raise FloatingPointError(
-              f"step {start + t}: the loss of sweep member(s) {who} became non-finite; their "
-              "learning rate is most likely too large. Use on_nonfinite='stop' to freeze them.")
-        for i in who:
-          stopped[i] = f"diverged at step {start + t}"
-      if (t + 1) % log_every == 0 or t + 1 == steps:
-        hist["step"].append(start + t + 1)
-        for k in names:
-          v = metrics[k].astype(np.float64)
-          hist[k].append(np.where(live, v, np.nan if k in ("loss", "active") else -1))
-      live &= ~bad
-      if not live.any():
-        bar.write(f"kronjax.sweep.fit: every member stopped at step {start + t}.")
-        break
-      if eval_every and ((t + 1) % eval_every == 0 or t + 1 == steps):
-        part, shared = split(state)
-        ev = jax.device_get(_evaluate_sweep(part, shared))
-        eval_hist["eval_step"].append(start + t + 1)
-        for k, v in ev.items():
-          eval_hist.setdefault(k, []).append(np.where(live, v, np.nan))
-      done += 1
-      bar.update(1)
-      if (t + 1) % 10 == 0 or t + 1 == steps:
-        best = np.nanmin(np.where(live, metrics["loss"], np.nan)) if live.any() else np.nan
-        bar.set_postfix(best_loss=f"{best:.4g}", live=f"{int(live.sum())}/{S}", refresh=False)
-  finally:
-    bar.close()
-  seconds = time.perf_counter() - t_start
-  out: dict[str, Any] = {"step": np.asarray(hist["step"])}
-  for k in names:
-    out[k] = np.stack(hist[k], axis=1) if hist[k] else np.zeros((S, 0))
-  if eval_every:
-    out["eval_step"] = np.asarray(eval_hist.pop("eval_step"))
-    out.update({k: np.stack(v, axis=1) for k, v in eval_hist.items()})
-  out["replays"] = replays
-  out["stopped"] = list(stopped)
-  out["seconds"] = seconds
-  out["steps_per_second"] = done / seconds if seconds > 0 else float("inf")
-  return sweep.replace(state=state, stopped=tuple(stopped)), out
+  if "mesh" in options:
+    raise ValueError("kronjax.sweep.fit takes no mesh: a sweep is vmapped over its members, not "
+                     "neuron-sharded. Shard members one by one with kronjax.fit(..., mesh=...).")
+  return loop.train(runner(size(state)), state, dataset, key, batch_size=batch_size,
+                    steps=steps, epochs=epochs, **options)
