@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import kronjax
-from kronjax.loop import batch_schedule
+from kronjax._src.loop import batch_schedule
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +17,21 @@ def task():
   return data, labels
 
 
+def _init(key, config, data, labels, tx):
+  dataset = kronjax.Dataset(data, labels)
+  return kronjax.init(key, config, dataset, tx), dataset
+
+
 def test_planted_task_is_learned(task):
   data, labels = task
   train, held = data.subset(np.arange(300)), data.subset(np.arange(300, 360))
   config = kronjax.Config(width=1024, init="implicit")
-  state = kronjax.init(jax.random.PRNGKey(1), config, train, labels[:300], optax.sgd(8.0),
-                       eval_data=held, eval_labels=labels[300:])
-  before = kronjax.evaluate(state)
-  state, hist = kronjax.fit(state, jax.random.PRNGKey(2), batch_size=10, epochs=40,
+  dataset = kronjax.Dataset(train, labels[:300], eval_data=held, eval_labels=labels[300:])
+  state = kronjax.init(jax.random.PRNGKey(1), config, dataset, optax.sgd(8.0))
+  before = kronjax.evaluate(state, dataset)
+  state, hist = kronjax.fit(state, dataset, jax.random.PRNGKey(2), batch_size=10, epochs=40,
                             progress=False, eval_every=600)
-  after = kronjax.evaluate(state)
+  after = kronjax.evaluate(state, dataset)
   assert float(after["train_loss"]) < 0.1 * float(before["train_loss"])
   assert float(after["eval_loss"]) < 0.7 * float(before["eval_loss"])
   assert hist["loss"].shape == (1200,) and hist["eval_loss"].shape == (2,)
@@ -41,11 +46,11 @@ def test_overflow_replay_equals_run_with_large_capacity(x64):
   small = kronjax.Config(width=256, threshold=0.3, active_capacity=8)
   large = small.replace(active_capacity=256)
   tx = optax.sgd(0.5)
-  s_small = kronjax.init(jax.random.PRNGKey(0), small, data, labels, tx)
-  s_large = kronjax.init(jax.random.PRNGKey(0), large, data, labels, tx)
+  s_small, dataset = _init(jax.random.PRNGKey(0), small, data, labels, tx)
+  s_large, _ = _init(jax.random.PRNGKey(0), large, data, labels, tx)
   key = jax.random.PRNGKey(5)
-  out_small, h_small = kronjax.fit(s_small, key, batch_size=8, steps=40, progress=False)
-  out_large, h_large = kronjax.fit(s_large, key, batch_size=8, steps=40, progress=False)
+  out_small, h_small = kronjax.fit(s_small, dataset, key, batch_size=8, steps=40, progress=False)
+  out_large, h_large = kronjax.fit(s_large, dataset, key, batch_size=8, steps=40, progress=False)
   assert h_small["replays"], "the tiny capacity should have overflowed"
   assert h_small["replays"][0][0] == 0  # global step of the first overflow
   assert out_small.config.active_capacity > small.active_capacity
@@ -61,27 +66,40 @@ def test_overflow_replay_equals_run_with_large_capacity(x64):
 def test_overflow_raise_names_count_and_capacity(task):
   data, labels = task
   config = kronjax.Config(width=256, threshold=0.3, active_capacity=8)
-  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(0.5))
+  state, dataset = _init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(0.5))
   with pytest.raises(kronjax.CapacityError, match=r"active_capacity=8.*active_capacity>=\d+"):
-    kronjax.fit(state, jax.random.PRNGKey(0), batch_size=8, steps=3, progress=False, on_overflow="raise")
+    kronjax.fit(state, dataset, jax.random.PRNGKey(0), batch_size=8, steps=3, progress=False,
+                on_overflow="raise")
 
 
 def test_non_finite_loss_names_step_and_learning_rate(task):
   data, labels = task
   config = kronjax.Config(width=128, threshold=0.0, train_output=True)
-  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels * 1e6, optax.sgd(1e8))
+  state, dataset = _init(jax.random.PRNGKey(0), config, data, labels * 1e6, optax.sgd(1e8))
   with pytest.raises(FloatingPointError, match=r"step \d+.*learning rate"):
-    kronjax.fit(state, jax.random.PRNGKey(0), batch_size=16, steps=200, progress=False)
+    kronjax.fit(state, dataset, jax.random.PRNGKey(0), batch_size=16, steps=200, progress=False)
+
+
+def test_non_finite_stop_policy_keeps_the_last_finite_state(task):
+  data, labels = task
+  config = kronjax.Config(width=128, threshold=0.0, train_output=True)
+  state, dataset = _init(jax.random.PRNGKey(0), config, data, labels * 1e6, optax.sgd(1e8))
+  out, hist = kronjax.fit(state, dataset, jax.random.PRNGKey(0), batch_size=16, steps=200,
+                          progress=False, on_nonfinite="stop")
+  assert hist["stopped"].startswith("non-finite loss at step")
+  stop = int(hist["stopped"].rsplit(" ", 1)[1])
+  assert int(out.step) == stop  # the step whose loss was non-finite was not taken
+  assert len(hist["loss"]) == stop + 1 and not np.isfinite(hist["loss"][-1])
 
 
 def test_fit_twice_equals_fit_once(task):
   data, labels = task
   config = kronjax.Config(width=128)
-  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(1.0, momentum=0.5))
+  state, dataset = _init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(1.0, momentum=0.5))
   key = jax.random.PRNGKey(3)
-  once, _ = kronjax.fit(state, key, batch_size=32, steps=30, progress=False)
-  half, _ = kronjax.fit(state, key, batch_size=32, steps=17, progress=False)
-  twice, hist = kronjax.fit(half, key, batch_size=32, steps=13, progress=False)
+  once, _ = kronjax.fit(state, dataset, key, batch_size=32, steps=30, progress=False)
+  half, _ = kronjax.fit(state, dataset, key, batch_size=32, steps=17, progress=False)
+  twice, hist = kronjax.fit(half, dataset, key, batch_size=32, steps=13, progress=False)
   chex.assert_trees_all_equal(once.P, twice.P)
   assert hist["step"][0] == 18 and hist["step"][-1] == 30
 
@@ -102,12 +120,25 @@ def test_batch_schedule_is_a_pure_function_of_key_and_step():
     ({"batch_size": 4, "steps": 2, "epochs": 1}, "steps"),
     ({"batch_size": 4, "steps": 2, "on_overflow": "ignore"}, "on_overflow"),
     ({"batch_size": 4, "steps": 2, "checkpoint_every": 1}, "checkpoint_dir"),
+    ({"batch_size": 4, "steps": 2, "resume": True}, "checkpoint_dir"),
+    ({"batch_size": 4, "steps": 2, "on_nonfinite": "ignore"}, "on_nonfinite"),
 ])
 def test_fit_rejects_bad_arguments(task, kwargs, match):
   data, labels = task
-  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), data, labels, optax.sgd(0.1))
+  state, dataset = _init(jax.random.PRNGKey(0), kronjax.Config(width=32), data, labels,
+                         optax.sgd(0.1))
   with pytest.raises((ValueError, TypeError), match=match):
-    kronjax.fit(state, jax.random.PRNGKey(0), progress=False, **kwargs)
+    kronjax.fit(state, dataset, jax.random.PRNGKey(0), progress=False, **kwargs)
+
+
+def test_fit_rejects_an_integer_key(task):
+  data, labels = task
+  state, dataset = _init(jax.random.PRNGKey(0), kronjax.Config(width=32), data, labels,
+                         optax.sgd(0.1))
+  with pytest.raises(TypeError, match=r"key must be a JAX PRNG key.*jax.random.key\(seed\)"):
+    kronjax.fit(state, dataset, 0, batch_size=4, steps=1, progress=False)
+  with pytest.raises(TypeError, match=r"key must be a JAX PRNG key"):
+    kronjax.init(0, kronjax.Config(width=32), dataset, optax.sgd(0.1))
 
 
 def test_candidate_overflow_grows_only_the_candidate_capacity(x64):
@@ -118,11 +149,11 @@ def test_candidate_overflow_grows_only_the_candidate_capacity(x64):
   tx = optax.sgd(0.5)
   key = jax.random.PRNGKey(1)
   with pytest.raises(kronjax.CapacityError, match=r"candidate list.*candidate_capacity>=\d+"):
-    kronjax.fit(kronjax.init(key, small, data, labels, tx), key, batch_size=8, steps=2,
+    kronjax.fit(*_init(key, small, data, labels, tx), key, batch_size=8, steps=2,
                 progress=False, on_overflow="raise")
-  out_small, h_small = kronjax.fit(kronjax.init(key, small, data, labels, tx), key, batch_size=8,
+  out_small, h_small = kronjax.fit(*_init(key, small, data, labels, tx), key, batch_size=8,
                                    steps=20, progress=False)
-  out_large, _ = kronjax.fit(kronjax.init(key, large, data, labels, tx), key, batch_size=8,
+  out_large, _ = kronjax.fit(*_init(key, large, data, labels, tx), key, batch_size=8,
                              steps=20, progress=False)
   assert h_small["replays"] and all(set(c) == {"candidate_capacity"} for _, c in h_small["replays"])
   assert out_small.config.active_capacity == 128

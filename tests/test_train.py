@@ -8,6 +8,8 @@ import optax
 import pytest
 
 import kronjax
+from kronjax._src import index as index_lib
+from kronjax._src import native, products
 from reference import batches, rel_err, run_pair
 
 TXS = {
@@ -24,15 +26,15 @@ CASES = [
     # tx, loss, train_output, update, gram, dims, rank, layout
     ("sgd", "mse", False, "sparse", "precomputed", (4, 6), 1, "auto"),
     ("sgd", "softmax", True, "sparse", "factors", (3, 4, 5), 2, "auto"),
-    ("sgd", "mse", True, "dense", "factors", (4, 6), 2, "neurons"),
-    ("momentum", "mse", False, "dense", "precomputed", (3, 4, 5), 1, "auto"),
+    ("sgd", "mse", True, "full", "factors", (4, 6), 2, "neurons"),
+    ("momentum", "mse", False, "full", "precomputed", (3, 4, 5), 1, "auto"),
     ("momentum", "softmax", True, "sparse", "precomputed", (4, 6), 2, "neurons"),
-    ("nesterov", "softmax", False, "dense", "factors", (4, 6), 1, "neurons"),
+    ("nesterov", "softmax", False, "full", "factors", (4, 6), 1, "neurons"),
     ("nesterov", "mse", True, "sparse", "precomputed", (3, 4, 5), 1, "auto"),
-    ("schedule", "softmax", True, "dense", "precomputed", (4, 6), 1, "points"),
+    ("schedule", "softmax", True, "full", "precomputed", (4, 6), 1, "points"),
     ("schedule", "mse", False, "sparse", "factors", (3, 4, 5), 2, "auto"),
     ("inject", "softmax", False, "sparse", "precomputed", (4, 6), 1, "auto"),
-    ("sgd", "mse", False, "dense", "precomputed", (4, 6), 1, "points"),
+    ("sgd", "mse", False, "full", "precomputed", (4, 6), 1, "points"),
 ]
 
 
@@ -47,13 +49,13 @@ def test_matches_dense_sgd(x64, tx_name, loss, train_output, update, gram, dims,
   data, labels = _task(loss, dims, rank)
   config = kronjax.Config(width=96, threshold=0.6, loss=loss, num_classes=3 if loss == "softmax" else 1,
                           train_output=train_output, update=update, gram=gram, layout=layout)
-  assert config.resolved_layout == ("points" if update == "dense" and layout != "neurons"
+  assert config.resolved_layout == ("points" if update == "full" and layout != "neurons"
                                     else "neurons")
-  state, dstate, hist = run_pair(jax.random.PRNGKey(3), config, TXS[tx_name](), data, labels,
-                                 steps=50, batch=8)
+  state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(3), config, TXS[tx_name](), data,
+                                          labels, steps=50, batch=8, gram=gram)
   assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
   np.testing.assert_array_equal(hist["kron"]["active"], hist["dense"]["active"])
-  params = kronjax.dense_params(state)
+  params = kronjax.dense_params(state, dataset)
   assert rel_err(params["W"], dstate.params["W"]) < 1e-9
   assert rel_err(params["a"], dstate.a) < 1e-9
   # The run really moved the weights (a stuck run would match trivially).
@@ -67,18 +69,19 @@ def test_dense_step_with_each_cpu_product_matches_dense_sgd(x64, monkeypatch, na
   kernel and with XLA's product. At ~5 % of neurons active (threshold 1.6) the
   kernel takes its zero-skipping loop for the neuron-major updates (every P_eval;
   P in the "neurons" layout) and gemm for the point-major P."""
-  if native and not kronjax.native.available():
-    pytest.skip(f"native kernel unavailable: {kronjax.native.info()['reason']}")
-  monkeypatch.setattr(kronjax.products, "USE_NATIVE", native)
+  if native and not kronjax._src.native.available():
+    pytest.skip(f"native kernel unavailable: {kronjax._src.native.info()['reason']}")
+  monkeypatch.setattr(products, "USE_NATIVE", native)
   jax.clear_caches()  # the choice is made at trace time
   data, labels = _task("mse", (4, 6), 1, n=60)
   train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
-  config = kronjax.Config(width=128, threshold=1.6, train_output=True, update="dense", layout=layout)
-  state, dstate, hist = run_pair(jax.random.PRNGKey(2), config, optax.sgd(2.0), train, labels[:40],
-                                 steps=30, eval_data=held, eval_labels=labels[40:])
+  config = kronjax.Config(width=128, threshold=1.6, train_output=True, update="full", layout=layout)
+  state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(2), config, optax.sgd(2.0), train,
+                                          labels[:40], steps=30, eval_data=held,
+                                          eval_labels=labels[40:])
   assert 0 < np.mean(hist["kron"]["active"]) < 0.1 * config.width  # the kernel's sparse regime
   assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-10
-  params = kronjax.dense_params(state)
+  params = kronjax.dense_params(state, dataset)
   assert rel_err(params["W"], dstate.params["W"]) < 1e-10
   held_W = dstate.params["W"] @ held.materialize().T                  # (m, n_e)
   assert rel_err(state.P_eval, held_W) < 1e-10
@@ -94,13 +97,14 @@ class TestJitVariants(chex.TestCase):
       data, labels = _task("softmax", (4, 5), 1)
       config = kronjax.Config(width=64, threshold=0.5, loss="softmax", num_classes=3, train_output=True)
       tx = optax.sgd(0.3, momentum=0.5)
-      state = kronjax.init(jax.random.PRNGKey(0), config, data, labels, tx)
+      dataset = kronjax.Dataset(data, labels)
+      state = kronjax.init(jax.random.PRNGKey(0), config, dataset, tx)
       step = self.variant(kronjax.train_step)
       ref = jax.jit(kronjax.train_step)
       ref_state = state
       for bi in batches(data.n, 6, 10):
-        state, m = step(state, jnp.asarray(bi))
-        ref_state, rm = ref(ref_state, jnp.asarray(bi))
+        state, m = step(state, dataset, jnp.asarray(bi))
+        ref_state, rm = ref(ref_state, dataset, jnp.asarray(bi))
         chex.assert_trees_all_close(m["loss"], rm["loss"], rtol=1e-12)
       chex.assert_trees_all_close(state.P, ref_state.P, rtol=1e-12, atol=1e-12)
 
@@ -108,31 +112,35 @@ class TestJitVariants(chex.TestCase):
 def test_invariants_after_many_steps(x64):
   data, labels = _task("mse", (5, 6), 1, n=40)
   config = kronjax.Config(width=128, threshold=0.5)
-  state0 = kronjax.init(jax.random.PRNGKey(1), config, data, labels, optax.sgd(0.5, momentum=0.5))
+  dataset = kronjax.Dataset(data, labels)
+  state0 = kronjax.init(jax.random.PRNGKey(1), config, dataset, optax.sgd(0.5, momentum=0.5))
   state = state0
   step = jax.jit(kronjax.train_step)
   for bi in batches(data.n, 5, 200):
-    state, _ = step(state, jnp.asarray(bi))
+    state, _ = step(state, dataset, jnp.asarray(bi))
   K = data.gram()
   chex.assert_trees_all_close(state.P, state0.P + state.A @ K, rtol=0, atol=1e-10)
-  W = kronjax.dense_params(state)["W"]
+  W = kronjax.dense_params(state, dataset)["W"]
   chex.assert_trees_all_close(state.P, W @ data.materialize().T, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("update", ["auto", "dense"])   # "dense" stores P point-major
+@pytest.mark.parametrize("update", ["auto", "full"])   # "full" stores P point-major
 def test_eval_projections_and_predict_match_dense(x64, update):
   data, labels = _task("mse", (4, 6), 1, n=60)
   train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
   config = kronjax.Config(width=96, threshold=0.5, train_output=True, update=update)
-  state, dstate, _ = run_pair(jax.random.PRNGKey(2), config, optax.sgd(0.5, momentum=0.3), train,
-                              labels[:40], steps=30, eval_data=held, eval_labels=labels[40:])
+  state, dstate, _, dataset = run_pair(jax.random.PRNGKey(2), config, optax.sgd(0.5, momentum=0.3),
+                                       train, labels[:40], steps=30, eval_data=held,
+                                       eval_labels=labels[40:])
   dense_out = kronjax.dense.forward(dstate.params["W"], dstate.a, dstate.b, held.materialize())
-  chex.assert_trees_all_close(kronjax.predict(state, held), dense_out, rtol=1e-9, atol=1e-12)
+  chex.assert_trees_all_close(kronjax.predict(state, dataset, held), dense_out, rtol=1e-9,
+                              atol=1e-12)
   # New points (neither train nor eval) go through W0 regeneration + A K.
   fresh = kronjax.data.synthetic(jax.random.PRNGKey(9), 7, (4, 6))
   fresh_out = kronjax.dense.forward(dstate.params["W"], dstate.a, dstate.b, fresh.materialize())
-  chex.assert_trees_all_close(kronjax.predict(state, fresh), fresh_out, rtol=1e-9, atol=1e-12)
-  ev = kronjax.evaluate(state)
+  chex.assert_trees_all_close(kronjax.predict(state, dataset, fresh), fresh_out, rtol=1e-9,
+                              atol=1e-12)
+  ev = kronjax.evaluate(state, dataset)
   dense_eval = kronjax.dense.evaluate(dstate, config, held.materialize(), labels[40:])
   assert abs(float(ev["eval_loss"]) - float(dense_eval["loss"])) < 1e-10
 
@@ -141,37 +149,38 @@ def test_implicit_init_trains_and_predicts_registered_points():
   data, labels = _task("softmax", (8, 8), 1, n=80)
   train, held = data.subset(np.arange(60)), data.subset(np.arange(60, 80))
   config = kronjax.Config(width=256, init="implicit", loss="softmax", num_classes=3)
-  state = kronjax.init(jax.random.PRNGKey(0), config, train, labels[:60], optax.sgd(1.0),
-                       eval_data=held, eval_labels=labels[60:])
-  out = kronjax.predict(state, held)
+  dataset = kronjax.Dataset(train, labels[:60], eval_data=held, eval_labels=labels[60:])
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(1.0))
+  out = kronjax.predict(state, dataset, held)
   assert out.shape == (20, 3)
-  with pytest.raises(ValueError, match="implicit"):
-    kronjax.predict(state, kronjax.data.synthetic(jax.random.PRNGKey(1), 3, (8, 8)))
+  with pytest.raises(ValueError, match="init='kronecker'"):
+    kronjax.predict(state, dataset, kronjax.data.synthetic(jax.random.PRNGKey(1), 3, (8, 8)))
   with pytest.raises(ValueError, match="explicit"):
-    kronjax.dense_params(state)
+    kronjax.dense_params(state, dataset)
 
 
 def test_overflowing_step_is_skipped_and_flagged():
   data, labels = _task("mse", (4, 6), 1)
   config = kronjax.Config(width=64, threshold=0.0, active_capacity=2)
-  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(0.1))
-  new, m = jax.jit(kronjax.train_step)(state, jnp.arange(4))
-  assert bool(m["overflow"]) and int(m["max_active"]) > 2
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.1))
+  new, m = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(4))
+  assert bool(m["overflow"]) and bool(m["skipped"]) and int(m["max_active"]) > 2
   assert np.isnan(float(m["loss"]))
-  chex.assert_trees_all_equal(new.P, state.P)
-  chex.assert_trees_all_equal(new.A, state.A)
+  chex.assert_trees_all_equal(new, state)
   assert int(new.step) == 0
 
 
 def test_step_compiles_once_per_shape():
   data, labels = _task("mse", (4, 6), 1)
   config = kronjax.Config(width=64, threshold=0.5)
-  state = kronjax.init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(0.1))
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.1))
 
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(s, b):
-    return kronjax.train_step(s, b)
+    return kronjax.train_step(s, dataset, b)
 
   for bi in batches(data.n, 4, 5):
     state, _ = step(state, jnp.asarray(bi))
@@ -189,17 +198,18 @@ def test_layout_switch_mid_training_is_exact(x64, tx_name):
   """with_config(layout=...) transposes P and the optimizer's P traces: the run
   continues exactly as if it had never switched."""
   data, labels = _task("mse", (4, 6), 1)
-  config = kronjax.Config(width=96, threshold=0.6, update="dense", layout="neurons")
+  config = kronjax.Config(width=96, threshold=0.6, update="full", layout="neurons")
   tx = _one_label_named_P() if tx_name == "label named P" else TXS[tx_name]()
-  state = kronjax.init(jax.random.PRNGKey(5), config, data, labels, tx)
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(5), config, dataset, tx)
   step = jax.jit(kronjax.train_step)
   switched = straight = state
   for t, bi in enumerate(batches(data.n, 8, 20)):
     if t == 10:
       switched = kronjax.with_config(switched, layout="points")
       assert switched.projections.shape == (data.n, 96) and switched.P.shape == (96, data.n)
-    switched, m1 = step(switched, jnp.asarray(bi))
-    straight, m2 = step(straight, jnp.asarray(bi))
+    switched, m1 = step(switched, dataset, jnp.asarray(bi))
+    straight, m2 = step(straight, dataset, jnp.asarray(bi))
     assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-12 * abs(float(m2["loss"]))
   chex.assert_trees_all_close(switched.P, straight.P, rtol=1e-12, atol=1e-12)
   chex.assert_trees_all_close(switched.A_T, straight.A_T, rtol=1e-12, atol=1e-12)
@@ -209,23 +219,131 @@ def test_layout_switch_mid_training_is_exact(x64, tx_name):
 
 def test_replace_P_is_stored_in_the_layout():
   data, labels = _task("mse", (4, 6), 1)
-  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32, update="dense"), data,
-                       labels, optax.sgd(0.1))
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32, update="full"),
+                       kronjax.Dataset(data, labels), optax.sgd(0.1))
   assert state.layout == "points"
   P = jnp.arange(32 * data.n, dtype=state.P.dtype).reshape(32, data.n)
   np.testing.assert_array_equal(state.replace(P=P).P, P)
   np.testing.assert_array_equal(state.replace(P=P).projections, P.T)
 
 
-def test_point_major_state_always_gets_the_dense_index(monkeypatch):
-  # The dense path never queries an index; a bucketed one built from the (n, m)
+def test_point_major_state_always_gets_the_scan_index(monkeypatch):
+  # The full path never queries an index; a bucketed one built from the (n, m)
   # array would be wrong and would cost rebuilds.
-  monkeypatch.setattr(kronjax.threshold, "AUTO_BUCKETED_MIN_WIDTH", 1)
+  monkeypatch.setattr(index_lib, "AUTO_BUCKETED_MIN_WIDTH", 1)
   data, labels = _task("mse", (4, 6), 1)
-  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64, update="dense"), data,
-                       labels, optax.sgd(0.1))
-  assert state.layout == "points" and state.index_kind == "dense"
-  state, metrics = jax.jit(kronjax.train_step)(state, jnp.arange(8))
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64, update="full"), dataset,
+                       optax.sgd(0.1))
+  assert state.layout == "points" and state.index_kind == "scan"
+  state, metrics = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(8))
   assert np.isfinite(float(metrics["loss"]))
-  assert kronjax.with_config(state, active_capacity=32).index_kind == "dense"
+  assert kronjax.with_config(state, active_capacity=32).index_kind == "scan"
   assert kronjax.with_config(state, layout="neurons").index_kind == "bucketed"
+
+
+@pytest.mark.parametrize("tx_name", ["sgd", "momentum"])
+def test_sparse_path_at_batch_size_one_matches_dense_sgd(x64, tx_name):
+  data, labels = _task("mse", (4, 6), 1)
+  config = kronjax.Config(width=96, threshold=0.6, update="sparse")
+  state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(4), config, TXS[tx_name](), data,
+                                          labels, steps=60, batch=1)
+  assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
+  assert rel_err(kronjax.dense_params(state, dataset)["W"], dstate.params["W"]) < 1e-9
+  assert float(jnp.max(jnp.abs(state.A))) > 1e-3
+
+
+def test_factors_gram_with_eval_data_matches_dense_sgd(x64):
+  data, labels = _task("softmax", (3, 4, 5), 2, n=60)
+  train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
+  config = kronjax.Config(width=96, threshold=0.6, loss="softmax", num_classes=3, train_output=True)
+  state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(6), config, TXS["momentum"](), train,
+                                          labels[:40], steps=30, eval_data=held,
+                                          eval_labels=labels[40:], gram="factors")
+  assert dataset.gram is None and dataset.gram_eval is None
+  assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
+  assert rel_err(state.P_eval, dstate.params["W"] @ held.materialize().T) < 1e-9
+  ev = kronjax.evaluate(state, dataset)
+  dense_eval = kronjax.dense.evaluate(dstate, config, held.materialize(), labels[40:])
+  assert abs(float(ev["eval_loss"]) - float(dense_eval["loss"])) < 1e-9
+
+
+# Every update path, layout and index kind: (update, layout, index, tx)
+SKIP_CASES = [
+    ("sparse", "neurons", "scan", "sgd"),
+    ("sparse", "neurons", "bucketed", "momentum"),
+    ("full", "neurons", "scan", "sgd"),
+    ("full", "points", "scan", "momentum"),
+    ("full", "points", "scan", "sgd"),
+]
+
+
+@pytest.mark.parametrize("update,layout,index,tx_name", SKIP_CASES)
+@pytest.mark.parametrize("bad", [[0, 1, 48, 40], [0, -1, 2, 3], [5, 6, 7, 2**30]])
+def test_out_of_range_batch_under_jit_is_an_exact_no_op(update, layout, index, tx_name, bad):
+  data, labels = _task("mse", (4, 6), 1)
+  dataset = kronjax.Dataset(data, labels)
+  config = kronjax.Config(width=64, threshold=0.5, update=update, layout=layout, index=index,
+                          train_output=True)
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, TXS[tx_name]())
+  state, _ = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(4))  # nonzero momentum
+  new, m = jax.jit(kronjax.train_step)(state, dataset, jnp.asarray(bad, jnp.int32))
+  assert bool(m["invalid_batch"]) and bool(m["skipped"]) and np.isnan(float(m["loss"]))
+  chex.assert_trees_all_equal(new, state)  # bit for bit, optimizer state and step included
+  # Concrete indices are refused before any work.
+  with pytest.raises(ValueError, match=r"batch_idx must hold indices in \[0, 48\)"):
+    kronjax.train_step(state, dataset, np.asarray(bad))
+
+
+@pytest.mark.parametrize("update", ["sparse", "full"])
+def test_non_finite_loss_skips_the_step(update):
+  data, labels = _task("mse", (4, 6), 1)
+  bad_labels = np.asarray(labels).copy()
+  dataset = kronjax.Dataset(data, bad_labels)
+  config = kronjax.Config(width=64, threshold=0.5, update=update)
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.1, momentum=0.5))
+  huge = state.replace(a=state.a * jnp.asarray(1e30, state.a.dtype))  # outputs overflow to inf
+  new, m = jax.jit(kronjax.train_step)(huge, dataset, jnp.arange(8))
+  assert not np.isfinite(float(m["loss"])) and bool(m["skipped"]) and not bool(m["overflow"])
+  chex.assert_trees_all_equal(new, huge)
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    kronjax.fit(huge, dataset, jax.random.PRNGKey(1), batch_size=8, steps=3, progress=False)
+
+
+def test_old_config_names_are_accepted():
+  assert kronjax.Config(width=8, update="dense").update == "full"
+  assert kronjax.Config(width=8, index="dense").index == "scan"
+
+
+def test_jit_train_step_equals_train_step_and_donates():
+  data, labels = _task("mse", (4, 6), 1)
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64), dataset, optax.sgd(0.3))
+  expected, _ = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(8))
+  copy = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+  got, _ = kronjax.jit_train_step(copy, dataset, jnp.arange(8))
+  chex.assert_trees_all_equal(got, expected)
+  assert copy.A_T.is_deleted()  # donated
+  with pytest.raises(ValueError, match="batch_idx"):
+    kronjax.jit_train_step(got, dataset, np.array([0, 99]))
+
+
+def test_every_entry_point_refuses_another_dataset():
+  data, labels = _task("mse", (4, 6), 1)
+  dataset = kronjax.Dataset(data, labels)
+  other = kronjax.Dataset(data, np.asarray(labels) + 1.0)
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), dataset, optax.sgd(0.1))
+  calls = {
+      "train_step": lambda: kronjax.train_step(state, other, jnp.arange(4)),
+      "jit_train_step": lambda: kronjax.jit_train_step(state, other, jnp.arange(4)),
+      "fit": lambda: kronjax.fit(state, other, jax.random.PRNGKey(0), batch_size=4, steps=1),
+      "evaluate": lambda: kronjax.evaluate(state, other),
+      "predict": lambda: kronjax.predict(state, other, data),
+      "dense_params": lambda: kronjax.dense_params(state, other),
+  }
+  for name, call in calls.items():
+    with pytest.raises(ValueError, match="not the dataset this state was built from"):
+      call()
+  smaller = kronjax.Dataset(data.subset(np.arange(10)), labels[:10])
+  with pytest.raises(ValueError, match="n=10"):
+    kronjax.train_step(state, smaller, jnp.arange(4))
