@@ -1,4 +1,4 @@
-"""Bad input to Config, init and train_step: a clear error naming the argument."""
+"""Bad input to Config, Dataset, init and train_step: a clear error naming the argument."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,13 @@ import pytest
 import kronjax
 
 
+def _reg():
+  return kronjax.data.planted(jax.random.PRNGKey(0), 20, (3, 4), task="regression")
+
+
 @pytest.fixture(scope="module")
 def reg():
-  return kronjax.data.planted(jax.random.PRNGKey(0), 20, (3, 4), task="regression")
+  return _reg()
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,8 @@ def cls():
 @pytest.fixture(scope="module")
 def state(reg):
   data, labels = reg
-  return kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), data, labels, optax.sgd(0.1))
+  return kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), kronjax.Dataset(data, labels),
+                      optax.sgd(0.1))
 
 
 @pytest.mark.parametrize("tx", [
@@ -34,61 +39,56 @@ def state(reg):
 def test_nonlinear_optimizer_is_refused_with_reason(reg, tx):
   data, labels = reg
   with pytest.raises(ValueError, match=r"tx cannot be used.*span\(X\).*optax.sgd"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels), tx)
 
 
 @pytest.mark.parametrize("make_labels,config_kw,match,exc", [
-    (lambda y: y[:5], {}, r"labels must have shape \(20, 1\)", ValueError),
+    (lambda y: y[:5], {}, r"labels must have shape \(20,\) or \(20, C\)", ValueError),
     (lambda y: jnp.concatenate([y, y], axis=1), {}, r"labels must have shape \(20, 1\)", ValueError),
     (lambda y: y.at[3, 0].set(jnp.nan), {}, "labels contains 1 non-finite", ValueError),
 ], ids=["rows", "columns", "nan"])
 def test_bad_regression_labels(reg, make_labels, config_kw, match, exc):
   data, labels = reg
   with pytest.raises(exc, match=match):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, **config_kw), data,
-                 make_labels(labels), optax.sgd(0.1))
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, **config_kw),
+                 kronjax.Dataset(data, make_labels(labels)), optax.sgd(0.1))
 
 
 def test_class_ids_out_of_range(cls):
   data, labels = cls
   with pytest.raises(ValueError, match=r"labels must hold class ids in \[0, 3\)"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3),
-                 data, labels.at[0].set(3), optax.sgd(0.1))
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3), kronjax.Dataset(data, labels.at[0].set(3)), optax.sgd(0.1))
 
 
 def test_one_hot_labels_for_softmax(cls):
   data, labels = cls
   with pytest.raises(ValueError, match=r"labels must have shape \(20,\).*not one-hot"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3),
-                 data, jax.nn.one_hot(labels, 3), optax.sgd(0.1))
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3), kronjax.Dataset(data, jax.nn.one_hot(labels, 3)), optax.sgd(0.1))
 
 
 def test_float_class_ids(cls):
   data, labels = cls
   with pytest.raises(TypeError, match="labels must hold integer class ids"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3),
-                 data, labels.astype(jnp.float32), optax.sgd(0.1))
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, loss="softmax", num_classes=3), kronjax.Dataset(data, labels.astype(jnp.float32)), optax.sgd(0.1))
 
 
 def test_eval_data_with_other_dims(reg):
   data, labels = reg
   other = kronjax.data.synthetic(jax.random.PRNGKey(1), 5, (4, 3))
   with pytest.raises(ValueError, match=r"eval_data has factor dims \(4, 3\).*\(3, 4\)"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, optax.sgd(0.1),
-                 eval_data=other)
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels, eval_data=other), optax.sgd(0.1))
 
 
 def test_eval_labels_without_eval_data(reg):
   data, labels = reg
   with pytest.raises(ValueError, match="eval_labels was given without eval_data"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, optax.sgd(0.1),
-                 eval_labels=labels)
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels, eval_labels=labels), optax.sgd(0.1))
 
 
 def test_non_finite_threshold(reg):
   data, labels = reg
   with pytest.raises(ValueError, match="threshold must be finite"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, optax.sgd(0.1),
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels), optax.sgd(0.1),
                  threshold=float("inf"))
   with pytest.raises(ValueError, match="threshold must be finite"):
     kronjax.Config(width=16, threshold=float("nan"))
@@ -97,10 +97,14 @@ def test_non_finite_threshold(reg):
 def test_data_and_config_types(reg):
   data, labels = reg
   with pytest.raises(TypeError, match="config must be a kronjax.Config"):
-    kronjax.init(jax.random.PRNGKey(0), {"width": 16}, data, labels, optax.sgd(0.1))
+    kronjax.init(jax.random.PRNGKey(0), {"width": 16}, kronjax.Dataset(data, labels), optax.sgd(0.1))
   with pytest.raises(TypeError, match="data must be a kronjax.KronData"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data.materialize(), labels,
-                 optax.sgd(0.1))
+    kronjax.Dataset(data.materialize(), labels)
+  with pytest.raises(TypeError, match="dataset must be a kronjax.Dataset"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, optax.sgd(0.1))
+  with pytest.raises(TypeError, match="tx must be an optax.GradientTransformation"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels),
+                 0.1)
 
 
 @pytest.mark.parametrize("batch,match,exc", [
@@ -113,7 +117,7 @@ def test_data_and_config_types(reg):
 def test_bad_batch_indices_leave_state_untouched(state, batch, match, exc):
   P_before = np.asarray(state.P).copy()
   with pytest.raises(exc, match=match):
-    kronjax.train_step(state, batch)
+    kronjax.train_step(state, kronjax.Dataset(*_reg()), batch)
   np.testing.assert_array_equal(np.asarray(state.P), P_before)
 
 
@@ -136,7 +140,13 @@ def test_bad_batch_indices_leave_state_untouched(state, batch, match, exc):
     ({"width": 16, "layout": "points", "update": "sparse"},
      r"layout='points'.*update='sparse'.*use layout='neurons'", ValueError),
     ({"width": 16, "layout": "points", "index": "bucketed"},
-     r"layout='points'.*index='bucketed'.*use index='auto' or 'dense'", ValueError),
+     r"layout='points'.*index='bucketed'.*use index='auto' or 'scan'", ValueError),
+    ({"width": 16, "init_rank": 0}, "init_rank must be >= 1", ValueError),
+    ({"width": 16, "init_rank": 2.0}, "init_rank must be an int", TypeError),
+    ({"width": 16, "init_rank": True}, "init_rank must be an int", TypeError),
+    ({"width": 16, "init": "explicit", "init_rank": 2}, "init_rank=2 was given with init='explicit'",
+     ValueError),
+    ({"width": 16, "threshold": np.ones(1)}, "threshold must be a real number", TypeError),
 ])
 def test_config_validation(kwargs, match, exc):
   with pytest.raises(exc, match=match):
@@ -158,14 +168,14 @@ def test_optimizer_that_separates_A_from_P_is_refused(reg):
   tx = optax.chain(optax.sgd(0.5),
                    optax.masked(optax.scale(3.0), lambda p: {k: k == "A" for k in p}))
   with pytest.raises(ValueError, match=r"updates 'P' differently from 'A'"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels), tx)
 
 
 def test_optimizer_scaling_only_the_output_layer_is_accepted(reg):
   data, labels = reg
   tx = optax.chain(optax.sgd(0.5),
                    optax.masked(optax.scale(3.0), lambda p: {k: k == "a" for k in p}))
-  kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, train_output=True), data, labels, tx)
+  kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, train_output=True), kronjax.Dataset(data, labels), tx)
 
 
 @pytest.mark.parametrize("name, transform", [
@@ -179,16 +189,26 @@ def test_linear_but_not_scalar_optimizer_is_refused(reg, name, transform):
   tx = optax.chain(optax.stateless(lambda updates, params=None: jax.tree.map(transform, updates)),
                    optax.sgd(0.5))
   with pytest.raises(ValueError, match="not a scalar multiple of the gradient"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels), tx)
 
 
 def test_large_threshold_clipping_is_refused(reg):
   data, labels = reg
   tx = optax.chain(optax.clip_by_global_norm(1e5), optax.sgd(0.1))
   with pytest.raises(ValueError, match="not linear"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), data, labels, tx)
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels), tx)
 
 
-def test_with_config_refuses_gram_change(state):
-  with pytest.raises(ValueError, match="with_config cannot change 'gram'"):
-    kronjax.with_config(state, gram="factors")
+def test_config_gram_factors_needs_a_factors_dataset(reg):
+  data, labels = reg
+  with pytest.raises(ValueError, match=r"config.gram='factors'.*Dataset\(data, labels, gram='factors'\)"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, gram="factors"),
+                 kronjax.Dataset(data, labels), optax.sgd(0.1))
+
+
+def test_config_replace_derives_capacities_again():
+  small = kronjax.Config(width=128)
+  assert small.replace(width=1024) == kronjax.Config(width=1024)
+  explicit = kronjax.Config(width=128, active_capacity=40)
+  assert explicit.replace(width=1024).active_capacity == 40
+  assert kronjax.Config(width=128, threshold=np.float32(0.5)).threshold == 0.5

@@ -132,12 +132,12 @@ class Config:
     checks.check_positive_int("num_classes", self.num_classes, minimum=2 if self.loss == "softmax" else 1)
     checks.check_choice("init", self.init, INITS)
     if self.init_rank is not None:
+      checks.check_positive_int("init_rank", self.init_rank)
       if self.init != "kronecker":
         raise ValueError(
             f"init_rank={self.init_rank!r} was given with init={self.init!r}; init_rank is the "
             "number of Kronecker terms per neuron of init='kronecker'. Drop it or use "
             "init='kronecker'.")
-      checks.check_positive_int("init_rank", self.init_rank)
       object.__setattr__(self, "init_rank", int(self.init_rank))
     elif self.init == "kronecker":
       object.__setattr__(self, "init_rank", DEFAULT_INIT_RANK)
