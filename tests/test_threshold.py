@@ -1,11 +1,11 @@
-"""Tests for ``kronjax.threshold``: every kind against the dense truth, overflow, rebuilds.
+"""Tests for the threshold index (``kronjax._src.index``): every kind against the scan truth, overflow, rebuilds.
 
 The property test draws >= 200 seeded cases (random P, b, batches and long sequences
 of random row updates of random sizes and signs, values on a 1/8 grid so ties at b
 and at b - delta happen, plus extreme magnitudes), runs every kind under jit and
 under ``jax.vmap`` over 3 independent indexes, and compares each query with a numpy
 scan as a set. The integration test trains with ``index="bucketed"`` and checks the
-run is bit-for-bit the ``index="dense"`` run in float64.
+run is bit-for-bit the ``index="scan"`` run in float64.
 """
 
 import functools
@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import kronjax
-from kronjax import threshold
+from kronjax._src import index as threshold
 
 # (m, n, active capacity, candidate capacity, delta, B, R): small capacities force
 # both kinds of overflow; big delta means few rebuilds, tiny delta many.
@@ -34,7 +34,7 @@ VMAP = 3
 
 def _index(kind, m, n, K, C, delta):
   return threshold.make_index(kind, width=m, active_capacity=K, candidate_capacity=C,
-                              delta=delta, n=n)
+                              delta=delta)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,7 +147,7 @@ def test_every_query_equals_the_dense_truth(shape):
         batches = np.stack([problems[k][2][t][3] for k in range(VMAP)]).astype(np.int32)
         q = plain["query"](state, Ps[0], batches[0], qb[0])
         vq = vmapped["query"](vstate, np.stack(Ps), batches, qb)
-        lo = None if kind == "dense" else np.float32(bs[0] - np.float32(delta))
+        lo = None if kind == "scan" else np.float32(bs[0] - np.float32(delta))
         q, vq, host, vhost = jax.device_get((q, vq, state, vstate))
         _check(kind, Ps[0], qb[0], q, batches[0], K, C, host,
                rebuild_P[0] if kind == "bucketed" else None, lo)
@@ -223,36 +223,56 @@ def test_dense_compaction_matches_nonzero():
 
 def test_choose_kind_and_bad_kind():
   # Measured: the dense scan gives the faster train step at every width (module docstring).
-  assert all(threshold.choose_kind(2**k, 256) == "dense" for k in (8, 12, 16, 18))
-  assert set(threshold.KINDS) == {"dense", "bucketed"}
+  assert all(threshold.choose_kind(2**k) == "scan" for k in (8, 12, 16, 18))
+  assert set(threshold.KINDS) == {"scan", "bucketed"}
   with pytest.raises(ValueError, match="index kind"):
     _index("tree", 8, 2, 4, 4, 0.1)
 
 
 @pytest.mark.parametrize("tx, update", [(optax.sgd(0.5), "sparse"),
-                                        (optax.sgd(0.3, momentum=0.9), "dense")])
-def test_training_bucketed_is_bit_for_bit_dense(tx, update):
+                                        (optax.sgd(0.3, momentum=0.9), "full")])
+def test_training_bucketed_is_bit_for_bit_scan(tx, update):
   with jax.enable_x64(True):
     data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 48, (4, 5, 3),
                                         task="classification", num_classes=3, rank=2)
     runs = {}
-    for kind in ("dense", "bucketed"):
+    dataset = kronjax.Dataset(data, labels)
+    for kind in ("scan", "bucketed"):
       # One layout for both (a bucketed index needs neuron-major P): then only the
-      # index differs, and the point-major step's own kernels (kronjax.hidden) do
+      # index differs, and the point-major step's own kernels (kronjax's row kernels) do
       # not change the summation order of the forward pass.
       cfg = kronjax.Config(width=96, loss="softmax", num_classes=3, train_output=True,
                            update=update, threshold=0.5, index=kind, index_delta=0.05,
                            layout="neurons")
-      state = kronjax.init(jax.random.PRNGKey(1), cfg, data, labels, tx)
+      state = kronjax.init(jax.random.PRNGKey(1), cfg, dataset, tx)
       step = jax.jit(kronjax.train_step)
       rng = np.random.default_rng(0)
       losses = []
       for _ in range(30):
-        state, metrics = step(state, jnp.asarray(rng.choice(48, 8, replace=False), jnp.int32))
+        state, metrics = step(state, dataset,
+                              jnp.asarray(rng.choice(48, 8, replace=False), jnp.int32))
         assert not bool(metrics["overflow"])
         losses.append(float(metrics["loss"]))
       runs[kind] = (losses, np.asarray(state.P), np.asarray(state.a), int(metrics["index_rebuilds"]))
-    assert runs["dense"][0] == runs["bucketed"][0]
-    np.testing.assert_array_equal(runs["dense"][1], runs["bucketed"][1])
-    np.testing.assert_array_equal(runs["dense"][2], runs["bucketed"][2])
+    assert runs["scan"][0] == runs["bucketed"][0]
+    np.testing.assert_array_equal(runs["scan"][1], runs["bucketed"][1])
+    np.testing.assert_array_equal(runs["scan"][2], runs["bucketed"][2])
     assert runs["bucketed"][3] > 0, "the run should exercise the lazy rebuild"
+
+
+@pytest.mark.parametrize("kind", threshold.KINDS)
+def test_every_kind_returns_sorted_unique_ids_padded_with_m(kind):
+  # The step's scatters promise XLA sorted, unique neuron ids (copy-free loops):
+  # an index that broke the promise would corrupt the update silently.
+  m, n, K, C = 200, 16, 60, 120
+  P = jax.random.normal(jax.random.PRNGKey(3), (m, n))
+  b = jnp.asarray(0.8, P.dtype)
+  ix = _index(kind, m, n, K, C, 0.25)
+  q = ix.query(ix.build(P, b), P, jnp.arange(n), b)
+  idx = np.asarray(q.idx)
+  for i in range(n):
+    row = idx[i]
+    valid = row[row < m]
+    assert np.all(row[len(valid):] == m), "padding must follow the ids"
+    assert np.all(np.diff(valid) > 0), "ids must be strictly ascending (sorted, unique)"
+    np.testing.assert_array_equal(valid, np.flatnonzero(np.asarray(P[:, i]) > float(b)))
