@@ -16,28 +16,32 @@ def batches(n: int, batch: int, steps: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def run_pair(key, config, tx, data, labels, *, steps=50, batch=8, seed=0, jit=True,
-             eval_data=None, eval_labels=None):
+             eval_data=None, eval_labels=None, gram="precomputed"):
   """Trains kronjax and the dense baseline from the same key on the same batches.
 
-  Returns ``(state, dense_state, history)`` with per-step losses and active
-  counts of both runs under ``history["kron"]`` and ``history["dense"]``.
+  Builds the ``kronjax.Dataset`` from ``data``, ``labels``, the optional eval
+  split and ``gram`` (``"precomputed"`` or ``"factors"``). Returns ``(state,
+  dense_state, history, dataset)`` with per-step losses and active counts of
+  both runs under ``history["kron"]`` and ``history["dense"]``.
   """
-  state = kronjax.init(key, config, data, labels, tx, eval_data=eval_data, eval_labels=eval_labels)
+  dataset = kronjax.Dataset(data, labels, eval_data=eval_data, eval_labels=eval_labels,
+                            gram=gram)
+  state = kronjax.init(key, config, dataset, tx)
   X = data.materialize()
-  y = state.labels
-  dstate = dense.init(key, config, data.dim, tx, dtype=X.dtype)
+  y = dataset.labels
+  dstate = dense.init(key, config, data.dims, tx, dtype=X.dtype)
   dstep = dense.make_step(config, tx, donate=False)
   step = jax.jit(kronjax.train_step) if jit else kronjax.train_step
   hist = {"kron": {"loss": [], "active": []}, "dense": {"loss": [], "active": []}}
   for bi in batches(data.n, batch, steps, seed):
-    state, m = step(state, jnp.asarray(bi))
+    state, m = step(state, dataset, jnp.asarray(bi))
     assert not bool(m["overflow"]), "capacity overflow in an equivalence run"
     dstate, dm = dstep(dstate, X[bi], y[bi])
     hist["kron"]["loss"].append(float(m["loss"]))
     hist["kron"]["active"].append(float(m["active"]))
     hist["dense"]["loss"].append(float(dm["loss"]))
     hist["dense"]["active"].append(float(dm["active"]))
-  return state, dstate, hist
+  return state, dstate, hist, dataset
 
 
 def rel_err(x, y) -> float:
