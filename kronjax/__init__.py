@@ -3,6 +3,7 @@
 from kronjax import checkpoint
 from kronjax import data
 from kronjax import dense
+from kronjax import network
 from kronjax import sharding
 from kronjax import sweep
 from kronjax._src.config import Config
@@ -35,6 +36,7 @@ __all__ = (
     "fit",
     "init",
     "jit_train_step",
+    "network",
     "predict",
     "sharding",
     "sweep",

@@ -9,7 +9,7 @@ import kronjax
 
 PUBLIC = {
     "CapacityError", "Config", "Dataset", "KronData", "TrainState", "checkpoint", "data", "dense",
-    "dense_params", "evaluate", "fit", "init", "jit_train_step", "predict", "sharding", "sweep",
+    "dense_params", "evaluate", "fit", "init", "jit_train_step", "network", "predict", "sharding", "sweep",
     "train_step", "with_config",
 }
 
@@ -22,7 +22,7 @@ def test_all_is_the_curated_surface():
   assert public_modules - PUBLIC <= {"experiments"}, public_modules - PUBLIC
 
 
-@pytest.mark.parametrize("namespace", ["sweep", "sharding", "checkpoint", "data", "dense"])
+@pytest.mark.parametrize("namespace", ["sweep", "sharding", "checkpoint", "data", "dense", "network"])
 def test_public_namespaces_export_only_public_callables(namespace):
   module = getattr(kronjax, namespace)
   assert module.__all__, namespace

@@ -119,7 +119,7 @@ def save(directory: str | os.PathLike, state: TrainState, metadata: dict | None 
   for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
     name = f"leaf_{i:04d}"
     leaves.append({"path": jax.tree_util.keystr(path), "name": name,
-                   **_put_array(arrays, name, leaf)})
+                   **put_array(arrays, name, leaf)})
   step = int(np.asarray(state.step))
   manifest = {
       "format": FORMAT, "version": VERSION, "step": step,
@@ -131,17 +131,7 @@ def save(directory: str | os.PathLike, state: TrainState, metadata: dict | None 
   arrays[_MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
 
   final = checkpoint_path(directory, step)
-  tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, final)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  _fsync_dir(directory)
+  write_npz_atomically(final, arrays)
   # Checkpoints of later steps belong to a trajectory that was abandoned (a run
   # resumed from an older checkpoint): left in place, they would shadow this one
   # in ``latest_step`` and ``load``, and a resume would jump back onto them.
@@ -151,6 +141,23 @@ def save(directory: str | os.PathLike, state: TrainState, metadata: dict | None 
   for old in stale + current[:-keep]:
     checkpoint_path(directory, old).unlink(missing_ok=True)
   return final
+
+
+def write_npz_atomically(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  """Writes ``arrays`` as ``path`` (.npz): to a temporary file in the same folder,
+  flushed and fsynced, then renamed over ``path``; a crash leaves the old file or
+  the new one, never half a file."""
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
@@ -166,7 +173,7 @@ def _fsync_dir(directory: pathlib.Path) -> None:
     os.close(fd)
 
 
-def _put_array(arrays: dict, name: str, value: Any) -> dict[str, Any]:
+def put_array(arrays: dict, name: str, value: Any) -> dict[str, Any]:
   """Stores ``value`` under ``name``; returns its manifest entry (dtype, shape, prng_impl)."""
   impl = None
   if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
@@ -180,7 +187,7 @@ def _put_array(arrays: dict, name: str, value: Any) -> dict[str, Any]:
   return {"dtype": dtype.name, "shape": list(arr.shape), "prng_impl": impl}
 
 
-def _get_array(npz: Any, entry: dict[str, Any]) -> jax.Array:
+def get_array(npz: Any, entry: dict[str, Any]) -> jax.Array:
   arr = npz[entry["name"]]
   dtype = jnp.dtype(entry["dtype"])
   if arr.dtype != dtype:
@@ -200,7 +207,7 @@ def _encode(obj: Any, arrays: dict, where: str) -> Any:
     return obj.item()
   if isinstance(obj, (np.ndarray, jax.Array)):
     name = f"meta_{sum(k.startswith('meta_') for k in arrays):04d}"
-    return {"__ndarray__": name, **_put_array(arrays, name, obj)}
+    return {"__ndarray__": name, **put_array(arrays, name, obj)}
   if isinstance(obj, dict):
     out = {}
     for k, v in obj.items():
@@ -217,7 +224,7 @@ def _encode(obj: Any, arrays: dict, where: str) -> Any:
 def _decode(obj: Any, npz: Any) -> Any:
   if isinstance(obj, dict):
     if "__ndarray__" in obj:
-      arr = _get_array(npz, {**obj, "name": obj["__ndarray__"]})
+      arr = get_array(npz, {**obj, "name": obj["__ndarray__"]})
       return arr if obj.get("prng_impl") else np.asarray(arr)
     return {k: _decode(v, npz) for k, v in obj.items()}
   if isinstance(obj, list):
@@ -283,7 +290,7 @@ def load(directory: str | os.PathLike, *, like: TrainState,
       for field in ("step", "config", "index_kind", "data_fingerprint", "leaves", "metadata"):
         if field not in manifest:
           raise KeyError(f"manifest field {field!r}")
-      leaves = [_get_array(npz, entry) for entry in manifest["leaves"]]
+      leaves = [get_array(npz, entry) for entry in manifest["leaves"]]
       metadata = _decode(manifest["metadata"], npz)
   except _Outdated as e:
     raise ValueError(str(e)) from None

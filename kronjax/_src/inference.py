@@ -22,15 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks, initializers, losses
+from kronjax._src import initializers, losses, network
 from kronjax._src.dataset import Dataset
-from kronjax._src.kron import KronData, check_compatible
+from kronjax._src.kron import KronData
 from kronjax._src.state import TrainState
 
 
 def outputs_from_projections(state: TrainState, P: jax.Array) -> jax.Array:
   """Network outputs ``(n', C)`` from projections ``P (m, n')``."""
-  return losses.hidden(P, state.b).T @ state.a / math.sqrt(state.config.width)
+  return network.outputs(state.config, state.a, state.b, P)
 
 
 def evaluate(state: TrainState, dataset: Dataset) -> dict[str, jax.Array]:
@@ -79,48 +79,18 @@ def _same_data(x: KronData, y: KronData | None) -> bool:
   return all(np.array_equal(np.asarray(f), np.asarray(g)) for f, g in zip(x.factors, y.factors))
 
 
-def check_new_data(name: str, dataset: Dataset, data: Any) -> KronData:
-  """``data`` lives in the dataset's tensor space, holds points and only finite values."""
-  if not isinstance(data, KronData):
-    raise TypeError(f"{name} must be a kronjax.KronData, got {type(data).__name__}; wrap the "
-                    "factors of the new points with kronjax.KronData((u, v, ...)).")
-  if data.num_factors != dataset.data.num_factors:
-    raise ValueError(f"{name} has {data.num_factors} factors but the training data has "
-                     f"{dataset.data.num_factors}; new points must live in the same tensor space.")
-  check_compatible(name, dataset.data, data)
-  for q, f in enumerate(data.factors):
-    checks.check_finite(f"{name}.factors[{q}]", f)
-  return data
-
-
 def projections(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
   """``W X'^T`` ``(m, n')`` for ``data``, with ``W = W0 + A X`` the current weights."""
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   state.check_dataset(dataset)
-  data = check_new_data("data", dataset, data)
+  data = network.check_new_data("data", dataset.data, data)
   check_unsharded(state)
   if _same_data(data, dataset.data):
     return state.P
   if _same_data(data, dataset.eval_data):
     return state.P_eval
-  config = state.config
-  if config.init == "implicit":
-    raise ValueError(
-        "data is neither the dataset's training nor its eval points, and this state was "
-        "initialized with init='implicit': W0 was never drawn, only its projections onto the "
-        "dataset's points, so the network is undefined elsewhere. Use init='kronecker' (d-free, "
-        "predicts anywhere), or put the points in the dataset's eval split before kronjax.init.")
-  key_w = initializers.init_keys(state.key)["W0"]
-  if config.init == "kronecker":
-    from kronjax._src import kronecker  # pylint: disable=g-import-not-at-top
-    (P0_new,) = kronecker.kronecker_projections(key_w, config.width, config.init_rank, (data,),
-                                                chunk=config.init_chunk)
-  else:
-    (P0_new,) = initializers.explicit_projections(key_w, config.width, data,
-                                                  chunk=config.init_chunk)
-  data = KronData(tuple(f.astype(dataset.dtype) for f in data.factors))
-  return P0_new.astype(state.A_T.dtype) + state.A @ dataset.data.gram(other=data)
+  return network.new_projections(state.config, state.key, state.A, dataset.data, data)
 
 
 def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:

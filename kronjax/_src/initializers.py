@@ -155,6 +155,16 @@ def initial_projections(key: jax.Array, config: Any, dataset: Any) -> Projection
   return Projections(out[0], out[1] if extra else None)
 
 
+def new_point_projections(key_w: jax.Array, config: Any, data: KronData) -> tuple[jax.Array]:
+  """``(W0 X'^T,)`` ``(m, n')`` for any points ``data`` (explicit or kronecker init)."""
+  if config.init == "kronecker":
+    return kronecker.kronecker_projections(key_w, config.width, config.init_rank, (data,),
+                                           chunk=config.init_chunk)
+  if config.init == "explicit":
+    return explicit_projections(key_w, config.width, data, chunk=config.init_chunk)
+  raise ValueError(f"init={config.init!r} draws no W0; only 'kronecker' and 'explicit' do.")
+
+
 def initial_weights(key_w: jax.Array, config: Any, dims: tuple[int, ...], dtype=None) -> jax.Array:
   """The dense ``W0`` ``(m, d)`` of ``initial_projections`` (explicit or kronecker), for small ``d``."""
   if config.init == "kronecker":

@@ -4,10 +4,11 @@
     kronjax run --resume DIR [--no-progress]
     kronjax list
 
-``run`` loads a TOML config (see ``kronjax.experiment`` for the format), runs its
-experiment, writes ``DIR/results.json`` and the plots, and prints the results
-table. ``--resume DIR`` continues an interrupted run from the checkpoints in
-``DIR`` (its config is saved there). ``list`` shows the configs and experiments.
+``run`` loads a TOML config (see ``kronjax.experiments.runner`` for the format and
+for where the experiment modules are found), runs its experiment, writes
+``DIR/results.json`` and the plots, and prints the results table. ``--resume
+DIR`` continues an interrupted run from the checkpoints in ``DIR`` (its config is
+saved there). ``list`` shows the configs and experiments.
 
 Exit status: 0 on success, 2 for usage and config errors (unknown key, wrong
 type, bad ``--set``, missing file, unknown experiment, corrupt or mismatched
@@ -99,6 +100,12 @@ def _list(experiment) -> int:
     desc = f"  {row['description']}" if row["description"] else ""
     print(f"  {row['path']:<32s} experiment={row['experiment']}{desc}")
   print("experiments:")
+  try:
+    folder = experiment.experiments_dir()
+  except experiment.ConfigError as e:
+    print(f"  (none: {e})")
+    return 0
+  print(f"  (in {folder})")
   for row in experiment.list_experiments():
     print(f"  {row['name']:<16s} {row['description']}")
   return 0

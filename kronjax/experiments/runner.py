@@ -5,7 +5,7 @@ The contract between a config, an experiment module and the ``kronjax run`` CLI:
 **Config** (a TOML file, stdlib ``tomllib``)::
 
     [experiment]
-    name = "quickstart"        # module experiments.<name>
+    name = "quickstart"        # module <experiments folder>/<name>.py
     seed = 0                   # optional (default 0): sets Params.seed, if Params has one
     description = "..."        # optional, shown by `kronjax list`
 
@@ -32,7 +32,8 @@ null: only the default can be None), ``tuple[X, ...]`` / ``tuple[X, Y]`` (from
 TOML arrays) or ``typing.Literal[...]``. ``Params.__post_init__`` may raise
 ``ValueError``/``TypeError`` for bad values; they are reported as config errors.
 
-**Module** ``experiments/<name>.py`` exposes::
+**Module** ``<name>.py`` in the experiments folder (see *Where experiments
+live* below) exposes::
 
     @dataclasses.dataclass(frozen=True)
     class Params: ...
@@ -41,21 +42,31 @@ TOML arrays) or ``typing.Literal[...]``. ``Params.__post_init__`` may raise
 
 ``run`` returns ``{"metrics": {...}, "table": [row dicts], "plots": [file names
 written into out_dir]}`` and may add ``"timings": {...}`` (medians and spreads
-from ``kronjax.bench``). A module whose ``run`` accepts ``resume`` supports
-``kronjax run --resume DIR``: it is called again with ``out_dir=DIR`` and
-``resume=True`` and continues from the checkpoints it wrote there (``train``
-below does this for ``kronjax.fit``).
+from ``kronjax.experiments.timing``). A module whose ``run`` accepts ``resume``
+supports ``kronjax run --resume DIR``: it is called again with ``out_dir=DIR``
+and ``resume=True`` and continues from the checkpoints it wrote there: it
+passes ``checkpoint_dir=out_dir / CHECKPOINTS``, ``checkpoint_every`` and
+``resume`` to ``kronjax.fit``, which restores the newest checkpoint and its
+history and ends bit for bit where the uninterrupted run would have.
+
+**Where experiments live.** The experiment modules are plain scripts in an
+``experiments/`` folder of the source tree; installing kronjax does not install
+them (no top-level ``experiments`` package). The folder is the first that
+exists of: ``$KRONJAX_EXPERIMENTS``; ``experiments/`` beside the config file's
+folder (``config_path.parent.parent / "experiments"``, i.e. the checkout of
+``configs/x.toml``); ``./experiments``. Modules are loaded from their files
+(``load_module``), under the module name ``MODULE_PREFIX + name``.
 
 **Framework** (``run_config``): writes ``out_dir/run_config.json`` (so ``--resume``
 can rebuild the run) before calling ``run``, then ``out_dir/results.json`` =
 ``{config, environment, metrics, timings, plots, table}`` with ``config`` the
 resolved config (experiment, params after smoke and overrides, the file, the
-overrides, smoke flag) and ``environment`` from ``kronjax.bench.environment()``,
-and prints the table.
+overrides, smoke flag) and ``environment`` from
+``kronjax.experiments.timing.environment()``, and prints the table.
 
-Helpers for modules: ``train`` (``kronjax.fit`` with resumable checkpoints and
-history), ``pyplot`` + ``save_figure`` (small PNG), ``format_table``,
-``markdown_table``, ``to_jsonable``, ``require_positive`` (Params checks).
+Helpers for modules: ``pyplot`` + ``save_figure`` (small PNG), ``format_table``,
+``markdown_table``, ``to_jsonable``, ``require_positive`` (Params checks),
+``gaussian_tail`` (the firing probability ``Q(b)`` of one neuron at init).
 """
 
 from __future__ import annotations
@@ -63,7 +74,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import importlib
 import importlib.util
 import inspect
 import json
@@ -77,20 +87,31 @@ import time
 import tomllib
 import types
 import typing
-from typing import Any, Mapping, Sequence
-
-from kronjax._src import checks as _checks
+from typing import Any, Iterable, Mapping, Sequence
 
 SECTIONS = ("experiment", "params", "smoke")
 EXPERIMENT_KEYS = ("name", "seed", "description")
 RUN_CONFIG = "run_config.json"
 RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
-PACKAGE = "experiments"
+FOLDER = "experiments"
+ENV_VAR = "KRONJAX_EXPERIMENTS"
+MODULE_PREFIX = "kronjax_experiments."
+"""Experiment modules are registered in ``sys.modules`` as ``MODULE_PREFIX + name``: they
+are loaded from files, never imported as a top-level ``experiments`` package."""
 
 
 class ConfigError(ValueError):
   """A bad config, override or experiment name: the CLI exits with status 2."""
+
+
+def unknown_key_message(what: str, key: str, valid: Iterable[str], *,
+                        listing: str = "Valid keys") -> str:
+  """'Unknown <what> <key>.' with the closest valid key, if any, and the valid ones."""
+  valid = sorted(valid)
+  close = difflib.get_close_matches(str(key), valid, n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  return f"Unknown {what} {key!r}.{hint} {listing}: {', '.join(valid) or '(none)'}."
 
 
 # ----------------------------------------------------------------------------- configs
@@ -155,28 +176,33 @@ class Resolved:
 
 
 def resolve(raw: Mapping[str, Any], *, overrides: Sequence[str] = (), smoke: bool = False,
-            source: str | None = None) -> Resolved:
-  """Validates a parsed config (plus overrides) and builds the module's ``Params``."""
+            source: str | None = None, config_path: str | os.PathLike | None = None) -> Resolved:
+  """Validates a parsed config (plus overrides) and builds the module's ``Params``.
+
+  ``config_path`` (the config file, if any) tells where to look for the
+  experiment module (``experiments_dir``); ``source`` is what results.json
+  records as the config's file.
+  """
   cfg = apply_overrides(raw, overrides)
   for section in cfg:
     if section not in SECTIONS:
-      raise ConfigError(_checks.unknown_key_message("config section", section, SECTIONS))
+      raise ConfigError(unknown_key_message("config section", section, SECTIONS))
     if not isinstance(cfg[section], dict):
       raise ConfigError(f"config section {section!r} must be a table ([{section}]), "
                         f"got {type(cfg[section]).__name__}.")
   exp = cfg.get("experiment")
   if not exp or "name" not in exp:
     raise ConfigError("config needs an [experiment] table with name = \"<module>\" "
-                      f"(one of: {', '.join(experiment_names())}).")
+                      f"(one of: {', '.join(_names_or_none(config_path))}).")
   for key in exp:
     if key not in EXPERIMENT_KEYS:
-      raise ConfigError(_checks.unknown_key_message("experiment key", key, EXPERIMENT_KEYS))
+      raise ConfigError(unknown_key_message("experiment key", key, EXPERIMENT_KEYS))
   name = exp["name"]
   if not isinstance(name, str):
     raise ConfigError(f"experiment.name must be a string, got {name!r}.")
   if "seed" in exp and (isinstance(exp["seed"], bool) or not isinstance(exp["seed"], int)):
     raise ConfigError(f"experiment.seed must be an integer, got {exp['seed']!r}.")
-  module = import_experiment(name)
+  module = import_experiment(name, experiments_dir(config_path))
 
   set_params = {}
   for text in overrides:
@@ -198,7 +224,7 @@ def resolve(raw: Mapping[str, Any], *, overrides: Sequence[str] = (), smoke: boo
   params = build_params(module.Params, values, where="params")
   for key in cfg.get("smoke", {}):  # [smoke] keys are checked even without --smoke
     if key not in fields:
-      raise ConfigError(_checks.unknown_key_message("smoke key", key, fields))
+      raise ConfigError(unknown_key_message("smoke key", key, fields))
   config = {
       "experiment": {"name": name, **{k: v for k, v in exp.items() if k != "name"}},
       "params": to_jsonable(dataclasses.asdict(params)),
@@ -212,7 +238,7 @@ def build_params(cls: type, values: Mapping[str, Any], *, where: str = "params")
   fields = {f.name: f for f in dataclasses.fields(cls)}
   for key in values:
     if key not in fields:
-      raise ConfigError(_checks.unknown_key_message(f"{where} key", key, fields))
+      raise ConfigError(unknown_key_message(f"{where} key", key, fields))
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for key, value in values.items():
@@ -290,25 +316,45 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
 # ----------------------------------------------------------------------------- discovery
 
 
-def experiments_dir() -> pathlib.Path:
-  """The ``experiments`` package folder (installed, or beside this source checkout)."""
-  spec = importlib.util.find_spec(PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    # An editable install made before `experiments*` was packaged: use the checkout's copy.
-    checkout = pathlib.Path(__file__).resolve().parents[1]
-    if not (checkout / PACKAGE / "__init__.py").is_file():
-      raise ConfigError(f"the {PACKAGE!r} package is not installed; run `pip install -e .`.")
-    sys.path.append(str(checkout))
-    importlib.invalidate_caches()
-    return checkout / PACKAGE
-  return pathlib.Path(list(spec.submodule_search_locations)[0])
+def experiment_dirs(config_path: str | os.PathLike | None = None) -> list[tuple[str, pathlib.Path]]:
+  """Where the experiments folder is looked for, in order: ``(why, folder)`` pairs.
+
+  ``$KRONJAX_EXPERIMENTS``; ``experiments/`` beside the config file's folder
+  (``config_path.parent.parent / "experiments"``); ``./experiments``.
+  """
+  out = []
+  if os.environ.get(ENV_VAR):
+    out.append((f"${ENV_VAR}", pathlib.Path(os.environ[ENV_VAR]).expanduser()))
+  if config_path is not None:
+    config_path = pathlib.Path(config_path).resolve()
+    out.append(("beside the config's folder", config_path.parent.parent / FOLDER))
+  out.append(("the current directory", pathlib.Path.cwd() / FOLDER))
+  return out
+
+
+def experiments_dir(config_path: str | os.PathLike | None = None) -> pathlib.Path:
+  """The folder of experiment modules: the first of ``experiment_dirs`` that exists.
+
+  Raises ``ConfigError`` when none does, or when ``$KRONJAX_EXPERIMENTS`` names
+  a folder that does not exist (an explicit setting is never passed over).
+  """
+  candidates = experiment_dirs(config_path)
+  for why, folder in candidates:
+    if folder.is_dir():
+      return folder.resolve()
+    if why.startswith("$"):
+      raise ConfigError(f"{ENV_VAR}={str(folder)!r} is not a directory; point it at the folder "
+                        "of experiment modules (the checkout's experiments/) or unset it.")
+  tried = "; ".join(f"{folder} ({why})" for why, folder in candidates)
+  raise ConfigError(f"no experiments folder found (tried {tried}). The experiment modules are "
+                    f"not installed with kronjax: run from a source checkout, or set {ENV_VAR}.")
 
 
 def _module_summary(path: pathlib.Path) -> tuple[bool, str]:
   """(defines Params and run, first docstring line), read without importing."""
   try:
     tree = ast.parse(path.read_text())
-  except (OSError, SyntaxError):
+  except (OSError, SyntaxError, UnicodeDecodeError):
     return False, ""
   names = {node.name for node in tree.body
            if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
@@ -316,30 +362,64 @@ def _module_summary(path: pathlib.Path) -> tuple[bool, str]:
   return {"Params", "run"} <= names, doc[0] if doc else ""
 
 
-def experiment_names() -> list[str]:
-  """Modules of the experiments package that follow the contract (Params and run)."""
-  try:
-    folder = experiments_dir()
-  except ConfigError:
-    return []
+def experiment_names(folder: str | os.PathLike | None = None) -> list[str]:
+  """Modules in ``folder`` (default: ``experiments_dir()``) that follow the contract."""
+  folder = experiments_dir() if folder is None else pathlib.Path(folder)
   return sorted(p.stem for p in folder.glob("*.py")
                 if not p.stem.startswith("_") and _module_summary(p)[0])
 
 
-def import_experiment(name: str) -> types.ModuleType:
-  """``experiments.<name>``, checked for ``Params`` and ``run``; ``ConfigError`` if unknown."""
-  valid = experiment_names()
+def _names_or_none(config_path: str | os.PathLike | None) -> list[str]:
+  try:
+    return experiment_names(experiments_dir(config_path))
+  except ConfigError:
+    return []
+
+
+def load_module(path: str | os.PathLike, name: str | None = None) -> types.ModuleType:
+  """Loads the Python file ``path`` as module ``MODULE_PREFIX + stem`` (or ``name``).
+
+  The module is registered in ``sys.modules`` before it runs (dataclasses and
+  ``typing.get_type_hints`` look their module up there). Loading the same file
+  again returns the loaded module; another file of the same name replaces it.
+  """
+  path = pathlib.Path(path).resolve()
+  if not path.is_file():
+    raise ConfigError(f"{str(path)!r} is not a file.")
+  name = name or MODULE_PREFIX + path.stem
+  loaded = sys.modules.get(name)
+  if loaded is not None and pathlib.Path(getattr(loaded, "__file__", "")).resolve() == path:
+    return loaded
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    sys.modules.pop(name, None)
+    raise
+  return module
+
+
+def import_experiment(name: str, folder: str | os.PathLike | None = None) -> types.ModuleType:
+  """The experiment module ``<folder>/<name>.py``, checked for ``Params`` and ``run``.
+
+  ``folder`` defaults to ``experiments_dir()``. ``ConfigError`` for an unknown name.
+  """
+  folder = experiments_dir() if folder is None else pathlib.Path(folder)
+  valid = experiment_names(folder)
   if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name not in valid:
-    raise ConfigError(_checks.unknown_key_message("experiment", name, valid).replace(
-        "Valid keys", "Available experiments"))
-  module = importlib.import_module(f"{PACKAGE}.{name}")
+    raise ConfigError(unknown_key_message("experiment", name, valid,
+                                          listing=f"Available experiments in {folder}"))
+  module = load_module(folder / f"{name}.py")
   if not (dataclasses.is_dataclass(getattr(module, "Params", None)) and callable(getattr(module, "run", None))):
-    raise ConfigError(f"{PACKAGE}.{name} must define a dataclass Params and a function run.")
+    raise ConfigError(f"{folder / name}.py must define a dataclass Params and a function run.")
   return module
 
 
 def config_dirs() -> list[pathlib.Path]:
-  """Where ``kronjax list`` looks for configs: ./configs and the source checkout's configs/."""
+  """Where ``kronjax list`` looks for configs: ./configs and ``configs/`` beside the
+  experiments folder (``$KRONJAX_EXPERIMENTS``'s checkout)."""
   dirs = [pathlib.Path.cwd() / "configs"]
   try:
     dirs.append(experiments_dir().parent / "configs")
@@ -371,13 +451,13 @@ def list_configs() -> list[dict[str, str]]:
 
 
 def list_experiments() -> list[dict[str, str]]:
-  """``[{"name", "description"}]`` for every experiment module."""
+  """``[{"name", "description"}]`` for every experiment module (none without a folder)."""
   try:
     folder = experiments_dir()
   except ConfigError:
     return []
   return [{"name": name, "description": _module_summary(folder / f"{name}.py")[1]}
-          for name in experiment_names()]
+          for name in experiment_names(folder)]
 
 
 # ----------------------------------------------------------------------------- running
@@ -402,7 +482,8 @@ def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[s
       raw, overrides, smoke, source = saved["raw"], saved["overrides"], saved["smoke"], saved["file"]
     except (ValueError, KeyError) as e:
       raise ConfigError(f"--resume {str(out)!r}: {RUN_CONFIG} is unreadable ({e}).") from None
-    resolved = resolve(raw, overrides=overrides, smoke=smoke, source=source)
+    config_path = saved.get("config_path") or source
+    resolved = resolve(raw, overrides=overrides, smoke=smoke, source=source, config_path=config_path)
     if "resume" not in inspect.signature(resolved.module.run).parameters:
       raise ConfigError(f"experiment {resolved.name!r} does not support --resume (its run() "
                         "takes no resume argument); start it again instead.")
@@ -411,15 +492,17 @@ def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[s
       raise ConfigError("give a CONFIG file (or --resume DIR).")
     raw = read_config(config)
     source = str(config)
-    resolved = resolve(raw, overrides=overrides, smoke=smoke, source=source)
+    config_path = str(pathlib.Path(config).resolve())
+    resolved = resolve(raw, overrides=overrides, smoke=smoke, source=source, config_path=config_path)
     out = pathlib.Path(out_dir) if out_dir is not None else default_out_dir(resolved.name, smoke)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a fresh run never continues old state
     (out / RESULTS).unlink(missing_ok=True)
     (out / RUN_CONFIG).write_text(json.dumps(
-        {"raw": raw, "overrides": list(overrides), "smoke": smoke, "file": source}, indent=2) + "\n")
+        {"raw": raw, "overrides": list(overrides), "smoke": smoke, "file": source,
+         "config_path": config_path}, indent=2) + "\n")
 
-  from kronjax.experiments import timing as bench  # pylint: disable=g-import-not-at-top  (imports jax)
+  from kronjax.experiments import timing  # pylint: disable=g-import-not-at-top  (imports jax)
 
   kwargs = {"progress": progress}
   if resume is not None:
@@ -434,11 +517,11 @@ def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[s
   timings = dict(result.get("timings", {}))
   timings.setdefault("run_wall_s", wall)
   payload = {
-      "config": resolved.config, "environment": bench.environment(),
+      "config": resolved.config, "environment": timing.environment(),
       "metrics": result["metrics"], "timings": timings, "plots": list(result["plots"]),
       "table": result["table"],
   }
-  bench.write_json(out / RESULTS, to_jsonable(payload))
+  timing.write_json(out / RESULTS, to_jsonable(payload))
   if echo:
     print(format_table(result["table"]))
     for plot in result["plots"]:
@@ -453,13 +536,13 @@ def default_out_dir(name: str, smoke: bool) -> pathlib.Path:
 
 def check_result(result: Any, out_dir: pathlib.Path, name: str) -> None:
   """Raises TypeError when an experiment's ``run`` broke the return contract."""
-  where = f"experiments.{name}.run"
+  where = f"experiment {name!r}: run()"
   if not isinstance(result, dict):
     raise TypeError(f"{where} must return a dict, got {type(result).__name__}.")
   allowed = {"metrics", "table", "plots", "timings"}
   for key in result:
     if key not in allowed:
-      raise TypeError(_checks.unknown_key_message(f"key returned by {where}", key, allowed))
+      raise TypeError(unknown_key_message(f"key returned by {where}", key, allowed))
   for key in ("metrics", "table", "plots"):
     if key not in result:
       raise TypeError(f"{where} must return {key!r}.")
@@ -489,6 +572,12 @@ def to_jsonable(x: Any) -> Any:
   if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
     return np.asarray(x).tolist()
   return x
+
+
+def gaussian_tail(b: float) -> float:
+  """``Q(b) = P[N(0, 1) > b]``: the probability that one neuron fires on a unit-norm point
+  at Gaussian init (``m Q(b)`` active neurons per point on average)."""
+  return 0.5 * math.erfc(b / math.sqrt(2.0))
 
 
 def require_positive(params: Any, *names: str) -> None:
@@ -560,102 +649,10 @@ def pyplot():
   return plt
 
 
-def train(state: Any, key: Any, *, out_dir: str | os.PathLike, batch_size: int, steps: int,
-          progress: bool = True, resume: bool = False, checkpoint_every: int = 0,
-          eval_every: int = 0, log_every: int = 1, on_overflow: str = "replay",
-          desc: str = "train") -> tuple[Any, dict[str, Any]]:
-  """``kronjax.fit`` for ``steps`` steps with resumable checkpoints in ``out_dir/checkpoints``.
-
-  With ``checkpoint_every`` > 0, training runs in chunks of that many steps and
-  each chunk ends with ``kronjax.checkpoint.save`` of the state plus the history
-  so far (atomic). ``resume=True`` restores the latest checkpoint (``state``
-  serves as ``like``: the same freshly initialized state the run started from)
-  and trains the remaining steps: the final state is bit-for-bit the one of an
-  uninterrupted run, and the returned history covers all steps. Without
-  ``resume`` old checkpoints are removed first.
-
-  Returns ``(state, history)`` as ``kronjax.fit`` (``seconds`` counts the steps
-  run by this process only; ``resumed_from`` is the step it started at).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  import kronjax  # pylint: disable=g-import-not-at-top
-  from kronjax import checkpoint  # pylint: disable=g-import-not-at-top
-
-  ckpt_dir = pathlib.Path(out_dir) / CHECKPOINTS
-  history: dict[str, Any] = {}
-  if resume and checkpoint.latest_step(ckpt_dir) is not None:
-    state, meta = checkpoint.load(ckpt_dir, like=state)
-    saved_key = np.asarray(jax.random.key_data(meta["fit_key"]) if _is_typed_key(meta["fit_key"])
-                           else meta["fit_key"])
-    this_key = np.asarray(jax.random.key_data(key) if _is_typed_key(key) else key)
-    if not np.array_equal(saved_key, this_key) or meta["batch_size"] != batch_size:
-      raise ValueError(f"checkpoint in {ckpt_dir} was written by a run with another batch key or "
-                       "batch size; resume with the run's own config.")
-    history = meta.get("history", {})
-  elif not resume:
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-  start = int(state.step)
-  remaining = steps - start
-  if remaining < 0:
-    raise ValueError(f"the checkpoint is at step {start}, past the requested {steps} steps.")
-  chunk = checkpoint_every if checkpoint_every else max(remaining, 1)
-  bar = None
-  if progress and checkpoint_every:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-  seconds = 0.0
-  try:
-    while int(state.step) < steps:
-      n = min(chunk, steps - int(state.step))
-      state, h = kronjax.fit(state, key, batch_size=batch_size, steps=n,
-                             progress=progress and bar is None, eval_every=eval_every,
-                             log_every=log_every, on_overflow=on_overflow)
-      seconds += h["seconds"]
-      history = merge_histories(history, h)
-      if checkpoint_every:
-        checkpoint.save(ckpt_dir, state, {"fit_key": key, "batch_size": batch_size,
-                                          "history": history})
-      if bar is not None:
-        bar.update(n)
-        if len(h["loss"]):
-          bar.set_postfix(loss=f"{h['loss'][-1]:.4g}", active=f"{h['active'][-1]:.1f}",
-                          steps_s=f"{n / max(h['seconds'], 1e-9):.1f}", refresh=True)
-  finally:
-    if bar is not None:
-      bar.close()
-  out = {k: (np.asarray(v) if k not in ("replays",) else v) for k, v in history.items()}
-  out.setdefault("replays", [])
-  out["seconds"] = seconds
-  out["resumed_from"] = start
-  return state, out
-
-
-def _is_typed_key(x: Any) -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def merge_histories(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-  """Concatenates two ``kronjax.fit`` histories (per-step arrays and replays)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  out: dict[str, Any] = {}
-  for k in set(a) | set(b):
-    if k in ("seconds", "steps_per_second", "resumed_from"):
-      continue
-    if k == "replays":
-      out[k] = [list(r) for r in a.get(k, [])] + [list(r) for r in b.get(k, [])]
-    else:
-      parts = [np.asarray(x[k]) for x in (a, b) if k in x]
-      out[k] = np.concatenate(parts) if parts else np.asarray([])
-  return out
-
-
 __all__ = (
-    "ConfigError", "Resolved", "apply_overrides", "build_params", "check_result", "format_table",
-    "import_experiment", "list_configs", "list_experiments", "markdown_table", "merge_histories",
-    "parse_override", "pyplot", "read_config", "require_positive", "resolve", "run_config", "save_figure", "to_jsonable",
-    "train",
+    "CHECKPOINTS", "ConfigError", "Resolved", "apply_overrides", "build_params", "check_result",
+    "experiment_dirs", "experiment_names", "experiments_dir", "format_table", "gaussian_tail",
+    "import_experiment", "list_configs", "list_experiments", "load_module", "markdown_table",
+    "parse_override", "pyplot", "read_config", "require_positive", "resolve", "run_config",
+    "save_figure", "to_jsonable", "unknown_key_message",
 )

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from kronjax._src import native
+import kronjax
 
 
 def block(tree: Any) -> Any:
@@ -102,6 +102,27 @@ def time_steps_interleaved(runs: dict[str, tuple[Callable[[Any, Any], tuple[Any,
   return timings, states
 
 
+def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *,
+                   start: int = 0) -> np.ndarray:
+  """The index batches ``(steps, batch_size)`` int32 that ``kronjax.fit(state, dataset, key,
+  batch_size=batch_size)`` trains on at global steps ``start .. start + steps - 1``.
+
+  For timed step loops and for baselines that must see fit's batches. Uses the
+  library's ``kronjax.batch_schedule`` where it is public; otherwise the same
+  rule: epoch ``e`` is the permutation ``jax.random.permutation(fold_in(key, e), n)``
+  cut into ``n // batch_size`` full batches (the remainder dropped).
+  """
+  public = getattr(kronjax, "batch_schedule", None)
+  if callable(public):
+    return np.asarray(public(key, n, batch_size, steps, start=start), np.int32)
+  per_epoch = n // batch_size
+  first, last = start // per_epoch, (start + steps - 1) // per_epoch
+  epochs = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
+            [:per_epoch * batch_size].reshape(per_epoch, batch_size) for e in range(first, last + 1)]
+  offset = start - first * per_epoch
+  return np.concatenate(epochs)[offset:offset + steps].astype(np.int32)
+
+
 def environment() -> dict[str, Any]:
   """What the numbers were measured on."""
   dev = jax.devices()[0]
@@ -114,8 +135,24 @@ def environment() -> dict[str, Any]:
       "platform": platform.platform(),
       "python": platform.python_version(),
       "x64": bool(jax.config.jax_enable_x64),
-      "native": native.info(),
+      "native": native_info(),
   }
+
+
+def native_info() -> dict[str, Any]:
+  """The native CPU kernels' status, for the record next to the numbers.
+
+  Asks the library's ``kronjax.native_info()`` where it exists (``{"mode",
+  "available", "library", "reason"}``). Without it, reports what the
+  environment says (``KRONJAX_NATIVE``, default ``auto``) and ``available``
+  None: unknown.
+  """
+  public = getattr(kronjax, "native_info", None)
+  if callable(public):
+    return dict(public())
+  return {"mode": os.environ.get("KRONJAX_NATIVE", "auto").strip().lower() or "auto",
+          "available": None, "library": None,
+          "reason": "not reported: kronjax has no public native_info()"}
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:

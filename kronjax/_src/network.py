@@ -1,0 +1,179 @@
+"""A trained network for inference: what ``predict`` needs, nothing of training.
+
+Shapes: m neurons, n training points, C outputs, R rank of the training data,
+p factors with dims d_q, n' new points.
+
+The trained network is ``f(x) = a^T relu(W x - b) / sqrt(m)`` with
+``W = W0 + A X``: the weights never leave the span of the training data on top
+of ``W0``. So applying it to a new point needs
+
+* the init's recipe for ``W0 x'`` (the key, the init kind and rank: ``W0`` is
+  regenerated, never stored),
+* ``A`` ``(m, n)``, ``a`` ``(m, C)``, ``b``,
+* the training factors ``X`` (``n`` points, for ``K(X, x')``).
+
+``save`` writes exactly that as one ``.npz`` (atomically), and ``load`` reads it
+back in any process: ``network.predict(data)`` equals ``kronjax.predict(state,
+dataset, data)`` bit for bit. The file holds ``m n + m C + 1`` floats of ``A``,
+``a`` and ``b``, ``n R sum_q d_q`` floats of training factors, the key and a
+JSON manifest (the ``Config``): ``4 (m n + m C + n R sum_q d_q)`` bytes in
+float32, plus under a kilobyte. No optimizer state, no ``P``, no Gram, no
+``d``-sized array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import zipfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kronjax._src import checkpoint, initializers, losses
+from kronjax._src.config import Config
+from kronjax._src.dataset import Dataset
+from kronjax._src.kron import KronData
+from kronjax._src.state import TrainState
+
+FORMAT = "kronjax-network"
+VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A trained two-layer network, applicable to any input in its tensor space.
+
+  Attributes:
+    config: the ``Config`` it was trained with (width, init, ...).
+    key: the state's key (``W0`` and the initial ``a`` derive from it).
+    A: ``(m, n)`` coefficients, ``W = W0 + A X``.
+    a: ``(m, C)`` output layer.  b: ``()`` threshold.
+    data: the ``n`` training points ``X`` (``KronData``).
+  """
+
+  config: Config
+  key: jax.Array
+  A: jax.Array
+  a: jax.Array
+  b: jax.Array
+  data: KronData
+
+  def projections(self, data: KronData) -> jax.Array:
+    """``W X'^T`` ``(m, n')`` for new points: ``W0 X'^T + A K(X, X')``, no ``O(d)`` work
+    for ``init="kronecker"``."""
+    return new_projections(self.config, self.key, self.A, self.data, data)
+
+  def predict(self, data: KronData) -> jax.Array:
+    """Network outputs ``(n', C)`` on ``data`` (checked as ``kronjax.predict`` checks it)."""
+    data = check_new_data("data", self.data, data)
+    return outputs(self.config, self.a, self.b, self.projections(data))
+
+
+def outputs(config: Config, a: jax.Array, b: jax.Array, P: jax.Array) -> jax.Array:
+  """Network outputs ``(n', C)`` from projections ``P (m, n')``."""
+  return losses.hidden(P, b).T @ a / math.sqrt(config.width)
+
+
+def check_new_data(name: str, train: KronData, data: Any) -> KronData:
+  """``data`` lives in the training data's tensor space, holds points and only finite values."""
+  if not isinstance(data, KronData):
+    raise TypeError(f"{name} must be a kronjax.KronData, got {type(data).__name__}; wrap the "
+                    "factors of the new points with kronjax.KronData((u, v, ...)).")
+  if data.num_factors != train.num_factors:
+    raise ValueError(f"{name} has {data.num_factors} factors but the training data has "
+                     f"{train.num_factors}; new points must live in the same tensor space.")
+  if data.dims != train.dims:
+    raise ValueError(f"{name} has factor dims {data.dims} but the training data has {train.dims}; "
+                     "new points must live in the same tensor space.")
+  from kronjax._src import checks  # pylint: disable=g-import-not-at-top
+  for q, f in enumerate(data.factors):
+    checks.check_finite(f"{name}.factors[{q}]", f)
+  return data
+
+
+def new_projections(config: Config, key: jax.Array, A: jax.Array, train: KronData,
+                    data: KronData) -> jax.Array:
+  """``(W0 + A X) X'^T`` ``(m, n')``; ``W0 X'^T`` from the init's recipe."""
+  if config.init == "implicit":
+    raise ValueError(
+        "the points are not the dataset's training or eval points, and this network was "
+        "initialized with init='implicit': W0 was never drawn, only its projections onto the "
+        "dataset's points, so the network is undefined elsewhere. Use init='kronecker' (d-free, "
+        "predicts anywhere), or put the points in the dataset's eval split before kronjax.init.")
+  key_w = initializers.init_keys(key)["W0"]
+  dtype = A.dtype
+  data = KronData(tuple(f.astype(dtype) for f in data.factors))
+  (P0,) = initializers.new_point_projections(key_w, config, data)
+  return P0.astype(dtype) + A @ train.gram(other=data)
+
+
+def from_state(state: TrainState, dataset: Dataset) -> Network:
+  """The trained network of ``state`` (an unsharded, single state) for ``dataset``."""
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  state.check_dataset(dataset)
+  if np.ndim(state.step) != 0:
+    raise ValueError("state is a stacked sweep state; export one member "
+                     "(kronjax.sweep.member(states, i)).")
+  if state.P.shape[0] != state.config.width:
+    raise ValueError("state is a padded neuron-sharded state; call "
+                     "kronjax.sharding.unshard_state(state) first.")
+  return Network(config=state.config, key=state.key, A=state.A, a=state.a, b=state.b,
+                 data=dataset.data)
+
+
+def save(path: str | os.PathLike, state: TrainState, dataset: Dataset) -> pathlib.Path:
+  """Saves the trained network of ``state`` (no optimizer state) as one ``.npz`` file.
+
+  See the module docstring for what the file holds and its size. Written
+  atomically (``path`` is either the old file or the new one). Returns the path.
+  """
+  network = from_state(state, dataset)
+  if network.config.init == "implicit":
+    raise ValueError("a network trained from init='implicit' cannot be saved for inference: it is "
+                     "undefined outside the dataset's points (W0 was never drawn). Use "
+                     "init='kronecker'.")
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  arrays: dict[str, np.ndarray] = {}
+  leaves = {"key": checkpoint.put_array(arrays, "key", network.key),
+            "A": checkpoint.put_array(arrays, "A", network.A),
+            "a": checkpoint.put_array(arrays, "a", network.a),
+            "b": checkpoint.put_array(arrays, "b", network.b)}
+  factors = [checkpoint.put_array(arrays, f"factor_{q}", f)
+             for q, f in enumerate(network.data.factors)]
+  manifest = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(network.config),
+              "leaves": leaves, "factors": factors}
+  arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+  checkpoint.write_npz_atomically(path, arrays)
+  return path
+
+
+def load(path: str | os.PathLike) -> Network:
+  """Reads a network written by ``save``; raises ValueError for another or a damaged file."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no network file at {str(path)!r}.")
+  try:
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+      manifest = json.loads(bytes(npz["__manifest__"]).decode())
+      if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"not a {FORMAT} v{VERSION} file")
+      leaves = {k: checkpoint.get_array(npz, {**e, "name": k})
+                for k, e in manifest["leaves"].items()}
+      factors = tuple(checkpoint.get_array(npz, {**e, "name": f"factor_{q}"})
+                      for q, e in enumerate(manifest["factors"]))
+      config = Config(**manifest["config"])
+  except (zipfile.BadZipFile, EOFError, KeyError, ValueError, TypeError, OSError,
+          UnicodeDecodeError) as e:
+    raise ValueError(f"{str(path)!r} is not a readable kronjax network file "
+                     f"({type(e).__name__}: {e}).") from e
+  return Network(config=config, key=leaves["key"], A=leaves["A"], a=leaves["a"], b=leaves["b"],
+                 data=KronData.tree_unflatten(None, factors))
