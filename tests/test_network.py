@@ -34,13 +34,14 @@ def test_saved_network_predicts_like_the_state_in_a_fresh_process(tmp_path, init
   new = kronjax.data.synthetic(jax.random.PRNGKey(7), 9, (4, 6), rank=3)
   expected = np.asarray(kronjax.predict(state, dataset, new))
   path = kronjax.network.save(tmp_path / "net.npz", state, dataset)
-  np.save(tmp_path / "new.npy", np.stack([np.asarray(f) for f in new.factors]))
+  np.savez(tmp_path / "new.npz", *[np.asarray(f) for f in new.factors])
   np.save(tmp_path / "expected.npy", expected)
   script = textwrap.dedent(f"""
       import numpy as np, kronjax
       net = kronjax.network.load({str(path)!r})
-      factors = np.load({str(tmp_path / "new.npy")!r})
-      out = np.asarray(net.predict(kronjax.KronData(tuple(factors))))
+      with np.load({str(tmp_path / "new.npz")!r}) as f:
+        factors = tuple(f[k] for k in sorted(f.files))
+      out = np.asarray(net.predict(kronjax.KronData(factors)))
       np.testing.assert_array_equal(out, np.load({str(tmp_path / "expected.npy")!r}))
       assert not hasattr(net, "opt_state")
       print("identical", out.shape)
