@@ -50,7 +50,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -63,6 +63,13 @@ FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
 MODES = ("auto", "off", "require")
 KERNELS = ("add_product", "add_product_t", "take_rows", "add_rows", "relu_rows", "relu_rows_grad")
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+
+class HiddenRows(NamedTuple):
+  """The hidden layer on a batch's rows (``relu_rows``)."""
+  raw: jax.Array          # relu(X[idx] - b) @ a, (..., B, C): the unscaled outputs
+  active: jax.Array       # #(X[idx] > b) per row, (..., B), in X's dtype
+
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}   # filled once by _load(): available, reason, library, handle
@@ -270,12 +277,13 @@ def _check_hidden(name: str, X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.
                     f"{'' if g is None else f', g {g.dtype}{g.shape}'}.")
 
 
-def relu_rows(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+def relu_rows(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array) -> HiddenRows:
   """The hidden layer on the batch's rows, on CPU, without materializing it.
 
   ``X (..., n, m)``, ``idx (B,)`` int32, ``b (...)``, ``a (..., m, C)``; returns
-  ``(h @ a (..., B, C), count (..., B))`` for ``h = relu(X[..., idx, :] - b)``,
-  with ``count`` the number of entries ``> b`` per row (in ``X``'s dtype).
+  ``HiddenRows(raw=h @ a (..., B, C), active (..., B))`` for
+  ``h = relu(X[..., idx, :] - b)``, with ``active`` the number of entries ``> b``
+  per row (in ``X``'s dtype).
   Terms with ``h == 0`` are skipped (exact for finite ``a``). Indices as ``X[idx]``.
   """
   _check_hidden("relu_rows", X, idx, b, a)
@@ -284,7 +292,7 @@ def relu_rows(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array) -> tuple
                           (jax.ShapeDtypeStruct((*lead, B, C), X.dtype),
                            jax.ShapeDtypeStruct((*lead, B), X.dtype)),
                           vmap_method="broadcast_all")
-  return call(X, idx, b, a)
+  return HiddenRows(*call(X, idx, b, a))
 
 
 def relu_rows_grad(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array,
