@@ -10,12 +10,13 @@ On the dense path every step adds ``G (m, B) @ K[S, :] (B, n)`` to ``P (m, n)``.
   Under ``jax.vmap`` over sweep members all members go to one call, and the
   shared ``R`` (the batch's Gram rows) is not copied per member.
 * CPU, XLA only (``KRONJAX_NATIVE=off``, ``dispatch.disabled()`` or no
-  compiler): XLA's product into a temporary, then an add pass. Under ``jax.vmap`` JAX's default rule would fold
-  the members into one tall product ``(S m, B) @ (B, n)`` whose ``(S, m, n)``
-  result is written out and then added; on a CPU that temporary does not fit in
-  cache and the 16-member sweep at m = 1024, n = 512 ran 2x *slower* than 16
-  separate steps. The batching rule instead loops over the members inside the
-  compiled program and updates each member's rows in place.
+  compiler): XLA's product into a temporary, then an add pass. Under
+  ``jax.vmap`` JAX's default rule would fold the members into one tall product
+  ``(S m, B) @ (B, n)`` whose ``(S, m, n)`` result is written out and then
+  added; on a CPU that temporary does not fit in cache and the 16-member sweep
+  at m = 1024, n = 512 ran 2x *slower* than 16 separate steps. The batching
+  rule instead loops over the members inside the compiled program and updates
+  each member's rows in place.
 * GPU and TPU: the plain expression and JAX's batched product (one member's
   product leaves the device idle; XLA fuses the add into the gemm there).
 
