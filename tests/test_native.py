@@ -1,12 +1,13 @@
-"""kronjax._src.native: the CPU kernels' build, modes and fallback.
+"""kronjax._src.native: the CPU kernels' build, modes and fallback, and the
+kernels themselves at sizes that split over threads.
 
 The ops' arithmetic is tested against their expressions in test_products.py and
 test_rows.py and, inside training, in test_train.py and test_sweep.py. Here: the
 environment switches, the build step (``make native``: ``native.main``), the
-cache, and what a process says when it has to build or cannot. The module keeps
-one load result per process, so the failure cases swap it for a fresh one
-(``monkeypatch`` puts the real one back); they use fake compilers (shell
-scripts), so nothing here compiles the sources.
+cache, what a process says when it has to build or cannot, and the row kernels'
+multi-threaded split. The module keeps one load result per process, so the
+failure cases swap it for a fresh one (``monkeypatch`` puts the real one back);
+they use fake compilers (shell scripts), so nothing here compiles the sources.
 """
 
 import os
@@ -107,6 +108,7 @@ def test_failed_build_warns_once_and_falls_back_to_xla(fresh, monkeypatch):
   with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable.*XLA.*KRONJAX_NATIVE=off"):
     assert not native.available()
   assert "no-such-compiler" in native.info()["reason"]
+  assert native.main([]) == 1  # the build step fails loudly
   X, G, R = jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2))
   fn = jax.vmap(products.add_product, in_axes=(0, 0, None))
   hlo = jax.jit(fn).lower(X[None], G[None], R).as_text()  # no second warning here
@@ -217,3 +219,84 @@ print("RESULT", native.info()["available"], err)
   _, available, err = lines[-1].split()
   assert available == "True" and float(err) < 1e-13
   assert len(list((tmp_path / "cache").glob("kronjax_native_*.so"))) == 1
+
+
+# ----------------------------------------------------------------------------- threads
+
+# rows.cc splits a kernel's rows over XLA's intra-op pool once a thread gets at
+# least kGrainElements row elements; below it (every shape in test_rows.py) one
+# thread runs it all. PJRT_NPROC sets the pool's size in a new process.
+GRAIN_ELEMENTS = 1 << 15
+
+THREADS_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+from kronjax._src import native
+assert native.available(), native.info()
+print("THREADS", native.pool_threads())
+n, m, S, C, K = {n}, {m}, {S}, 3, 96
+idx = np.array({idx}, np.int32)
+read = np.clip(np.where(idx < 0, idx + n, idx), 0, n - 1)
+rng = np.random.default_rng(0)
+f = lambda *shape: rng.normal(size=shape)
+G = f(S, K, n)
+ops = dict(X=f(S, n, m), U=f(S, len(idx), m), b=f(S) * 0.3, a=f(S, m, C), g=f(S, len(idx), C),
+           P=f(S, K, m), G=G, Gs=np.where(rng.random(G.shape) < 0.03, G, 0.0), Gt=f(S, n, K),
+           R=f(1, n, m))
+
+def relu_rows(X, b, a):
+  Z, b = X[:, read], b[:, None, None]
+  return jnp.einsum("sbm,smc->sbc", jax.nn.relu(Z - b), a), jnp.sum(Z > b, axis=-1) * 1.0
+
+def cases(X, U, b, a, g, P, G, Gs, Gt, R):  # name: (kernel's result, the jnp expression's)
+  i = jnp.asarray(idx)
+  out = dict(add_product=(native.add_product(P, G, R), P + G @ R),
+             add_product_sparse=(native.add_product(P, Gs, R), P + Gs @ R),
+             add_product_t=(native.add_product(P, Gt, R, transpose_g=True),
+                            P + jnp.swapaxes(Gt, 1, 2) @ R))
+  for s in (S, 1):  # two members, one member
+    x, u, b_, a_, g_ = X[:s], U[:s], b[:s], a[:s], g[:s]
+    out[f"take_rows {{s}}"] = native.take_rows(x, i), x[:, read]
+    out[f"add_rows {{s}}"] = native.add_rows(x, i, u), jax.vmap(lambda x, u: x.at[idx].add(u))(x, u)
+    for c in (1, C):
+      out[f"relu_rows C={{c}} {{s}}"] = (tuple(native.relu_rows(x, i, b_, a_[..., :c])),
+                                     relu_rows(x, b_, a_[..., :c]))
+      out[f"relu_rows_grad C={{c}} {{s}}"] = (
+          native.relu_rows_grad(x, i, b_, a_[..., :c], g_[..., :c]),
+          jnp.where(x[:, read] > b_[:, None, None], g_[..., :c] @ jnp.swapaxes(a_[..., :c], 1, 2), 0.0))
+  return {{name: jnp.max(jnp.stack([jnp.max(jnp.abs(u - v))
+                                   for u, v in zip(*map(jax.tree.leaves, pair))]))
+          for name, pair in out.items()}}
+
+for name, err in jax.jit(cases)(**ops).items():
+  print("ERR", name.replace(" ", "_"), float(err))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_kernel_at_sizes_that_split_over_threads(tmp_path, threads):
+  """float64, every kernel against its jnp expression, with the rows split over
+  ``threads`` threads; one member (take/relu rows split by row, add_rows by column
+  block) and two. Indices negative, repeated and out of range."""
+  library = _real_library()
+  n, m, S = 40, 1037, 2   # m: a vectorized body and a remainder
+  idx = [3, -1, 0, 3, 45, -45, 39] * 10
+  B = len(idx)
+  # ParallelFor's task count, units // grain (then capped by the threads), for
+  # rows.cc's units: take / relu rows split the members' batch rows; add_rows
+  # splits one member into 256-column blocks, and several by member.
+  tasks = {"rows, 1 member": B // (GRAIN_ELEMENTS // m),
+           "rows, 2 members": S * B // (GRAIN_ELEMENTS // m),
+           "add_rows, 1 member": -(-m // 256) // max(1, GRAIN_ELEMENTS // (B * 256)),
+           "add_rows, 2 members": S // max(1, GRAIN_ELEMENTS // (B * m))}
+  assert min(tasks.values()) >= 2, tasks
+  env = dict(ENV, PJRT_NPROC=str(threads), KRONJAX_CACHE_DIR=str(library.parent),
+             KRONJAX_NATIVE="require")
+  proc = subprocess.run([sys.executable, "-c", THREADS_SCRIPT.format(n=n, m=m, S=S, idx=idx)],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = proc.stdout.splitlines()
+  assert f"THREADS {threads}" in lines
+  errors = {l.split()[1]: float(l.split()[2]) for l in lines if l.startswith("ERR ")}
+  assert len(errors) == 3 + 2 * 6
+  assert max(errors.values()) < 1e-12, errors

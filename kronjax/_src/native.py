@@ -73,6 +73,7 @@ HEADERS = (_CSRC / "parallel.h",)
 FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-Wall")
 MODES = ("auto", "off", "require")
 KERNELS = ("add_product", "add_product_t", "take_rows", "add_rows", "relu_rows", "relu_rows_grad")
+POOL_THREADS = "kronjax_pool_threads"  # a probe: the threads the row kernels split over
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 NO_COMPILER = ("no C++ compiler found: kronjax runs on XLA only; install g++ (apt-get install g++) "
@@ -110,6 +111,7 @@ class HiddenRows(NamedTuple):
 _lock = threading.Lock()
 _status: Status | None = None   # set once by _load()
 _warned = False
+_handles: list[ctypes.CDLL] = []  # the loaded libraries, kept for the process's lifetime
 
 
 def mode() -> str:
@@ -152,7 +154,7 @@ def build(cxx: str, *, rebuild: bool = False, announce: bool = False) -> Build:
 
   Atomic: the library appears whole or not at all, so concurrent processes may
   build at once. ``announce`` prints ``BUILDING`` to stderr before compiling.
-  Raises ``BuildError`` when the compiler fails.
+  Raises ``BuildError`` when the compiler cannot run or fails.
   """
   target = library_path(cxx)
   if target.exists() and not rebuild:
@@ -164,7 +166,10 @@ def build(cxx: str, *, rebuild: bool = False, announce: bool = False) -> Build:
   os.close(fd)
   cmd = (cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp)
   try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+      raise BuildError(f"`{shlex.join(cmd)}` could not run: {e}") from e
     if done.returncode != 0:
       raise BuildError(f"`{shlex.join(cmd)}` failed:\n{done.stderr[-2000:]}")
     os.replace(tmp, target)  # atomic: a concurrent process sees all of it or none
@@ -188,10 +193,11 @@ def _register(library: pathlib.Path) -> None:
   """Loads the library, hands it scipy's gemm and registers its FFI targets with XLA."""
   from scipy.linalg import cython_blas  # pylint: disable=import-outside-toplevel
   handle = ctypes.CDLL(str(library))
+  _handles.append(handle)
   handle.kronjax_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
   handle.kronjax_set_blas(_capsule_pointer(cython_blas.__pyx_capi__["sgemm"]),
                           _capsule_pointer(cython_blas.__pyx_capi__["dgemm"]))
-  for target in _targets():
+  for target in (*_targets(), POOL_THREADS):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
 
 
@@ -249,6 +255,13 @@ def info() -> dict[str, Any]:
   status = _load()
   return {"mode": mode(), "available": status.available, "library": status.library,
           "reason": status.reason}
+
+
+def pool_threads() -> int:
+  """How many threads the row kernels split their rows over in this process (XLA's
+  intra-op pool, the caller included; ``PJRT_NPROC`` sets it). Needs ``available()``."""
+  call = jax.ffi.ffi_call(POOL_THREADS, jax.ShapeDtypeStruct((), np.int32))
+  return int(jax.jit(call)())
 
 
 def _targets() -> list[str]:
@@ -378,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   Prints the compiler command and its warnings. Exits 0 on success and also
   when there is nothing to build (no compiler: kronjax runs on XLA; a non-CPU
-  default backend; ``KRONJAX_NATIVE=off``), 1 when the compiler fails.
+  default backend; ``KRONJAX_NATIVE=off``), 1 when the compiler cannot run or fails.
   """
   parser = argparse.ArgumentParser(prog="python -m kronjax._src.native",
                                    description="Builds kronjax's native CPU kernels into the cache.")
