@@ -14,11 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,experiments]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(BIN)/python -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(STAMP) native
 	$(BIN)/kronjax run configs/quickstart.toml --out runs/quickstart
+
+# Builds the native CPU kernels into the cache now, not at the first step (~15 s once; with
+# no C++ compiler it says so and kronjax runs on XLA). Same as python -m kronjax._src.native.
+.PHONY: native
+native: $(STAMP)
+	$(BIN)/python -c 'import sys; from kronjax._src import native; sys.exit(native.main())'
 
 # The benchmark scripts behind the README's performance tables (minutes; not part of CI).
 bench: $(STAMP)

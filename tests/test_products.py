@@ -1,10 +1,10 @@
-"""kronjax.products.add_product (and add_product_t, the same with G given transposed):
+"""kronjax._src.products.add_product (and add_product_t, the same with G given transposed):
 exactly X + G @ R, under every batching (float64).
 
-Every test runs with each CPU implementation: the native kernel (``kronjax.native``)
+Every test runs with each CPU implementation: the native kernel (``kronjax._src.native``)
 with a dense ``G`` (its gemm) and with a mostly-zero ``G`` (its zero-skipping
 loop: 2 nonzeros in 24 entries per member, under its 10 % switch), and XLA's
-in-place member loop and batched product (``USE_NATIVE`` off).
+in-place member loop and batched product (``dispatch.set_enabled(False)``).
 """
 
 import chex
@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kronjax
-from kronjax._src import products
+from kronjax._src import dispatch, native, products
 
 
 SPARSE = {"sparse": True}
@@ -45,13 +44,14 @@ def op(request):
 @pytest.fixture(params=["native", "native_sparse", "loop", "batched"])
 def rule(request, monkeypatch):
   """The native kernel (dense / mostly-zero G), XLA's loop forced, XLA's batched product."""
-  native = request.param.startswith("native")
-  if native and not kronjax.native.available():
-    pytest.skip(f"native kernel unavailable: {kronjax.native.info()['reason']}")
-  monkeypatch.setattr(products, "USE_NATIVE", native)
+  use_native = request.param.startswith("native")
+  if use_native and not native.available():
+    pytest.skip(f"native kernel unavailable: {native.info()['reason']}")
   monkeypatch.setattr(products, "LOOP_MIN_BYTES", 0 if request.param == "loop" else 2**62)
   monkeypatch.setitem(SPARSE, "sparse", request.param == "native_sparse")
-  return request.param
+  previous = dispatch.set_enabled(use_native)
+  yield request.param
+  dispatch.set_enabled(previous)
 
 
 def _fresh(fn):

@@ -1,6 +1,6 @@
-"""Native CPU kernels (XLA FFI), compiled on first use with the system C++ compiler.
+"""Native CPU kernels (XLA FFI), built once with the system C++ compiler.
 
-Kernels (sources in ``kronjax/csrc/``, built into one library):
+Kernels (sources in ``kronjax/_src/csrc/``, built into one library):
 
 * ``add_product(X, G, R) = X + G @ R`` accumulated in place by BLAS ``gemm``
   with ``beta = 1``, and ``add_product_t`` for ``G`` given transposed
@@ -10,7 +10,7 @@ Kernels (sources in ``kronjax/csrc/``, built into one library):
   (the hidden layer's output ``relu(X[idx] - b) @ a`` and active count) and
   ``relu_rows_grad`` (the coefficients ``where(X[idx] > b, g @ a^T, 0)``), each
   reading a row once and splitting the rows over XLA's intra-op threads
-  (``parallel.h``). Why: ``kronjax.hidden``.
+  (``parallel.h``). Why: ``kronjax._src.rows``.
 
 About ``add_product``: XLA CPU computes the same expression as a product into
 a temporary followed by a separate add pass over ``X`` that one core runs; for
@@ -20,37 +20,47 @@ gemm in one call, reading and writing each member's ``X`` once. When under
 10 % of ``G``'s entries are nonzero (the coefficients of inactive neurons are
 exact zeros) it skips them instead: one axpy per nonzero, exact for finite ``R``.
 
-Nothing is built at install time. The first trace that needs a kernel
-compiles the sources (~13 s) against jaxlib's FFI headers (``jax.ffi.include_dir``)
-into a cache directory, keyed by the sources, the flags, the jaxlib version,
-the compiler and the machine, and loads it; later processes reuse the file. The gemm itself is
-scipy's (``scipy.linalg.cython_blas``; scipy is a dependency of jax), so nothing
-links against a BLAS.
+Building: ``make native`` (``native.main()``; also ``python -m kronjax._src.native``)
+compiles the sources (~13 s) against jaxlib's FFI headers
+(``jax.ffi.include_dir``) into a cache directory, keyed by the sources, the
+flags, the jaxlib version, the compiler and the machine, and prints the
+compiler's command and warnings. A process that needs a kernel and finds no
+build compiles it then, saying so on stderr first; later processes reuse the
+file. Without a C++ compiler kronjax runs on XLA only (one warning). Nothing
+is built when JAX's default backend is not the CPU. The gemm itself is scipy's
+(``scipy.linalg.cython_blas``; scipy is a dependency of jax), so nothing links
+against a BLAS.
+
+Whether an op calls a kernel is decided in ``kronjax._src.dispatch`` (which also
+has the programmatic on/off switch).
 
 Environment:
-  * ``KRONJAX_NATIVE``: ``auto`` (default: use the kernel where it builds, else
+  * ``KRONJAX_NATIVE``: ``auto`` (default: use the kernels where they build, else
     fall back to XLA with one warning), ``off`` (never; XLA only), ``require``
-    (raise ``RuntimeError`` when it cannot be built).
+    (raise ``RuntimeError`` when they cannot be built).
   * ``KRONJAX_CACHE_DIR``: where the built library goes (default
     ``$XDG_CACHE_HOME/kronjax`` or ``~/.cache/kronjax``).
   * ``CXX``: the compiler (default ``c++``, then ``g++``).
 
-The choice is made once per process: set the variables before the first step.
+The library is loaded once per process: set the variables before the first step.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -59,13 +69,49 @@ _CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 SOURCES = (_CSRC / "add_product.cc", _CSRC / "rows.cc")
 HEADERS = (_CSRC / "parallel.h",)
 # -fno-trapping-math lets a masked select vectorize (nothing here reads FP exception flags).
-FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
+# jaxlib's headers come in with -isystem: -Wall reports warnings in kronjax's own code only.
+FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-Wall")
 MODES = ("auto", "off", "require")
 KERNELS = ("add_product", "add_product_t", "take_rows", "add_rows", "relu_rows", "relu_rows_grad")
+POOL_THREADS = "kronjax_pool_threads"  # a probe: the threads the row kernels split over
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
+NO_COMPILER = ("no C++ compiler found: kronjax runs on XLA only; install g++ (apt-get install g++) "
+               "and run `make native` to build the CPU kernels")
+BUILDING = ("kronjax: building native CPU kernels (one time, ~15 s); "
+            "run `make native` ahead of time")
+
+
+class BuildError(RuntimeError):
+  """The compiler failed; the message has its command and output."""
+
+
+class Build(NamedTuple):
+  """What ``build`` did."""
+  library: pathlib.Path   # the built library in the cache
+  compiled: bool          # False: the cache had it already
+  command: tuple[str, ...]  # the compiler command run (empty when not compiled)
+  output: str             # the compiler's warnings (empty when not compiled)
+
+
+class Status(NamedTuple):
+  """This process's kernels: loaded, or why not."""
+  available: bool
+  reason: str | None      # why not available; None when available
+  library: str | None     # the loaded library's path
+  failed: bool            # a failure (warned about, or raised under ``require``), not a choice
+
+
+class HiddenRows(NamedTuple):
+  """The hidden layer on a batch's rows (``relu_rows``)."""
+  raw: jax.Array          # relu(X[idx] - b) @ a, (..., B, C): the unscaled outputs
+  active: jax.Array       # #(X[idx] > b) per row, (..., B), in X's dtype
+
+
 _lock = threading.Lock()
-_state: dict[str, Any] = {}   # filled once by _load(): available, reason, library, handle
+_status: Status | None = None   # set once by _load()
+_warned = False
+_handles: list[ctypes.CDLL] = []  # the loaded libraries, kept for the process's lifetime
 
 
 def mode() -> str:
@@ -86,35 +132,51 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "kronjax"
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+  """The C++ compiler: ``CXX``, else ``c++`` or ``g++`` on the path; None if there is none."""
   if os.environ.get("CXX"):
     return os.environ["CXX"]
   return shutil.which("c++") or shutil.which("g++")
 
 
-def _build(cxx: str) -> pathlib.Path:
-  """Compiles the kernel into the cache (atomically; reuses an existing build)."""
+def library_path(cxx: str) -> pathlib.Path:
+  """Where the build with compiler ``cxx`` goes in the cache (whether or not it is there)."""
   import jaxlib  # the FFI headers and the ABI come with jaxlib
 
   sources = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
   key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                                     cxx.encode(), platform.machine().encode()])).hexdigest()[:16]
-  target = cache_dir() / f"kronjax_native_{key}.so"
-  if target.exists():
-    return target
+  return cache_dir() / f"kronjax_native_{key}.so"
+
+
+def build(cxx: str, *, rebuild: bool = False, announce: bool = False) -> Build:
+  """Compiles the kernels with ``cxx`` into the cache, unless it has them (or ``rebuild``).
+
+  Atomic: the library appears whole or not at all, so concurrent processes may
+  build at once. ``announce`` prints ``BUILDING`` to stderr before compiling.
+  Raises ``BuildError`` when the compiler cannot run or fails.
+  """
+  target = library_path(cxx)
+  if target.exists() and not rebuild:
+    return Build(target, False, (), "")
+  if announce:
+    print(BUILDING, file=sys.stderr, flush=True)
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+  cmd = (cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp)
   try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+      raise BuildError(f"`{shlex.join(cmd)}` could not run: {e}") from e
     if done.returncode != 0:
-      raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr[-2000:]}")
+      raise BuildError(f"`{shlex.join(cmd)}` failed:\n{done.stderr[-2000:]}")
     os.replace(tmp, target)  # atomic: a concurrent process sees all of it or none
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
-  return target
+  return Build(target, True, cmd, done.stdout + done.stderr)
 
 
 def _capsule_pointer(capsule: Any) -> int:
@@ -127,56 +189,79 @@ def _capsule_pointer(capsule: Any) -> int:
   return pointer(capsule, name(capsule))
 
 
-def _load() -> dict[str, Any]:
-  """Builds, loads and registers the kernel once per process; never raises."""
+def _register(library: pathlib.Path) -> None:
+  """Loads the library, hands it scipy's gemm and registers its FFI targets with XLA."""
+  from scipy.linalg import cython_blas  # pylint: disable=import-outside-toplevel
+  handle = ctypes.CDLL(str(library))
+  _handles.append(handle)
+  handle.kronjax_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+  handle.kronjax_set_blas(_capsule_pointer(cython_blas.__pyx_capi__["sgemm"]),
+                          _capsule_pointer(cython_blas.__pyx_capi__["dgemm"]))
+  for target in (*_targets(), POOL_THREADS):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
+
+
+def _try_load() -> Status:
+  if mode() == "off":
+    return Status(False, "KRONJAX_NATIVE=off", None, failed=False)
+  backend = jax.default_backend()
+  if backend != "cpu":
+    return Status(False, f"JAX's default backend is {backend}; the native kernels are CPU-only",
+                  None, failed=False)
+  cxx = compiler()
+  if cxx is None:
+    return Status(False, NO_COMPILER, None, failed=True)
+  try:
+    library = build(cxx, announce=True).library
+    _register(library)
+  except Exception as e:  # noqa: BLE001 -- any failure means: fall back to XLA
+    return Status(False, f"native CPU kernels unavailable ({type(e).__name__}: {e}); kronjax "
+                  "runs on XLA only (exact, slower)", None, failed=True)
+  return Status(True, None, str(library), failed=False)
+
+
+def _load() -> Status:
+  """Builds (if the cache lacks it), loads and registers the library once per process;
+  never raises."""
+  global _status
   with _lock:
-    if _state:
-      return _state
-    if mode() == "off":
-      _state.update(available=False, reason="KRONJAX_NATIVE=off", library=None)
-      return _state
-    try:
-      cxx = _compiler()
-      if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-      library = _build(cxx)
-      from scipy.linalg import cython_blas  # pylint: disable=import-outside-toplevel
-      handle = ctypes.CDLL(str(library))
-      handle.kronjax_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-      handle.kronjax_set_blas(_capsule_pointer(cython_blas.__pyx_capi__["sgemm"]),
-                              _capsule_pointer(cython_blas.__pyx_capi__["dgemm"]))
-      for target in _targets():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)),
-                                    platform="cpu")
-      _state.update(available=True, reason=None, library=str(library), handle=handle)
-    except Exception as e:  # noqa: BLE001 -- any failure means: fall back to XLA
-      _state.update(available=False, reason=f"{type(e).__name__}: {e}", library=None)
-    return _state
+    if _status is None:
+      _status = _try_load()
+    return _status
 
 
 def available(warn: bool = True) -> bool:
-  """Whether the native kernel is in use (building it on the first call).
+  """Whether the native kernels are in use (building them on the first call if needed).
 
-  With ``KRONJAX_NATIVE=require`` a failed build raises ``RuntimeError``; with
-  ``auto`` it warns once (if ``warn``) and returns False (callers then use XLA).
+  False with ``KRONJAX_NATIVE=off`` and when JAX's default backend is not the
+  CPU. When they cannot be built: with ``KRONJAX_NATIVE=require`` a
+  ``RuntimeError``; with ``auto`` one warning per process (if ``warn``) and False
+  (callers then use XLA).
   """
-  state = _load()
-  if not state["available"] and mode() == "require":
-    raise RuntimeError(f"KRONJAX_NATIVE=require but the native kernel is unavailable: "
-                       f"{state['reason']}")
-  if not state["available"] and mode() == "auto" and warn and not state.get("warned"):
-    state["warned"] = True
-    warnings.warn(f"kronjax: native CPU kernel unavailable ({state['reason']}); using XLA's "
-                  "product and add instead (exact, slower). Set KRONJAX_NATIVE=off to silence.",
+  global _warned
+  status = _load()
+  if status.failed and mode() == "require":
+    raise RuntimeError(f"KRONJAX_NATIVE=require but the native kernels are unavailable: "
+                       f"{status.reason}")
+  if status.failed and mode() == "auto" and warn and not _warned:
+    _warned = True
+    warnings.warn(f"kronjax: {status.reason}. KRONJAX_NATIVE=off silences this.",
                   RuntimeWarning, stacklevel=2)
-  return bool(state["available"])
+  return status.available
 
 
 def info() -> dict[str, Any]:
   """``{"mode", "available", "library", "reason"}`` for logs and benchmark JSON."""
-  state = _load()
-  return {"mode": mode(), "available": bool(state["available"]), "library": state["library"],
-          "reason": state["reason"]}
+  status = _load()
+  return {"mode": mode(), "available": status.available, "library": status.library,
+          "reason": status.reason}
+
+
+def pool_threads() -> int:
+  """How many threads the row kernels split their rows over in this process (XLA's
+  intra-op pool, the caller included; ``PJRT_NPROC`` sets it). Needs ``available()``."""
+  call = jax.ffi.ffi_call(POOL_THREADS, jax.ShapeDtypeStruct((), np.int32))
+  return int(jax.jit(call)())
 
 
 def _targets() -> list[str]:
@@ -254,7 +339,6 @@ def add_rows(X: jax.Array, idx: jax.Array, U: jax.Array) -> jax.Array:
   return call(X, idx, U)
 
 
-
 def _check_hidden(name: str, X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array,
                   g: jax.Array | None = None) -> None:
   lead = X.shape[:-2]
@@ -270,12 +354,13 @@ def _check_hidden(name: str, X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.
                     f"{'' if g is None else f', g {g.dtype}{g.shape}'}.")
 
 
-def relu_rows(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+def relu_rows(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array) -> HiddenRows:
   """The hidden layer on the batch's rows, on CPU, without materializing it.
 
   ``X (..., n, m)``, ``idx (B,)`` int32, ``b (...)``, ``a (..., m, C)``; returns
-  ``(h @ a (..., B, C), count (..., B))`` for ``h = relu(X[..., idx, :] - b)``,
-  with ``count`` the number of entries ``> b`` per row (in ``X``'s dtype).
+  ``HiddenRows(raw=h @ a (..., B, C), active (..., B))`` for
+  ``h = relu(X[..., idx, :] - b)``, with ``active`` the number of entries ``> b``
+  per row (in ``X``'s dtype).
   Terms with ``h == 0`` are skipped (exact for finite ``a``). Indices as ``X[idx]``.
   """
   _check_hidden("relu_rows", X, idx, b, a)
@@ -284,7 +369,7 @@ def relu_rows(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array) -> tuple
                           (jax.ShapeDtypeStruct((*lead, B, C), X.dtype),
                            jax.ShapeDtypeStruct((*lead, B), X.dtype)),
                           vmap_method="broadcast_all")
-  return call(X, idx, b, a)
+  return HiddenRows(*call(X, idx, b, a))
 
 
 def relu_rows_grad(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array,
@@ -299,3 +384,53 @@ def relu_rows_grad(X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array,
   call = jax.ffi.ffi_call(_target("relu_rows_grad", X.dtype), jax.ShapeDtypeStruct(shape, X.dtype),
                           vmap_method="broadcast_all")
   return call(X, idx, b, a, g)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``make native``: builds the kernels into the cache ahead of the first step.
+
+  Prints the compiler command and its warnings. Exits 0 on success and also
+  when there is nothing to build (no compiler: kronjax runs on XLA; a non-CPU
+  default backend; ``KRONJAX_NATIVE=off``), 1 when the compiler cannot run or fails.
+  """
+  parser = argparse.ArgumentParser(prog="python -m kronjax._src.native",
+                                   description="Builds kronjax's native CPU kernels into the cache.")
+  parser.add_argument("--rebuild", action="store_true",
+                      help="compile again even when the cache has this build")
+  args = parser.parse_args(argv)
+  if mode() == "off":
+    print("kronjax: KRONJAX_NATIVE=off: kronjax runs on XLA only; nothing to build.")
+    return 0
+  backend = jax.default_backend()
+  if backend != "cpu":
+    print(f"kronjax: JAX's default backend is {backend}; the native kernels are CPU-only and "
+          "would not be used, so nothing is built (JAX_PLATFORMS=cpu builds them).")
+    return 0
+  cxx = compiler()
+  if cxx is None:
+    print(NO_COMPILER)
+    return 0
+  try:
+    result = build(cxx, rebuild=args.rebuild)
+  except BuildError as e:
+    print(f"kronjax: building the native CPU kernels failed: {e}", file=sys.stderr)
+    return 1
+  if result.compiled:
+    print(shlex.join(result.command), flush=True)
+    if result.output.strip():
+      print(result.output.rstrip(), file=sys.stderr, flush=True)
+    print(f"kronjax: built the native CPU kernels: {result.library}")
+  else:
+    print(f"kronjax: the native CPU kernels are built: {result.library} "
+          "(--rebuild compiles them again)")
+  status = _load()
+  if not status.available:
+    print(f"kronjax: {status.reason}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  # The package is imported already (kronjax/__init__): run its copy of this module.
+  from kronjax._src import native as imported  # pylint: disable=import-self
+  sys.exit(imported.main())

@@ -4,64 +4,46 @@ Shapes: m rows (neurons), B batch, n columns (points).
 
 On the dense path every step adds ``G (m, B) @ K[S, :] (B, n)`` to ``P (m, n)``.
 
-* CPU, native kernel available (``kronjax.native``, the default where a C++
-  compiler exists): in place, one BLAS ``gemm`` with ``beta = 1`` per member,
+* CPU, native kernel available (``kronjax._src.native``, the default where a
+  C++ compiler exists): in place, one BLAS ``gemm`` with ``beta = 1`` per member,
   or, when ``G`` is mostly zeros (inactive neurons), one axpy per nonzero.
   Under ``jax.vmap`` over sweep members all members go to one call, and the
   shared ``R`` (the batch's Gram rows) is not copied per member.
-* CPU, XLA only (``KRONJAX_NATIVE=off`` or no compiler): XLA's product into a
-  temporary, then an add pass. Under ``jax.vmap`` JAX's default rule would fold
-  the members into one tall product ``(S m, B) @ (B, n)`` whose ``(S, m, n)``
-  result is written out and then added; on a CPU that temporary does not fit in
-  cache and the 16-member sweep at m = 1024, n = 512 ran 2x *slower* than 16
-  separate steps. The batching rule instead loops over the members inside the
-  compiled program and updates each member's rows in place.
+* CPU, XLA only (``KRONJAX_NATIVE=off``, ``dispatch.disabled()`` or no
+  compiler): XLA's product into a temporary, then an add pass. Under
+  ``jax.vmap`` JAX's default rule would fold the members into one tall product
+  ``(S m, B) @ (B, n)`` whose ``(S, m, n)`` result is written out and then
+  added; on a CPU that temporary does not fit in cache and the 16-member sweep
+  at m = 1024, n = 512 ran 2x *slower* than 16 separate steps. The batching
+  rule instead loops over the members inside the compiled program and updates
+  each member's rows in place.
 * GPU and TPU: the plain expression and JAX's batched product (one member's
   product leaves the device idle; XLA fuses the add into the gemm there).
 
-Every variant is exactly ``X + G @ R`` up to float rounding order.
+Every variant is exactly ``X + G @ R`` up to float rounding order. The choice,
+the switch and the custom_jvp / custom_vmap wrapping are ``kronjax._src.dispatch``'s;
+here: the expression, the kernel call and the batching rule.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from kronjax._src import native
+from kronjax._src import dispatch, native
 
 # Below this many bytes of batched result the default batched product stays in
 # cache and its single dispatch wins over a loop (measured: experiments/bench_sweep.py
 # at m = 128, n = 64 runs ~0.2x of 16 sequential steps with the batched product).
+# Read when a caller is traced.
 LOOP_MIN_BYTES = 4 * 2**20
-
-# Read when a caller is traced (like LOOP_MIN_BYTES): False keeps XLA's ops on
-# CPU even where the native kernels build (this module's product and
-# kronjax.hidden's row ops). For A/B benchmarks and the tests of the XLA path;
-# users switch with KRONJAX_NATIVE=off (kronjax.native).
-USE_NATIVE = True
-
-
-def compile_with(fn: Callable[..., Any], *args: Any, use_native: bool) -> Any:
-  """``fn.lower(*args).compile()`` for a jitted ``fn`` with the native kernel on or off.
-
-  For A/B benchmarks in one process. JAX caches traces by function, so the
-  caches are cleared around the trace; the compiled result keeps its choice.
-  """
-  global USE_NATIVE
-  previous, USE_NATIVE = USE_NATIVE, use_native
-  jax.clear_caches()
-  try:
-    return fn.lower(*args).compile()
-  finally:
-    USE_NATIVE = previous
-    jax.clear_caches()
 
 
 def _make_add_product(transposed: bool) -> Callable[..., jax.Array]:
   """``X + op(G) @ R`` with ``op`` the identity or (``transposed``) the transpose
-  of ``G``'s last two axes: the custom JVP, the batching rule and the dispatch."""
+  of ``G``'s last two axes."""
 
   def product(G, R):
     return (jnp.swapaxes(G, -1, -2) if transposed else G) @ R
@@ -69,36 +51,11 @@ def _make_add_product(transposed: bool) -> Callable[..., jax.Array]:
   def plain(X, G, R):
     return X + product(G, R)
 
-  def use_native(X, G, R) -> bool:
-    """Trace-time choice for the CPU branch: the native kernel takes these operands."""
-    return (USE_NATIVE and native.supports(X, G, R)
-            and native.available(warn=jax.default_backend() == "cpu"))
-
   def kernel(X, G, R):
     return native.add_product(X, G, R, transpose_g=transposed)
 
-  @jax.custom_jvp
-  def op(X, G, R):
-    return batched_op(X, G, R)
-
-  @op.defjvp
-  def _jvp(primals, tangents):
-    # custom_vmap has no transpose rule: give autodiff the plain linear tangent.
-    X, G, R = primals
-    dX, dG, dR = tangents
-    return op(X, G, R), dX + product(dG, R) + product(G, dR)
-
-  @jax.custom_batching.custom_vmap
-  def batched_op(X, G, R):
-    # A fresh closure per trace: JAX caches branch traces by function, and the
-    # choice below depends on USE_NATIVE at trace time.
-    def cpu(X, G, R):
-      return kernel(X, G, R) if use_native(X, G, R) else plain(X, G, R)
-
-    return jax.lax.platform_dependent(X, G, R, cpu=cpu, default=plain)
-
-  @batched_op.def_vmap
-  def _vmap(axis_size, in_batched, X, G, R):
+  def vmap_rule(op, axis_size, in_batched, X, G, R):
+    del op  # the rule runs the members itself
     x_batched, g_batched, r_batched = in_batched
     out_bytes = axis_size * X.shape[-2] * X.shape[-1] * X.dtype.itemsize
     in_axes = tuple(0 if b else None for b in in_batched)
@@ -126,15 +83,15 @@ def _make_add_product(transposed: bool) -> Callable[..., jax.Array]:
       return jax.lax.fori_loop(0, axis_size, member, X)
 
     def cpu(X, G, R):
-      if use_native(X, G, R):
+      if dispatch.native_ok(native.supports(X, G, R)):
         return members_native(X, G, R)
       if not x_batched or out_bytes < LOOP_MIN_BYTES or not same_dtype:
         return batched(X, G, R)
       return looped(X, G, R)
 
-    return jax.lax.platform_dependent(X, G, R, cpu=cpu, default=batched), True
+    return dispatch.by_platform(X, G, R, cpu=cpu, default=batched)
 
-  return op
+  return dispatch.op(plain, kernel, native.supports, vmap_rule)
 
 
 _add_product = _make_add_product(transposed=False)

@@ -5,7 +5,8 @@ matrix (``state.projections`` in the ``"points"`` layout, or ``state.A_T``).
 
     take_rows(X, idx)              X[idx]                                   (B, m)
     add_rows(X, idx, U)            X.at[idx].add(U)                         (n, m)
-    relu_rows(X, idx, b, a)        (relu(X[idx] - b) @ a, #(X[idx] > b))   (B, C), (B,)
+    relu_rows(X, idx, b, a)        HiddenRows(raw=relu(X[idx] - b) @ a,     (B, C),
+                                              active=#(X[idx] > b))         (B,)
     relu_rows_grad(X, idx, b, a, g)
                                    where(X[idx] > b, g @ a^T, 0)            (B, m)
 
@@ -18,12 +19,15 @@ materializes the ReLU and its mask in separate passes; measured in the
 16-member sweep of ``experiments/bench_sweep.py`` that was ~2.7 ms of a 7.5 ms
 step, more than half of the product ``P + K_rows^T @ U`` itself. So:
 
-* on CPU with the native kernels (``kronjax.native``) each op is one pass that
+* on CPU with the native kernels (``kronjax._src.native``) each op is one pass that
   reads each batch row once and splits the rows over XLA's threads; under
   ``jax.vmap`` with a shared ``idx`` (any number of nested vmaps) every member
   goes to the same call;
-* elsewhere (GPU, TPU, ``KRONJAX_NATIVE=off``) the plain expression, and under
-  ``jax.vmap`` JAX's own batching of it.
+* elsewhere (GPU, TPU, ``KRONJAX_NATIVE=off``, ``dispatch.disabled()``) the
+  plain expression, and under ``jax.vmap`` JAX's own batching of it.
+
+The choice and the custom_jvp / custom_vmap wrapping are ``kronjax._src.dispatch``'s;
+here: the expressions, the kernel calls and the batching rule.
 
 Index semantics are ``jax.numpy``'s: negative indices count from the end; reads
 clamp, writes drop out-of-range indices; repeated indices accumulate. All four
@@ -38,17 +42,18 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kronjax._src import losses, native, products
+from kronjax._src import dispatch, losses, native
+from kronjax._src.native import HiddenRows
 
 
 # ----------------------------------------------------------------------------- the plain math
 
-def relu_of(Z: jax.Array, b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(relu(Z - b) @ a, #(Z > b) per row)`` for rows ``Z (B, m)``, ``a (m, C)``."""
+def relu_of(Z: jax.Array, b: jax.Array, a: jax.Array) -> HiddenRows:
+  """``HiddenRows(relu(Z - b) @ a, #(Z > b) per row)`` for rows ``Z (B, m)``, ``a (m, C)``."""
   h = losses.hidden(Z, b)
   # Counted in floats (exact below 2**24 per row): an int32 sum of the mask was
   # a separate convert pass plus a reduce-window tree on XLA CPU.
-  return h @ a, jnp.sum((Z > b).astype(Z.dtype), axis=-1)
+  return HiddenRows(h @ a, jnp.sum((Z > b).astype(Z.dtype), axis=-1))
 
 
 def relu_grad_of(Z: jax.Array, b: jax.Array, a: jax.Array, g: jax.Array) -> jax.Array:
@@ -72,18 +77,34 @@ def _relu_rows_grad_of(X, idx, b, a, g):
   return relu_grad_of(X[idx], b, a, g)
 
 
-# ----------------------------------------------------------------------------- the dispatch
+# ----------------------------------------------------------------------------- as ops
 
-def _rows_op(plain: Callable[..., Any], kernel: Callable[..., Any], outputs: int) -> Callable[..., Any]:
+def _supports(X, idx, *rest) -> bool:
+  return all(r.dtype == X.dtype for r in rest) and native.supports_rows(X, idx)
+
+
+def _vmap_rule(stacked_plain: Callable[..., Any]) -> dispatch.VmapRule:
+  """A vmap with a shared ``idx`` adds a leading dimension to every operand (the
+  unbatched ones broadcast) and calls the op again: the kernels take any leading
+  dimensions. A vmap over ``idx`` is JAX's batching of the plain expression."""
+
+  def rule(op, axis_size, in_batched, X, idx, *rest):
+    if in_batched[1]:  # per-member batches
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(stacked_plain, in_axes=in_axes)(X, idx, *rest)
+    X, *rest = (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                for x, batched in zip((X, *rest), (in_batched[0], *in_batched[2:])))
+    return op(X, idx, *rest)
+
+  return rule
+
+
+def _rows_op(plain: Callable[..., Any], kernel: Callable[..., Any]) -> Callable[..., Any]:
   """``plain(X, idx, *rest)`` as an op that runs ``kernel`` on CPU.
 
   ``X (n, m)`` and every ``rest`` operand may carry leading member dimensions
-  (all the same ones); ``idx (B,)`` never does. The kernel takes any leading
-  dimensions, so a vmap with a shared ``idx`` adds one to every operand (the
-  unbatched ones broadcast) and calls the same op again; a vmap over ``idx``
-  falls back to JAX's batching of the plain expression.
+  (all the same ones); ``idx (B,)`` never does.
   """
-  out_batched = True if outputs == 1 else (True,) * outputs
 
   def stacked_plain(X, idx, *rest):
     fn = plain
@@ -91,44 +112,13 @@ def _rows_op(plain: Callable[..., Any], kernel: Callable[..., Any], outputs: int
       fn = jax.vmap(fn, in_axes=(0, None, *(0,) * len(rest)))
     return fn(X, idx, *rest)
 
-  def native_ok(X, idx, *rest) -> bool:
-    dtypes_ok = all(r.dtype == X.dtype for r in rest)
-    return (products.USE_NATIVE and dtypes_ok and native.supports_rows(X, idx)
-            and native.available(warn=jax.default_backend() == "cpu"))
-
-  @jax.custom_batching.custom_vmap
-  def op(X, idx, *rest):
-    # A fresh closure per trace: JAX caches branch traces by function, and the
-    # choice depends on products.USE_NATIVE at trace time.
-    def cpu(X, idx, *rest):
-      return kernel(X, idx, *rest) if native_ok(X, idx, *rest) else stacked_plain(X, idx, *rest)
-    return jax.lax.platform_dependent(X, idx, *rest, cpu=cpu, default=stacked_plain)
-
-  @op.def_vmap
-  def _vmap(axis_size, in_batched, X, idx, *rest):
-    if in_batched[1]:  # per-member batches: JAX's own rule on the plain expression
-      in_axes = tuple(0 if b else None for b in in_batched)
-      return jax.vmap(stacked_plain, in_axes=in_axes)(X, idx, *rest), out_batched
-    X, *rest = (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-                for x, batched in zip((X, *rest), (in_batched[0], *in_batched[2:])))
-    return op(X, idx, *rest), out_batched
-
-  @jax.custom_jvp
-  def differentiable(X, idx, *rest):
-    return op(X, idx, *rest)
-
-  @differentiable.defjvp
-  def _jvp(primals, tangents):
-    # custom_vmap has no transpose rule: autodiff sees the plain expression.
-    return op(*primals), jax.jvp(stacked_plain, primals, tangents)[1]
-
-  return differentiable
+  return dispatch.op(stacked_plain, kernel, _supports, _vmap_rule(stacked_plain))
 
 
-_take_rows = _rows_op(_take_of, native.take_rows, 1)
-_add_rows = _rows_op(_add_of, native.add_rows, 1)
-_relu_rows = _rows_op(_relu_rows_of, native.relu_rows, 2)
-_relu_rows_grad = _rows_op(_relu_rows_grad_of, native.relu_rows_grad, 1)
+_take_rows = _rows_op(_take_of, native.take_rows)
+_add_rows = _rows_op(_add_of, native.add_rows)
+_relu_rows = _rows_op(_relu_rows_of, native.relu_rows)
+_relu_rows_grad = _rows_op(_relu_rows_grad_of, native.relu_rows_grad)
 
 
 def _index(idx: Any) -> jax.Array:
@@ -149,7 +139,7 @@ def add_rows(X: jax.Array, idx: Any, U: jax.Array) -> jax.Array:
   return _add_rows(X, _index(idx), U.astype(X.dtype))
 
 
-def relu_rows(X: jax.Array, idx: Any, b: Any, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+def relu_rows(X: jax.Array, idx: Any, b: Any, a: jax.Array) -> HiddenRows:
   """The hidden layer on the batch's rows without materializing it.
 
   Args:
@@ -159,8 +149,9 @@ def relu_rows(X: jax.Array, idx: Any, b: Any, a: jax.Array) -> tuple[jax.Array, 
     a: ``(m, C)`` the output layer.
 
   Returns:
-    ``relu(X[idx] - b) @ a`` ``(B, C)`` (unscaled outputs) and the number of
-    active neurons per point ``(B,)``, as floats of ``X``'s dtype.
+    ``HiddenRows``: ``raw = relu(X[idx] - b) @ a`` ``(B, C)`` (unscaled outputs)
+    and ``active``, the number of active neurons per point ``(B,)``, as floats
+    of ``X``'s dtype.
   """
   return _relu_rows(X, _index(idx), jnp.asarray(b, X.dtype), a.astype(X.dtype))
 

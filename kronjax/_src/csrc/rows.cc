@@ -349,3 +349,15 @@ ffi::Error ReluRowsGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer
 
 KRONJAX_ROWS_HANDLERS(f32, ffi::DataType::F32)
 KRONJAX_ROWS_HANDLERS(f64, ffi::DataType::F64)
+
+// The number of threads ParallelFor may use here (XLA's intra-op pool): tests
+// check that a multi-threaded split is really reached.
+namespace {
+ffi::Error PoolThreads(ffi::ThreadPool pool, ffi::Result<ffi::Buffer<ffi::S32>> out) {
+  *out->typed_data() = static_cast<int32_t>(pool.num_threads());
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_pool_threads, PoolThreads,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Ret<ffi::Buffer<ffi::S32>>());
