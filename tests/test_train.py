@@ -9,7 +9,8 @@ import pytest
 
 import kronjax
 from kronjax._src import index as index_lib
-from kronjax._src import native, products
+from kronjax._src import dispatch
+from kronjax._src import native as native_lib
 from reference import batches, rel_err, run_pair
 
 TXS = {
@@ -64,29 +65,27 @@ def test_matches_dense_sgd(x64, tx_name, loss, train_output, update, gram, dims,
 
 @pytest.mark.parametrize("layout", ["neurons", "points"])
 @pytest.mark.parametrize("native", [True, False])
-def test_dense_step_with_each_cpu_product_matches_dense_sgd(x64, monkeypatch, native, layout):
-  """The dense path's P and P_eval updates (products.add_product) with the native
+def test_full_step_with_each_cpu_product_matches_dense_sgd(x64, native, layout):
+  """The full path's P and P_eval updates (products.add_product) with the native
   kernel and with XLA's product. At ~5 % of neurons active (threshold 1.6) the
   kernel takes its zero-skipping loop for the neuron-major updates (every P_eval;
   P in the "neurons" layout) and gemm for the point-major P."""
-  if native and not kronjax._src.native.available():
-    pytest.skip(f"native kernel unavailable: {kronjax._src.native.info()['reason']}")
-  monkeypatch.setattr(products, "USE_NATIVE", native)
-  jax.clear_caches()  # the choice is made at trace time
-  data, labels = _task("mse", (4, 6), 1, n=60)
-  train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
-  config = kronjax.Config(width=128, threshold=1.6, train_output=True, update="full", layout=layout)
-  state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(2), config, optax.sgd(2.0), train,
-                                          labels[:40], steps=30, eval_data=held,
-                                          eval_labels=labels[40:])
-  assert 0 < np.mean(hist["kron"]["active"]) < 0.1 * config.width  # the kernel's sparse regime
-  assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-10
-  params = kronjax.dense_params(state, dataset)
-  assert rel_err(params["W"], dstate.params["W"]) < 1e-10
-  held_W = dstate.params["W"] @ held.materialize().T                  # (m, n_e)
-  assert rel_err(state.P_eval, held_W) < 1e-10
-  assert float(jnp.max(jnp.abs(state.A))) > 1e-3
-  jax.clear_caches()
+  if native and not native_lib.available():
+    pytest.skip(f"native kernel unavailable: {native_lib.info()['reason']}")
+  with dispatch.using(native):  # the choice is made at trace time; caches cleared
+    data, labels = _task("mse", (4, 6), 1, n=60)
+    train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
+    config = kronjax.Config(width=128, threshold=1.6, train_output=True, update="full", layout=layout)
+    state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(2), config, optax.sgd(2.0), train,
+                                            labels[:40], steps=30, eval_data=held,
+                                            eval_labels=labels[40:])
+    assert 0 < np.mean(hist["kron"]["active"]) < 0.1 * config.width  # the kernel's sparse regime
+    assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-10
+    params = kronjax.dense_params(state, dataset)
+    assert rel_err(params["W"], dstate.params["W"]) < 1e-10
+    held_W = dstate.params["W"] @ held.materialize().T                  # (m, n_e)
+    assert rel_err(state.P_eval, held_W) < 1e-10
+    assert float(jnp.max(jnp.abs(state.A))) > 1e-3
 
 
 class TestJitVariants(chex.TestCase):
