@@ -183,7 +183,6 @@ def test_build_step_prints_the_command_and_the_warnings(tmp_path):
   assert use.returncode == 0 and native.BUILDING not in use.stderr, use.stderr
 
 
-@pytest.mark.skip(reason="converted by the lead")
 def test_require_mode_trains_in_a_fresh_process(tmp_path):
   """A new process with an empty cache builds the kernel, and a float64 dense
   sweep step with it equals the XLA product's (the CI machine has g++: this is
@@ -197,17 +196,16 @@ import kronjax
 from kronjax import sweep as sw
 from kronjax._src import dispatch, native
 data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 40, (4, 6), task="regression")
-config = kronjax.Config(width=64, threshold=0.6, update="dense")
+dataset = kronjax.Dataset(data, labels)
+config = kronjax.Config(width=64, threshold=0.6, update="full")
 members = sw.grid(learning_rate=[0.5, 1.0], seed=[0, 1])
-s = sw.init(config, data, labels, members, tx=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
-step = sw.compiled_step()
-assert "kronjax_add_product" in step.lower(s.state, jnp.arange(8)).as_text()
-state, _ = step(jax.tree.map(jnp.copy, s.state), jnp.arange(8))  # the step donates
-dispatch.set_enabled(False)
-jax.clear_caches()
-sw._STEP_CACHE.clear()  # compiled under the other setting
-assert "kronjax_add_product" not in sw.compiled_step().lower(s.state, jnp.arange(8)).as_text()
-ref, _ = sw.compiled_step()(jax.tree.map(jnp.copy, s.state), jnp.arange(8))
+s = sw.init(config, dataset, members, tx=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None, None)))
+assert "kronjax_add_product" in step.lower(s, dataset, jnp.arange(8)).as_text()
+state, _ = step(s, dataset, jnp.arange(8))
+with dispatch.disabled():  # compiles under the other setting (caches cleared)
+  assert "kronjax_add_product" not in step.lower(s, dataset, jnp.arange(8)).as_text()
+  ref, _ = step(s, dataset, jnp.arange(8))
 err = float(jnp.max(jnp.abs(state.P - ref.P)) / jnp.max(jnp.abs(ref.P)))
 print("RESULT", native.info()["available"], err)
 """

@@ -189,15 +189,15 @@ def test_native_wrappers_reject_mismatched_operands():
                           jnp.ones((2, 3), jnp.float32))
 
 
-@pytest.mark.skip(reason="converted by the lead")
-def test_the_dense_step_uses_the_row_kernels(impl):
-  """The point-major dense step reads P's batch rows through kronjax._src.rows: no
+def test_the_full_step_uses_the_row_kernels(impl):
+  """The point-major full step reads P's batch rows through kronjax._src.rows: no
   XLA gather of P and no (B, m) ReLU is left in the compiled step."""
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 32, (4, 8))
-  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64, update="dense"), data,
-                       labels, optax.sgd(0.1))
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64, update="full"), dataset,
+                       optax.sgd(0.1))
   assert state.layout == "points"
-  text = jax.jit(_fresh(kronjax.train_step)).lower(state, jnp.arange(8)).as_text()
+  text = jax.jit(_fresh(kronjax.train_step)).lower(state, dataset, jnp.arange(8)).as_text()
   for name in ("relu_rows", "relu_rows_grad", "add_rows"):
     assert (f"kronjax_{name}_f32" in text) == (impl == "native")
 
