@@ -346,3 +346,43 @@ def test_every_entry_point_refuses_another_dataset():
   smaller = kronjax.Dataset(data.subset(np.arange(10)), labels[:10])
   with pytest.raises(ValueError, match="n=10"):
     kronjax.train_step(state, smaller, jnp.arange(4))
+
+
+def test_dtype_policy_labels_threshold_and_optimizer_scalars_follow_the_data(x64):
+  """float32 data under x64: float64 labels, a float64 threshold and a float64
+  learning rate are cast once; the state stays float32 and trains exactly as the
+  all-float32 run."""
+  data64, labels64 = _task("mse", (4, 6), 1)
+  data = kronjax.KronData(tuple(f.astype(jnp.float32) for f in data64.factors))
+  mixed = kronjax.Dataset(data, np.asarray(labels64, np.float64))
+  plain = kronjax.Dataset(data, np.asarray(labels64, np.float32))
+  assert mixed.labels.dtype == jnp.float32 and mixed.fingerprint == plain.fingerprint
+  config = kronjax.Config(width=64, threshold=0.5)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.asarray(0.3, jnp.float64))
+  s_mixed = kronjax.init(jax.random.PRNGKey(0), config, mixed, tx, threshold=np.float64(0.5))
+  s_plain = kronjax.init(jax.random.PRNGKey(0), config, plain, optax.inject_hyperparams(optax.sgd)(
+      learning_rate=jnp.asarray(0.3, jnp.float32)))
+  assert s_mixed.b.dtype == jnp.float32
+  step = jax.jit(kronjax.train_step)
+  for bi in batches(data.n, 8, 5):
+    s_mixed, _ = step(s_mixed, mixed, jnp.asarray(bi))
+    s_plain, _ = step(s_plain, plain, jnp.asarray(bi))
+  for x in (s_mixed.projections, s_mixed.A_T, s_mixed.a):
+    assert x.dtype == jnp.float32
+  np.testing.assert_array_equal(s_mixed.P, s_plain.P)
+  # Integer targets for mse are cast to the data's dtype by the step, not promoted.
+  ints = kronjax.Dataset(data, np.arange(data.n) % 3)
+  s_int = kronjax.init(jax.random.PRNGKey(0), config, ints, optax.sgd(0.1))
+  out, m = step(s_int, ints, jnp.arange(8))
+  assert out.P.dtype == jnp.float32 and m["loss"].dtype == jnp.float32
+
+
+def test_active_counts_are_exact_in_bfloat16():
+  from kronjax._src import rows
+  Z = jnp.ones((2, 1000), jnp.bfloat16)
+  a = jnp.ones((1000, 1), jnp.bfloat16)
+  counts = rows.relu_of(Z, jnp.asarray(0.0, jnp.bfloat16), a).active
+  np.testing.assert_array_equal(np.asarray(counts), [1000, 1000])
+  Z = Z.at[0, :3].set(-1)  # 997 has no bfloat16 value (multiples of 4 above 512)
+  np.testing.assert_array_equal(np.asarray(rows.relu_of(Z, jnp.asarray(0.0, jnp.bfloat16), a).active),
+                                [997, 1000])

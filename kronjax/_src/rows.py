@@ -51,9 +51,11 @@ from kronjax._src.native import HiddenRows
 def relu_of(Z: jax.Array, b: jax.Array, a: jax.Array) -> HiddenRows:
   """``HiddenRows(relu(Z - b) @ a, #(Z > b) per row)`` for rows ``Z (B, m)``, ``a (m, C)``."""
   h = losses.hidden(Z, b)
-  # Counted in floats (exact below 2**24 per row): an int32 sum of the mask was
-  # a separate convert pass plus a reduce-window tree on XLA CPU.
-  return HiddenRows(h @ a, jnp.sum((Z > b).astype(Z.dtype), axis=-1))
+  # Counted in floats, at least float32 so that counts are exact below 2**24 per
+  # row at any input dtype (bfloat16 is exact only to 256): an int32 sum of the
+  # mask was a separate convert pass plus a reduce-window tree on XLA CPU.
+  count_dtype = jnp.promote_types(Z.dtype, jnp.float32)
+  return HiddenRows(h @ a, jnp.sum((Z > b).astype(count_dtype), axis=-1))
 
 
 def relu_grad_of(Z: jax.Array, b: jax.Array, a: jax.Array, g: jax.Array) -> jax.Array:

@@ -139,7 +139,10 @@ def step(state: TrainState, dataset: Dataset, batch_idx: jax.Array,
 
 
 def _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok):
-  return {"loss": loss, "active": jnp.mean(counts.astype(state.projections.dtype)),
+  # Counts stay exact at any dtype: averaged in at least float32 (bfloat16 holds
+  # integers exactly only up to 256).
+  count_dtype = jnp.promote_types(state.projections.dtype, jnp.float32)
+  return {"loss": loss, "active": jnp.mean(counts.astype(count_dtype)),
           "max_active": max_count.astype(jnp.int32), "overflow": overflow,
           "invalid_batch": ~batch.valid, "skipped": ~ok, "step": new_state.step,
           "index_rebuilds": getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32))}
@@ -203,7 +206,10 @@ def _optimize(state: TrainState, grads: dict, ok: jax.Array):
   """The optax update, masked: when ``ok`` is False the updates are zero and the
   optimizer state is the old one (momentum must not decay on a skipped step)."""
   updates, opt_state = state.tx.update(grads, state.opt_state, None)
-  updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+  # Updates keep their gradient's dtype (the data's): an optimizer scalar of a
+  # wider dtype (a float64 learning rate under x64) must not promote the state.
+  updates = jax.tree.map(lambda u, g: jnp.where(ok, u, jnp.zeros_like(u)).astype(g.dtype),
+                         updates, grads)
   opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
   return updates, opt_state
 
