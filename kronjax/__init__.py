@@ -17,6 +17,7 @@ from kronjax._src.loop import fit
 from kronjax._src.loop import jit_train_step
 from kronjax._src.state import TrainState
 from kronjax._src.state import init
+from kronjax._src.state import resync
 from kronjax._src.state import with_config
 from kronjax._src.step import train_step
 
@@ -38,6 +39,7 @@ __all__ = (
     "jit_train_step",
     "network",
     "predict",
+    "resync",
     "sharding",
     "sweep",
     "train_step",

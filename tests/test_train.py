@@ -386,3 +386,29 @@ def test_active_counts_are_exact_in_bfloat16():
   Z = Z.at[0, :3].set(-1)  # 997 has no bfloat16 value (multiples of 4 above 512)
   np.testing.assert_array_equal(np.asarray(rows.relu_of(Z, jnp.asarray(0.0, jnp.bfloat16), a).active),
                                 [997, 1000])
+
+
+@pytest.mark.parametrize("init", ["explicit", "implicit"])
+def test_resync_recomputes_P_exactly_from_A(init):
+  """float32: after many momentum steps P has drifted from P0 + A K by rounding;
+  resync puts it back to within one product's rounding, and fit(resync_every=)
+  trains on."""
+  data, labels = _task("mse", (4, 6), 1, n=40)
+  train, held = data.subset(np.arange(30)), data.subset(np.arange(30, 40))
+  dataset = kronjax.Dataset(train, labels[:30], eval_data=held, eval_labels=labels[30:])
+  config = kronjax.Config(width=64, threshold=0.5, init=init)
+  state0 = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.5, momentum=0.9))
+  state, _ = kronjax.fit(state0, dataset, jax.random.PRNGKey(1), batch_size=5, steps=400,
+                         progress=False)
+  with jax.enable_x64(True):
+    K = np.asarray(train.gram(), np.float64)
+    exact = np.asarray(state0.P, np.float64) + np.asarray(state.A, np.float64) @ K
+  fixed = kronjax.resync(state, dataset)
+  drift = np.max(np.abs(np.asarray(state.P) - exact))
+  after = np.max(np.abs(np.asarray(fixed.P) - exact))
+  assert after < drift and after < 1e-5 * np.max(np.abs(exact))
+  assert np.array_equal(fixed.A_T, state.A_T) and int(fixed.step) == int(state.step)
+  assert fixed.P_eval is not None
+  out, hist = kronjax.fit(state0, dataset, jax.random.PRNGKey(1), batch_size=5, steps=40,
+                          progress=False, resync_every=10)
+  assert np.all(np.isfinite(hist["loss"])) and int(out.step) == 40

@@ -38,7 +38,7 @@ from kronjax._src import checks
 from kronjax._src import index as index_lib
 from kronjax._src.dataset import Dataset
 from kronjax._src.inference import evaluate
-from kronjax._src.state import TrainState, check_key, with_config
+from kronjax._src.state import TrainState, check_key, resync, with_config
 from kronjax._src.step import check_batch, step, train_step
 
 ON_OVERFLOW = ("replay", "raise", "stop")
@@ -74,6 +74,7 @@ def jit_train_step(state: TrainState, dataset: Dataset,
 
 
 evaluate_jit = jax.jit(evaluate)
+resync_jit = jax.jit(resync)
 
 
 # ----------------------------------------------------------------------------- runners
@@ -92,6 +93,7 @@ class Runner(NamedTuple):
   evaluate: Callable[[TrainState, Dataset], dict[str, Any]]
   with_config: Callable[..., TrainState]
   saveable: Callable[[TrainState], TrainState]
+  resync: Callable[[TrainState, Dataset], TrainState]
   name: str = "kronjax.fit"
 
 
@@ -106,7 +108,7 @@ def single_runner() -> Runner:
     return _jitted_step(state, dataset, batch)
 
   return Runner(members=None, prepare=copy_state, step=run_step, evaluate=evaluate_jit,
-                with_config=with_config, saveable=lambda s: s)
+                with_config=with_config, saveable=lambda s: s, resync=resync_jit)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -188,7 +190,7 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
           progress: bool = True, eval_every: int = 0, log_every: int = 1,
           on_overflow: str = "replay", on_nonfinite: str = "raise",
           checkpoint_dir: Any = None, checkpoint_every: int = 0, keep: int = 2,
-          resume: bool = False) -> tuple[TrainState, dict[str, Any]]:
+          resume: bool = False, resync_every: int = 0) -> tuple[TrainState, dict[str, Any]]:
   """The loop behind ``kronjax.fit`` and ``kronjax.sweep.fit`` (see ``fit`` for the arguments)."""
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
@@ -201,6 +203,7 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
   eval_every = checks.check_positive_int("eval_every", eval_every, minimum=0)
   log_every = checks.check_positive_int("log_every", log_every)
   checkpoint_every = checks.check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
+  resync_every = checks.check_positive_int("resync_every", resync_every, minimum=0)
   if (checkpoint_every or resume) and checkpoint_dir is None:
     raise ValueError("checkpoint_every / resume were set without checkpoint_dir; pass the "
                      "directory to save into (and resume from).")
@@ -281,6 +284,8 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
           stopped[i] = f"non-finite loss at step {global_step}"
         live &= ~bad
       done += 1
+      if resync_every and (global_step + 1) % resync_every == 0:
+        state = runner.resync(state, dataset)
       if (t + 1) % log_every == 0 or t + 1 == steps:
         log.add(global_step + 1, metrics, live)
       if not live.any():
@@ -421,8 +426,8 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
         steps: int | None = None, epochs: int | None = None, progress: bool = True,
         eval_every: int = 0, log_every: int = 1, on_overflow: str = "replay",
         on_nonfinite: str = "raise", mesh: Any = None, checkpoint_dir: Any = None,
-        checkpoint_every: int = 0, keep: int = 2,
-        resume: bool = False) -> tuple[TrainState, dict[str, Any]]:
+        checkpoint_every: int = 0, keep: int = 2, resume: bool = False,
+        resync_every: int = 0) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``state`` on ``dataset`` with shuffled mini-batches; returns ``(state, history)``.
 
   Args:
@@ -449,6 +454,9 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
       ``state`` serves as its template): the run ends at the step it would
       have reached uninterrupted, ``state.step + steps``, bit for bit, and the
       history covers every step.
+    resync_every: recompute ``P`` exactly from ``A`` (``kronjax.resync``) every
+      this many global steps; 0 (default) never. Worth it only for long float32
+      runs (``kronjax.resync`` says what it costs and when it helps).
 
   Returns:
     The trained state and a history of numpy arrays: ``step``, ``loss``,
@@ -471,4 +479,5 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
   return train(runner, state, dataset, key, batch_size=batch_size, steps=steps, epochs=epochs,
                progress=progress, eval_every=eval_every, log_every=log_every,
                on_overflow=on_overflow, on_nonfinite=on_nonfinite, checkpoint_dir=checkpoint_dir,
-               checkpoint_every=checkpoint_every, keep=keep, resume=resume)
+               checkpoint_every=checkpoint_every, keep=keep, resume=resume,
+               resync_every=resync_every)

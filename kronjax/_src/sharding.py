@@ -273,8 +273,12 @@ def sharded_runner(mesh: Mesh, axis_name: str | None = None) -> loop.Runner:
 
   # Checkpoints hold the unsharded state (no padding, one index), so
   # kronjax.checkpoint.load(like=init(...)) restores it whatever mesh wrote it.
+  def resync(state, dataset):
+    return shard_state(loop.resync_jit(unshard_state(state), dataset), mesh, axis_name)
+
   return loop.Runner(members=None, prepare=prepare, step=run_step, evaluate=loop.evaluate_jit,
-                     with_config=regrow, saveable=unshard_state, name="kronjax.fit")
+                     with_config=regrow, saveable=unshard_state, resync=resync,
+                     name="kronjax.fit")
 
 
 # ----------------------------------------------------------------------------- communication

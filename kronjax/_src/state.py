@@ -218,6 +218,38 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
       index_kind=kind, fingerprint=dataset.fingerprint)
 
 
+def resync(state: TrainState, dataset: Dataset) -> TrainState:
+  """``state`` with ``P`` and ``P_eval`` recomputed exactly from ``A``: ``P = W0 X^T + A K``.
+
+  The step updates ``P`` incrementally, so in float32 it drifts from ``W X^T``
+  by rounding (``experiments/bench_drift.py`` measures how far over long
+  runs). This recomputes the projections from the init's ``W0`` (regenerated
+  from the key: exact for every init kind) and the coefficients ``A``, and
+  rebuilds the threshold index. Cost: one ``P0`` (the init's cost: ``O(m R n
+  sum_q d_q)`` for ``kronecker``, ``O(n^3 + m n^2)`` for ``implicit``,
+  ``O(m n d)`` for ``explicit``) plus ``O(m n (n + n_e))`` for ``A K``; the
+  ``(n, n)`` Gram is formed from the factors when the dataset does not store
+  it. Optimizer state, ``a``, ``b`` and the step are unchanged. Jit-able.
+  """
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  state.check_dataset(dataset)
+  P0, P0_eval = initializers.initial_projections(state.key, state.config, dataset)
+  dtype = state.projections.dtype
+  K = dataset.gram if dataset.gram is not None else dataset.data.gram()
+  rows = state.P.shape[0]
+  if rows != state.config.width:
+    raise ValueError("resync needs an unsharded state; call kronjax.sharding.unshard_state first.")
+  P = (P0 + state.A @ K).astype(dtype)
+  P_eval = None
+  if state.P_eval is not None:
+    K_eval = (dataset.gram_eval if dataset.gram_eval is not None
+              else dataset.data.gram(other=dataset.eval_data))
+    P_eval = (P0_eval + state.A @ K_eval).astype(dtype)
+  index = threshold_index(state.config, state.index_kind).build(P, state.b)
+  return state.replace(P=P, P_eval=P_eval, index=carry_rebuild_count(state.index, index))
+
+
 def with_config(state: TrainState, **changes: Any) -> TrainState:
   """The same state under a changed static config, with the index rebuilt from ``P``.
 

@@ -331,13 +331,14 @@ def _run_step(state, dataset, batch, mask):
 
 
 _evaluate_sweep = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
+_resync_sweep = jax.jit(jax.vmap(state_lib.resync, in_axes=(0, None)))
 
 
 def runner(members: int) -> loop.Runner:
   """The training loop's runner for a stacked sweep of ``members`` states."""
   return loop.Runner(members=members, prepare=loop.copy_state, step=_run_step,
                      evaluate=_evaluate_sweep, with_config=with_config, saveable=lambda s: s,
-                     name="kronjax.sweep.fit")
+                     resync=_resync_sweep, name="kronjax.sweep.fit")
 
 
 def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
