@@ -13,6 +13,7 @@ from kronjax._src.inference import evaluate
 from kronjax._src.inference import predict
 from kronjax._src.kron import KronData
 from kronjax._src.loop import CapacityError
+from kronjax._src.loop import batch_schedule
 from kronjax._src.loop import fit
 from kronjax._src.loop import jit_train_step
 from kronjax._src.state import TrainState
@@ -29,6 +30,7 @@ __all__ = (
     "Dataset",
     "KronData",
     "TrainState",
+    "batch_schedule",
     "checkpoint",
     "data",
     "dense",

@@ -8,7 +8,7 @@ import pytest
 import kronjax
 
 PUBLIC = {
-    "CapacityError", "Config", "Dataset", "KronData", "TrainState", "checkpoint", "data", "dense",
+    "CapacityError", "Config", "Dataset", "KronData", "TrainState", "batch_schedule", "checkpoint", "data", "dense",
     "dense_params", "evaluate", "fit", "init", "jit_train_step", "network", "predict", "resync", "sharding", "sweep",
     "train_step", "with_config",
 }
