@@ -180,6 +180,31 @@ class Config:
           "index='bucketed' would only cost time; use index='auto' or 'scan' with it.")
     checks.check_positive_int("init_chunk", self.init_chunk)
 
+  def resolved_update(self, batch_size: int) -> str:
+    """The update path a step on ``batch_size`` points runs: ``"sparse"`` or ``"full"``.
+
+    What ``"auto"`` picks, and why (the one place that says it; measured by
+    ``experiments/bench_auto.py``):
+
+    * ``layout="points"`` (or ``update="full"`` with ``layout="auto"``): ``"full"``,
+      the only path that reads point-major ``P``;
+    * otherwise ``"sparse"`` while the rows a step may touch, ``B * active_capacity``,
+      stay under a third of ``width``, else ``"full"``: the sparse path updates
+      ``T <= B K_cap`` rows of ``n`` through a sorted unique row scatter, which
+      costs about twice a full row per row on CPU, and the full path pays one
+      ``(m, B) @ (B, n)`` product with no index query.
+
+    With ``"full"`` the layout ``"auto"`` resolves to ``"points"`` and the index
+    to ``"scan"`` (the full path queries no index); with ``"sparse"`` to
+    ``"neurons"`` and the index ``"auto"`` to ``"scan"`` (``kronjax``'s threshold
+    index module says why the bucketed index does not win the train step on CPU).
+    """
+    if self.resolved_layout == "points":
+      return "full"
+    if self.update != "auto":
+      return self.update
+    return "sparse" if 3 * batch_size * self.active_capacity <= self.width else "full"
+
   @property
   def resolved_layout(self) -> str:
     """``"neurons"`` or ``"points"``: the layout ``layout="auto"`` stands for."""

@@ -19,7 +19,7 @@ training loop (``kronjax.fit``) replays overflows with more capacity and
 raises on the others. A skip is a mask, not a ``lax.cond``: both branches of a
 cond returning the state make XLA copy every ``(m, n)`` array on every step.
 
-Update paths (``config.update``; ``auto`` is chosen by ``resolve_update``):
+Update paths (``config.update``; ``Config.resolved_update`` says what ``auto`` picks):
   * sparse: query the threshold index, then update only the union of the
     batch's active rows, ``O(T B n)`` with ``T <= B K``; no ``O(m n)`` pass with
     a shape-free optimizer (plain sgd, schedules). Momentum and co. keep
@@ -60,22 +60,6 @@ class Batch(NamedTuple):
   labels: jax.Array              # (B, C) float (mse) or (B,) int32 (softmax)
   K_rows: jax.Array              # (B, n) Gram rows K[S, :]
   K_rows_eval: jax.Array | None  # (B, n_e) cross Gram rows K[S, E]
-
-
-def resolve_update(config, batch_size: int) -> str:
-  """The update path ``config.update`` stands for at this batch size: ``"sparse"`` or ``"full"``.
-
-  ``"auto"`` picks ``"full"`` in the point-major layout (only the full path
-  reads it), and otherwise ``"sparse"`` while the rows a step may touch,
-  ``B * K_cap``, stay under a third of ``m``: the sparse path updates ``T <= B
-  K_cap`` rows of ``n`` through a sorted unique row scatter, which costs about
-  twice a full row per row on CPU (``experiments/bench_step.py``).
-  """
-  if config.resolved_layout == "points":
-    return "full"
-  if config.update != "auto":
-    return config.update
-  return "sparse" if 3 * batch_size * config.active_capacity <= config.width else "full"
 
 
 def train_step(state: TrainState, dataset: Dataset,
@@ -133,7 +117,7 @@ def step(state: TrainState, dataset: Dataset, batch_idx: jax.Array,
   shard inside ``shard_map``: ``P``, ``A``, ``a`` hold this device's rows, and the
   only communication is the all-reduce of the ``(B, C)`` outputs (plus scalars)."""
   batch = read_batch(state, dataset, batch_idx)
-  if resolve_update(state.config, batch_idx.shape[0]) == "full":
+  if state.config.resolved_update(batch_idx.shape[0]) == "full":
     return _full_step(state, batch, axis_name)
   return _sparse_step(state, batch, axis_name)
 

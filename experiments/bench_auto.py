@@ -1,0 +1,85 @@
+"""Does the default ``Config`` (``update``, ``layout``, ``index`` all ``"auto"``) pick the fastest step?
+
+For each shape it times ``kronjax.jit_train_step`` (the fast path users call)
+under the default config and under every explicit combination of update path,
+layout and index kind, in interleaved rounds (one step of each per round,
+after compilation), and reports medians and the default's ratio to the fastest.
+Plain SGD, float32, unit-norm planted data.
+
+    python experiments/bench_auto.py [--rounds 30] [--out experiments/results/auto.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+import kronjax
+
+SHAPES = ({"width": 4096, "n": 1024, "batch": 32}, {"width": 65536, "n": 512, "batch": 1})
+EXPLICIT = {
+    "sparse/neurons/scan": {"update": "sparse", "layout": "neurons", "index": "scan"},
+    "sparse/neurons/bucketed": {"update": "sparse", "layout": "neurons", "index": "bucketed"},
+    "full/neurons/scan": {"update": "full", "layout": "neurons", "index": "scan"},
+    "full/points/scan": {"update": "full", "layout": "points", "index": "scan"},
+}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--out", default="experiments/results/auto.json")
+  args = parser.parse_args(argv)
+  results = []
+  for shape in SHAPES:
+    m, n, B = shape["width"], shape["n"], shape["batch"]
+    data, labels = kronjax.data.planted(jax.random.PRNGKey(0), n, (32, 32), task="regression")
+    dataset = kronjax.Dataset(data, labels)
+    batches = kronjax.batch_schedule(jax.random.PRNGKey(1), n, B, args.rounds + 3)
+    settings = {"default": {}, **EXPLICIT}
+    states, resolved = {}, {}
+    for name, kw in settings.items():
+      config = kronjax.Config(width=m, **kw)
+      state = kronjax.init(jax.random.PRNGKey(2), config, dataset, optax.sgd(0.5))
+      resolved[name] = {"update": config.resolved_update(B),
+                        "layout": config.resolved_layout, "index": state.index_kind}
+      for t in range(3):  # compile and warm up
+        state, _ = kronjax.jit_train_step(state, dataset, batches[t])
+      jax.block_until_ready(state.P)
+      states[name] = state
+    times = {name: [] for name in settings}
+    for r in range(args.rounds):
+      for name in settings:
+        t0 = time.perf_counter()
+        states[name], metrics = kronjax.jit_train_step(states[name], dataset, batches[3 + r])
+        jax.block_until_ready(states[name].projections)
+        times[name].append(time.perf_counter() - t0)
+        assert not bool(metrics["overflow"])
+    medians = {name: float(np.median(v)) for name, v in times.items()}
+    fastest = min((v, k) for k, v in medians.items() if k != "default")
+    row = {**shape, "median_s": medians, "resolved": resolved, "fastest": fastest[1],
+           "default_over_fastest": medians["default"] / fastest[0]}
+    results.append(row)
+    print(json.dumps({k: row[k] for k in ("width", "n", "batch", "fastest", "default_over_fastest")}),
+          flush=True)
+  payload = {"benchmark": "auto", "command": " ".join(["python"] + sys.argv),
+             "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                         "backend": jax.default_backend(), "jax": jax.__version__},
+             "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "shapes": results}
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(payload, indent=1) + "\n")
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
