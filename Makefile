@@ -28,8 +28,8 @@ native: $(STAMP)
 
 # The benchmark scripts behind the README's performance tables (minutes; not part of CI).
 bench: $(STAMP)
-	$(BIN)/python -m experiments.bench_step
-	$(BIN)/python -m experiments.bench_threshold
+	$(BIN)/python experiments/bench_step.py
+	$(BIN)/python experiments/bench_threshold.py
 	$(BIN)/python experiments/bench_init.py
 	$(BIN)/python experiments/bench_sweep.py
 	$(BIN)/python experiments/bench_sharding.py

@@ -2,7 +2,8 @@
 
 Claim measured: one sharded step (``kronjax.sharding.compiled_step``) moves only the
 ``(B, C)`` all-reduce of the outputs plus a few counters — no ``P``-sized transfer. The
-collectives are read from the compiled HLO (``jit(...).lower(...).compile().as_text()``:
+collectives are read from the compiled HLO (``kronjax.experiments.hlo``:
+``jit(...).lower(...).compile().as_text()``:
 every all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute and its
 shapes) and compared with ``kronjax.sharding.estimated_bytes`` (docs/scaling.md).
 
@@ -27,11 +28,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, sharding
+from kronjax import sharding
+from kronjax.experiments import hlo
+from kronjax.experiments import timing as bench
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -41,27 +43,28 @@ def run(m: int, n: int, dims, batch: int, loss: str, classes: int, optimizer: st
   key = jax.random.PRNGKey(0)
   task = "regression" if loss == "mse" else "classification"
   data, labels = kronjax.data.planted(key, n, dims, task=task, num_classes=max(classes, 2))
+  dataset = kronjax.Dataset(data, labels)
   config = kronjax.Config(width=m, loss=loss, num_classes=classes, init="implicit")
   tx = optax.sgd(1.0, momentum=0.9) if optimizer == "momentum" else optax.sgd(1.0)
-  state = kronjax.init(key, config, data, labels, tx)
+  state = kronjax.init(key, config, dataset, tx)
   mesh = sharding.neuron_mesh(jax.devices()[:devices])
-  batches = [jnp.asarray(b) for b in kronjax.loop.batch_schedule(key, n, batch, steps)]
+  batches = [jnp.asarray(b) for b in kronjax.batch_schedule(key, n, batch, steps)]
 
   sharded = sharding.shard_state(state, mesh)
-  ops = sharding.step_collectives(sharded, batches[0], mesh)
+  ops = hlo.step_collectives(sharded, dataset, batches[0], mesh)
   measured = sum(op["bytes"] for op in ops)
   float_bytes = jnp.zeros((), state.P.dtype).dtype.itemsize
   estimate = sharding.estimated_bytes(batch, classes, float_bytes=float_bytes)
   p_bytes = int(state.P.size * state.P.dtype.itemsize)
 
   step = sharding.compiled_step(mesh)
-  sharded_t, _ = bench.time_steps(step, sharded, batches)
-  single = kronjax.loop.compiled_step(donate=True)
-  single_t, _ = bench.time_steps(single, jax.tree.map(lambda x: jnp.array(x, copy=True), state), batches)
+  sharded_t, _ = bench.time_steps(lambda s, b: step(s, dataset, b), sharded, batches)
+  single_t, _ = bench.time_steps(lambda s, b: kronjax.jit_train_step(s, dataset, b),
+                                 jax.tree.map(lambda x: jnp.array(x, copy=True), state), batches)
   return {
       "m": m, "n": n, "dims": list(dims), "batch": batch, "loss": loss, "classes": classes,
       "optimizer": optimizer, "devices": devices, "dtype": str(state.P.dtype),
-      "update_path": kronjax.train.resolve_update(state, batch),
+      "update_path": config.resolved_update(batch),
       "collectives": ops, "collective_ops": sorted({op["op"] for op in ops}),
       "measured_bytes": measured, "estimated_bytes": estimate,
       "matches_estimate": measured == estimate["total"],

@@ -6,15 +6,17 @@ Measures, in one process on the same data, steady-state medians after compilatio
   3. the floor: the bare P update of the path the step takes, same static shapes;
   4. batch 1, m = 65536, n = 512: the sparse update path vs the dense path.
 The steps of 1 and 2 and the floor of 3 run in interleaved rounds
-(``bench.time_steps_interleaved``), so the machine's drift hits them alike.
+(``timing.time_steps_interleaved``), so the machine's drift hits them alike.
+The steps are ``kronjax.jit_train_step`` (the step ``kronjax.fit`` runs). The
+floor and the update path a step takes are internals with no public API, so
+they come from ``kronjax._src`` (``products``, ``step``).
 
-    .venv/bin/python -m experiments.bench_step [--smoke] [--rounds 10] [--out experiments/results/step.json]
+    .venv/bin/python experiments/bench_step.py [--smoke] [--rounds 10] [--out experiments/results/step.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,10 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, dense, products
+from kronjax import dense
+from kronjax._src import products  # the floor's kernel: internal, timed on its own
+from kronjax._src import step as step_lib  # add_touched_rows: the sparse floor, internal
+from kronjax.experiments import timing as bench
 
 
 def _dims_for(log2_d: int) -> tuple[int, int]:
@@ -35,24 +40,26 @@ def _batches(n, batch, count, seed=0):
 
 
 def kron_state(key, m, n, log2_d, *, update="auto", gram="precomputed", lr=0.5, config_kw=None):
-  """A plain-SGD state on the planted regression task with ``d = 2**log2_d``."""
+  """A plain-SGD state on the planted regression task with ``d = 2**log2_d``, and the
+  jitted donated step on its dataset: ``(step(state, batch), state)``."""
   data, labels = kronjax.data.planted(key, n, _dims_for(log2_d), task="regression")
-  config = kronjax.Config(width=m, init="implicit", update=update, gram=gram, **(config_kw or {}))
-  return kronjax.init(key, config, data, labels, optax.sgd(lr))
+  dataset = kronjax.Dataset(data, labels, gram=gram)
+  config = kronjax.Config(width=m, init="implicit", update=update, **(config_kw or {}))
+  state = kronjax.init(key, config, dataset, optax.sgd(lr))
+  return (lambda s, b: kronjax.jit_train_step(s, dataset, b)), state
 
 
 def _describe(state, step, batch, timing):
   """Adds the active count, overflow flag and update path of one more step to ``timing``."""
-  _, metrics = step(state, _batches(state.data.n, batch, 1, seed=1)[0])
+  _, metrics = step(state, _batches(state.n, batch, 1, seed=1)[0])
   timing.update(active=float(metrics["active"]), overflow=bool(metrics["overflow"]),
                 active_capacity=state.config.active_capacity,
-                path=kronjax.train.resolve_update(state, batch))
+                path=state.config.resolved_update(batch))
   return {k: v for k, v in timing.items() if k not in ("times_s",)}
 
 
 def kron_step_time(key, m, n, batch, log2_d, *, steps=60, **state_kw):
-  state = kron_state(key, m, n, log2_d, **state_kw)
-  step = jax.jit(kronjax.train_step, donate_argnums=0)
+  step, state = kron_state(key, m, n, log2_d, **state_kw)
   timing, state = bench.time_steps(step, state, _batches(n, batch, steps))
   return _describe(state, step, batch, timing)
 
@@ -61,13 +68,13 @@ def floor_run(key, m, n, batch, capacity, path, steps=20):
   """The bare P update a step of this path cannot avoid, same static shapes,
   as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
 
-  dense: ``P + K_rows^T @ U`` with ``P (n, m)`` point-major and ``U (B, m)``
+  full: ``P + K_rows^T @ U`` with ``P (n, m)`` point-major and ``U (B, m)``
   (``products.add_product_t``, as the step calls it); sparse: the sorted unique scatter
   of the ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows``.
   """
   rng = np.random.default_rng(0)
   K_rows = [jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32)) for _ in range(steps)]
-  if path == "dense":  # P point-major, the op the step runs (the native kernel on CPU)
+  if path == "full":  # P point-major, the op the step runs (the native kernel on CPU)
     P = jax.random.normal(key, (n, m))
     U = [jnp.asarray(rng.normal(size=(batch, m)).astype(np.float32)) for _ in range(steps)]
     fn = jax.jit(lambda P, a: (products.add_product_t(P, a[0], a[1]), None), donate_argnums=0)
@@ -77,7 +84,8 @@ def floor_run(key, m, n, batch, capacity, path, steps=20):
     T_cap = min(m, batch * capacity)
     T = [jnp.asarray(np.sort(rng.choice(m, T_cap, replace=False)).astype(np.int32)) for _ in range(steps)]
     U = [jnp.asarray(rng.normal(size=(T_cap, batch)).astype(np.float32)) for _ in range(steps)]
-    fn = jax.jit(lambda P, a: (kronjax.train._add_rows(P, a[0], a[1] @ a[2]), None), donate_argnums=0)
+    fn = jax.jit(lambda P, a: (step_lib.add_touched_rows(P, a[0], a[1] @ a[2]), None),
+                 donate_argnums=0)
     args = list(zip(T, U, K_rows))
   return fn, P, args
 
@@ -91,7 +99,7 @@ def dense_step_time(key, m, n, batch, log2_d, *, steps=8, max_bytes=4 * 2**30):
   X = data.materialize()
   config = kronjax.Config(width=m)
   tx = optax.sgd(0.5)
-  state = dense.init(key, config, d, tx, dtype=X.dtype)
+  state = dense.init(key, config, _dims_for(log2_d), tx, dtype=X.dtype)
   step = dense.make_step(config, tx)
   batches = [(X[b], labels[b]) for b in _batches(n, batch, steps)]
   timing, _ = bench.time_steps(lambda s, xy: step(s, *xy), state, batches, warmup=2)
@@ -103,8 +111,9 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
   parser.add_argument("--out", default="experiments/results/step.json")
   parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
-  parser.add_argument("--update", default="dense", choices=("auto", "dense", "sparse"),
-                      help="update path of the m x n steps (dense: P stored point-major)")
+  parser.add_argument("--update", default="full", choices=("auto", "full", "sparse", "dense"),
+                      help="update path of the m x n steps (full, earlier name dense: P stored "
+                      "point-major)")
   args = parser.parse_args(argv)
   key = jax.random.PRNGKey(0)
   if args.smoke:
@@ -118,17 +127,15 @@ def main(argv=None):
   # The steps at every d, the step at the dense comparison's d and the floor are
   # timed in interleaved rounds: ratios of medians taken minutes apart swung by
   # 20 % with the machine's drift.
-  # The steps run with update=args.update (default "dense": the path auto picks
+  # The steps run with update=args.update (default "full": the path auto picks
   # here, and with it P is stored point-major); the d = 2**16 step is also run
   # with update="auto" (same path, P neuron-major) to show what the layout buys.
   log2_d_all = sorted(set(log2_ds) | {dense_log2_d})
-  states = {d: kron_state(key, m, n, d, update=args.update) for d in log2_d_all}
-  path = kronjax.train.resolve_update(states[dense_log2_d], batch)
-  cap = kronjax.Config(width=m).active_capacity
-  runs = {f"d=2^{d}": (jax.jit(kronjax.train_step, donate_argnums=0), states[d],
+  runs = {f"d=2^{d}": (*kron_state(key, m, n, d, update=args.update),
                        _batches(n, batch, steps_per_round + 3, seed=d)) for d in log2_d_all}
-  neurons = kron_state(key, m, n, dense_log2_d, update="auto")
-  runs["neurons"] = (jax.jit(kronjax.train_step, donate_argnums=0), neurons,
+  path = runs[f"d=2^{dense_log2_d}"][1].config.resolved_update(batch)
+  cap = kronjax.Config(width=m).active_capacity
+  runs["neurons"] = (*kron_state(key, m, n, dense_log2_d, update="auto"),
                      _batches(n, batch, steps_per_round + 3, seed=dense_log2_d))
   runs["floor"] = floor_run(key, m, n, batch, cap, path, steps=steps_per_round + 3)
   timings, states = bench.time_steps_interleaved(runs, rounds=rounds)
@@ -174,7 +181,7 @@ def main(argv=None):
     print(f"d=2^{dense_log2_d}: dense {dense_d16['skipped']}")
 
   sparse = kron_step_time(key, big_m, big_n, 1, 10, update="sparse", steps=40)
-  dense_path = kron_step_time(key, big_m, big_n, 1, 10, update="dense", steps=20)
+  dense_path = kron_step_time(key, big_m, big_n, 1, 10, update="full", steps=20)
   out["batch1_paths"] = {"m": big_m, "n": big_n, "sparse": sparse, "dense": dense_path,
                          "speedup": dense_path["median_s"] / sparse["median_s"]}
   print(f"batch 1, m={big_m}, n={big_n}: sparse {sparse['median_s'] * 1e3:.3f} ms, dense "

@@ -1,22 +1,23 @@
 """Benchmark: a vmapped sweep of 16 members against 16 sequential runs (issue 6).
 
 Claim measured: at m = 1024, n = 512, batch 32 (float32, CPU) one step of a
-16-member sweep (``kronjax.sweep.compiled_step``: vmap over the members, data and
-Gram shared) costs <= 0.5x the 16 steps of the members run one after the other
+16-member sweep (``kronjax.sweep.train_step``: vmap over the members, one dataset
+and Gram shared) costs <= 0.5x the 16 steps of the members run one after the other
 (``jax.jit(kronjax.train_step, donate_argnums=0)`` per member), and compiles once.
 
-All variants are timed in interleaved rounds (``bench.time_steps_interleaved``).
+All variants are timed in interleaved rounds (``timing.time_steps_interleaved``).
 Also, run against run: ``kronjax.sweep.fit`` of the sweep against ``kronjax.fit``
 of each member one after the other, the same steps and batches, compiled
 beforehand, in alternating rounds (``runs``): the loops' own per-step work
 (batches, the metrics fetch, the checks) is part of what the sweep shares.
 Also measured: the update floor (every member's ``P + G @ K_rows``, nothing else:
 no schedule of the members can go below it); the fully stacked variant
-``jax.vmap(kronjax.train_step, in_axes=(0, None))`` on ``jax.vmap(kronjax.init)``
-output (data and Gram copied per member); the member state's memory in both
-layouts; and the sequential runs, the sweep and the floor once more with XLA's
-product and add instead of the native CPU kernel (``kronjax.native``, the
-default), compiled in the same process (``*_xla``).
+``jax.vmap(kronjax.train_step, in_axes=(0, 0, None))`` (the dataset and its Gram
+copied per member); the memory of the stacked state and of the shared dataset;
+and the sequential runs, the sweep and the floor once more with XLA's product
+and add instead of the native CPU kernel (the default), compiled in the same
+process (``*_xla``). The floor's kernel and the native switch are internals with
+no public API (``kronjax._src``).
 
     .venv/bin/python experiments/bench_sweep.py            # -> experiments/results/sweep.json
     .venv/bin/python experiments/bench_sweep.py --smoke    # tiny sizes -> experiments/results/sweep_smoke.json
@@ -37,9 +38,10 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, products
 from kronjax import sweep as sw
-from kronjax.config import default_active_capacity, default_threshold
+from kronjax._src import dispatch, native, products  # the floor's kernel and the native switch
+from kronjax.experiments import heap
+from kronjax.experiments import timing as bench
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -48,14 +50,20 @@ def _bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def _copy(tree):
+  """A fresh copy of every array (the steps donate their state)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer: str,
-        rounds: int = 5, update: str = "dense", layout: str = "auto", run_steps: int = 40) -> dict:
+        rounds: int = 5, update: str = "full", layout: str = "auto", run_steps: int = 40) -> dict:
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, dims, task="regression")
-  b0 = default_threshold(m)
+  dataset = kronjax.Dataset(data, labels)
+  b0 = kronjax.Config(width=m).threshold  # the paper's sqrt(0.4 ln m)
   thresholds = [b0, b0 - 0.25]
   config = kronjax.Config(width=m, threshold=b0, update=update, layout=layout,
-                          active_capacity=default_active_capacity(m, min(thresholds)))
+                          active_capacity=kronjax.Config(width=m, threshold=min(thresholds)).active_capacity)
   hyper = dict(learning_rate=[0.5, 1.0, 2.0, 4.0], threshold=thresholds, seed=[0, 1])
   if optimizer == "momentum":
     hyper["momentum"] = [0.9]
@@ -64,41 +72,47 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
   members = sw.grid(**hyper)
   S = len(members)
-  batches = [jnp.asarray(b) for b in kronjax.loop.batch_schedule(key, n, batch, steps)]
+  batches = [jnp.asarray(b) for b in kronjax.batch_schedule(key, n, batch, steps)]
 
   t0 = time.perf_counter()
-  sweep = sw.init(config, data, labels, members, tx=tx)
-  jax.block_until_ready(sweep.state)
+  sweep = sw.init(config, dataset, members, tx=tx)  # the stacked state: (S,) on every leaf
+  jax.block_until_ready(sweep)
   init_s = time.perf_counter() - t0
 
   # 16 sequential runs: the same members as separate states, one jitted donated step.
-  starts = [sweep.member(i) for i in range(S)]
-  single = jax.jit(kronjax.train_step, donate_argnums=0)
-  states = [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts]
+  starts = [sw.member(sweep, i) for i in range(S)]
+  single = jax.jit(kronjax.train_step, donate_argnums=0)  # = kronjax.jit_train_step, lowerable
 
   def sequential(states, batch_idx, single=single):
-    out = [single(s, batch_idx) for s in states]
+    out = [single(s, dataset, batch_idx) for s in states]
     return [s for s, _ in out], [mt for _, mt in out]
 
   t0 = time.perf_counter()
-  jax.block_until_ready(sequential(states[:1], batches[0])[0])
+  jax.block_until_ready(sequential([_copy(starts[0])], batches[0])[0])
   seq_compile_s = time.perf_counter() - t0
-  states = [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts]
+  states = [_copy(s) for s in starts]
 
-  # The sweep: vmap over the members, data / Gram / batch shared (in_axes=None).
-  step = sw.compiled_step()
-  traces_before = step.cache_size()
+  # The sweep: vmap over the members, dataset / Gram / batch shared (kronjax.sweep.train_step).
+  def step(state, batch_idx):
+    return sw.train_step(state, dataset, batch_idx)
+
+  first = _copy(sweep)
   t0 = time.perf_counter()
-  _, metrics = step(merge_copy(sweep.state), batches[0])  # compiles; the result is discarded
-  jax.block_until_ready(metrics)
+  with bench.count_compilations() as compiled:
+    _, metrics = step(first, batches[0])  # compiles; the result is discarded
+    jax.block_until_ready(metrics)
   sweep_compile_s = time.perf_counter() - t0
-  state = merge_copy(sweep.state)  # the same start as the sequential runs
-  compiles = step.cache_size() - traces_before
+  state = _copy(sweep)  # the same start as the sequential runs
   overflow = bool(np.any(np.asarray(metrics["overflow"])))
 
-  # The literal API: vmap(init) and vmap(train_step, in_axes=(0, None)); everything stacked.
-  stacked_state = jax.tree.map(lambda *xs: jnp.stack(xs), *starts)
-  stacked_step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None)), donate_argnums=0)
+  # Everything stacked: vmap(train_step, in_axes=(0, 0, None)) with the dataset (and its
+  # Gram) copied per member, against the shared dataset of the sweep.
+  stacked_state = sw.stack([_copy(s) for s in starts])
+  stacked_dataset = jax.tree.map(lambda x: jnp.stack([x] * S), dataset)
+  stacked_vmap = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, 0, None)), donate_argnums=0)
+
+  def stacked_step(state, batch_idx):
+    return stacked_vmap(state, stacked_dataset, batch_idx)
 
   # The floor no schedule of the members avoids: each member's P + G @ K_rows,
   # here as the in-place per-member loop add_product runs on CPU.
@@ -109,20 +123,19 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
                   donate_argnums=0)
 
   # The same three with XLA's product and add instead of the native kernel
-  # (kronjax.native), compiled ahead so both run interleaved in this process.
+  # (kronjax._src.native), compiled ahead so both run interleaved in this process.
   xla = {}
-  if products.native.available():
-    single_xla = products.compile_with(single, starts[0], batches[0], use_native=False)
+  if native.available(warn=False):
+    single_xla = dispatch.compile_with(single, starts[0], dataset, batches[0], use_native=False)
+    sweep_vmap = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None, None)), donate_argnums=0)
+    sweep_xla = dispatch.compile_with(sweep_vmap, sweep, dataset, batches[0], use_native=False)
+    floor_xla = dispatch.compile_with(floor, jnp.zeros((S, m, n), jnp.float32), floor_args[0],
+                                      use_native=False)
     xla = {
-        "sequential_xla": (lambda st, b: sequential(st, b, single_xla),
-                           [jax.tree.map(lambda x: jnp.array(x, copy=True), s) for s in starts],
+        "sequential_xla": (lambda st, b: sequential(st, b, single_xla), [_copy(s) for s in starts],
                            batches),
-        "sweep_xla": (_sweep_step_from(products.compile_with(step, merge_copy(sweep.state), batches[0],
-                                                             use_native=False)),
-                      merge_copy(sweep.state), batches),
-        "update_floor_xla": (products.compile_with(floor, jnp.zeros((S, m, n), jnp.float32),
-                                                   floor_args[0], use_native=False),
-                             jnp.zeros((S, m, n), jnp.float32), floor_args),
+        "sweep_xla": (lambda st, b: sweep_xla(st, dataset, b), _copy(sweep), batches),
+        "update_floor_xla": (floor_xla, jnp.zeros((S, m, n), jnp.float32), floor_args),
     }
 
   # Interleaved rounds: the machine's drift hits every variant alike.
@@ -140,13 +153,12 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   agree = float(jnp.max(jnp.abs(state.P - jnp.stack([s.P for s in states]))))
   faults = _minor_faults_per_step(step, state, batches)
 
-  runs = _time_runs(sweep, key, batch, run_steps, rounds)
-  part, common = sw.split(sweep.state)
+  runs = _time_runs(sweep, dataset, key, batch, run_steps, rounds)
   return {
       "optimizer": optimizer, "m": m, "n": n, "dims": list(dims), "batch": batch, "members": S,
-      "update_path": kronjax.train.resolve_update(sweep.member(0), batch),
-      "layout": sweep.state.layout,
-      "index": sweep.state.index_kind, "active_capacity": config.active_capacity,
+      "update_path": config.resolved_update(batch),
+      "layout": sweep.layout,
+      "index": sweep.index_kind, "active_capacity": config.active_capacity,
       "mean_active": float(np.mean(np.asarray(metrics["active"]))),
       "overflow_seen": overflow,
       "init_sweep_s": init_s, "compile_sequential_s": seq_compile_s, "compile_sweep_s": sweep_compile_s,
@@ -154,11 +166,11 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
       "sweep_step_stacked_data": stacked,
       "ratio_shared_vs_sequential": shared["median_s"] / seq["median_s"],
       "ratio_stacked_vs_sequential": stacked["median_s"] / seq["median_s"],
-      "sweep_compilations": compiles,
+      "sweep_compilations": len(compiled), "sweep_compiled": list(compiled),
       "update_floor": timings["update_floor"],
       "ratio_update_floor_vs_sequential": timings["update_floor"]["median_s"] / seq["median_s"],
-      "member_state_bytes": _bytes(part), "shared_bytes": _bytes(common),
-      "stacked_state_bytes": _bytes(stacked_state),
+      "member_state_bytes": _bytes(sweep), "shared_bytes": _bytes(dataset),
+      "stacked_state_bytes": _bytes(stacked_state) + _bytes(stacked_dataset),
       **({} if not xla else {
           "xla_product": {k: timings[k] for k in xla},
           "ratio_shared_vs_sequential_xla": (timings["sweep_xla"]["median_s"]
@@ -176,25 +188,25 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   }
 
 
-def _time_runs(sweep, key, batch: int, steps: int, rounds: int) -> dict:
-  """Seconds per step of ``sweep.fit`` and of ``kronjax.fit`` for each member in turn.
+def _time_runs(sweep, dataset, key, batch: int, steps: int, rounds: int) -> dict:
+  """Seconds per step of ``kronjax.sweep.fit`` and of ``kronjax.fit`` for each member in turn.
 
   Both loops are compiled first (two steps each); the member states are taken
   out of the sweep before timing. Rounds alternate which goes first.
   """
-  members = [sweep.member(i) for i in range(sweep.size)]
+  members = [sw.member(sweep, i) for i in range(sw.size(sweep))]
 
   # The stored arrays, untouched: ``.P`` of a point-major state is a transposed copy.
   def sweep_run():
-    out, _ = sw.fit(sweep, key, batch_size=batch, steps=steps, progress=False)
-    return out.state.projections
+    out, _ = sw.fit(sweep, dataset, key, batch_size=batch, steps=steps, progress=False)
+    return out.projections
 
   def sequential_runs():
-    return [kronjax.fit(s, key, batch_size=batch, steps=steps, progress=False)[0].projections
+    return [kronjax.fit(s, dataset, key, batch_size=batch, steps=steps, progress=False)[0].projections
             for s in members]
 
-  sw.fit(sweep, key, batch_size=batch, steps=2, progress=False)
-  kronjax.fit(members[0], key, batch_size=batch, steps=2, progress=False)
+  sw.fit(sweep, dataset, key, batch_size=batch, steps=2, progress=False)
+  kronjax.fit(members[0], dataset, key, batch_size=batch, steps=2, progress=False)
   times = {"sweep_fit": [], "sequential_fits": []}
   finals = {}
   for r in range(rounds):
@@ -215,7 +227,7 @@ def _time_runs(sweep, key, batch: int, steps: int, rounds: int) -> dict:
 
 def _minor_faults_per_step(step, state, batches) -> float:
   """Minor page faults per sweep step (``getrusage``): fresh pages the OS maps for
-  the step's temporaries (see ``kronjax.memory``). Runs after the timings."""
+  the step's temporaries (see ``kronjax.experiments.heap``). Runs after the timings."""
   import resource  # pylint: disable=import-outside-toplevel  (POSIX only)
   state, _ = step(state, batches[0])
   jax.block_until_ready(state)
@@ -226,20 +238,6 @@ def _minor_faults_per_step(step, state, batches) -> float:
   return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / len(batches)
 
 
-def _sweep_step_from(compiled):
-  """A sweep step from ``compiled_step().lower(...).compile()`` (which takes the split state)."""
-  def step(state, batch_idx):
-    part, shared = sw.split(state)
-    new, metrics = compiled(part, shared, jnp.asarray(batch_idx, jnp.int32))
-    return sw.merge(new, shared), metrics
-  return step
-
-
-def merge_copy(state):
-  part, shared = sw.split(state)
-  return sw.merge(jax.tree.map(lambda x: jnp.array(x, copy=True), part), shared)
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
@@ -248,14 +246,16 @@ def main(argv=None):
   p.add_argument("--optimizers", default="sgd,momentum")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
   p.add_argument("--run-steps", type=int, default=40, help="steps of each timed fit (the runs comparison)")
-  p.add_argument("--update", default="dense", choices=("auto", "dense", "sparse"),
-                 help="update path (dense: P stored point-major; the path auto picks at these sizes)")
+  p.add_argument("--update", default="full", choices=("auto", "full", "sparse", "dense"),
+                 help="update path (full, earlier name dense: P stored point-major; the path auto "
+                 "picks at these sizes)")
   p.add_argument("--retain-freed-memory", action="store_true",
-                 help="call kronjax.memory.retain_freed_memory() first (glibc: reuse large freed blocks)")
+                 help="call kronjax.experiments.heap.retain_freed_memory() first (glibc: reuse "
+                 "large freed blocks)")
   p.add_argument("--layout", default="auto", choices=("auto", "neurons", "points"),
                  help="how P is stored (auto: point-major on the dense path)")
   args = p.parse_args(argv)
-  retained = kronjax.memory.retain_freed_memory() if args.retain_freed_memory else False
+  retained = heap.retain_freed_memory() if args.retain_freed_memory else False
   optimizers = args.optimizers.split(",")
   if args.smoke:
     sizes = [(128, 64, (8, 8), 8, args.steps or 8)]

@@ -1,7 +1,7 @@
 """Training and held-out loss curves: kronjax (explicit and implicit init) over the dense baseline.
 
 All three runs see the same data, labels, learning rate and batch sequence
-(``kronjax.loop.batch_schedule``). The dense baseline starts from ``W0`` drawn
+(``kronjax.batch_schedule``: the dense baseline replays ``kronjax.fit``'s batches). The dense baseline starts from ``W0`` drawn
 from the same key as kronjax's explicit init, so the explicit curve must lie on
 the dense one (kronjax computes the dense step exactly; only float rounding
 differs): the run reports the max abs difference of the batch losses and of
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import experiment as xp
+from kronjax.experiments import runner as xp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,24 +60,23 @@ def _run(p: Params, out_dir: pathlib.Path, *, progress: bool) -> dict:
   dtype = jnp.dtype(p.dtype)
   k_data, k_init, k_fit = jax.random.split(jax.random.PRNGKey(p.seed), 3)
   data, labels = kronjax.data.planted(k_data, p.n_train + p.n_eval, p.dims, noise=p.noise, dtype=dtype)
-  train = data.subset(jnp.arange(p.n_train))
-  held = data.subset(jnp.arange(p.n_train, p.n_train + p.n_eval))
-  y, y_held = labels[:p.n_train], labels[p.n_train:]
+  dataset = kronjax.Dataset(data.subset(jnp.arange(p.n_train)), labels[:p.n_train],
+                            eval_data=data.subset(jnp.arange(p.n_train, p.n_train + p.n_eval)),
+                            eval_labels=labels[p.n_train:])
   tx = optax.sgd(p.lr)
   steps = p.epochs * (p.n_train // p.batch_size)
 
   runs, seconds = {}, {}
   for init in ("explicit", "implicit"):
     config = kronjax.Config(width=p.width, init=init)
-    state = kronjax.init(k_init, config, train, y, tx, eval_data=held, eval_labels=y_held)
-    start = jax.device_get(kronjax.evaluate(state))
-    state, hist = kronjax.fit(state, k_fit, batch_size=p.batch_size, steps=steps, progress=progress,
-                              eval_every=p.eval_every)
+    state = kronjax.init(k_init, config, dataset, tx)
+    start = jax.device_get(kronjax.evaluate(state, dataset))
+    state, hist = kronjax.fit(state, dataset, k_fit, batch_size=p.batch_size, steps=steps,
+                              progress=progress, eval_every=p.eval_every)
     runs[init] = _curves(hist, start)
     seconds[f"kronjax_{init}_fit_s"] = hist["seconds"]
 
-  dense, seconds["dense_fit_s"] = _dense_run(p, k_init, k_fit, train, y, held, y_held, tx, steps,
-                                             progress)
+  dense, seconds["dense_fit_s"] = _dense_run(p, k_init, k_fit, dataset, tx, steps, progress)
   runs["dense"] = dense
 
   exp, den, imp = runs["explicit"], runs["dense"], runs["implicit"]
@@ -115,14 +114,15 @@ def _curves(hist: dict, start: dict) -> dict[str, np.ndarray]:
           "eval_loss": np.concatenate([[float(start["eval_loss"])], hist["eval_loss"]])}
 
 
-def _dense_run(p, k_init, k_fit, train, y, held, y_held, tx, steps, progress):
+def _dense_run(p, k_init, k_fit, dataset, tx, steps, progress):
   """The dense baseline on the same W0, batches and evaluation steps as ``kronjax.fit``."""
   config = kronjax.Config(width=p.width)
-  X, X_held = train.materialize(), held.materialize()
-  state = kronjax.dense.init(k_init, config, train.dim, tx, dtype=X.dtype)
+  X, X_held = dataset.data.materialize(), dataset.eval_data.materialize()
+  y, y_held = dataset.labels, dataset.eval_labels
+  state = kronjax.dense.init(k_init, config, dataset.data.dims, tx, dtype=X.dtype)
   step = kronjax.dense.make_step(config, tx)
   evaluate = jax.jit(lambda s, X_, y_: kronjax.dense.evaluate(s, config, X_, y_)["loss"])
-  batches = kronjax.loop.batch_schedule(k_fit, p.n_train, p.batch_size, steps)
+  batches = kronjax.batch_schedule(k_fit, p.n_train, p.batch_size, steps)
   hist = {"step": [], "loss": [], "eval_step": [], "train_loss": [], "eval_loss": []}
   start = {"train_loss": evaluate(state, X, y), "eval_loss": evaluate(state, X_held, y_held)}
   bar = None

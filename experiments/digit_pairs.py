@@ -22,7 +22,7 @@ Compared on the same inputs, the same batches and the same number of epochs:
     fit, and on the pairwise ``|u - v|`` features (always).
 
 Time per epoch is (median step time after compilation) x (steps per epoch), both
-networks timed step by step with ``kronjax.bench.time_steps``. kronjax's step
+networks timed step by step with ``kronjax.experiments.timing.time_steps``. kronjax's step
 also keeps the registered test points' projections up to date (so test accuracy
 is free at the end), which the dense baseline does not pay for.
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import pathlib
 
 import jax
@@ -44,7 +43,8 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, experiment
+from kronjax.experiments import runner as experiment
+from kronjax.experiments import timing as bench
 
 PIXELS = 64
 
@@ -129,13 +129,12 @@ def batch_list(p: Params, n: int, rng: np.random.Generator) -> tuple[list[jax.Ar
 
 
 def train_kronjax(p: Params, config, train, y_train, test, y_test, batches, key):
-  state = kronjax.init(key, config, train, y_train, optax.sgd(p.learning_rate),
-                       eval_data=test, eval_labels=y_test)
-  step = jax.jit(kronjax.train_step, donate_argnums=0)
+  dataset = kronjax.Dataset(train, y_train, eval_data=test, eval_labels=y_test)
+  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate))
   overflow = []
 
   def counted(state, batch):
-    state, metrics = step(state, batch)
+    state, metrics = kronjax.jit_train_step(state, dataset, batch)
     overflow.append(metrics["overflow"])
     if len(overflow) % 64 == 0 and bool(jnp.any(jnp.stack(overflow[-64:]))):
       raise kronjax.CapacityError("a step overflowed the active capacity; raise active_capacity.")
@@ -144,7 +143,7 @@ def train_kronjax(p: Params, config, train, y_train, test, y_test, batches, key)
   timing, state = bench.time_steps(counted, state, batches, warmup=3)
   if bool(jnp.any(jnp.stack(overflow))):
     raise kronjax.CapacityError("a step overflowed the active capacity; raise active_capacity.")
-  ev = jax.device_get(kronjax.evaluate(state))
+  ev = jax.device_get(kronjax.evaluate(state, dataset))
   return {"test_accuracy": float(ev["eval_accuracy"]), "test_loss": float(ev["eval_loss"]),
           "train_accuracy": float(ev["train_accuracy"]), "train_loss": float(ev["train_loss"]),
           "active_capacity": config.active_capacity, "init": config.init,
@@ -155,7 +154,7 @@ def train_dense(p: Params, config, train, y_train, test, y_test, batches, key):
   X = train.materialize()
   X_test = test.materialize()
   y_train = jnp.asarray(y_train)
-  state = kronjax.dense.init(key, config, X.shape[1], optax.sgd(p.learning_rate))
+  state = kronjax.dense.init(key, config, train.dims, optax.sgd(p.learning_rate))
   step = kronjax.dense.make_step(config, optax.sgd(p.learning_rate))
   timing, state = bench.time_steps(lambda s, idx: step(s, X[idx], y_train[idx]), state, batches,
                                    warmup=3)

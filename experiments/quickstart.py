@@ -23,8 +23,8 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench
-from kronjax import experiment as xp
+from kronjax.experiments import runner as xp
+from kronjax.experiments import timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Params:
   teacher_width: int = 8
   eval_every: int = 16                   # steps between held-out evaluations
   checkpoint_every: int = 80             # steps between checkpoints (0: none)
-  timing_steps: int = 20                 # steady-state steps timed with bench.time_steps
+  timing_steps: int = 20                 # steady-state steps timed with timing.time_steps
   dense_probe_dims: tuple[int, ...] = (128, 128)  # dense baseline measured here (empty: skip)
   dense_probe_repeats: int = 3
 
@@ -60,17 +60,17 @@ class Params:
 
 
 def make_problem(p: Params):
-  """Planted-teacher data split into train / held-out, and the initial state."""
+  """Planted-teacher data split into train / held-out: ``(state, dataset, fit key)``."""
   key_data, key_init, key_fit = jax.random.split(jax.random.PRNGKey(p.seed), 3)
   data, labels = kronjax.data.planted(key_data, p.n_train + p.n_eval, p.dims, task="regression",
                                       noise=p.noise, latent_dim=p.latent_dim,
                                       teacher_width=p.teacher_width, dtype=jnp.float32)
-  train = data.subset(jnp.arange(p.n_train))
-  held = data.subset(jnp.arange(p.n_train, p.n_train + p.n_eval))
+  dataset = kronjax.Dataset(data.subset(jnp.arange(p.n_train)), labels[:p.n_train],
+                            eval_data=data.subset(jnp.arange(p.n_train, p.n_train + p.n_eval)),
+                            eval_labels=labels[p.n_train:])
   config = kronjax.Config(width=p.width, init=p.init)
-  state = kronjax.init(key_init, config, train, labels[:p.n_train], optax.sgd(p.lr),
-                       eval_data=held, eval_labels=labels[p.n_train:])
-  return state, key_fit
+  state = kronjax.init(key_init, config, dataset, optax.sgd(p.lr))
+  return state, dataset, key_fit
 
 
 def dense_probe(p: Params, steps_per_run: int) -> dict | None:
@@ -83,32 +83,36 @@ def dense_probe(p: Params, steps_per_run: int) -> dict | None:
   data, labels = kronjax.data.planted(jax.random.PRNGKey(p.seed + 1), p.batch_size,
                                       p.dense_probe_dims, noise=p.noise, dtype=jnp.float32)
   X = data.materialize()
-  state = kronjax.dense.init(jax.random.PRNGKey(p.seed + 2), config, d_probe, tx, dtype=jnp.float32)
+  state = kronjax.dense.init(jax.random.PRNGKey(p.seed + 2), config, tuple(p.dense_probe_dims), tx,
+                             dtype=jnp.float32)
   step = kronjax.dense.make_step(config, tx)
-  timing, _ = bench.time_steps(lambda s, _: step(s, X, labels), state,
+  probe, _ = timing.time_steps(lambda s, _: step(s, X, labels), state,
                                [None] * (2 + p.dense_probe_repeats), warmup=2)
   d = math.prod(p.dims)
-  return {"d_probe": d_probe, "probe_step_s": timing["median_s"], "probe_timing": timing,
-          "extrapolated_step_s": timing["median_s"] * d / d_probe}
+  return {"d_probe": d_probe, "probe_step_s": probe["median_s"], "probe_timing": probe,
+          "extrapolated_step_s": probe["median_s"] * d / d_probe}
 
 
 def run(p: Params, out_dir: pathlib.Path, *, progress: bool, resume: bool = False) -> dict:
   t0 = time.perf_counter()
-  state0, key_fit = make_problem(p)
-  bench.block(state0.P)
+  state0, dataset, key_fit = make_problem(p)
+  timing.block(state0.P)
   init_s = time.perf_counter() - t0
-  start = jax.device_get(kronjax.evaluate(state0))
+  start = jax.device_get(kronjax.evaluate(state0, dataset))
   steps = p.epochs * (p.n_train // p.batch_size)
-  state, hist = xp.train(state0, key_fit, out_dir=out_dir, batch_size=p.batch_size, steps=steps,
-                         progress=progress, resume=resume, checkpoint_every=p.checkpoint_every,
-                         eval_every=p.eval_every, desc="quickstart")
-  end = jax.device_get(kronjax.evaluate(state))
+  # Resumable: with resume=True fit restores the newest checkpoint (and its history)
+  # and ends where the uninterrupted run would have, bit for bit.
+  state, hist = kronjax.fit(state0, dataset, key_fit, batch_size=p.batch_size, steps=steps,
+                            progress=progress, eval_every=p.eval_every,
+                            checkpoint_dir=out_dir / xp.CHECKPOINTS,
+                            checkpoint_every=p.checkpoint_every, resume=resume)
+  end = jax.device_get(kronjax.evaluate(state, dataset))
 
-  # Steady-state step time, after training (the jit cache is warm).
-  step = kronjax.loop.compiled_step(donate=True)  # warm from fit; donates `state` (not used after)
-  batches = [jnp.asarray(b) for b in kronjax.loop.batch_schedule(
-      key_fit, p.n_train, p.batch_size, p.timing_steps + 3, start=0)]
-  step_timing, _ = bench.time_steps(step, state, batches, warmup=3)
+  # Steady-state step time, after training: the step fit runs (jitted, state donated).
+  batches = [jnp.asarray(b) for b in kronjax.batch_schedule(key_fit, p.n_train, p.batch_size,
+                                                             p.timing_steps + 3)]
+  step_timing, _ = timing.time_steps(lambda s, b: kronjax.jit_train_step(s, dataset, b),
+                                     state, batches, warmup=3)
   dense = dense_probe(p, steps)
 
   m, d, B = p.width, math.prod(p.dims), p.batch_size
@@ -120,7 +124,7 @@ def run(p: Params, out_dir: pathlib.Path, *, progress: bool, resume: bool = Fals
       "eval_loss_start": float(start["eval_loss"]), "eval_loss_end": float(end["eval_loss"]),
       "train_loss_ratio": float(start["train_loss"]) / float(end["train_loss"]),
       "active_mean": float(np.mean(hist["active"])), "active_max": int(np.max(hist["max_active"])),
-      "active_expected_at_init": m * 0.5 * math.erfc(state.config.threshold / math.sqrt(2)),
+      "active_expected_at_init": m * xp.gaussian_tail(state.config.threshold),
       "threshold": state.config.threshold, "replays": len(hist["replays"]),
       "dense_weight_bytes": dense_bytes, "dense_step_flops_estimate": dense_flops,
       "resumed_from_step": int(hist["resumed_from"]),

@@ -1,16 +1,18 @@
 """Step time of kronjax and of the dense baseline vs the input dimension d (and init time).
 
 At fixed width m, n training points and batch B, for d = 2**k (two factors of
-2**(k//2) and 2**(k - k//2)), measures with ``kronjax.bench.time_steps``:
+2**(k//2) and 2**(k - k//2)), measures with ``kronjax.experiments.timing.time_steps``:
 
-* the kronjax step (``kronjax.train_step``, jit, donated state; precomputed Gram):
+* the kronjax step (``kronjax.jit_train_step``: jit, donated state; precomputed Gram):
   it never touches d, so its time should be flat;
 * the dense baseline step (``kronjax.dense.make_step``: ``X (B, d) @ W^T`` and
   the ``(m, d)`` gradient), skipped and marked where ``W`` and its gradient
   (``2 m d`` floats, plus the batch) would exceed ``dense_max_bytes``;
-* init time (``kronjax.bench.time_fn``): explicit (``W0`` drawn in chunks,
-  ``O(m n d)``, skipped above ``explicit_max_d``) vs implicit (``P0 ~ N(0, K)``,
-  no d). The Gram of the factors is part of both.
+* init time (``kronjax.experiments.timing.time_fn`` of a jitted ``kronjax.init``):
+  explicit (``W0`` drawn in chunks, ``O(m n d)``, skipped above
+  ``explicit_max_d``) vs implicit (``P0 ~ N(0, K)``, no d). The dataset is built
+  with ``gram="factors"`` for this, so the Gram of the factors is computed
+  inside the implicit init (and the explicit one needs none).
 
 Writes ``scaling_d.png`` (log-log step time and init time vs d).
 """
@@ -27,8 +29,8 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, initializers
-from kronjax import experiment as xp
+from kronjax.experiments import runner as xp
+from kronjax.experiments import timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,21 +73,23 @@ def measure(p: Params, k: int) -> dict:
   k_data, k_init, k_fit = jax.random.split(key, 3)
   data, labels = kronjax.data.planted(k_data, p.n, dims, dtype=jnp.float32)
   tx = _sgd(p.lr)
+  dataset = kronjax.Dataset(data, labels)
   config = kronjax.Config(width=p.width, init="implicit")
-  state = kronjax.init(k_init, config, data, labels, tx)
-  batches = [jnp.asarray(b) for b in kronjax.loop.batch_schedule(k_fit, p.n, p.batch_size,
-                                                                  p.warmup + p.steps)]
-  step = kronjax.loop.compiled_step(donate=True)
-  kron_t, state = bench.time_steps(step, state, batches, warmup=p.warmup)
+  state = kronjax.init(k_init, config, dataset, tx)
+  batches = [jnp.asarray(b) for b in kronjax.batch_schedule(k_fit, p.n, p.batch_size,
+                                                            p.warmup + p.steps)]
+  kron_t, state = timing.time_steps(lambda s, b: kronjax.jit_train_step(s, dataset, b), state,
+                                    batches, warmup=p.warmup)
   row = {"log2_d": k, "d": d, "kronjax_step": kron_t}
 
-  # Init times (each compiled once, then timed).
+  # Init times (each compiled once, then timed): kronjax.init with the Gram computed inside.
   m = p.width
-  implicit = jax.jit(lambda kk, x: initializers.implicit_projections(kk, m, x))
-  row["init_implicit"] = bench.time_fn(implicit, k_init, data, warmup=1, repeats=p.init_repeats)
+  factors = kronjax.Dataset(data, labels, gram="factors")
+  row["init_implicit"] = timing.time_fn(_init_fn(m, "implicit", tx), k_init, factors, warmup=1,
+                                        repeats=p.init_repeats)
   if d <= p.explicit_max_d:
-    explicit = jax.jit(lambda kk, x: initializers.explicit_projections(kk, m, x, chunk=256))
-    row["init_explicit"] = bench.time_fn(explicit, k_init, data, warmup=1, repeats=p.init_repeats)
+    row["init_explicit"] = timing.time_fn(_init_fn(m, "explicit", tx), k_init, factors, warmup=1,
+                                          repeats=p.init_repeats)
   else:
     row["init_explicit"] = None
 
@@ -93,16 +97,22 @@ def measure(p: Params, k: int) -> dict:
   row["dense_bytes"] = need
   if need <= p.dense_max_bytes:
     dense_config = kronjax.Config(width=m)
-    dstate = kronjax.dense.init(k_init, dense_config, d, tx, dtype=jnp.float32)
+    dstate = kronjax.dense.init(k_init, dense_config, dims, tx, dtype=jnp.float32)
     dstep = kronjax.dense.make_step(dense_config, tx)
     X = data.materialize()
     batch_data = [(X[b], labels[b]) for b in batches[:2 + p.dense_steps]]
-    dense_t, dstate = bench.time_steps(lambda s, xy: dstep(s, *xy), dstate, batch_data, warmup=2)
+    dense_t, dstate = timing.time_steps(lambda s, xy: dstep(s, *xy), dstate, batch_data, warmup=2)
     del dstate, X
     row["dense_step"] = dense_t
   else:
     row["dense_step"] = None
   return row
+
+
+def _init_fn(width: int, init: str, tx: optax.GradientTransformation):
+  """``jit(key, dataset -> kronjax.init(...).projections)``: the initial projections, timed."""
+  config = kronjax.Config(width=width, init=init)
+  return jax.jit(lambda key, dataset: kronjax.init(key, config, dataset, tx).projections)
 
 
 _TX: dict[float, optax.GradientTransformation] = {}

@@ -7,7 +7,7 @@ threshold ``b = sqrt(0.4 ln m)``:
     points (``P[:, j] > b``), against its expectation ``m Q(b)`` (Binomial, so a
     per-point standard deviation ``sqrt(m Q (1 - Q))``) and the paper's bound
     ``m^(4/5)``;
-  * the median wall time of one jit-compiled, donated ``kronjax.train_step``
+  * the median wall time of one ``kronjax.jit_train_step`` (jit-compiled, donated)
     (SGD, batch ``B``) after compilation, and the active count it reports.
 
 Shapes: m neurons, n points, B batch.
@@ -27,8 +27,9 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, experiment
-from kronjax.config import default_threshold, gaussian_tail
+from kronjax.experiments import runner as experiment
+from kronjax.experiments import timing
+from kronjax.experiments.runner import gaussian_tail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,35 +61,34 @@ def active_at_init(P: jax.Array, b: float) -> dict[str, float]:
           "bound_m45": m ** 0.8}
 
 
-def measure_width(p: Params, m: int, data: kronjax.KronData, labels: jax.Array,
+def measure_width(p: Params, m: int, dataset: kronjax.Dataset,
                   key: jax.Array) -> tuple[dict[str, object], dict]:
   """One row: init statistics and steady-state step time at width ``m``."""
-  b = default_threshold(m)
+  b = kronjax.Config(width=m).threshold  # the paper's sqrt(0.4 ln m)
   config = kronjax.Config(width=m, init=p.init)
-  state = kronjax.init(key, config, data, labels, optax.sgd(p.learning_rate))
+  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate))
   row: dict[str, object] = {"m": m, "b": b, "Q_b": gaussian_tail(b),
                             "index": state.index_kind, "active_capacity": config.active_capacity}
   row.update(active_at_init(state.P, b))
-  step = jax.jit(kronjax.train_step, donate_argnums=0)
   total = p.warmup_steps + p.timed_steps
-  perm = np.random.default_rng(p.seed).permutation(total * p.batch_size) % data.n
+  perm = np.random.default_rng(p.seed).permutation(total * p.batch_size) % dataset.n
   batches = [jnp.asarray(perm[i * p.batch_size:(i + 1) * p.batch_size], jnp.int32)
              for i in range(total)]
   seen: list[dict] = []
 
   def timed(state, batch):
-    state, metrics = step(state, batch)
+    state, metrics = kronjax.jit_train_step(state, dataset, batch)
     seen.append(metrics)
     return state, metrics
 
-  timing, state = bench.time_steps(timed, state, batches, warmup=p.warmup_steps)
+  times, state = timing.time_steps(timed, state, batches, warmup=p.warmup_steps)
   seen = jax.device_get(seen)
-  row.update({"step_ms": 1e3 * timing["median_s"], "step_ms_p10": 1e3 * timing["p10_s"],
-              "step_ms_p90": 1e3 * timing["p90_s"],
+  row.update({"step_ms": 1e3 * times["median_s"], "step_ms_p10": 1e3 * times["p10_s"],
+              "step_ms_p90": 1e3 * times["p90_s"],
               "train_active_mean": float(np.mean([s["active"] for s in seen])),
               "overflow_steps": int(sum(bool(s["overflow"]) for s in seen)),
               "index_rebuilds": int(seen[-1]["index_rebuilds"])})
-  return row, timing
+  return row, times
 
 
 def plot(rows: list[dict], out_dir: pathlib.Path, name: str = "scaling_m.png") -> str:
@@ -98,7 +98,7 @@ def plot(rows: list[dict], out_dir: pathlib.Path, name: str = "scaling_m.png") -
   ax0.errorbar(ms, [r["active_mean"] for r in rows], yerr=[r["active_std"] for r in rows],
                fmt="o", capsize=3, label="measured at init (mean ± std over points)")
   grid = np.geomspace(ms.min(), ms.max(), 100)
-  ax0.plot(grid, [g * gaussian_tail(default_threshold(int(g))) for g in grid], "-",
+  ax0.plot(grid, [g * gaussian_tail(kronjax.Config(width=int(g)).threshold) for g in grid], "-",
            label=r"$m\,Q(b)$, $b=\sqrt{0.4\ln m}$")
   ax0.plot(grid, grid ** 0.8, "--", label=r"$m^{4/5}$ (paper's bound)")
   ax0.plot(grid, grid, ":", color="gray", label="m")
@@ -127,12 +127,13 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   # are close to independent Binomial(m, Q(b)) draws and their mean has a known spread.
   data = kronjax.data.synthetic(kdata, params.n, tuple(params.dims))
   labels = jax.random.normal(jax.random.fold_in(kdata, 1), (params.n, 1))
+  dataset = kronjax.Dataset(data, labels)
   rows, timings = [], {}
   for k in range(params.log2_m_min, params.log2_m_max + 1):
     m = 2 ** k
-    row, timing = measure_width(params, m, data, labels, kinit)
+    row, times = measure_width(params, m, dataset, kinit)
     rows.append(row)
-    timings[f"step_m{m}"] = timing
+    timings[f"step_m{m}"] = times
     if progress:
       print(f"scaling_m: m={m:6d} active {row['active_mean']:8.1f} (m Q(b) {row['expected']:8.1f}) "
             f"step {row['step_ms']:.2f} ms", flush=True)

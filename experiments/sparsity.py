@@ -25,8 +25,8 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import experiment
-from kronjax.config import default_threshold, gaussian_tail
+from kronjax.experiments import runner as experiment
+from kronjax.experiments.runner import gaussian_tail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,34 +43,35 @@ class Params:
   seed: int = 0
 
 
-def probe(state: kronjax.TrainState) -> dict[str, float]:
+def probe(state: kronjax.TrainState, dataset: kronjax.Dataset) -> dict[str, float]:
   """Active neurons over all training points and the full training loss."""
   counts = jnp.sum(state.P > state.b, axis=0)
-  loss = kronjax.evaluate(state)["train_loss"]
+  loss = kronjax.evaluate(state, dataset)["train_loss"]
   counts, loss = jax.device_get((counts, loss))
   return {"active_mean": float(counts.mean()), "active_max": int(counts.max()), "loss": float(loss)}
 
 
-def train_width(p: Params, m: int, data, labels, key) -> dict:
+def train_width(p: Params, m: int, dataset: kronjax.Dataset, key) -> dict:
   """Trains one width in chunks of ``probe_every`` steps; returns its traces."""
   config = kronjax.Config(width=m, init=p.init)
-  state = kronjax.init(key, config, data, labels, optax.sgd(p.learning_rate))
+  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate))
   fit_key = jax.random.fold_in(key, 7)
-  probes = [dict(step=0, **probe(state))]
+  probes = [dict(step=0, **probe(state, dataset))]
   steps_hist, active_hist, max_hist, replays = [], [], [], []
   seconds = 0.0
   done = 0
   while done < p.steps:
     chunk = min(p.probe_every, p.steps - done)
-    state, hist = kronjax.fit(state, fit_key, batch_size=p.batch_size, steps=chunk, progress=False)
+    state, hist = kronjax.fit(state, dataset, fit_key, batch_size=p.batch_size, steps=chunk,
+                              progress=False)
     done += chunk
     steps_hist.append(hist["step"])
     active_hist.append(hist["active"])
     max_hist.append(hist["max_active"])
     replays += hist["replays"]
     seconds += hist["seconds"]
-    probes.append(dict(step=int(state.step), **probe(state)))
-  b = default_threshold(m)
+    probes.append(dict(step=int(state.step), **probe(state, dataset)))
+  b = state.config.threshold  # the paper's sqrt(0.4 ln m)
   return {
       "m": m, "b": b, "expected_init": m * gaussian_tail(b), "bound_m45": m ** 0.8,
       "step": np.concatenate(steps_hist), "batch_active": np.concatenate(active_hist),
@@ -111,9 +112,10 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   key = jax.random.PRNGKey(params.seed)
   kdata, kinit = jax.random.split(key)
   data, labels = kronjax.data.planted(kdata, params.n, dims=tuple(params.dims))
+  dataset = kronjax.Dataset(data, labels)
   traces = []
   for m in params.widths:
-    t = train_width(params, int(m), data, labels, kinit)
+    t = train_width(params, int(m), dataset, kinit)
     traces.append(t)
     if progress:
       first, last = t["probes"][0], t["probes"][-1]

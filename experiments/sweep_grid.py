@@ -5,8 +5,8 @@ every member starts from the same network (seed 0, so the same ``W0`` and ``a``)
 and sees the same batches; members differ only in the learning rate
 (``optax.inject_hyperparams(optax.sgd)``, per member in the optimizer state) and
 the ReLU threshold ``b``. Both are arrays in the state, so one ``jax.vmap`` of
-``kronjax.train_step`` (``kronjax.sweep.compiled_step``, data and Gram stored
-once) trains the whole grid with one compilation. The static active capacity must
+``kronjax.train_step`` (``kronjax.sweep.train_step``, one dataset and Gram shared
+by every member) trains the whole grid with one compilation. The static active capacity must
 hold the *smallest* ``b``'s active sets, so every member pays for it; a member
 that overflows is re-run with a doubled capacity (never silently skipped).
 
@@ -33,9 +33,9 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax import bench, experiment
 from kronjax import sweep as kron_sweep
-from kronjax.config import default_active_capacity, default_threshold
+from kronjax.experiments import runner as experiment
+from kronjax.experiments import timing as bench
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +54,11 @@ class Params:
   seed: int = 0
 
 
-def grid_sweep(config: kronjax.Config, task, p: "Params") -> kron_sweep.Sweep:
-  """The stacked grid, threshold-major: member ``i * len(lrs) + j`` has ``(b_i, lr_j)``."""
-  _, data, labels, eval_data, eval_labels = task
+def grid_sweep(config: kronjax.Config, dataset: kronjax.Dataset, p: "Params") -> kronjax.TrainState:
+  """The stacked grid state, threshold-major: member ``i * len(lrs) + j`` has ``(b_i, lr_j)``."""
   members = kron_sweep.grid(threshold=[float(b) for b in p.thresholds],
                             learning_rate=[float(lr) for lr in p.learning_rates])
-  return kron_sweep.init(config, data, labels, members, eval_data=eval_data,
-                         eval_labels=eval_labels)
+  return kron_sweep.init(config, dataset, members)
 
 
 def batches_for(p: Params, count: int) -> list[jax.Array]:
@@ -71,49 +69,38 @@ def batches_for(p: Params, count: int) -> list[jax.Array]:
   return [jnp.asarray(order[i * p.batch_size:(i + 1) * p.batch_size], jnp.int32) for i in range(count)]
 
 
-def train_grid(p: Params, task, capacity: int):
-  """Trains the grid for ``p.steps`` steps; returns (sweep, timing, overflowed members)."""
+def train_grid(p: Params, dataset: kronjax.Dataset, capacity: int):
+  """Trains the grid for ``p.steps`` steps; returns (stacked state, timing, overflowed members)."""
   config = kronjax.Config(width=p.width, init=p.init, active_capacity=capacity,
                           candidate_capacity=capacity)
-  sweep = grid_sweep(config, task, p)
-  step = kron_sweep.compiled_step()
-  overflow = np.zeros(sweep.size, bool)
+  state = grid_sweep(config, dataset, p)
+  overflow = np.zeros(kron_sweep.size(state), bool)
 
   def counted(state, batch):
-    state, metrics = step(state, batch)
+    state, metrics = kron_sweep.train_step(state, dataset, batch)
     nonlocal overflow
     overflow = overflow | np.asarray(metrics["overflow"])
     return state, metrics
 
-  timing, state = bench.time_steps(counted, sweep.state, batches_for(p, p.steps), warmup=3)
-  return sweep.replace(state=state), timing, overflow
+  timing, state = bench.time_steps(counted, state, batches_for(p, p.steps), warmup=3)
+  return state, timing, overflow
 
 
-def single_run_ms(p: Params, task, b: float, lr: float) -> tuple[float, bool]:
+def single_run_ms(p: Params, dataset: kronjax.Dataset, key: jax.Array, b: float,
+                  lr: float) -> tuple[float, bool]:
   """Median ms per step of one (lr, b) run alone, with the capacity its own ``b`` needs."""
-  key, data, labels, eval_data, eval_labels = task
   config = kronjax.Config(width=p.width, threshold=float(b), init=p.init)
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=float(lr))
-  state = kronjax.init(key, config, data, labels, tx, eval_data=eval_data, eval_labels=eval_labels)
-  step = _single_step()
+  state = kronjax.init(key, config, dataset, tx)
   seen = []
 
   def counted(state, batch):
-    state, metrics = step(state, batch)
+    state, metrics = kronjax.jit_train_step(state, dataset, batch)
     seen.append(metrics["overflow"])
     return state, metrics
 
   timing, _ = bench.time_steps(counted, state, batches_for(p, p.timed_steps + 3), warmup=3)
   return 1e3 * timing["median_s"], bool(np.any(jax.device_get(seen)))
-
-
-_SINGLE = []
-
-
-def _single_step():
-  if not _SINGLE:
-    _SINGLE.append(jax.jit(kronjax.train_step, donate_argnums=0))
-  return _SINGLE[0]
 
 
 def heat_map(ax, values, lrs, bs, title, fmt, cmap, log=False):
@@ -144,7 +131,7 @@ def plot(p: Params, res: dict, out_dir: pathlib.Path, name: str = "sweep_grid.pn
   heat_map(axes[2], res["single_ms"], lrs, bs,
            f"ms per step, single runs\n(vmapped grid: {res['vmapped_ms_per_member']:.3f} ms "
            f"per member-step)", ".2f", "magma")
-  paper_b = default_threshold(p.width)
+  paper_b = kronjax.Config(width=p.width).threshold
   for ax in axes:
     ax.axhline(np.interp(paper_b, bs, range(len(bs))), color="white", ls="--", lw=1)
   fig.suptitle(f"lr x b grid, m={p.width}, n={p.n}, {p.steps} SGD steps of batch {p.batch_size} "
@@ -160,32 +147,34 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   kdata, kinit = jax.random.split(key)
   data, labels = kronjax.data.planted(kdata, p.n + p.n_eval, dims=tuple(p.dims))
   train_idx, eval_idx = jnp.arange(p.n), jnp.arange(p.n, p.n + p.n_eval)
-  task = (kinit, data.subset(train_idx), labels[:p.n], data.subset(eval_idx), labels[p.n:])
+  dataset = kronjax.Dataset(data.subset(train_idx), labels[:p.n], eval_data=data.subset(eval_idx),
+                            eval_labels=labels[p.n:])
   nb, nl = len(p.thresholds), len(p.learning_rates)
-  capacity = default_active_capacity(p.width, min(p.thresholds))
+  # The capacity the smallest b needs (as kronjax.Config derives it for that threshold).
+  capacity = kronjax.Config(width=p.width, threshold=min(p.thresholds)).active_capacity
   attempts = []
   while True:
-    sweep, timing, overflow = train_grid(p, task, capacity)
+    state, timing, overflow = train_grid(p, dataset, capacity)
+    G = kron_sweep.size(state)
     attempts.append({"active_capacity": capacity, "overflowed_members": int(overflow.sum())})
     if progress:
-      print(f"sweep_grid: {sweep.size} members, capacity {capacity}: "
+      print(f"sweep_grid: {G} members, capacity {capacity}: "
             f"{1e3 * timing['median_s']:.2f} ms per grid step, {int(overflow.sum())} overflowed",
             flush=True)
     if not overflow.any() or capacity >= p.width:
       break
     capacity = min(p.width, 2 * capacity)
   evaluate = jax.jit(kronjax.evaluate)
-  ev = jax.device_get([evaluate(sweep.member(g)) for g in range(sweep.size)])
+  ev = jax.device_get([evaluate(kron_sweep.member(state, g), dataset) for g in range(G)])
   train_loss = np.asarray([e["train_loss"] for e in ev], float).reshape(nb, nl)
   eval_loss = np.asarray([e["eval_loss"] for e in ev], float).reshape(nb, nl)
   single = np.full((nb, nl), np.nan)
   single_overflow = np.zeros((nb, nl), bool)
   for i, b in enumerate(p.thresholds):
     for j, lr in enumerate(p.learning_rates):
-      single[i, j], single_overflow[i, j] = single_run_ms(p, task, b, lr)
+      single[i, j], single_overflow[i, j] = single_run_ms(p, dataset, kinit, b, lr)
     if progress:
       print(f"sweep_grid: b={b:g} single-run ms per step {np.round(single[i], 3)}", flush=True)
-  G = sweep.size
   res = {"train_loss": train_loss, "eval_loss": eval_loss, "single_ms": single,
          "vmapped_ms_per_member": 1e3 * timing["median_s"] / G}
   plots = [plot(p, res, out_dir)]
@@ -206,7 +195,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       "final_overflowed_members": attempts[-1]["overflowed_members"],
       "diverged": int((~np.isfinite(train_loss)).sum()),
       "best": {"b": p.thresholds[bi], "lr": p.learning_rates[li], "eval_loss": eval_loss[bi, li]},
-      "paper_b": default_threshold(p.width),
+      "paper_b": kronjax.Config(width=p.width).threshold,
   }
   return {"metrics": metrics, "table": table, "plots": plots,
           "timings": {"vmapped_grid_step": timing}}

@@ -1,6 +1,9 @@
-"""The `kronjax` command and the config framework: errors exit 2 in one line; run, list, resume."""
+"""The `kronjax` command and the config framework: errors exit 2 in one line; run, list, resume;
+where the experiment modules are found; the layer's imports and packaging."""
 
+import ast
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -9,17 +12,27 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import typing
 
+import jax
 import numpy as np
 import pytest
 
 from kronjax import checkpoint
-from kronjax import cli
-from kronjax import experiment as xp
+from kronjax.experiments import cli
+from kronjax.experiments import runner as xp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 QUICKSTART = str(ROOT / "configs" / "quickstart.toml")
+CLI = [sys.executable, "-m", "kronjax.experiments.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _no_experiments_override(monkeypatch):
+  """Tests choose where experiments are found; a KRONJAX_EXPERIMENTS from outside must not."""
+  monkeypatch.delenv(xp.ENV_VAR, raising=False)
 
 
 def _write(tmp_path, text, name="c.toml"):
@@ -56,7 +69,8 @@ width = 64
     (["run"], "give a CONFIG"),
     (["run", "{good}", "--bogus"], "unrecognized arguments"),
 ])
-def test_config_errors_exit_2_with_one_line(tmp_path, capsys, argv, match):
+def test_config_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, argv, match):
+  monkeypatch.setenv(xp.ENV_VAR, str(EXPERIMENTS))  # the configs below live in tmp_path
   good = _write(tmp_path, GOOD)
   bad_toml = _write(tmp_path, "[experiment\nname=", "bad.toml")
   argv = [a.format(tmp=tmp_path, good=good, bad_toml=bad_toml) for a in argv]
@@ -68,7 +82,7 @@ def test_config_errors_exit_2_with_one_line(tmp_path, capsys, argv, match):
 
 def test_error_from_the_installed_command_has_no_traceback(tmp_path):
   good = _write(tmp_path, GOOD)
-  proc = subprocess.run([sys.executable, "-m", "kronjax.cli", "run", good, "--set", "params.withd=1"],
+  proc = subprocess.run([*CLI, "run", good, "--set", "params.withd=1"],
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
@@ -83,6 +97,137 @@ def test_list_shows_configs_and_experiments(capsys, monkeypatch):
   assert "configs/quickstart.toml" in out and "quickstart " in out
   for name in ("scaling_d", "convergence"):
     assert name in out
+
+
+def test_list_gives_every_config_a_description(capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  assert cli.main(["list"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  configs = sorted((ROOT / "configs").glob("*.toml"))
+  assert configs
+  for path in configs:
+    line = next((l for l in lines if l.split() and l.split()[0] == f"configs/{path.name}"), None)
+    assert line is not None, f"{path.name} not listed"
+    _, _, rest = line.partition(" experiment=")
+    name, _, description = rest.partition(" ")
+    assert name == xp.read_config(path)["experiment"]["name"]
+    assert description.strip(), f"configs/{path.name} has no description"
+
+
+# -- where the experiment modules are found ---------------------------------------------------
+
+_FAKE = '''"""A stand-in experiment."""
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  width: int = 1
+
+
+def run(params, out_dir, *, progress):
+  return {"metrics": {"width": params.width, "where": __file__}, "table": [{"w": params.width}],
+          "plots": []}
+'''
+
+
+def _fake_experiments(folder: pathlib.Path, name: str = "quickstart") -> pathlib.Path:
+  folder.mkdir(parents=True)
+  (folder / f"{name}.py").write_text(_FAKE)
+  return folder
+
+
+def test_experiments_beside_the_configs_folder_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no ./experiments here
+  resolved = xp.resolve(xp.read_config(QUICKSTART), smoke=True, config_path=QUICKSTART)
+  assert pathlib.Path(resolved.module.__file__) == EXPERIMENTS / "quickstart.py"
+  assert resolved.module.__name__ == xp.MODULE_PREFIX + "quickstart"
+  assert "experiments" not in sys.modules  # loaded from its file, not as a package
+
+
+def test_environment_variable_comes_first(tmp_path, monkeypatch):
+  (tmp_path / "a" / "configs").mkdir(parents=True)
+  config = _write(tmp_path / "a" / "configs", GOOD)
+  beside = _fake_experiments(tmp_path / "a" / "experiments")
+  fake = _fake_experiments(tmp_path / "elsewhere")
+  monkeypatch.chdir(ROOT)  # ./experiments exists too
+  payload = xp.run_config(config, out_dir=tmp_path / "run1", progress=False, echo=False)
+  assert payload["metrics"] == {"width": 64, "where": str(beside / "quickstart.py")}
+  monkeypatch.setenv(xp.ENV_VAR, str(fake))
+  payload = xp.run_config(config, out_dir=tmp_path / "run2", progress=False, echo=False)
+  assert payload["metrics"] == {"width": 64, "where": str(fake / "quickstart.py")}
+  assert xp.list_experiments() == [{"name": "quickstart", "description": "A stand-in experiment."}]
+
+
+def test_current_directory_is_the_last_resort(tmp_path, monkeypatch):
+  (tmp_path / "a" / "configs").mkdir(parents=True)
+  config = _write(tmp_path / "a" / "configs", GOOD)  # no a/experiments beside it
+  (tmp_path / "work").mkdir()
+  monkeypatch.chdir(tmp_path / "work")
+  with pytest.raises(xp.ConfigError, match="no experiments folder found.*KRONJAX_EXPERIMENTS"):
+    xp.resolve(xp.read_config(config), config_path=config)
+  _fake_experiments(tmp_path / "work" / "experiments")
+  resolved = xp.resolve(xp.read_config(config), config_path=config)
+  assert resolved.params.width == 64
+  assert resolved.module.__file__ == str(tmp_path / "work" / "experiments" / "quickstart.py")
+
+
+def test_a_missing_environment_folder_is_an_error(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv(xp.ENV_VAR, str(tmp_path / "nope"))
+  assert cli.main(["run", QUICKSTART, "--smoke"]) == 2
+  assert "KRONJAX_EXPERIMENTS" in capsys.readouterr().err
+
+
+def test_unknown_experiment_lists_the_folder(tmp_path, monkeypatch):
+  monkeypatch.setenv(xp.ENV_VAR, str(EXPERIMENTS))
+  with pytest.raises(xp.ConfigError, match="Did you mean 'sparsity'.*Available experiments in"):
+    xp.resolve({"experiment": {"name": "sparsty"}})
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+  return names
+
+
+def test_experiment_layer_uses_the_public_api_only():
+  layer = sorted((ROOT / "kronjax" / "experiments").glob("*.py"))
+  modules = [EXPERIMENTS / f"{name}.py" for name in xp.experiment_names(EXPERIMENTS)]
+  assert len(layer) >= 5 and len(modules) == 7
+  for path in layer + modules:
+    private = sorted(n for n in _imports(path) if n.startswith("kronjax._src") or n == "kronjax._src")
+    assert not private, f"{path.relative_to(ROOT)} imports {private}"
+
+
+def test_installed_distribution_has_no_top_level_experiments_package(tmp_path):
+  # What pyproject packages: every package it finds is kronjax or under it.
+  setuptools = pytest.importorskip("setuptools")
+  find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+  finder = setuptools.find_namespace_packages if find.get("namespaces", True) else setuptools.find_packages
+  found = finder(str(ROOT), include=find.get("include", ["*"]), exclude=find.get("exclude", ()))
+  assert found and all(p == "kronjax" or p.startswith("kronjax.") for p in found), found
+  # What is installed (the distributions with a RECORD: not a source tree's egg-info): no
+  # installed file, no editable mapping and no top-level name is `experiments`.
+  installed = [d for d in importlib.metadata.distributions(name="kronjax") if d.read_text("RECORD")]
+  assert installed
+  for dist in installed:
+    files = dist.files or []
+    assert "experiments" not in {f.parts[0] for f in files}
+    for f in files:
+      if f.name.startswith("__editable__") and f.suffix == ".py":
+        mapping = ast.literal_eval(re.search(r"MAPPING[^=]*=\s*(\{[^}]*\})", f.read_text()).group(1))
+        assert "kronjax" in mapping and "experiments" not in mapping, mapping
+    assert "experiments" not in (dist.read_text("top_level.txt") or "").split()
+  # And a fresh interpreter outside the checkout cannot import it.
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run([sys.executable, "-c", "import importlib.util; "
+                         "print(importlib.util.find_spec('experiments'))"],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+  assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stdout + proc.stderr
 
 
 def test_parse_override_values():
@@ -135,22 +280,24 @@ _SMALL = ["--smoke", "--no-progress", "--set", "params.epochs=12", "--set", "par
 
 
 def _final(out):
+  """The newest checkpoint of a quickstart run: (step, state leaves by path, history)."""
+  resolved = xp.resolve(xp.read_config(QUICKSTART), overrides=_SMALL[3::2], smoke=True,
+                        config_path=QUICKSTART)
+  like, _, _ = resolved.module.make_problem(resolved.params)
   ckpt = out / "checkpoints"
-  step = checkpoint.latest_step(ckpt)
-  with np.load(checkpoint.checkpoint_path(ckpt, step)) as npz:
-    manifest = json.loads(bytes(npz["__manifest__"]).decode())
-    arrays = {e["path"]: npz[e["name"]] for e in manifest["leaves"]}
-    hist = {k: npz[v["__ndarray__"]] for k, v in manifest["metadata"]["history"].items()
-            if isinstance(v, dict) and "__ndarray__" in v}
-  return step, arrays, hist
+  state, meta = checkpoint.load(ckpt, like=like)
+  leaves = {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+  return checkpoint.latest_step(ckpt), leaves, meta["history"]
 
 
-def _kronjax(args, cache):
+def _kronjax(args, cache, cwd=ROOT):
   # A shared persistent compilation cache: the resumed run compiles nothing new.
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, "-m", "kronjax.cli", *args], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  env.pop(xp.ENV_VAR, None)
+  return subprocess.Popen([*CLI, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
 
 
 def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
@@ -170,7 +317,8 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
   killed_at = checkpoint.latest_step(killed / "checkpoints")
   assert killed_at < 96 and not (killed / "results.json").exists()  # really interrupted
 
-  resumed_proc = _kronjax(["run", "--resume", str(killed), "--no-progress"], cache)
+  # Resumed from another directory: run_config.json leads back to the experiments.
+  resumed_proc = _kronjax(["run", "--resume", str(killed), "--no-progress"], cache, cwd=tmp_path)
   assert resumed_proc.wait(timeout=300) == 0, resumed_proc.stderr.read().decode()[-2000:]
   assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
   step_a, resumed, hist_a = _final(killed)
@@ -182,8 +330,10 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
   for k in resumed:  # and everything else: optimizer and index state, step, key
     np.testing.assert_array_equal(resumed[k], uninterrupted[k])
   np.testing.assert_array_equal(hist_a["step"], np.arange(1, 97))  # continuous history
-  for k in ("loss", "active", "eval_step", "eval_loss"):
-    np.testing.assert_array_equal(hist_a[k], hist_b[k])
+  np.testing.assert_array_equal(hist_a["eval_step"], hist_b["eval_step"])
+  for k in ("loss", "active"):
+    np.testing.assert_array_equal(hist_a["values"][k], hist_b["values"][k])
+  np.testing.assert_array_equal(hist_a["eval_values"]["eval_loss"], hist_b["eval_values"]["eval_loss"])
   res = json.loads((killed / "results.json").read_text())
   assert res["metrics"]["resumed_from_step"] == killed_at
   assert res["config"]["params"] == json.loads((full / "results.json").read_text())["config"]["params"]

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from kronjax import experiment as xp
+from kronjax.experiments import runner as xp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

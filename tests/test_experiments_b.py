@@ -9,29 +9,26 @@ import dataclasses
 import json
 import math
 import pathlib
-import sys
 import typing
 
 import numpy as np
-import pytest
+
+from kronjax.experiments import runner as experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the repo root
-  sys.path.insert(0, str(ROOT))
 
 
 def smoke_params(name: str):
   """The resolved ``Params`` of ``configs/<name>.toml`` at ``--smoke`` scale."""
-  from kronjax import experiment
-  resolved = experiment.resolve(experiment.read_config(ROOT / "configs" / f"{name}.toml"), smoke=True)
+  config = ROOT / "configs" / f"{name}.toml"
+  resolved = experiment.resolve(experiment.read_config(config), smoke=True, config_path=config)
   assert resolved.name == name
   return resolved.module, resolved.params
 
 
 def run_smoke(name: str, tmp_path: pathlib.Path) -> tuple[typing.Any, dict]:
   """``kronjax run configs/<name>.toml --smoke --out tmp_path``; returns (params, results.json)."""
-  from kronjax import experiment
   _, params = smoke_params(name)
   experiment.run_config(ROOT / "configs" / f"{name}.toml", smoke=True, out_dir=tmp_path,
                         progress=False, echo=False)
@@ -110,7 +107,7 @@ def test_digit_pairs_smoke(tmp_path):
 
 
 def test_digit_pairs_pairs_balanced_and_disjoint():
-  from experiments import digit_pairs
+  digit_pairs = experiment.import_experiment("digit_pairs", ROOT / "experiments")
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(10), 20)
   idx, y = digit_pairs.sample_inputs(labels, 400, 3, 0.5, rng)

@@ -1,67 +1,91 @@
-"""kronjax.memory: glibc keeps large freed blocks, so big per-step temporaries stop page-faulting."""
+"""kronjax.experiments.heap.retain_freed_memory: what the switch asks of glibc and what it returns.
 
+Whether glibc then stops page-faulting is the C library's behaviour, measured by
+``experiments/bench_sweep.py --retain-freed-memory``, not tested here.
+"""
+
+import ctypes
 import platform
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-import kronjax
+from kronjax.experiments import heap
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# A jitted step with a 48 MiB temporary (above glibc's largest default mmap
-# threshold, 32 MiB; below the 64 MiB of a per-thread heap),
-# run 8 times: minor page faults per call, before and after the setting.
-_SCRIPT = textwrap.dedent("""
-    import resource, sys
-    import jax, jax.numpy as jnp
-    import kronjax
 
-    @jax.jit
-    def step(x):
-      big = jnp.outer(x, jnp.sin(x[:3072])) + 1.0   # (4096, 3072) float32: a 48 MiB
-      return x + (big @ x[:3072]) * 1e-9             # temporary, materialized for the product
+class _FakeLibc:
+  """Records mallopt calls; returns the given results in turn (glibc: 1 success, 0 failure)."""
 
-    def faults_per_call(x, warmup=1):
-      # XLA's worker threads allocate from per-thread heaps: after the setting,
-      # each thread that runs the step maps its block once, so warm up a few calls.
-      for _ in range(warmup):
-        x = step(x).block_until_ready()
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      for _ in range(8):
-        x = step(x).block_until_ready()
-      return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8, x
+  def __init__(self, results):
+    self.calls, self._results = [], list(results)
+    outer = self
 
-    x = jnp.ones((4096,), jnp.float32)
-    plain, x = faults_per_call(x)
-    assert kronjax.memory.retain_freed_memory() is True
-    windows = []
-    for _ in range(3):   # the quietest window: a busy machine moves the step between threads
-      faults, x = faults_per_call(x, warmup=8)
-      windows.append(faults)
-    retained = min(windows)
-    print(plain, retained)
-""")
+    class _Mallopt:
+      argtypes = restype = None
+
+      def __call__(self, param, value):
+        outer.calls.append((param, value))
+        return outer._results.pop(0)
+
+    self.mallopt = _Mallopt()
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
-def test_retain_freed_memory_stops_page_faults_of_large_temporaries():
-  done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  plain, retained = map(float, done.stdout.split()[-2:])
-  assert plain > 4000          # ~12k fresh 4 KiB pages per call
-  assert retained < plain / 2   # measured: 12.3k -> 3.1k
+@pytest.fixture
+def fake_glibc(monkeypatch):
+  monkeypatch.setattr(platform, "system", lambda: "Linux")
+  monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+
+  def install(results):
+    lib = _FakeLibc(results)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: lib)
+    return lib
+
+  return install
+
+
+def test_sets_the_mmap_threshold_then_the_trim_threshold(fake_glibc):
+  lib = fake_glibc([1, 1])
+  assert heap.retain_freed_memory(3 * 2**20) is True
+  assert lib.calls == [(heap._M_MMAP_THRESHOLD, 3 * 2**20), (heap._M_TRIM_THRESHOLD, 3 * 2**20)]
+  assert lib.mallopt.argtypes == [ctypes.c_int, ctypes.c_int] and lib.mallopt.restype is ctypes.c_int
+
+
+def test_default_is_one_gib(fake_glibc):
+  lib = fake_glibc([1, 1])
+  assert heap.retain_freed_memory() is True
+  assert {v for _, v in lib.calls} == {2**30}
+
+
+@pytest.mark.parametrize("results, calls", [([0], 1), ([1, 0], 2)])
+def test_a_refused_setting_returns_false(fake_glibc, results, calls):
+  lib = fake_glibc(results)
+  assert heap.retain_freed_memory() is False
+  assert len(lib.calls) == calls  # a refused mmap threshold is not followed by the trim one
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (2**31, ValueError), (-5, ValueError),
                                         (1.5, TypeError), (True, TypeError), ("1G", TypeError)])
-def test_retain_freed_memory_rejects_bad_max_bytes(bad, error):
+def test_rejects_bad_max_bytes_before_touching_the_c_library(fake_glibc, bad, error):
+  lib = fake_glibc([])
   with pytest.raises(error, match="max_bytes"):
-    kronjax.memory.retain_freed_memory(bad)
+    heap.retain_freed_memory(bad)
+  assert lib.calls == []
 
 
-def test_retain_freed_memory_is_a_no_op_off_glibc(monkeypatch):
+def test_is_a_no_op_off_glibc(monkeypatch):
   monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("musl", "1.2"))
-  assert kronjax.memory.retain_freed_memory() is False
+  monkeypatch.setattr(ctypes, "CDLL", lambda name: pytest.fail("the C library was loaded"))
+  assert heap.retain_freed_memory() is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+def test_the_real_glibc_accepts_the_setting():
+  # In a child process: the setting is process-wide and would outlive this test.
+  done = subprocess.run([sys.executable, "-c", "from kronjax.experiments import heap; "
+                         "print(heap.retain_freed_memory(2**20))"],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ["True"]

@@ -1,11 +1,24 @@
-"""The benchmark helpers and a smoke run of the step benchmark (behaviour, never wall time)."""
+"""kronjax.experiments.timing, and smoke runs of the step and sweep benchmarks (behaviour, never
+wall time)."""
 
 import json
+import pathlib
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from kronjax import bench
+import kronjax
+from kronjax.experiments import runner
+from kronjax.experiments import timing
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _bench(name):
+  """A benchmark script of experiments/ (not a package: loaded from its file)."""
+  return runner.load_module(ROOT / "experiments" / f"{name}.py")
 
 
 def test_time_steps_interleaved_threads_each_state_through_every_round():
@@ -13,7 +26,7 @@ def test_time_steps_interleaved_threads_each_state_through_every_round():
     return state + x, None
 
   runs = {"one": (add, jnp.zeros(()), [1.0] * 5), "ten": (add, jnp.zeros(()), [10.0] * 5)}
-  timings, states = bench.time_steps_interleaved(runs, rounds=3, warmup=2)
+  timings, states = timing.time_steps_interleaved(runs, rounds=3, warmup=2)
   # warm-up steps once, then 3 rounds of the remaining 3 batches
   assert float(states["one"]) == 2 * 1 + 3 * 3 * 1
   assert float(states["ten"]) == 2 * 10 + 3 * 3 * 10
@@ -22,9 +35,37 @@ def test_time_steps_interleaved_threads_each_state_through_every_round():
     assert t["p10_s"] <= t["median_s"] <= t["p90_s"]
 
 
+def test_count_compilations_sees_each_compilation_once():
+  f = jax.jit(lambda x: jnp.sin(x) * 3.0)
+  x = jnp.arange(5.0)
+  with timing.count_compilations() as first:
+    jax.block_until_ready(f(x))
+  with timing.count_compilations() as again:
+    jax.block_until_ready(f(x))   # cached
+  assert len(first) == 1 and "lambda" in first[0]
+  assert again == []
+
+
+def test_native_info_degrades_to_the_environment(monkeypatch):
+  monkeypatch.delattr(kronjax, "native_info", raising=False)
+  monkeypatch.setenv("KRONJAX_NATIVE", "off")
+  assert timing.native_info() == {"mode": "off", "available": None, "library": None,
+                                  "reason": "not reported: kronjax has no public native_info()"}
+  monkeypatch.setattr(kronjax, "native_info", lambda: {"mode": "auto", "available": True},
+                      raising=False)
+  assert timing.native_info() == {"mode": "auto", "available": True}
+  assert timing.environment()["native"] == {"mode": "auto", "available": True}
+
+
+def test_write_json_converts_arrays(tmp_path):
+  path = timing.write_json(tmp_path / "a" / "b.json", {"x": np.float32(1.5), "y": jnp.arange(3),
+                                                         "p": pathlib.Path("q")})
+  assert json.loads(path.read_text()) == {"x": 1.5, "y": [0, 1, 2], "p": "q"}
+
+
 @pytest.mark.slow
 def test_bench_step_smoke_writes_every_section(tmp_path):
-  from experiments import bench_step
+  bench_step = _bench("bench_step")
   out = bench_step.main(["--smoke", "--out", str(tmp_path / "step.json")])
   written = json.loads((tmp_path / "step.json").read_text())
   assert set(written) >= {"environment", "flat_in_d", "floor", "vs_dense", "batch1_paths"}
@@ -34,7 +75,7 @@ def test_bench_step_smoke_writes_every_section(tmp_path):
 
 @pytest.mark.slow
 def test_bench_sweep_smoke_compiles_once_and_agrees(tmp_path):
-  from experiments import bench_sweep
+  bench_sweep = _bench("bench_sweep")
   results = bench_sweep.main(["--smoke", "--out", str(tmp_path / "sweep.json")])
   assert json.loads((tmp_path / "sweep.json").read_text())["results"]
   for r in results:

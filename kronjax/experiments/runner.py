@@ -54,8 +54,11 @@ history and ends bit for bit where the uninterrupted run would have.
 them (no top-level ``experiments`` package). The folder is the first that
 exists of: ``$KRONJAX_EXPERIMENTS``; ``experiments/`` beside the config file's
 folder (``config_path.parent.parent / "experiments"``, i.e. the checkout of
-``configs/x.toml``); ``./experiments``. Modules are loaded from their files
-(``load_module``), under the module name ``MODULE_PREFIX + name``.
+``configs/x.toml``); ``./experiments`` (a ``$KRONJAX_EXPERIMENTS`` that is not a
+folder is an error, never passed over). Modules are loaded from their files
+(``load_module``), under the module name ``MODULE_PREFIX + name``. A run records
+its config file's absolute path in ``run_config.json``, so ``--resume`` finds
+the same folder from any working directory.
 
 **Framework** (``run_config``): writes ``out_dir/run_config.json`` (so ``--resume``
 can rebuild the run) before calling ``run``, then ``out_dir/results.json`` =

@@ -6,12 +6,13 @@ report medians with spreads, and record the environment next to the numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import platform
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -102,25 +103,34 @@ def time_steps_interleaved(runs: dict[str, tuple[Callable[[Any, Any], tuple[Any,
   return timings, states
 
 
-def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *,
-                   start: int = 0) -> np.ndarray:
-  """The index batches ``(steps, batch_size)`` int32 that ``kronjax.fit(state, dataset, key,
-  batch_size=batch_size)`` trains on at global steps ``start .. start + steps - 1``.
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
-  For timed step loops and for baselines that must see fit's batches. Uses the
-  library's ``kronjax.batch_schedule`` where it is public; otherwise the same
-  rule: epoch ``e`` is the permutation ``jax.random.permutation(fold_in(key, e), n)``
-  cut into ``n // batch_size`` full batches (the remainder dropped).
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[str]]:
+  """Records the XLA compilations inside the block: yields a list that receives the
+  name of each compiled function (``jax.monitoring``'s backend-compile events).
+
+      with count_compilations() as compiled:
+        step(state, batch)
+      assert len(compiled) == 1
   """
-  public = getattr(kronjax, "batch_schedule", None)
-  if callable(public):
-    return np.asarray(public(key, n, batch_size, steps, start=start), np.int32)
-  per_epoch = n // batch_size
-  first, last = start // per_epoch, (start + steps - 1) // per_epoch
-  epochs = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
-            [:per_epoch * batch_size].reshape(per_epoch, batch_size) for e in range(first, last + 1)]
-  offset = start - first * per_epoch
-  return np.concatenate(epochs)[offset:offset + steps].astype(np.int32)
+  compiled: list[str] = []
+  active = [True]
+
+  def listener(event: str, duration: float, **kwargs: Any) -> None:
+    del duration
+    if active[0] and event == _BACKEND_COMPILE:
+      compiled.append(str(kwargs.get("fun_name", "?")))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiled
+  finally:
+    active[0] = False
+    unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+    if unregister is not None:  # older jax: the listener stays, inactive
+      unregister(listener)
 
 
 def environment() -> dict[str, Any]:
