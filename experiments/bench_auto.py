@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import platform
 import sys
 import time
 
@@ -23,6 +21,7 @@ import numpy as np
 import optax
 
 import kronjax
+from kronjax.experiments import timing
 
 SHAPES = ({"width": 4096, "n": 1024, "batch": 32}, {"width": 65536, "n": 512, "batch": 1})
 EXPLICIT = {
@@ -71,12 +70,9 @@ def main(argv=None) -> int:
     print(json.dumps({k: row[k] for k in ("width", "n", "batch", "fastest", "default_over_fastest")}),
           flush=True)
   payload = {"benchmark": "auto", "command": " ".join(["python"] + sys.argv),
-             "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                         "backend": jax.default_backend(), "jax": jax.__version__},
-             "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "shapes": results}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(payload, indent=1) + "\n")
+             "environment": timing.environment(), "date": time.strftime("%Y-%m-%d"),
+             "rounds": args.rounds, "shapes": results}
+  out = timing.write_json(args.out, payload)
   print(f"wrote {out}")
   return 0
 

@@ -14,9 +14,6 @@ times one ``resync`` against one step (medians after compilation).
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import platform
 import sys
 import time
 
@@ -26,6 +23,7 @@ import numpy as np
 import optax
 
 import kronjax
+from kronjax.experiments import timing
 
 TXS = {"sgd": lambda: optax.sgd(0.5), "momentum": lambda: optax.sgd(0.1, momentum=0.9)}
 
@@ -81,17 +79,12 @@ def main(argv=None) -> int:
                    "drift_after_resync": drift(resynced, P0, K),
                    "seconds_per_step": train_s / args.steps, "step_median_s": step_s,
                    "resync_median_s": resync_s})
-  payload = {"benchmark": "drift", "command": " ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
-             "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                         "cpus": jax.local_device_count(), "backend": jax.default_backend(),
-                         "jax": jax.__version__},
-             "date": time.strftime("%Y-%m-%d"),
+  payload = {"benchmark": "drift", "command": " ".join(["python"] + sys.argv),
+             "environment": timing.environment(), "date": time.strftime("%Y-%m-%d"),
              "settings": {"width": args.width, "n": args.n, "batch": args.batch,
                           "steps": args.steps, "dtype": "float32"},
              "runs": runs}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(payload, indent=1) + "\n")
+  out = timing.write_json(args.out, payload)
   print(f"wrote {out}")
   return 0
 

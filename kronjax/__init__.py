@@ -16,6 +16,7 @@ from kronjax._src.loop import CapacityError
 from kronjax._src.loop import batch_schedule
 from kronjax._src.loop import fit
 from kronjax._src.loop import jit_train_step
+from kronjax._src.native import info as native_info
 from kronjax._src.state import TrainState
 from kronjax._src.state import init
 from kronjax._src.state import resync
@@ -39,6 +40,7 @@ __all__ = (
     "fit",
     "init",
     "jit_train_step",
+    "native_info",
     "network",
     "predict",
     "resync",

@@ -9,7 +9,7 @@ import kronjax
 
 PUBLIC = {
     "CapacityError", "Config", "Dataset", "KronData", "TrainState", "batch_schedule", "checkpoint", "data", "dense",
-    "dense_params", "evaluate", "fit", "init", "jit_train_step", "network", "predict", "resync", "sharding", "sweep",
+    "dense_params", "evaluate", "fit", "init", "jit_train_step", "native_info", "network", "predict", "resync", "sharding", "sweep",
     "train_step", "with_config",
 }
 

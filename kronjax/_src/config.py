@@ -206,6 +206,11 @@ class Config:
     return "sparse" if 3 * batch_size * self.active_capacity <= self.width else "full"
 
   @property
+  def firing_probability(self) -> float:
+    """``Q(b)``: the chance that one neuron fires on a unit-norm point at init."""
+    return gaussian_tail(self.threshold)
+
+  @property
   def resolved_layout(self) -> str:
     """``"neurons"`` or ``"points"``: the layout ``layout="auto"`` stands for."""
     if self.layout != "auto":

@@ -150,19 +150,8 @@ def environment() -> dict[str, Any]:
 
 
 def native_info() -> dict[str, Any]:
-  """The native CPU kernels' status, for the record next to the numbers.
-
-  Asks the library's ``kronjax.native_info()`` where it exists (``{"mode",
-  "available", "library", "reason"}``). Without it, reports what the
-  environment says (``KRONJAX_NATIVE``, default ``auto``) and ``available``
-  None: unknown.
-  """
-  public = getattr(kronjax, "native_info", None)
-  if callable(public):
-    return dict(public())
-  return {"mode": os.environ.get("KRONJAX_NATIVE", "auto").strip().lower() or "auto",
-          "available": None, "library": None,
-          "reason": "not reported: kronjax has no public native_info()"}
+  """The native CPU kernels' status (``kronjax.native_info()``), for the record next to the numbers."""
+  return dict(kronjax.native_info())
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
