@@ -1,38 +1,54 @@
-# Two commands: `make test` and `make demo`. Both create .venv if it is missing.
+# `make demo` sets up and runs the quick start; `make test` sets up and runs the whole suite
+# (what CI runs); `make test-fast` leaves out the tests marked slow. Each creates .venv if it
+# is missing and installs only the extras it needs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEMO := $(VENV)/.installed-demo
+TEST := $(VENV)/.installed-test
 
-.PHONY: test demo venv clean bench
+.PHONY: test test-fast demo venv clean bench
 
-venv: $(STAMP)
+venv: $(TEST)
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	touch $(BASE)
+
+$(DEMO): $(BASE)
+	$(BIN)/python -m pip install --quiet -e '.[experiments]'
+	touch $(DEMO)
+
+$(TEST): $(BASE)
 	$(BIN)/python -m pip install --quiet -e '.[dev,experiments]'
-	touch $(STAMP)
+	touch $(TEST) $(DEMO)
 
-test: $(STAMP) native
-	$(BIN)/python -m pytest -q tests
+test: $(TEST) native
+	$(BIN)/python -m pytest -q --durations=15 tests
 
-demo: $(STAMP) native
+test-fast: $(TEST) native
+	$(BIN)/python -m pytest -q --durations=10 -m "not slow" tests
+
+demo: $(DEMO) native
 	$(BIN)/kronjax run configs/quickstart.toml --out runs/quickstart
 
 # Builds the native CPU kernels into the cache now, not at the first step (~15 s once; with
 # no C++ compiler it says so and kronjax runs on XLA). Same as python -m kronjax._src.native.
 .PHONY: native
-native: $(STAMP)
+native: $(DEMO)
 	$(BIN)/python -c 'import sys; from kronjax._src import native; sys.exit(native.main())'
 
 # The benchmark scripts behind the README's performance tables (minutes; not part of CI).
-bench: $(STAMP)
+bench: $(TEST)
 	$(BIN)/python experiments/bench_step.py
 	$(BIN)/python experiments/bench_threshold.py
 	$(BIN)/python experiments/bench_init.py
 	$(BIN)/python experiments/bench_sweep.py
 	$(BIN)/python experiments/bench_sharding.py
+	$(BIN)/python experiments/bench_auto.py
+	$(BIN)/python experiments/bench_drift.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

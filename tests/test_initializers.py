@@ -272,3 +272,17 @@ def test_bad_implicit_gram_non_finite():
   data = unit_data(0, 5, DIMS)
   with pytest.raises(ValueError, match="gram"):
     inits.implicit_projections(jax.random.key(0), M, data, gram=np.full((5, 5), np.nan))
+
+
+def test_psd_factor_uses_cholesky_when_positive_definite_and_falls_back_exactly():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 10))
+    K = X @ X.T                                       # positive definite
+    L = np.asarray(inits.psd_factor(jnp.asarray(K)))
+    np.testing.assert_allclose(L, np.linalg.cholesky(K), rtol=1e-10, atol=1e-12)
+    Xs = np.concatenate([X, X[:2]])                   # duplicates: singular
+    Ks = Xs @ Xs.T
+    Ls = np.asarray(inits.psd_factor(jnp.asarray(Ks)))
+    assert np.all(np.isfinite(Ls))
+    np.testing.assert_allclose(Ls @ Ls.T, Ks, rtol=0, atol=1e-10 * np.abs(Ks).max())
