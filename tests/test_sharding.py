@@ -19,6 +19,8 @@ import pytest
 
 import kronjax
 from kronjax import sharding
+from kronjax.experiments import hlo
+from reference import rel_err
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,6 +31,8 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 import kronjax
 from kronjax import sharding
+from kronjax._src import index as index_lib
+from kronjax.experiments import hlo
 
 assert jax.device_count() == 8, jax.devices()
 key = jax.random.PRNGKey(0)
@@ -38,18 +42,22 @@ def rel(x, y):
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
 
+def same(x, y):
+  return jax.tree.structure(x) == jax.tree.structure(y) and all(
+      np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
 def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
   data, labels = kronjax.data.planted(key, 40, (4, 6), task=task, num_classes=3)
   ev, ev_labels = data.subset(jnp.arange(30, 40)), labels[30:]
-  state = kronjax.init(key, config, data, labels, tx, eval_data=ev, eval_labels=ev_labels)
-  ref, h_ref = kronjax.fit(state, key, batch_size=8, steps=steps, progress=False)
+  dataset = kronjax.Dataset(data, labels, eval_data=ev, eval_labels=ev_labels)
+  state = kronjax.init(key, config, dataset, tx)
+  ref, h_ref = kronjax.fit(state, dataset, key, batch_size=8, steps=steps, progress=False)
   start = state if sharded_capacity is None else kronjax.with_config(state, active_capacity=sharded_capacity)
   mesh = sharding.neuron_mesh(jax.devices()[:devices])
-  got, h = kronjax.fit(start, key, batch_size=8, steps=steps, progress=False, mesh=mesh)
+  got, h = kronjax.fit(start, dataset, key, batch_size=8, steps=steps, progress=False, mesh=mesh)
   m, m_pad = config.width, got.P.shape[0]
   res = {"devices": devices, "m": m, "m_pad": m_pad, "replays": len(h["replays"]),
          "layout": got.layout, "P_spec": str(got.projections.sharding.spec),
-         "gram_spec": str(got.gram.sharding.spec),
          "loss_err": rel(h["loss"], h_ref["loss"]),
          "pad_P_is_minus_inf": bool(np.all(np.asarray(got.P)[m:] == -np.inf)),
          "pad_A_a_zero": bool(np.all(np.asarray(got.A)[m:] == 0) and np.all(np.asarray(got.a)[m:] == 0))}
@@ -61,29 +69,44 @@ def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
   un = sharding.unshard_state(got)
   for f in ("P", "A", "a", "P_eval"):
     res[f + "_err"] = rel(getattr(un, f), getattr(ref, f))
-  res["predict_err"] = rel(kronjax.predict(un, ev), kronjax.predict(ref, ev))
+  res["predict_err"] = rel(kronjax.predict(un, dataset, ev), kronjax.predict(ref, dataset, ev))
   res["index_is_global"] = jax.tree.structure(un.index) == jax.tree.structure(ref.index) and all(
       x.shape == y.shape for x, y in zip(jax.tree.leaves(un.index), jax.tree.leaves(ref.index)))
+  if sharded_capacity is None:
+    # The pieces fit uses: shard_state, compiled_step(mesh)(state, dataset, batch), unshard_state.
+    # (The dataset replicated as fit replicates it: the same executable, no recompilation.)
+    replicated = jax.device_put(dataset, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    manual = sharding.shard_state(state, mesh)
+    step = sharding.compiled_step(mesh)
+    for bi in kronjax.batch_schedule(key, dataset.n, 8, steps):
+      manual, _ = step(manual, replicated, jnp.asarray(bi))
+    res["manual_equals_fit"] = same(sharding.unshard_state(manual), un)
   if name == "sgd8":
-    res["collectives"] = sharding.step_collectives(got, jnp.arange(8), mesh)
+    batch = jnp.arange(8, dtype=jnp.int32)
+    res["collectives"] = hlo.step_collectives(got, dataset, batch, mesh)
     res["estimate"] = sharding.estimated_bytes(8, config.num_classes, float_bytes=8)
     res["P_bytes"] = 8 * m * data.n
+    # The dataset (factors, labels, Gram) is replicated, never split over the neurons.
+    compiled = sharding.compiled_step(mesh).lower(got, dataset, batch).compile()
+    data_shardings = jax.tree.leaves(compiled.input_shardings[0][1])
+    res["dataset_replicated"] = len(data_shardings) > 0 and all(
+        s.is_fully_replicated for s in data_shardings)
   out[name] = res
 
 # Capacity 2 per shard overflows at once: fit replays under the mesh (with_config, re-shard)
 # and grows it to 8 (= the 8 rows of a shard).
 compare("sgd8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
-                                  train_output=True, index="dense", update="sparse",
+                                  train_output=True, index="scan", update="sparse",
                                   active_capacity=32), optax.sgd(0.5), "classification",
         sharded_capacity=2)
-kinds = kronjax.threshold.KINDS
+kinds = index_lib.KINDS
 compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
                                        active_capacity=32, candidate_capacity=48,
-                                       index="bucketed" if "bucketed" in kinds else "dense"),
+                                       index="bucketed" if "bucketed" in kinds else "scan"),
         optax.sgd(0.3, momentum=0.9), "classification")
-# The dense path with P stored point-major (n, m): split on axis 1, momentum traces too.
+# The full path with P stored point-major (n, m): split on axis 1, momentum traces too.
 compare("points8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
-                                     train_output=True, update="dense"),
+                                     train_output=True, update="full"),
         optax.sgd(0.3, momentum=0.9), "classification")
 
 docs = pathlib.Path(sys.argv[1]).read_text()
@@ -119,8 +142,10 @@ def test_sharded_training_equals_single_device(multi_device, case):
   assert res.get("pad_in_candidates", 0) == 0
   assert res["layout"] == ("points" if case == "points8" else "neurons")
   want = "(None, 'neurons')" if case == "points8" else "('neurons',)"
-  assert res["P_spec"] in ("P" + want, "PartitionSpec" + want) and "'neurons'" not in res["gram_spec"]
+  assert res["P_spec"] in ("P" + want, "PartitionSpec" + want)
   assert res["index_is_global"]                          # unshard_state rebuilt one global index
+  if case != "sgd8":                                     # fit's step is compiled_step(mesh)'s
+    assert res["manual_equals_fit"]
   if case == "sgd8":                                     # overflow under a mesh replays and re-shards
     assert res["replays"] >= 1
 
@@ -131,6 +156,7 @@ def test_sharded_step_moves_only_the_outputs(multi_device):
   assert {op["op"] for op in ops} == {"all-reduce"}, ops       # no all-gather / permute of P
   assert sum(op["bytes"] for op in ops) == res["estimate"]["total"], (ops, res["estimate"])
   assert max(op["bytes"] for op in ops) == res["estimate"]["outputs"] < res["P_bytes"] / 50
+  assert res["dataset_replicated"]                             # data, labels, Gram on every device
 
 
 def test_docs_sharding_example_runs_on_eight_devices(multi_device):
@@ -141,10 +167,16 @@ def test_docs_sharding_example_runs_on_eight_devices(multi_device):
 
 # ----------------------------------------------------------------------------- in-process (1 device)
 
-def _small_state():
+def _small_problem():
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 16, (3, 4), task="regression")
-  return kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=10, active_capacity=8), data,
-                      labels, optax.sgd(0.1, momentum=0.9))
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=10, active_capacity=8), dataset,
+                       optax.sgd(0.1, momentum=0.9))
+  return state, dataset
+
+
+def _small_state():
+  return _small_problem()[0]
 
 
 def test_shard_state_layout_and_unshard_roundtrip():
@@ -152,10 +184,12 @@ def test_shard_state_layout_and_unshard_roundtrip():
   mesh = sharding.neuron_mesh(jax.devices()[:1])
   sharded = sharding.shard_state(state, mesh)
   specs = sharding.state_specs(sharded)
-  assert specs.P == jax.sharding.PartitionSpec("neurons") and specs.gram == jax.sharding.PartitionSpec()
+  assert specs.P == jax.sharding.PartitionSpec("neurons")
+  assert not hasattr(specs, "gram")                   # the dataset is not part of the state
   trace_specs = [s for s in jax.tree.leaves(specs.opt_state) if "neurons" in tuple(s)]
   assert len(trace_specs) == 2                        # momentum traces of A and P; count replicated
   assert specs.A_T == jax.sharding.PartitionSpec(None, "neurons")  # A_T is (n, m)
+  assert specs.b == specs.step == jax.sharding.PartitionSpec()     # replicated scalars
   assert sharded.index.rebuilds.shape == (1,)        # one index per shard
   back = sharding.unshard_state(sharded)
   for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
@@ -163,9 +197,28 @@ def test_shard_state_layout_and_unshard_roundtrip():
   assert sharding.padded_width(62, 8) == 64 and sharding.padded_width(64, 8) == 64
 
 
+def test_compiled_step_on_one_device_equals_train_step():
+  """``compiled_step(mesh)(state, dataset, batch)`` on a one-device mesh is the plain step
+  (float32 here; the float64 multi-device comparisons are above)."""
+  state, dataset = _small_problem()
+  mesh = sharding.neuron_mesh(jax.devices()[:1])
+  step = sharding.compiled_step(mesh)
+  sharded = sharding.shard_state(state, mesh)
+  plain = state
+  for t in range(3):
+    batch = jnp.arange(4 * t, 4 * t + 4)
+    sharded, m_sharded = step(sharded, dataset, batch)
+    plain, m_plain = kronjax.jit_train_step(plain, dataset, batch)
+    assert rel_err(m_sharded["loss"], m_plain["loss"]) < 1e-5
+  back = sharding.unshard_state(sharded)
+  for f in ("P", "A", "a"):
+    assert rel_err(getattr(back, f), getattr(plain, f)) < 1e-5
+  assert int(back.step) == 3
+
+
 def test_point_major_specs_split_the_neuron_axis():
   state = _small_state()
-  state = kronjax.with_config(state, update="dense")              # layout auto -> points
+  state = kronjax.with_config(state, update="full")               # layout auto -> points
   assert state.layout == "points"
   specs = sharding.state_specs(state)
   split = jax.sharding.PartitionSpec(None, "neurons")
@@ -183,28 +236,32 @@ def test_shard_state_bad_input():
     sharding.shard_state(state, mesh, axis_name="model")
   with pytest.raises(TypeError, match="state must be a kronjax.TrainState"):
     sharding.shard_state({"P": state.P}, mesh)
+  with pytest.raises(TypeError, match="state must be a kronjax.TrainState"):
+    sharding.unshard_state({"P": state.P})
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    sharding.compiled_step("cpu")
   stacked = jax.tree.map(lambda x: x[None], state)
   with pytest.raises(ValueError, match="stacked sweep state cannot be neuron-sharded"):
     sharding.shard_state(stacked, mesh)
 
 
 def test_collectives_parser():
-  hlo = """
+  text = """
   %all-reduce.1 = f32[32,10]{1,0} all-reduce(f32[32,10]{1,0} %x), replica_groups={{0,1}}, to_apply=%add
   %ar.2 = (s32[], s32[32]{0}) all-reduce(s32[] %a, s32[32]{0} %b), to_apply=%add
   %ag = f32[8,512]{1,0} all-gather(f32[1,512]{1,0} %p), dimensions={0}
   %mul = f32[32,10]{1,0} multiply(f32[32,10]{1,0} %x, f32[32,10]{1,0} %y)
   """
-  ops = sharding.collectives(hlo)
+  ops = hlo.collectives(text)
   assert [o["op"] for o in ops] == ["all-reduce", "all-reduce", "all-gather"]
   assert [o["bytes"] for o in ops] == [1280, 132, 16384]
   assert sharding.estimated_bytes(32, 10) == {"outputs": 1280, "counts": 128, "scalars": 12, "total": 1420}
 
 
 def test_checkpoint_written_under_a_mesh_restores_into_a_fresh_state(tmp_path):
-  state = _small_state()
+  state, dataset = _small_problem()
   mesh = sharding.neuron_mesh(jax.devices()[:1])
-  out, _ = kronjax.fit(state, jax.random.PRNGKey(0), batch_size=4, steps=6, progress=False,
+  out, _ = kronjax.fit(state, dataset, jax.random.PRNGKey(0), batch_size=4, steps=6, progress=False,
                        mesh=mesh, checkpoint_dir=tmp_path, checkpoint_every=3)
   restored, _ = kronjax.checkpoint.load(tmp_path, like=_small_state())
   expected = sharding.unshard_state(out)
