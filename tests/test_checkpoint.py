@@ -235,9 +235,6 @@ def test_fit_checkpoints_resume_bit_for_bit(tmp_path):
   _assert_same_history(h_fresh, h_full)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: after a resume, fit counts the eval_every / "
-                   "log_every cadence from the resumed step, not from step 0 (loop.train uses "
-                   "(t + 1) % every with t relative to the restart), so the history differs")
 @pytest.mark.parametrize("every", ["eval_every", "log_every"])
 def test_resumed_history_keeps_the_cadence_of_the_uninterrupted_run(tmp_path, every):
   options = {"steps": 10, every: 3}   # 3 does not divide the restart step 4
@@ -247,9 +244,6 @@ def test_resumed_history_keeps_the_cadence_of_the_uninterrupted_run(tmp_path, ev
   _assert_same_history(h, h_full)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: load decodes metadata arrays with "
-                   "jnp.asarray, so without jax_enable_x64 float64/int64 arrays come back "
-                   "float32/int32 (2**40 -> 0, 1e-50 -> 0); a resumed history changes dtype")
 def test_float64_metadata_and_resumed_history_keep_their_dtype(tmp_path):
   meta = {"x": np.array([0.1, 1e-50]), "i": np.array([2**40])}
   checkpoint.save(tmp_path / "meta", _init(), meta)

@@ -422,8 +422,6 @@ def test_bad_arguments(x64):
     sw.fit(states, dataset, jax.random.PRNGKey(0), batch_size=4, steps=1, on_nonfinite="skip")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: sweep.fit/size read state.step before "
-                   "checking the type, so a non-state raises AttributeError, not TypeError")
 def test_fit_rejects_what_is_not_a_state():
   with pytest.raises(TypeError, match="state must be"):
     sw.fit(kronjax.Config(width=4), _task(), jax.random.PRNGKey(0), batch_size=4, steps=1)

@@ -187,17 +187,18 @@ def put_array(arrays: dict, name: str, value: Any) -> dict[str, Any]:
   return {"dtype": dtype.name, "shape": list(arr.shape), "prng_impl": impl}
 
 
-def get_array(npz: Any, entry: dict[str, Any]) -> jax.Array:
+def get_array(npz: Any, entry: dict[str, Any]) -> np.ndarray | jax.Array:
+  """The array ``put_array`` stored: numpy with its saved dtype (never narrowed
+  to JAX's default precision), or a typed PRNG key."""
   arr = npz[entry["name"]]
   dtype = jnp.dtype(entry["dtype"])
   if arr.dtype != dtype:
     arr = arr.view(dtype)
   if list(arr.shape) != list(entry["shape"]):
     raise ValueError(f"array {entry['name']} has shape {arr.shape}, manifest says {entry['shape']}")
-  out = jnp.asarray(arr)
   if entry.get("prng_impl"):
-    out = jax.random.wrap_key_data(out, impl=entry["prng_impl"])
-  return out
+    return jax.random.wrap_key_data(jnp.asarray(arr), impl=entry["prng_impl"])
+  return arr
 
 
 def _encode(obj: Any, arrays: dict, where: str) -> Any:
@@ -224,8 +225,7 @@ def _encode(obj: Any, arrays: dict, where: str) -> Any:
 def _decode(obj: Any, npz: Any) -> Any:
   if isinstance(obj, dict):
     if "__ndarray__" in obj:
-      arr = get_array(npz, {**obj, "name": obj["__ndarray__"]})
-      return arr if obj.get("prng_impl") else np.asarray(arr)
+      return get_array(npz, {**obj, "name": obj["__ndarray__"]})
     return {k: _decode(v, npz) for k, v in obj.items()}
   if isinstance(obj, list):
     return [_decode(v, npz) for v in obj]
@@ -318,7 +318,7 @@ def load(directory: str | os.PathLike, *, like: TrainState,
           f"checkpoint {str(path)!r} does not match `like` at {p}: saved "
           f"{got.dtype}{list(got.shape)}, `like` has {want.dtype}{list(np.shape(want))}. "
           "Build `like` with the same config, data shapes, dtype and tx as the saved run.")
-  restored = jax.tree_util.tree_unflatten(treedef, leaves)
+  restored = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in leaves])
   if int(restored.step) != manifest["step"]:
     raise ValueError(f"checkpoint {str(path)!r} is corrupt: its file name and manifest say step "
                      f"{manifest['step']}, its state says step {int(restored.step)}.")

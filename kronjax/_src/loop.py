@@ -286,12 +286,14 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
       done += 1
       if resync_every and (global_step + 1) % resync_every == 0:
         state = runner.resync(state, dataset)
-      if (t + 1) % log_every == 0 or t + 1 == steps:
+      # Cadences follow the global step: a resumed run logs and evaluates where
+      # the uninterrupted run does.
+      if (global_step + 1) % log_every == 0 or t + 1 == steps:
         log.add(global_step + 1, metrics, live)
       if not live.any():
         bar.write(f"{runner.name}: every member stopped at step {global_step}.")
         break
-      if eval_every and ((t + 1) % eval_every == 0 or t + 1 == steps):
+      if eval_every and ((global_step + 1) % eval_every == 0 or t + 1 == steps):
         log.add_eval(global_step + 1, jax.device_get(runner.evaluate(state, dataset)), live)
       if checkpoint_dir is not None and (t + 1 == steps or (
           checkpoint_every and (global_step + 1) % checkpoint_every == 0)):

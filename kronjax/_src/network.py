@@ -166,9 +166,9 @@ def load(path: str | os.PathLike) -> Network:
       manifest = json.loads(bytes(npz["__manifest__"]).decode())
       if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"not a {FORMAT} v{VERSION} file")
-      leaves = {k: checkpoint.get_array(npz, {**e, "name": k})
+      leaves = {k: jnp.asarray(checkpoint.get_array(npz, {**e, "name": k}))
                 for k, e in manifest["leaves"].items()}
-      factors = tuple(checkpoint.get_array(npz, {**e, "name": f"factor_{q}"})
+      factors = tuple(jnp.asarray(checkpoint.get_array(npz, {**e, "name": f"factor_{q}"}))
                       for q, e in enumerate(manifest["factors"]))
       config = Config(**manifest["config"])
   except (zipfile.BadZipFile, EOFError, KeyError, ValueError, TypeError, OSError,

@@ -62,6 +62,9 @@ MEMBER_KEYS = ("threshold", "seed", "key")
 
 def size(state: TrainState) -> int:
   """Number of members of a stacked sweep state."""
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState (a stacked sweep state from "
+                    f"kronjax.sweep.init or stack), got {type(state).__name__}.")
   if np.ndim(state.step) != 1:
     raise ValueError(f"state is not a stacked sweep state (its step has shape "
                      f"{np.shape(state.step)}; a sweep's is (S,)).")
@@ -96,18 +99,6 @@ def _static_setting_error(where: str, names: Sequence[str], detail: str = "") ->
       f"one per value of {listed}. Inside one sweep only traced values may vary: the "
       "optimizer's injected hyperparameters (learning_rate, momentum via "
       "optax.inject_hyperparams), threshold, and seed/key.")
-
-
-def _hyperparam_names(tx: optax.GradientTransformation) -> tuple[str, ...]:
-  probe = jax.eval_shape(tx.init, {"A": jax.ShapeDtypeStruct((1, 1), jnp.float32)})
-  hp = getattr(probe, "hyperparams", None)
-  return tuple(sorted(hp)) if isinstance(hp, Mapping) else ()
-
-
-def _check_number(where: str, name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-    raise ValueError(f"{where}: {name} must be a finite real number, got {value!r}.")
-  return float(value)
 
 
 def _hyperparam_names(tx: optax.GradientTransformation) -> tuple[str, ...]:
