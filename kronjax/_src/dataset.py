@@ -11,6 +11,7 @@ a checkpoint holds the state only, and the state remembers the dataset's
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
 import jax
@@ -21,6 +22,14 @@ from kronjax._src import checks
 from kronjax._src.kron import KronData, check_compatible
 
 GRAMS = ("precomputed", "factors")
+
+# Squared norms outside this band get the warning: the threshold b and the
+# capacities assume ||x|| = 1 (at init <w_r, x> ~ N(0, ||x||^2)).
+NORM_BAND = (0.8, 1.25)
+
+
+class NormWarning(UserWarning):
+  """Inputs that are not unit-norm: the threshold and capacities assume ``||x|| = 1``."""
 
 
 @jax.tree_util.register_pytree_node_class
@@ -38,6 +47,13 @@ class Dataset:
       ``(n, n_e)`` cross Gram once; ``"factors"`` stores nothing ``n x n`` and the
       step recomputes its ``(B, n)`` Gram rows from the factors
       (``O(B n sum_q d_q)`` per step): for an ``n`` whose Gram does not fit.
+    normalize: scale every point (training and eval) to unit norm
+      (``KronData.normalize``). The network's threshold ``b`` and its capacities
+      assume ``||x|| = 1``: at init ``<w_r, x> ~ N(0, ||x||^2)``, so on points of
+      norm 64 nearly half the neurons fire instead of ``m Q(b)``, and training
+      diverges or loses the sparsity kronjax exists for. Left False, points whose
+      squared norm is outside ``NORM_BAND`` trigger one ``NormWarning`` that
+      gives the measured range and this fix.
 
   Attributes:
     data, labels, eval_data, eval_labels: as given (labels cast as above).
@@ -55,11 +71,13 @@ class Dataset:
                "fingerprint")
 
   def __init__(self, data: KronData, labels: Any, *, eval_data: KronData | None = None,
-               eval_labels: Any = None, gram: str = "precomputed"):
+               eval_labels: Any = None, gram: str = "precomputed", normalize: bool = False):
     if not isinstance(data, KronData):
       raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}; "
                       "wrap your factors with kronjax.KronData((u, v, ...)).")
     checks.check_choice("gram", gram, GRAMS)
+    if not isinstance(normalize, bool):
+      raise TypeError(f"normalize must be a bool, got {normalize!r}.")
     labels = _check_labels("labels", labels, data)
     if eval_data is not None:
       check_compatible("eval_data", data, eval_data)
@@ -69,6 +87,11 @@ class Dataset:
         eval_labels = _check_labels("eval_labels", eval_labels, eval_data)
     elif eval_labels is not None:
       raise ValueError("eval_labels was given without eval_data; pass both or neither.")
+    if normalize:
+      data = data.normalize()
+      eval_data = None if eval_data is None else eval_data.normalize()
+    else:
+      _warn_unless_unit_norm(data, eval_data)
     self.data, self.labels = data, labels
     self.eval_data, self.eval_labels = eval_data, eval_labels
     self.gram_mode = gram
@@ -118,6 +141,21 @@ class Dataset:
     rows_eval = (None if self.eval_data is None
                  else self.data.gram(rows=batch_idx, other=self.eval_data))
     return rows, rows_eval
+
+
+def _warn_unless_unit_norm(data: KronData, eval_data: KronData | None) -> None:
+  sets = [("data", data)] + ([] if eval_data is None else [("eval_data", eval_data)])
+  for name, points in sets:
+    if not all(checks.is_concrete(f) for f in points.factors):
+      return
+    sq = np.asarray(points.sq_norms())
+    lo, hi = float(sq.min()), float(sq.max())
+    if lo < NORM_BAND[0] or hi > NORM_BAND[1]:
+      warnings.warn(
+          f"{name} is not unit-norm: ||x||^2 ranges over [{lo:.3g}, {hi:.3g}]. The threshold b and "
+          "the capacities assume ||x|| = 1 (at init <w, x> ~ N(0, ||x||^2)), so far more neurons "
+          "fire than m Q(b) and training may diverge. Pass kronjax.Dataset(..., normalize=True) "
+          "or normalize the points yourself (KronData.normalize()).", NormWarning, stacklevel=3)
 
 
 def _check_labels(name: str, labels: Any, data: KronData) -> jax.Array:
