@@ -26,19 +26,26 @@ Projections never form ``W0`` (size ``d``):
     <W0_r, x_i> = (1 / sqrt(R0)) sum_{s < R0} sum_{t < R} prod_q <g_{r,s}^(q), u_{i,t}^(q)>
 
 Cost (kronecker_gram_free_cost), for ``kronecker_projections`` over all sets
-(``N = sum_s n_s``):
+(``N = sum_s n_s``), with ``b = gemm_block(m, R0) ~ GEMM_ROWS / R0`` neurons per GEMM:
 
-* time ``O(m R0 N R sum_q d_q)`` for the factor inner products (one GEMM
-  ``(c R0, d_q) x (d_q, n_s R)`` per factor, set and chunk) plus
-  ``O(m R0 N R p)`` for their products and sums; nothing in ``d``;
-* memory ``O(c R0 sum_q d_q + c R0 n_s R + m N)``: one chunk's factors, one
-  chunk's inner products (``(c, R0, n_s, R)`` per factor) and the output.
-  The first two are bounded by ``chunk``; the output ``P0`` is ``m N``.
+* time ``O(m R0 N R sum_q d_q)`` for the factor inner products (GEMMs
+  ``(b R0, d_q) x (d_q, n_s R)``, one per factor, set and block) plus
+  ``O(m R0 N R p)`` for their products and sums, plus ``O(m R0 sum_q d_q)`` normal
+  draws; nothing in ``d``;
+* memory ``O(c R0 sum_q d_q + b R0 n_s R + m N)``: one chunk's factors, one block's
+  inner products (``(b, R0, n_s, R)`` per factor, about ``GEMM_ROWS n_s R`` numbers)
+  and the output ``P0``.
+
+Bit for bit: a GEMM's rounding depends on its shape (k-blocking, splitting k across
+threads, matrix-vector kernels, the library's choice of algorithm), so every inner
+product comes from a GEMM of the one block shape, which depends on ``m`` and ``R0``
+only; ``chunk`` groups whole blocks. Chunked and whole runs, and a set passed alone
+or with others, agree exactly.
 
 Compared with the explicit init (``O(m N d)`` time, ``O(c d + m N)`` memory) it is
-``d / (R0 R sum_q d_q)`` times cheaper; compared with the implicit init it needs no
-``O(N^3)`` eigendecomposition and new points cost ``O(m R0 n_new R sum_q d_q)``
-with no refactoring of the Gram.
+about ``d / (R0 R sum_q d_q)`` times cheaper. Unlike the implicit init (``O(N^3)``,
+all points sampled jointly up front), new points can be projected at any time, at
+``O(m R0 n_new R sum_q d_q)``, onto the same ``W0``.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ def _check_init_rank(init_rank: Any) -> int:
 
 
 def _check_dtype(dtype: Any) -> jnp.dtype:
-  dtype = jnp.dtype(dtype or jnp.result_type(float))
+  dtype = jnp.dtype(jnp.result_type(float) if dtype is None else dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a real floating dtype, got {dtype}.")
   return dtype
@@ -85,7 +92,7 @@ def kronecker_factor_rows(keys: jax.Array, init_rank: int, dims: tuple[int, ...]
   bit for bit. No validation (it runs under ``jit``); ``init_rank`` and ``dims``
   must be static.
   """
-  dtype = dtype or jnp.result_type(float)
+  dtype = jnp.result_type(float) if dtype is None else dtype
   total = sum(dims)
   z = jax.vmap(lambda k: jax.random.normal(k, (init_rank, total), dtype))(keys)  # (c, R0, D)
   offsets = np.cumsum((0,) + tuple(dims))
@@ -131,7 +138,7 @@ def kronecker_projections(key: jax.Array, width: int, init_rank: int,
     sets: non-empty tuple of ``KronData`` with the same factor dims (e.g. the
       training points, then held-out or new points); any data rank.
     chunk: neurons whose factors are drawn per step of the loop (rounded up to a
-      multiple of ``gemm_block(width, init_rank)``); bounds the working memory.
+      multiple of ``gemm_block(width, init_rank)``); bounds the factors' memory.
       The result does not depend on it, bit for bit, nor on which other sets are
       passed along with a set.
 
