@@ -8,6 +8,7 @@ from kronjax import sharding
 from kronjax import sweep
 from kronjax._src.config import Config
 from kronjax._src.dataset import Dataset
+from kronjax._src.dataset import NormWarning
 from kronjax._src.inference import dense_params
 from kronjax._src.inference import evaluate
 from kronjax._src.inference import predict
@@ -30,6 +31,7 @@ __all__ = (
     "Config",
     "Dataset",
     "KronData",
+    "NormWarning",
     "TrainState",
     "batch_schedule",
     "checkpoint",

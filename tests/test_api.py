@@ -8,7 +8,7 @@ import pytest
 import kronjax
 
 PUBLIC = {
-    "CapacityError", "Config", "Dataset", "KronData", "TrainState", "batch_schedule", "checkpoint", "data", "dense",
+    "CapacityError", "Config", "Dataset", "KronData", "NormWarning", "TrainState", "batch_schedule", "checkpoint", "data", "dense",
     "dense_params", "evaluate", "fit", "init", "jit_train_step", "native_info", "network", "predict", "resync", "sharding", "sweep",
     "train_step", "with_config",
 }
@@ -66,3 +66,26 @@ def test_dataset_is_a_pytree_with_its_fingerprint_as_static_data():
   other = kronjax.Dataset(data, labels + 1.0)
   assert other.fingerprint != dataset.fingerprint
   assert kronjax.Dataset(data, labels, gram="factors").gram is None
+
+
+def test_non_unit_norm_data_warns_with_the_range_and_normalize_fixes_it():
+  raw = kronjax.data.synthetic(jax.random.PRNGKey(0), 50, (16, 16), normalize=False)
+  labels = np.zeros(50)
+  with pytest.warns(kronjax.NormWarning, match=r"\|\|x\|\|\^2 ranges over \[.*normalize=True"):
+    kronjax.Dataset(raw, labels)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    dataset = kronjax.Dataset(raw, labels, normalize=True)
+    kronjax.Dataset(kronjax.data.synthetic(jax.random.PRNGKey(0), 50, (16, 16)), labels)
+  np.testing.assert_allclose(dataset.data.sq_norms(), 1.0, rtol=1e-5)
+  # The sparsity the threshold promises holds only on unit-norm points.
+  config = kronjax.Config(width=2048, init="kronecker")
+  for data, expect_sparse in ((dataset, True), (None, False)):
+    if data is None:
+      with pytest.warns(kronjax.NormWarning):
+        data = kronjax.Dataset(raw, labels)
+    state = kronjax.init(jax.random.PRNGKey(1), config, data, optax.sgd(0.1))
+    active = float(np.mean(np.sum(np.asarray(state.P) > float(state.b), axis=0)))
+    expected = config.width * config.firing_probability
+    assert (active < 2 * expected) == expect_sparse, (active, expected)

@@ -26,12 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax._src import checks, kronecker
+from kronjax._src.keys import init_keys, neuron_keys
 from kronjax._src.kron import KronData, check_compatible
-
-
-def neuron_keys(key: jax.Array, width: int) -> jax.Array:
-  """One key per neuron, ``(m,)`` keys: row ``r`` of ``W0`` depends on ``keys[r]`` only."""
-  return jax.random.split(key, width)
 
 
 def w0_rows(keys: jax.Array, dim: int, dtype=None) -> jax.Array:
@@ -190,12 +186,3 @@ def output_layer(key: jax.Array, width: int, num_outputs: int, dtype=None) -> ja
   """Rademacher ``±1`` output weights ``a``, shape ``(m, C)``."""
   dtype = dtype or jnp.result_type(float)
   return jax.random.rademacher(key, (width, num_outputs), dtype)
-
-
-def init_keys(key: Any) -> dict[str, jax.Array]:
-  """Splits the user's key into the named streams every initializer uses.
-
-  Shared by ``kronjax.init`` and the dense baseline so both draw the same network.
-  """
-  k_w, k_a = jax.random.split(key, 2)
-  return {"W0": k_w, "a": k_a}

@@ -14,7 +14,7 @@ Neuron ``r`` has the initial weight
 Gaussian for small ``R0`` (for a unit rank-1 ``x``, ``E<w_r, x>^4 = 3 + (3^p - 3) / R0``)
 and tends to ``N(0, K)`` as ``R0`` grows.
 
-Draws: ``keys = split(key, m)`` (``initializers.neuron_keys``, as the explicit
+Draws: ``keys = split(key, m)`` (``keys.neuron_keys``, as the explicit
 init); neuron ``r`` draws all its ``g``'s in one ``normal(keys[r], (R0, D))``
 call, and ``g_{r,s}^(q)`` is row ``s``, columns ``[D_<q, D_<q + d_q)``. A neuron's
 factors depend on its own key only, so any chunking of neurons gives the same
@@ -60,7 +60,7 @@ import numpy as np
 
 from kronjax._src import checks
 from kronjax._src.data import _check_dims
-from kronjax._src.initializers import neuron_keys
+from kronjax._src.keys import neuron_keys
 from kronjax._src.kron import KronData, check_compatible
 
 # Defaults chosen by experiments/bench_kronecker_init.py (results in
@@ -132,7 +132,7 @@ def kronecker_projections(key: jax.Array, width: int, init_rank: int,
   """``P0 = W0 X_s^T`` for each data set, from factor inner products (no ``d``).
 
   Args:
-    key: the ``W0`` key (``initializers.init_keys(key)["W0"]``).
+    key: the ``W0`` key (``keys.init_keys(key)["W0"]``).
     width: ``m``, the number of neurons.
     init_rank: ``R0 >= 1``, tensor terms per neuron (not the data rank).
     sets: non-empty tuple of ``KronData`` with the same factor dims (e.g. the
