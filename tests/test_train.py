@@ -412,3 +412,34 @@ def test_resync_recomputes_P_exactly_from_A(init):
   out, hist = kronjax.fit(state0, dataset, jax.random.PRNGKey(1), batch_size=5, steps=40,
                           progress=False, resync_every=10)
   assert np.all(np.isfinite(hist["loss"])) and int(out.step) == 40
+
+
+# The kronecker init: (tx, loss, train_output, update, dims, data rank, init_rank)
+KRONECKER_CASES = [
+    ("sgd", "mse", False, "sparse", (4, 6), 1, 1),
+    ("momentum", "softmax", True, "full", (3, 4, 5), 2, 4),
+    ("nesterov", "mse", True, "sparse", (3, 4, 5), 1, 3),
+    ("sgd", "softmax", False, "full", (4, 6), 3, 8),
+]
+
+
+@pytest.mark.parametrize("tx_name,loss,train_output,update,dims,rank,init_rank", KRONECKER_CASES)
+def test_kronecker_init_matches_dense_sgd_and_predicts_unseen_points(
+    x64, tx_name, loss, train_output, update, dims, rank, init_rank):
+  data, labels = _task(loss, dims, rank, n=48)
+  config = kronjax.Config(width=96, threshold=0.6, loss=loss, num_classes=3 if loss == "softmax" else 1,
+                          train_output=train_output, update=update, init="kronecker",
+                          init_rank=init_rank)
+  state0 = kronjax.init(jax.random.PRNGKey(3), config, kronjax.Dataset(data, labels),
+                        TXS[tx_name]())
+  dataset0 = kronjax.Dataset(data, labels)
+  W0 = kronjax.dense_params(state0, dataset0)["W"]
+  assert rel_err(state0.P, W0 @ data.materialize().T) < 1e-12   # P0 = W0 X^T from the factors
+  state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(3), config, TXS[tx_name](), data,
+                                          labels, steps=40, batch=8)
+  assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
+  assert rel_err(kronjax.dense_params(state, dataset)["W"], dstate.params["W"]) < 1e-9
+  assert float(jnp.max(jnp.abs(state.A))) > 1e-3
+  unseen = kronjax.data.synthetic(jax.random.PRNGKey(11), 7, dims, rank=2)
+  expected = kronjax.dense.forward(dstate.params["W"], dstate.a, dstate.b, unseen.materialize())
+  assert rel_err(kronjax.predict(state, dataset, unseen), expected) < 1e-9
