@@ -15,8 +15,6 @@ dimension, C outputs.
 
 from __future__ import annotations
 
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
