@@ -57,12 +57,13 @@ def test_convergence_smoke_explicit_sits_on_dense(tmp_path):
   m = res["metrics"]
   assert m["max_abs_diff_explicit_vs_dense_all"] < 1e-4  # float32
   curves = m["curves"]
-  assert curves["dense"]["eval_step"] == curves["explicit"]["eval_step"] == curves["implicit"]["eval_step"]
-  for name in ("dense", "explicit", "implicit"):
+  for name in ("explicit", "implicit", "kronecker"):
+    assert curves[name]["eval_step"] == curves["dense"]["eval_step"]
+  for name in ("dense", "explicit", "implicit", "kronecker"):
     assert all(math.isfinite(x) for x in curves[name]["batch_loss"])
     assert m["final"][name]["train_loss"] < m["start"][name]["train_loss"]
   assert [row["run"] for row in res["table"]] == ["dense baseline", "kronjax explicit init",
-                                                  "kronjax implicit init"]
+                                                  "kronjax implicit init", "kronjax kronecker init"]
 
 
 def test_run_contract_is_checked(tmp_path):

@@ -104,7 +104,7 @@ class Config:
   threshold: float | None = None
   loss: str = "mse"
   num_classes: int = 1
-  init: str = "explicit"
+  init: str = "kronecker"
   train_output: bool = False
   active_capacity: int | None = None
   candidate_capacity: int | None = None
