@@ -141,11 +141,11 @@ def run(p: Params, out_dir: pathlib.Path, *, progress: bool, resume: bool = Fals
       {"quantity": "steps (epochs x n_train / batch)", "value": f"{steps} ({p.epochs} x {p.n_train} / {B})"},
       {"quantity": "d (input dimension)", "value": f"{d} = " + " x ".join(map(str, p.dims))},
       {"quantity": "width m / init", "value": f"{m} / {p.init}"},
-      {"quantity": "train loss start -> end", "value": f"{metrics['train_loss_start']:.4f} -> "
-                                                        f"{metrics['train_loss_end']:.4f} "
-                                                        f"({metrics['train_loss_ratio']:.1f}x lower)"},
-      {"quantity": "held-out loss start -> end", "value": f"{metrics['eval_loss_start']:.4f} -> "
-                                                           f"{metrics['eval_loss_end']:.4f}"},
+      {"quantity": "train loss start -> end", "value": f"{_num(metrics['train_loss_start'])} -> "
+                                                        f"{_num(metrics['train_loss_end'])} "
+                                                        f"({_ratio(metrics['train_loss_ratio'])} lower)"},
+      {"quantity": "held-out loss start -> end", "value": f"{_num(metrics['eval_loss_start'])} -> "
+                                                           f"{_num(metrics['eval_loss_end'])}"},
       {"quantity": "active neurons per point (mean / max)",
        "value": f"{metrics['active_mean']:.1f} / {metrics['active_max']} of {m}"},
       {"quantity": "kronjax ms per step (median, steady state)",
@@ -187,6 +187,16 @@ def _plot(out_dir: pathlib.Path, hist: dict, p: Params, start: dict) -> str:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
   return xp.save_figure(fig, out_dir, "loss.png")
+
+
+def _num(v: float) -> str:
+  """A loss for the results table: 4 decimals, or scientific notation below 1e-3 (never 0.0000)."""
+  return f"{v:.3e}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}"
+
+
+def _ratio(r: float) -> str:
+  """``start / end`` as ``15.8x``, or ``6.552e+05x`` when large."""
+  return f"{r:.3e}x" if abs(r) >= 1e4 else f"{r:.1f}x"
 
 
 def _bytes(n: int) -> str:
