@@ -18,7 +18,7 @@ entries ``>= m`` are padding) and ``row_change`` ``(R,)``: an upper bound on
 
 Kinds:
   * ``scan``: scan ``P[:, S] > b`` and compact. The reference.
-  * ``bucketed``: buckets over *values* (DESIGN §4). At a (re)build, point ``j``'s
+  * ``bucketed``: buckets over *values* (see the design page of the docs). At a (re)build, point ``j``'s
     candidate bucket is ``{r : P[r, j] > lo}`` with ``lo = b - delta``, stored
     ascending in ``(n, C_cap)``. Every other neuron is certified ``<= b`` while the
     drift accumulated on its row since the rebuild (the sum of ``row_change``,

@@ -24,7 +24,7 @@ The step (``compiled_step``) is the train step under ``jax.shard_map``:
 each device queries its index on its rows, computes its partial ``(B, C)``
 outputs, and the only communication is one all-reduce of those outputs plus a
 few ``(B,)``/scalar reductions (active counts, overflow, max count, rebuilds).
-No ``P``-sized array ever moves (see ``collectives`` and docs/scaling.md).
+No ``P``-sized array ever moves (see ``collectives`` and the multi-process page of the docs).
 
 Multi-host: call ``jax.distributed.initialize()`` on every host first; a mesh
 over ``jax.devices()`` then spans all hosts and the same code runs unchanged
@@ -284,7 +284,7 @@ def sharded_runner(mesh: Mesh, axis_name: str | None = None) -> loop.Runner:
 # ----------------------------------------------------------------------------- communication
 
 def estimated_bytes(batch: int, classes: int, *, float_bytes: int = 4) -> dict[str, int]:
-  """The paper estimate of one step's all-reduce payload per device (docs/scaling.md).
+  """The paper estimate of one step's all-reduce payload per device (the docs' multi-process page).
 
   ``outputs``: the ``(B, C)`` partial outputs; ``counts``: the ``(B,)`` int32
   active counts; ``scalars``: overflow flag, max count, index rebuilds (int32).
