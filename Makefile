@@ -8,7 +8,7 @@ BASE := $(VENV)/.installed-base
 DEMO := $(VENV)/.installed-demo
 TEST := $(VENV)/.installed-test
 
-.PHONY: test test-fast demo venv clean bench
+.PHONY: test test-fast demo venv clean bench docs accelerator-check
 
 venv: $(TEST)
 
@@ -22,7 +22,7 @@ $(DEMO): $(BASE)
 	touch $(DEMO)
 
 $(TEST): $(BASE)
-	$(BIN)/python -m pip install --quiet -e '.[dev,experiments]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,experiments,docs]'
 	touch $(TEST) $(DEMO)
 
 test: $(TEST) native
@@ -49,6 +49,18 @@ bench: $(TEST)
 	$(BIN)/python experiments/bench_sharding.py
 	$(BIN)/python experiments/bench_auto.py
 	$(BIN)/python experiments/bench_drift.py
+
+# The documentation site: regenerates the tables of numbers from experiments/results/, then
+# builds docs/ into site/ with mkdocs (strict: a warning is an error).
+docs: $(TEST)
+	$(BIN)/python docs/gen_tables.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+# On a GPU or TPU machine (install its JAX build into .venv first): the accelerator-relevant tests
+# and small benchmarks, under 8 minutes, JSON in experiments/results/accelerator/. On a CPU-only
+# machine it says so and exits 0.
+accelerator-check: $(TEST)
+	$(BIN)/python experiments/accelerator_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,463 @@
+"""Writes the documentation's tables of numbers from the committed results JSON.
+
+Every measured number in the README and the docs comes from here: nothing is
+typed by hand. The pages hold marked regions,
+
+    <!-- generated: NAME (docs/gen_tables.py) -->
+    ...
+    <!-- end generated: NAME -->
+
+and this script rewrites the inside of each from ``experiments/results/``,
+headed by where the numbers come from: the machine, the date and the command
+that the JSON records. A field the JSON does not record is shown as
+"not recorded", never filled in.
+
+    python docs/gen_tables.py            # rewrite the regions (``make docs`` runs this)
+    python docs/gen_tables.py --check    # exit 1 if a committed page differs from what it would write
+    python docs/gen_tables.py --figure   # also redraw docs/assets/step_time_vs_d.png
+
+``tests/test_docs.py`` runs the check, so a page whose tables are stale fails
+the tests. The figure is drawn only with ``--figure`` (matplotlib's PNG bytes
+change between versions; the figure's data are the scaling_d and step results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import re
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+PAGES = ("README.md", "docs/index.md", "docs/performance.md", "docs/results.md")
+FIGURE = ROOT / "docs" / "assets" / "step_time_vs_d.png"
+NOT_RECORDED = "*not recorded*"
+
+# The results JSON name update paths and index kinds by their earlier names.
+UPDATE_NAMES = {"dense": "full", "sparse": "sparse", "full": "full"}
+INDEX_NAMES = {"dense": "scan", "scan": "scan", "bucketed": "bucketed"}
+LAYOUT_NAMES = {"neurons": "neuron-major", "points": "point-major"}
+
+BEGIN = re.compile(r"<!-- generated: ([\w-]+) \(docs/gen_tables\.py\) -->\n")
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def num(v: Any, digits: int = 4) -> str:
+  """A number for a table: ``digits`` significant digits, scientific below 1e-3 or from 1e6."""
+  if v is None:
+    return "-"
+  if isinstance(v, bool):
+    return "yes" if v else "no"
+  if isinstance(v, int):
+    return str(v)
+  if isinstance(v, float):
+    if math.isnan(v):
+      return "nan"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+      return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+  return str(v)
+
+
+def ms(seconds: float | None, digits: int = 3) -> str:
+  return "-" if seconds is None else num(1000 * seconds, digits)
+
+
+def ratio(v: float | None) -> str:
+  if v is None:
+    return "-"
+  return f"{v:.0f}x" if abs(v) >= 100 else f"{num(v, 3)}x"
+
+
+def cell(v: Any) -> str:
+  return num(v).replace("|", "\\|").replace("*", "\\*")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+  out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(out)
+
+
+def dict_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """A results.json ``table`` (list of dicts, columns in first-seen order) as markdown."""
+  columns: list[str] = []
+  for row in rows:
+    columns += [k for k in row if k not in columns]
+  return table(columns, [[row.get(c) for c in columns] for row in rows])
+
+
+def load(relative: str) -> dict:
+  return json.loads((RESULTS / relative).read_text())
+
+
+def machine(env: Mapping[str, Any] | None) -> str:
+  """What the results JSON says about the machine, in one line."""
+  if not env:
+    return NOT_RECORDED
+  parts = []
+  if "backend" in env:
+    device = env.get("device") or env.get("devices")
+    if isinstance(device, list):
+      device = ", ".join(map(str, device))
+    count = env.get("device_count")
+    parts.append(f"{env['backend']} backend" + (f" ({count} x {device})" if device and count
+                                                 else f" ({device})" if device else ""))
+  if "cpu_count" in env:
+    parts.append(f"{env['cpu_count']} CPUs")
+  if "platform" in env:
+    parts.append(str(env["platform"]))
+  if "jax" in env:
+    parts.append(f"jax {env['jax']}")
+  if "python" in env:
+    parts.append(f"Python {env['python']}")
+  native = env.get("native")
+  if isinstance(native, Mapping):
+    parts.append("native CPU kernels " + ("on" if native.get("available") else "off"))
+  if env.get("x64"):
+    parts.append("x64 enabled")
+  return ", ".join(parts) if parts else NOT_RECORDED
+
+
+def provenance(relative: str, data: Mapping[str, Any], *, script: str | None = None) -> str:
+  """The source line under each table: file, machine, date, command."""
+  date = data.get("date")
+  command = data.get("command")
+  if command:
+    command_text = f"`{_relative_command(command)}`"
+  elif isinstance(data.get("config"), Mapping) and "file" in data["config"]:
+    cfg = data["config"]
+    overrides = ", ".join(f"`{o}`" for o in cfg.get("overrides") or []) or "none"
+    command_text = (f"{NOT_RECORDED} (a `kronjax run` of `{cfg['file']}`, overrides: {overrides}"
+                    f"{', smoke' if cfg.get('smoke') else ''}; the parameters it ran with are in "
+                    f"the JSON's `config.params`)")
+  elif script:
+    command_text = f"{NOT_RECORDED} (written by `{script}`)"
+  else:
+    command_text = NOT_RECORDED
+  return (f"*Source:* `experiments/results/{relative}`. *Machine:* {machine(data.get('environment'))}. "
+          f"*Date:* {date or NOT_RECORDED}. *Command:* {command_text}.")
+
+
+def _relative_command(command: str) -> str:
+  """A recorded command without the recording machine's virtual-environment path."""
+  return re.sub(r"\S*/\.venv/bin/", "", command)
+
+
+def params_line(data: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
+  params = data.get("config", {}).get("params", {})
+  items = [(k, v) for k, v in params.items() if keys is None or k in keys]
+  return "*Parameters:* " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in items) + "."
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def scaling_d_summary() -> str:
+  """README and home page: step time at a few d, kronjax against the dense baseline."""
+  data = load("scaling_d/results.json")
+  m = data["metrics"]
+  rows = []
+  for k, kron, dense in zip(m["log2_d"], m["kronjax_ms"], m["dense_ms"]):
+    if k in (10, 14, 16, 17, 18, 20):
+      rows.append([f"2^{k} = {2 ** k}", num(kron, 3), num(dense, 4) if dense is not None else
+                   "does not fit (W and its gradient > "
+                   f"{m['dense_max_bytes'] / 2 ** 30:g} GiB)",
+                   ratio(dense / kron) if dense is not None else "-"])
+  head = (f"Median milliseconds per training step, width m = {m['width']}, n = {m['n']} training "
+          f"points, batch {m['batch_size']}, float32:")
+  return "\n\n".join([head, table(["d", "kronjax ms", "dense baseline ms", "dense / kronjax"], rows),
+                      provenance("scaling_d/results.json", data)])
+
+
+def step() -> str:
+  data = load("step.json")
+  fl, vs, b1, floor = data["flat_in_d"], data["vs_dense"], data["batch1_paths"], data["floor"]
+  path = UPDATE_NAMES.get(data.get("update"), data.get("update"))
+  head = (f"m = {data['m']}, n = {data['n']}, batch {data['batch']}, update path `{path}`, "
+          f"layout `{data.get('layout')}` (point-major `P`).")
+  t1 = table(["d", "kronjax ms (median)", "p10-p90 ms", "active per point"],
+             [[f"2^{r['log2_d']}", ms(r["median_s"]), f"{ms(r['p10_s'])}-{ms(r['p90_s'])}",
+               num(r.get("active"), 4)] for r in fl["rows"]])
+  nl = floor.get("neurons_layout", {})
+  t2 = table(["measurement", "result"], [
+      ["max / min of the medians over d", num(fl["max_over_min"], 3)],
+      [f"dense baseline vs kronjax at d = 2^{vs['log2_d']}",
+       f"{ms(vs['dense']['median_s'])} ms vs {ms(vs['kronjax']['median_s'])} ms: "
+       f"{ratio(vs['speedup'])}"],
+      ["floor: the bare `P + K_rows^T @ U` product of the step",
+       f"{ms(floor['floor']['median_s'])} ms; step / floor = {num(floor['ratio'], 3)} "
+       f"(per round {num(min(floor['ratio_per_round']), 3)}-{num(max(floor['ratio_per_round']), 3)})"],
+      [f"the same step with `P` {LAYOUT_NAMES.get(nl.get('layout'), nl.get('layout'))}",
+       f"{ms(nl.get('kronjax', {}).get('median_s'))} ms; step / floor = {num(nl.get('ratio'), 3)}"],
+      [f"batch 1, m = {b1['m']}, n = {b1['n']}: sparse vs full path",
+       f"{ms(b1['sparse']['median_s'])} ms vs {ms(b1['dense']['median_s'])} ms: "
+       f"{ratio(b1['speedup'])}"],
+  ])
+  return "\n\n".join([head, t1, t2, provenance("step.json", data, script="experiments/bench_step.py")])
+
+
+def threshold() -> str:
+  data = load("threshold.json")
+  rows = []
+  for q in data["query"]:
+    for r in q["queries"]:
+      rows.append([q["m"], r["batch"], num(r["active_mean"], 4), num(q["candidates_mean"], 4),
+                   num(r["dense_ms"], 4), num(r["bucketed_ms"], 4), ratio(r["speedup_bucketed"]),
+                   num(q["build_ms"]["bucketed"], 4)])
+  t1 = table(["m", "B", "active", "candidates", "scan ms", "bucketed ms", "speedup",
+              "one rebuild ms"], rows)
+  tr = data["train"]
+  t2 = table(["index", "median ms", "mean ms", "p90 ms", "rebuilds", "overflows"],
+             [[INDEX_NAMES.get(k, k), num(tr[k]["median_ms"], 3), num(tr[k]["mean_ms"], 3),
+               num(tr[k]["p90_ms"], 3), tr[k]["rebuilds"], tr[k]["overflows"]]
+              for k in ("dense", "bucketed")])
+  n = data["query"][0]["n"]
+  head1 = f"Query time of the threshold index, n = {n} points:"
+  head2 = (f"A whole training step, {tr['optimizer']}, batch {tr['batch']}, m = {tr['m']}, "
+           f"n = {tr['n']}, update path `{UPDATE_NAMES.get(tr['update'], tr['update'])}`, "
+           f"{tr['steps']} steps (same losses with both kinds: {num(tr['same_losses'])}):")
+  return "\n\n".join([head1, t1, head2, t2,
+                      provenance("threshold.json", data, script="experiments/bench_threshold.py")])
+
+
+def init() -> str:
+  blocks = []
+  for name in ("init.json", "init_contended.json"):
+    data = load(name)
+    s, imp = data["summary"], data["implicit"]
+    rows = [
+        [f"implicit, d = {imp['d']}", num(s["implicit_median_s"], 3),
+         f"{num(s['implicit_peak_rss_gib'], 3)} GiB peak RSS"],
+        [f"explicit, d = {data['explicit_half_d']['d']}", num(data["explicit_half_d"]["median_s"], 3), ""],
+        [f"explicit, d = {s['d_small']}", num(s["explicit_median_s_at_d_small"], 3), ""],
+        [f"explicit, d = {s['d_big']} (extrapolated linearly, not run)",
+         num(s["explicit_extrapolated_s_at_d_big"], 4), ""],
+    ]
+    load_avg = data.get("environment", {}).get("loadavg_at_start")
+    head = (f"`{name}`: n = {imp['n']}, m = {imp['m']}" +
+            (f"; load average at start {num(load_avg[0], 3)}" if load_avg else "") + ":")
+    blocks += [head, table(["init", "median s", "memory"], rows),
+               provenance(name, data, script="experiments/bench_init.py")]
+  return "\n\n".join(blocks)
+
+
+def sweep() -> str:
+  blocks = []
+  for name in ("sweep.json", "sweep_retain.json"):
+    data = load(name)
+    rows = []
+    for r in data["results"]:
+      runs = r.get("runs") or {}
+      xla = r.get("xla_product") or {}
+      rows.append([
+          r["optimizer"], f"{r['m']} / {r['n']} / {r['batch']}", r["members"],
+          ms(r["sequential_16_steps"]["median_s"]),
+          f"{ms(r['sweep_step_shared_data']['median_s'])} ({ratio(r['ratio_shared_vs_sequential'])})",
+          f"{ms(r['sweep_step_stacked_data']['median_s'])} ({ratio(r['ratio_stacked_vs_sequential'])})",
+          ms(r["update_floor"]["median_s"]),
+          (f"{ms(xla['sweep_xla']['median_s'])} vs {ms(xla['sequential_xla']['median_s'])}"
+           if xla else "-"),
+          (f"{ms(runs['sweep_fit']['median_s'])} vs {ms(runs['sequential_fits']['median_s'])} "
+           f"({ratio(runs['ratio_sweep_fit_vs_sequential_fits'])})" if runs else "-"),
+      ])
+    head = (f"`{name}` (`retain_freed_memory` {'on' if data.get('retain_freed_memory') else 'off'}); "
+            "milliseconds per step of all members:")
+    blocks += [head, table(["optimizer", "m / n / B", "members", "separate jitted steps",
+                            "sweep, data shared (ratio)", "vmap, data stacked (ratio)",
+                            "update floor", "XLA only: sweep vs separate",
+                            "sweep.fit vs separate fits (ratio)"], rows),
+               provenance(name, data, script="experiments/bench_sweep.py")]
+  return "\n\n".join(blocks)
+
+
+def sharding() -> str:
+  data = load("sharding.json")
+  rows = [[r["m"], r["batch"], r["classes"], r["optimizer"], r["devices"], r["dtype"],
+           ", ".join(r["collective_ops"]), r["measured_bytes"], r["estimated_bytes"]["total"],
+           num(r["matches_estimate"]), r["P_bytes"]] for r in data["results"]]
+  head = ("Collectives in the compiled HLO of one neuron-sharded step (simulated CPU devices), "
+          "bytes per step:")
+  return "\n\n".join([head, table(["m", "B", "C", "optimizer", "devices", "dtype", "collectives",
+                                   "measured bytes", "estimated bytes", "equal", "bytes of P"], rows),
+                      provenance("sharding.json", data, script="experiments/bench_sharding.py")])
+
+
+def drift() -> str:
+  data = load("drift.json")
+  st = data["settings"]
+  rows = []
+  for r in data["runs"]:
+    last_step, last = r["drift"][-1]
+    rows.append([r["optimizer"], r["update"], last_step, num(last, 3), num(r["drift_after_resync"], 3),
+                 ms(r["step_median_s"]), ms(r["resync_median_s"])])
+  head = (f"max |P - (W0 X^T + A K)| after long {st['dtype']} runs, m = {st['width']}, "
+          f"n = {st['n']}, batch {st['batch']}:")
+  return "\n\n".join([head, table(["optimizer", "update path", "steps", "drift", "after resync",
+                                   "step ms", "resync ms"], rows),
+                      provenance("drift.json", data)])
+
+
+def runner_result(relative: str, *, keys: Sequence[str] | None = None, plot: bool = True) -> str:
+  data = load(relative)
+  parts = [params_line(data, keys), dict_table(data["table"])]
+  if plot and data.get("plots"):
+    folder = pathlib.PurePosixPath(relative).parent
+    for name in data["plots"]:
+      parts.append(f"![{folder}/{name}](assets/results/{folder}/{name})")
+  parts.append(provenance(relative, data))
+  return "\n\n".join(parts)
+
+
+def sweep_grid() -> str:
+  data = load("sweep_grid/results.json")
+  m = data["metrics"]
+  p = data["config"]["params"]
+  rows = [[b] + [f"{num(m['train_loss'][i][j], 3)} / {num(m['eval_loss'][i][j], 3)}"
+                 for j in range(len(p["learning_rates"]))]
+          for i, b in enumerate(p["thresholds"])]
+  best = m["best"]
+  extra = table(["measurement", "value"], [
+      ["best held-out loss", f"{num(best['eval_loss'], 3)} at b = {best['b']}, lr = {best['lr']}"],
+      ["members that diverged", m["diverged"]],
+      ["vmapped grid, ms per step of all members", num(m["vmapped_ms_per_grid_step"], 3)],
+      ["vmapped grid, ms per member-step", num(m["vmapped_ms_per_member_step"], 3)],
+      ["each cell alone, ms per step (min / median / max)",
+       " / ".join(num(f(sum(m["single_ms_per_step"], [])), 3) for f in
+                  (min, lambda v: sorted(v)[len(v) // 2], max))],
+      ["active capacity every member carries", m["vmapped_active_capacity"]],
+  ])
+  return "\n\n".join([params_line(data), "Final train / held-out loss, b (rows) by learning rate "
+                      "(columns):", table(["b \\ lr"] + p["learning_rates"], rows), extra,
+                      "![sweep_grid](assets/results/sweep_grid/sweep_grid.png)",
+                      provenance("sweep_grid/results.json", data)])
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "scaling-d-summary": scaling_d_summary,
+    "step": step,
+    "threshold": threshold,
+    "init": init,
+    "sweep": sweep,
+    "sharding": sharding,
+    "drift": drift,
+    "quickstart": lambda: runner_result("quickstart/results.json"),
+    "scaling-d": lambda: runner_result("scaling_d/results.json"),
+    "convergence": lambda: runner_result("convergence/results.json"),
+    "scaling-m": lambda: runner_result("scaling_m/results.json"),
+    "sparsity": lambda: runner_result("sparsity/results.json"),
+    "sweep-grid": sweep_grid,
+    "digit-pairs": lambda: runner_result("digit_pairs/results.json"),
+    "digit-pairs-lr16": lambda: runner_result("digit_pairs/lr16/results.json"),
+    "digit-pairs-three": lambda: runner_result("digit_pairs/three_images/results.json"),
+    "digit-pairs-three-lr16": lambda: runner_result("digit_pairs/three_images/lr16/results.json"),
+}
+
+
+# ----------------------------------------------------------------------------- the pages
+
+
+def render(text: str, *, where: str = "") -> str:
+  """``text`` with every generated region rewritten."""
+  out, pos = [], 0
+  for match in BEGIN.finditer(text):
+    name = match.group(1)
+    end_marker = f"<!-- end generated: {name} -->"
+    end = text.find(end_marker, match.end())
+    if end < 0:
+      raise ValueError(f"{where}: region {name!r} has no {end_marker!r}")
+    if name not in TABLES:
+      raise ValueError(f"{where}: unknown generated region {name!r}; known: {sorted(TABLES)}")
+    body = TABLES[name]()
+    if where == "README.md":  # README images and links are relative to the repository root
+      body = body.replace("](assets/results/", "](experiments/results/")
+    out += [text[pos:match.end()], body, "\n", end_marker]
+    pos = end + len(end_marker)
+  out.append(text[pos:])
+  return "".join(out)
+
+
+def stale_pages(root: pathlib.Path = ROOT) -> list[str]:
+  """Pages whose generated regions differ from what ``render`` writes now."""
+  return [page for page in PAGES if (root / page).exists()
+          and render((root / page).read_text(), where=page) != (root / page).read_text()]
+
+
+def write_pages(root: pathlib.Path = ROOT) -> list[str]:
+  changed = []
+  for page in PAGES:
+    path = root / page
+    if not path.exists():
+      continue
+    text = path.read_text()
+    new = render(text, where=page)
+    if new != text:
+      path.write_text(new)
+      changed.append(page)
+  return changed
+
+
+def draw_figure(path: pathlib.Path = FIGURE) -> pathlib.Path:
+  """Step time against d: kronjax and the dense baseline (scaling_d and step results)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sd, st = load("scaling_d/results.json"), load("step.json")
+  m = sd["metrics"]
+  d = [2 ** k for k in m["log2_d"]]
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  ax.loglog(d, m["kronjax_ms"], "o-", color="C0",
+            label=f"kronjax, m={m['width']}, n={m['n']}, B={m['batch_size']}")
+  ran = [(x, t) for x, t in zip(d, m["dense_ms"]) if t is not None]
+  ax.loglog(*zip(*ran), "s-", color="C1", label=f"dense baseline, same m, n, B")
+  skipped = [x for x, t in zip(d, m["dense_ms"]) if t is None]
+  top = max(t for _, t in ran)
+  if skipped:
+    ax.loglog(skipped, [top] * len(skipped), "x", color="C1", ms=9,
+              label=f"dense: does not fit ({m['dense_max_bytes'] / 2 ** 30:g} GiB cap)")
+  rows = st["flat_in_d"]["rows"]
+  ax.loglog([2 ** r["log2_d"] for r in rows], [1000 * r["median_s"] for r in rows], "D--", color="C2",
+            label=f"kronjax, m={st['m']}, n={st['n']}, B={st['batch']}")
+  vs = st["vs_dense"]
+  ax.loglog([2 ** vs["log2_d"]], [1000 * vs["dense"]["median_s"]], "D", color="C3",
+            label=f"dense baseline, m={st['m']}, n={st['n']}, B={st['batch']}")
+  ax.set_ylim(top=top * 5)
+  ax.set_xlabel("input dimension d")
+  ax.set_ylabel("ms per training step (median)")
+  ax.set_title("step time against the input dimension (CPU, float32)", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+  plt.close(fig)
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--check", action="store_true", help="exit 1 if a page is not current")
+  parser.add_argument("--figure", action="store_true", help=f"also redraw {FIGURE.relative_to(ROOT)}")
+  args = parser.parse_args(argv)
+  if args.check:
+    stale = stale_pages()
+    if stale:
+      print("generated tables are stale in: " + ", ".join(stale) +
+            "; run `python docs/gen_tables.py` (or `make docs`) and commit the pages.")
+      return 1
+    print("generated tables are current in " + ", ".join(PAGES))
+    return 0
+  changed = write_pages()
+  print("rewrote " + (", ".join(changed) if changed else "nothing (all current)"))
+  if args.figure:
+    print(f"drew {draw_figure().relative_to(ROOT)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
