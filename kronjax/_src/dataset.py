@@ -40,9 +40,9 @@ class Dataset:
     data: the ``n`` training points (``kronjax.KronData``).
     labels: ``(n,)`` or ``(n, C)`` float targets (mse) or ``(n,)`` integer class
       ids (softmax). Float labels are cast to the data's dtype.
-    eval_data, eval_labels: optional held-out points (``n_e``) whose projections
-      the state maintains every step, so ``kronjax.evaluate`` costs no ``d``.
-      ``eval_labels`` needs ``eval_data``.
+    eval_data: optional held-out points (``n_e``) whose projections the state
+      maintains every step, so ``kronjax.evaluate`` costs no ``d``.
+    eval_labels: their labels (needs ``eval_data``).
     gram: ``"precomputed"`` stores the ``(n, n)`` Gram ``K = X X^T`` and the
       ``(n, n_e)`` cross Gram once; ``"factors"`` stores nothing ``n x n`` and the
       step recomputes its ``(B, n)`` Gram rows from the factors
@@ -56,15 +56,20 @@ class Dataset:
       gives the measured range and this fix.
 
   Attributes:
-    data, labels, eval_data, eval_labels: as given (labels cast as above).
-    gram: ``(n, n)`` or None. gram_eval: ``(n, n_e)`` or None.
+    data: the training points, as given (normalized with ``normalize=True``).
+    labels: ``(n,)`` / ``(n, C)``, cast as above.
+    eval_data: the eval points, or None.
+    eval_labels: their labels, or None.
+    gram: ``(n, n)`` Gram, or None with ``gram="factors"``.
+    gram_eval: ``(n, n_e)`` cross Gram, or None.
     gram_mode: ``"precomputed"`` or ``"factors"``.
     fingerprint: sha256 of the factors and labels (train and eval), or None for
       a dataset built from traced arrays.
 
   Raises:
-    TypeError / ValueError naming the argument: data that is not a KronData,
-    labels with another row count or NaN/inf, eval data in another tensor space.
+    TypeError: ``data`` is not a KronData, labels are neither floats nor integers.
+    ValueError: labels with another row count or NaN/inf, eval data in another
+      tensor space, ``eval_labels`` without ``eval_data`` (each names the argument).
   """
 
   __slots__ = ("data", "labels", "eval_data", "eval_labels", "gram", "gram_eval", "gram_mode",

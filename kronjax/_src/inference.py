@@ -99,9 +99,9 @@ def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
   refuses) plus the learned ``A K(X, X')``. No ``O(d)`` work for ``kronecker``.
 
   Raises:
-    TypeError / ValueError: ``data`` not a KronData, other factor count or dims,
-    NaN/inf values; a state built for another dataset; ``init="implicit"`` and
-    points outside the dataset.
+    TypeError: ``data`` is not a KronData.
+    ValueError: another factor count or dims, NaN/inf values, a state built for
+      another dataset, or ``init="implicit"`` and points outside the dataset.
   """
   return outputs_from_projections(state, projections(state, dataset, data))
 

@@ -33,8 +33,9 @@ class KronData:
       rank axis when present).
 
   Raises:
-    TypeError / ValueError naming ``factors`` when the shapes disagree, a factor
-    is not 2-D/3-D, the data is empty, or a value is NaN/inf.
+    TypeError: ``factors`` is not a sequence of real arrays.
+    ValueError: the factors' shapes disagree, a factor is not 2-D/3-D, the data
+      is empty, or a value is NaN/inf (the message names ``factors[q]``).
   """
 
   __slots__ = ("_factors",)

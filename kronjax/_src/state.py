@@ -172,7 +172,9 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
       scalar (sweeps over ``b``).
 
   Raises:
-    TypeError / ValueError for invalid arguments, before any work is done.
+    TypeError: an argument of the wrong type (a key that is not a PRNG key, ...).
+    ValueError: labels that do not fit the config's loss, a non-linear optimizer,
+      a non-finite threshold; raised before any work is done.
   """
   if not isinstance(config, Config):
     raise TypeError(f"config must be a kronjax.Config, got {type(config).__name__}.")

@@ -79,8 +79,9 @@ def train_step(state: TrainState, dataset: Dataset,
     ``index_rebuilds`` (rebuilds of the threshold index so far) and ``step``.
 
   Raises:
-    TypeError / ValueError: another dataset than the state's, or concrete
-    ``batch_idx`` that are not a non-empty 1-D integer array in ``[0, n)``.
+    TypeError: ``state`` is not a TrainState, ``batch_idx`` is not integer.
+    ValueError: another dataset than the state's, or concrete ``batch_idx``
+      that are not a non-empty 1-D array in ``[0, n)``.
   """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")

@@ -205,9 +205,10 @@ def init(config: Config, dataset: Dataset, members: Sequence[Mapping[str, Any]],
       hyperparameters it injects.
 
   Raises:
-    ValueError when a member sets a static setting (width, capacities, loss,
-    classes, index, update, ...): run separate sweeps for those. TypeError /
-    ValueError as ``kronjax.init`` for bad arguments.
+    ValueError: a member sets a static setting (width, capacities, loss,
+      classes, index, update, ...): run separate sweeps for those; or bad
+      arguments, as ``kronjax.init``.
+    TypeError: arguments of the wrong type, as ``kronjax.init``.
   """
   if not isinstance(config, Config):
     raise TypeError(f"config must be a kronjax.Config, got {type(config).__name__}.")
