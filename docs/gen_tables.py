@@ -304,6 +304,25 @@ def drift() -> str:
                       provenance("drift.json", data)])
 
 
+def auto() -> str:
+  data = load("auto.json")
+  rows = []
+  for r in data["shapes"]:
+    resolved = r["resolved"]["default"]
+    fastest = r["fastest"]
+    rows.append([r["width"], r["n"], r["batch"],
+                 f"{resolved['update']} / {resolved['layout']} / {resolved['index']}",
+                 ms(r["ab_median_s"]["default"]), fastest, ms(r["ab_median_s"][fastest]),
+                 f"{r['default_over_fastest']:.3f}x", f"{r['default_over_fastest_all_resident']:.3f}x"])
+  head = ("Milliseconds per `jit_train_step` of the default `Config` and of the fastest explicit "
+          "(update / layout / index) setting, measured A/B with only those two states resident "
+          "(the last column: all settings resident at once, interleaved), plain SGD, float32:")
+  return "\n\n".join([head, table(["m", "n", "B", "default resolves to", "default ms",
+                                    "fastest explicit", "its ms", "default / fastest",
+                                    "all resident"], rows),
+                       provenance("auto.json", data)])
+
+
 def runner_result(relative: str, *, keys: Sequence[str] | None = None, plot: bool = True) -> str:
   data = load(relative)
   parts = [params_line(data, keys), dict_table(data["table"])]
@@ -347,6 +366,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "sweep": sweep,
     "sharding": sharding,
     "drift": drift,
+    "auto": auto,
     "quickstart": lambda: runner_result("quickstart/results.json"),
     "scaling-d": lambda: runner_result("scaling_d/results.json"),
     "convergence": lambda: runner_result("convergence/results.json"),
