@@ -140,6 +140,7 @@ def main(argv=None) -> int:
   results = {
       "environment": dict(timing.environment(), loadavg_at_start=list(os.getloadavg()),
                           XLA_FLAGS=os.environ.get("XLA_FLAGS"),
+                          PYTHONPATH=os.environ.get("PYTHONPATH"), cwd=os.getcwd(),
                           affinity_cpus=len(os.sched_getaffinity(0))),
       "command": " ".join([sys.executable] + sys.argv), "smoke": args.smoke,
       "defaults": {"init_rank": r0, "chunk": chunk0, "gemm_rows": rows0},
