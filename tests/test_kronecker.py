@@ -91,11 +91,11 @@ def _bitwise_same_for_every_chunk(width, init_rank, sets, chunks):
 
 
 def test_chunked_equals_whole_bit_for_bit():
-  # init_rank 16 -> GEMM blocks of 8 neurons, so width 37 spans several blocks;
-  # 1, 5, 8, 16 and 36 do not divide 37; 37 and 100 give one step
+  # init_rank 16 -> GEMM blocks of 16 neurons, so width 70 spans several blocks;
+  # 1 and 7 divide 70, 20, 33, 50 and 64 do not; 200 > 70 gives one step
   sets = (unit_data(4, 5, (3, 4), 2), unit_data(5, 3, (3, 4), 2))
-  assert kr.gemm_block(37, 16) == 8
-  _bitwise_same_for_every_chunk(37, 16, sets, (1, 5, 8, 16, 36, 37, 100))
+  assert kr.gemm_block(70, 16) == 16
+  _bitwise_same_for_every_chunk(70, 16, sets, (1, 7, 20, 33, 50, 64, 200))
 
 
 def test_chunked_equals_whole_bit_for_bit_at_blocked_gemm_sizes():

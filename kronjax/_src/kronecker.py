@@ -66,8 +66,8 @@ from kronjax._src.kron import KronData, check_compatible
 # Defaults chosen by experiments/bench_kronecker_init.py (results in
 # experiments/results/kronecker_init.json).
 DEFAULT_INIT_RANK = 8
-DEFAULT_CHUNK = 256
-GEMM_ROWS = 128  # see gemm_block
+DEFAULT_CHUNK = 64
+GEMM_ROWS = 256  # see gemm_block
 
 
 def _check_init_rank(init_rank: Any) -> int:
@@ -138,7 +138,9 @@ def kronecker_projections(key: jax.Array, width: int, init_rank: int,
     sets: non-empty tuple of ``KronData`` with the same factor dims (e.g. the
       training points, then held-out or new points); any data rank.
     chunk: neurons whose factors are drawn per step of the loop (rounded up to a
-      multiple of ``gemm_block(width, init_rank)``); bounds the factors' memory.
+      multiple of ``gemm_block(width, init_rank)``; the fewer than one block of
+      padded neurons this may add are computed and dropped); bounds the factors'
+      memory.
       The result does not depend on it, bit for bit, nor on which other sets are
       passed along with a set.
 
