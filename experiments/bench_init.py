@@ -27,18 +27,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from kronjax.experiments import timing
+
 GIB = 2**30
-
-
-def _maxrss_bytes() -> int:
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
 def _timed(fn, args, repeats):
@@ -73,7 +69,7 @@ def worker(kind: str, n: int, m: int, dims: tuple[int, ...], chunk: int, repeats
   jax.block_until_ready(dataset)
   key = jax.random.key(1)
   tx = optax.sgd(1.0)
-  rss_before = _maxrss_bytes()
+  rss_before = timing.peak_rss_bytes()
   if kind in ("implicit", "explicit"):
     config = kronjax.Config(width=m, init=kind, init_chunk=chunk)  # static: closed over
     fn = jax.jit(lambda k, ds: kronjax.init(k, config, ds, tx).projections)
@@ -85,7 +81,7 @@ def worker(kind: str, n: int, m: int, dims: tuple[int, ...], chunk: int, repeats
     raise ValueError(f"kind must be implicit, gram or explicit, got {kind!r}")
   out = _timed(fn, args, repeats)
   result = jax.tree_util.tree_leaves(fn(*args))[0]
-  rss_after = _maxrss_bytes()
+  rss_after = timing.peak_rss_bytes()
   out.update(
       kind=kind, n=n, m=m, dims=list(dims), d=data.dim, chunk=chunk if kind == "explicit" else None,
       dtype=str(result.dtype), out_shape=list(result.shape), finite=bool(jnp.all(jnp.isfinite(result))),
@@ -94,17 +90,8 @@ def worker(kind: str, n: int, m: int, dims: tuple[int, ...], chunk: int, repeats
   return out
 
 
-def wait_for_quiet(max_load, patience_s=600.0):
-  """On a shared machine, wait (at most ``patience_s``) until the 1-min load average is below ``max_load``."""
-  if max_load is None:
-    return
-  t0 = time.perf_counter()
-  while os.getloadavg()[0] >= max_load and time.perf_counter() - t0 < patience_s:
-    time.sleep(5.0)
-
-
 def run_in_subprocess(kind, n, m, dims, chunk, repeats, timeout, max_load=None):
-  wait_for_quiet(max_load)
+  timing.wait_for_quiet(max_load)
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--n", str(n), "--m", str(m),
          "--dims", ",".join(map(str, dims)), "--chunk", str(chunk), "--repeats", str(repeats)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

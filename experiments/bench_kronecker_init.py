@@ -26,7 +26,10 @@ import subprocess
 import sys
 import time
 
-from experiments.bench_init import _maxrss_bytes, wait_for_quiet
+import kronjax
+from kronjax._src import kronecker
+from kronjax.experiments import timing
+
 
 GIB = 2**30
 
@@ -44,7 +47,7 @@ def worker(n: int, m: int, dims: tuple[int, ...], init_rank: int, chunk: int, ge
   data = kronjax.data.synthetic(jax.random.key(0), n, dims, dtype=jnp.float32)
   jax.block_until_ready(data)
   key = jax.random.key(1)
-  rss_before = _maxrss_bytes()
+  rss_before = timing.peak_rss_bytes()
 
   def fn():
     return kronecker.kronecker_projections(key, m, init_rank, (data,), chunk=chunk)[0]
@@ -58,7 +61,7 @@ def worker(n: int, m: int, dims: tuple[int, ...], init_rank: int, chunk: int, ge
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
-  rss_after = _maxrss_bytes()
+  rss_after = timing.peak_rss_bytes()
   block = kronecker.gemm_block(m, init_rank)
   return {
       "n": n, "m": m, "dims": list(dims), "d": data.dim, "init_rank": init_rank,
@@ -74,7 +77,7 @@ def worker(n: int, m: int, dims: tuple[int, ...], init_rank: int, chunk: int, ge
 
 
 def run(label, n, m, dims, init_rank, chunk, gemm_rows, args):
-  wait_for_quiet(args.max_load, args.patience)
+  timing.wait_for_quiet(args.max_load, args.patience)
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--n", str(n), "--m", str(m),
          "--dims", ",".join(map(str, dims)), "--init-rank", str(init_rank), "--chunk", str(chunk),
          "--gemm-rows", str(gemm_rows), "--repeats", str(args.repeats)]
@@ -120,9 +123,6 @@ def main(argv=None) -> int:
                             args.repeats)))
     return 0
 
-  from kronjax._src import kronecker
-  from kronjax.experiments import timing
-
   here = os.path.dirname(os.path.abspath(__file__))
   out = args.out or os.path.join(
       here, "results", "kronecker_init_smoke.json" if args.smoke else "kronecker_init.json")
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
   else:
     n, n_new, m, dims, ranks = 1024, 256, 4096, (1024, 1024, 1024), (1, 4, 8, 16)
     chunks, gemm_rows_list = (32, 64, 256, 1024, 4096), (64, 128, 256, 512)
-  r0 = kronecker.DEFAULT_INIT_RANK
+  r0 = kronjax.Config(width=1).init_rank  # the default init_rank
   chunk0, rows0 = kronecker.DEFAULT_CHUNK, kronecker.GEMM_ROWS
   print(f"bench_kronecker_init: n={n} (new {n_new}) m={m} dims={dims} defaults: R0={r0} "
         f"chunk={chunk0} gemm_rows={rows0}", flush=True)

@@ -23,7 +23,7 @@ from kronjax._src import checks
 from kronjax._src.kron import KronData
 
 
-def _check_dims(dims: Sequence[int]) -> tuple[int, ...]:
+def check_dims(dims: Sequence[int]) -> tuple[int, ...]:
   if isinstance(dims, int) or len(dims) == 0:
     raise ValueError(f"dims must be a non-empty sequence of factor sizes, got {dims!r}.")
   return tuple(checks.check_positive_int(f"dims[{q}]", d) for q, d in enumerate(dims))
@@ -37,7 +37,7 @@ def synthetic(key: jax.Array, n: int, dims: Sequence[int], *, rank: int = 1,
   """
   n = checks.check_positive_int("n", n)
   rank = checks.check_positive_int("rank", rank)
-  dims = _check_dims(dims)
+  dims = check_dims(dims)
   dtype = jnp.dtype(dtype or jnp.result_type(float))
   return _synthetic(key, n=n, dims=dims, rank=rank, normalize=normalize, dtype=dtype)
 
@@ -69,7 +69,7 @@ def planted(key: jax.Array, n: int, dims: Sequence[int], *, task: str = "regress
     ``task="classification"``.
   """
   n = checks.check_positive_int("n", n)
-  dims = _check_dims(dims)
+  dims = check_dims(dims)
   rank = checks.check_positive_int("rank", rank)
   latent_dim = checks.check_positive_int("latent_dim", latent_dim)
   teacher_width = checks.check_positive_int("teacher_width", teacher_width)

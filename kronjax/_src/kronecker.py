@@ -59,13 +59,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax._src import checks
-from kronjax._src.data import _check_dims
+from kronjax._src.data import check_dims
 from kronjax._src.keys import neuron_keys
 from kronjax._src.kron import KronData, check_compatible
 
 # Defaults chosen by experiments/bench_kronecker_init.py (results in
 # experiments/results/kronecker_init.json).
-DEFAULT_INIT_RANK = 8
 DEFAULT_CHUNK = 64
 GEMM_ROWS = 256  # see gemm_block
 
@@ -109,7 +108,7 @@ def kronecker_factors(key: jax.Array, width: int, init_rank: int, dims: Sequence
   """
   width = checks.check_positive_int("width", width)
   init_rank = _check_init_rank(init_rank)
-  dims = _check_dims(dims)
+  dims = check_dims(dims)
   return kronecker_factor_rows(neuron_keys(key, width), init_rank, dims, _check_dtype(dtype))
 
 

@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 import platform
+import sys
+import resource
 import time
 from typing import Any, Callable, Iterator
 
@@ -152,6 +154,23 @@ def environment() -> dict[str, Any]:
 def native_info() -> dict[str, Any]:
   """The native CPU kernels' status (``kronjax.native_info()``), for the record next to the numbers."""
   return dict(kronjax.native_info())
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (what XLA's buffers and everything else
+  took at most; run each measurement in its own process to separate their peaks)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def wait_for_quiet(max_load: float | None, patience_s: float = 600.0) -> None:
+  """On a shared machine, wait (at most ``patience_s``) until the 1-min load average is
+  below ``max_load`` (None: do not wait)."""
+  if max_load is None:
+    return
+  t0 = time.perf_counter()
+  while os.getloadavg()[0] >= max_load and time.perf_counter() - t0 < patience_s:
+    time.sleep(5.0)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
