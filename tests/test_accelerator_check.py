@@ -11,6 +11,8 @@ import time
 import jax
 import pytest
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "accelerator_check.py"
 

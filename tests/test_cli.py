@@ -23,6 +23,8 @@ from kronjax import checkpoint
 from kronjax.experiments import cli
 from kronjax.experiments import runner as xp
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 QUICKSTART = str(ROOT / "configs" / "quickstart.toml")
@@ -118,6 +120,7 @@ def test_list_gives_every_config_a_description(capsys, monkeypatch):
 
 _FAKE = '''"""A stand-in experiment."""
 import dataclasses
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,8 @@ import pytest
 
 from kronjax.experiments import runner as xp
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,6 +15,10 @@ import numpy as np
 
 from kronjax.experiments import runner as experiment
 
+import pytest
+
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

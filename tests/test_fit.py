@@ -22,6 +22,7 @@ def _init(key, config, data, labels, tx):
   return kronjax.init(key, config, dataset, tx), dataset
 
 
+@pytest.mark.slow
 def test_planted_task_is_learned(task):
   data, labels = task
   train, held = data.subset(np.arange(300)), data.subset(np.arange(300, 360))
@@ -141,6 +142,7 @@ def test_fit_rejects_an_integer_key(task):
     kronjax.init(0, kronjax.Config(width=32), dataset, optax.sgd(0.1))
 
 
+@pytest.mark.slow
 def test_candidate_overflow_grows_only_the_candidate_capacity(x64):
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 120, (8, 8), task="regression")
   small = kronjax.Config(width=128, threshold=0.8, index="bucketed", candidate_capacity=8,

@@ -9,9 +9,10 @@ import pytest
 
 from kronjax import KronData
 from kronjax._src import kronecker as kr
-from kronjax._src.initializers import neuron_keys
+from kronjax._src.keys import neuron_keys
 
-pytestmark = pytest.mark.usefixtures("x64_module")  # float64 comparisons throughout
+pytestmark = [pytest.mark.usefixtures("x64_module"),  # float64 comparisons throughout
+              pytest.mark.slow]  # left out of make test-fast
 
 
 def rel_err(a, b):

@@ -22,6 +22,8 @@ import pytest
 
 from kronjax._src import dispatch, native, products
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                                 os.environ.get("PYTHONPATH")])))
@@ -230,6 +232,7 @@ THREADS_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
 from kronjax._src import native
+
 assert native.available(), native.info()
 print("THREADS", native.pool_threads())
 n, m, S, C, K = {n}, {m}, {S}, 3, 96

@@ -28,6 +28,7 @@ def _trained(init, tmp_path=None):
   return state, dataset
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", INITS)
 def test_saved_network_predicts_like_the_state_in_a_fresh_process(tmp_path, init):
   state, dataset = _trained(init)

@@ -14,6 +14,8 @@ import pytest
 
 from kronjax._src import dispatch, native, products
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 
 SPARSE = {"sparse": True}
 

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 import kronjax
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -16,6 +16,8 @@ import pytest
 import kronjax
 from kronjax._src import dispatch, native, rows
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 # Negative, repeated and out-of-range entries: every index rule at once.
 IDX = np.array([3, -1, 0, 3, 9, -9, 5], np.int32)
 N, M, S = 7, 37, 3   # m = 37: a vectorized body and a remainder

@@ -205,6 +205,7 @@ def test_vmapped_train_step_over_a_sweep_state_equals_separate_runs(x64):
   assert np.ptp(losses[:, -1]) > 1e-3
 
 
+@pytest.mark.slow
 def test_masked_members_keep_their_state_bit_for_bit(x64):
   dataset = _task()
   start = _overflow_sweep(True)   # the steps fit compiles for it in the overflow tests
@@ -431,6 +432,7 @@ def _docs_blocks():
   return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_docs_sweep_example_runs(capsys):
   blocks = [b for b in _docs_blocks() if "kronjax.sweep.init" in b]
   assert len(blocks) == 1, "README.md: one sweep example"
@@ -442,6 +444,7 @@ def test_docs_sweep_example_runs(capsys):
   assert np.nanmean(history["loss"][:, -10:]) < np.nanmean(history["loss"][:, :5])
 
 
+@pytest.mark.slow
 # Last: `dispatch.using` clears JAX's caches, which would recompile the steps of the tests above.
 @pytest.mark.parametrize("product,optimizer", [("native", "sgd"), ("loop", "sgd"), ("batched", "sgd"),
                                                ("loop", "momentum"), ("batched", "momentum")])

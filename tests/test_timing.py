@@ -13,6 +13,8 @@ import kronjax
 from kronjax.experiments import runner
 from kronjax.experiments import timing
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -63,6 +63,7 @@ def test_matches_dense_sgd(x64, tx_name, loss, train_output, update, gram, dims,
   assert float(jnp.max(jnp.abs(state.A))) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["neurons", "points"])
 @pytest.mark.parametrize("native", [True, False])
 def test_full_step_with_each_cpu_product_matches_dense_sgd(x64, native, layout):
@@ -123,6 +124,7 @@ def test_invariants_after_many_steps(x64):
   chex.assert_trees_all_close(state.P, W @ data.materialize().T, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("update", ["auto", "full"])   # "full" stores P point-major
 def test_eval_projections_and_predict_match_dense(x64, update):
   data, labels = _task("mse", (4, 6), 1, n=60)
@@ -252,6 +254,7 @@ def test_sparse_path_at_batch_size_one_matches_dense_sgd(x64, tx_name):
   assert float(jnp.max(jnp.abs(state.A))) > 1e-3
 
 
+@pytest.mark.slow
 def test_factors_gram_with_eval_data_matches_dense_sgd(x64):
   data, labels = _task("softmax", (3, 4, 5), 2, n=60)
   train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
@@ -388,6 +391,7 @@ def test_active_counts_are_exact_in_bfloat16():
                                 [997, 1000])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["explicit", "implicit"])
 def test_resync_recomputes_P_exactly_from_A(init):
   """float32: after many momentum steps P has drifted from P0 + A K by rounding;
