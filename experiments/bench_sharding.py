@@ -5,7 +5,8 @@ Claim measured: one sharded step (``kronjax.sharding.compiled_step``) moves only
 collectives are read from the compiled HLO (``kronjax.experiments.hlo``:
 ``jit(...).lower(...).compile().as_text()``:
 every all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute and its
-shapes) and compared with ``kronjax.sharding.estimated_bytes`` (docs/scaling.md).
+shapes) and compared with ``kronjax.sharding.estimated_bytes`` for the step's update path
+(docs/scaling.md).
 
 Step times on simulated devices (8 "devices" sharing this CPU's cores) are recorded
 next to the single-device step for completeness; they are not a speed-up measurement.
@@ -54,7 +55,8 @@ def run(m: int, n: int, dims, batch: int, loss: str, classes: int, optimizer: st
   ops = hlo.step_collectives(sharded, dataset, batches[0], mesh)
   measured = sum(op["bytes"] for op in ops)
   float_bytes = jnp.zeros((), state.P.dtype).dtype.itemsize
-  estimate = sharding.estimated_bytes(batch, classes, float_bytes=float_bytes)
+  update = config.resolved_update(batch)   # the estimate depends on the update path
+  estimate = sharding.estimated_bytes(batch, classes, float_bytes=float_bytes, update=update)
   p_bytes = int(state.P.size * state.P.dtype.itemsize)
 
   step = sharding.compiled_step(mesh)
@@ -64,7 +66,7 @@ def run(m: int, n: int, dims, batch: int, loss: str, classes: int, optimizer: st
   return {
       "m": m, "n": n, "dims": list(dims), "batch": batch, "loss": loss, "classes": classes,
       "optimizer": optimizer, "devices": devices, "dtype": str(state.P.dtype),
-      "update_path": config.resolved_update(batch),
+      "update_path": update,
       "collectives": ops, "collective_ops": sorted({op["op"] for op in ops}),
       "measured_bytes": measured, "estimated_bytes": estimate,
       "matches_estimate": measured == estimate["total"],

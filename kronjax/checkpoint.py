@@ -1,9 +1,14 @@
-"""Atomic checkpoints of a whole ``TrainState`` (``save``) and their refusal-checked restore (``load``)."""
+"""Checkpoints of a ``TrainState``, sharded or not: every process writes its own shards (orbax).
+
+``save`` / ``load`` / ``steps`` / ``latest_step``; ``Manager`` saves a run's
+checkpoints asynchronously (``kronjax.fit`` uses it).
+"""
 
 from kronjax._src.checkpoint import checkpoint_path
 from kronjax._src.checkpoint import steps
 from kronjax._src.checkpoint import latest_step
 from kronjax._src.checkpoint import save
+from kronjax._src.checkpoint import Manager
 from kronjax._src.checkpoint import describe_tx
 from kronjax._src.checkpoint import load
 
@@ -12,6 +17,7 @@ __all__ = (
     "steps",
     "latest_step",
     "save",
+    "Manager",
     "describe_tx",
     "load",
 )

@@ -1,10 +1,18 @@
-"""kronjax.checkpoint: atomic save, exact restore, refusal of corrupt or mismatched checkpoints."""
+"""kronjax.checkpoint: atomic save, exact restore, refusal of corrupt or mismatched checkpoints.
+
+The multi-process and multi-device cases are in tests/test_multiprocess.py and
+tests/test_sharding.py.
+"""
 
 import functools
-import io
 import json
+import os
+import pathlib
 import re
-import zipfile
+import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -57,20 +65,7 @@ STATE_FIELDS = {".projections", ".A_T", ".a", ".b", ".opt_state", ".step", ".key
 
 
 def _manifest(path):
-  with np.load(path) as npz:
-    return json.loads(bytes(npz["__manifest__"]).decode())
-
-
-def _rewrite_manifest(path, edit):
-  """Rewrites the checkpoint at ``path`` with ``edit(manifest, arrays)`` applied."""
-  with np.load(path) as npz:
-    arrays = {k: npz[k] for k in npz.files}
-  manifest = json.loads(bytes(arrays["__manifest__"]).decode())
-  edit(manifest, arrays)
-  arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  path.write_bytes(buf.getvalue())
+  return json.loads((path / "manifest" / "manifest.json").read_text())
 
 
 def test_roundtrip_is_exact_with_metadata(tmp_path):
@@ -80,8 +75,8 @@ def test_roundtrip_is_exact_with_metadata(tmp_path):
           "history": {"loss": np.arange(5, dtype=np.float32), "replays": [(3, {"active_capacity": 16})]},
           "note": None}
   path = checkpoint.save(tmp_path, state, meta)
-  assert path.name == "ckpt-0000000005.npz"
-  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+  assert path.name == "ckpt_0000000005" and path.is_dir()
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directory left
   restored, got = checkpoint.load(tmp_path, like=_init(jax.random.key(3)))
   _assert_same(restored, state)
   assert restored.config == state.config and restored.index_kind == state.index_kind
@@ -94,17 +89,20 @@ def test_roundtrip_is_exact_with_metadata(tmp_path):
 
 
 def test_checkpoint_holds_the_state_only(tmp_path):
-  """No data, labels or Gram in the file: its arrays are the state's leaves (and metadata)."""
+  """No data, labels or Gram in the checkpoint: its arrays are the state's leaves (and metadata)."""
   state = _init()
   path = checkpoint.save(tmp_path, state, {})
   manifest = _manifest(path)
-  assert manifest["version"] == 2 and manifest["data_fingerprint"] == _dataset().fingerprint
+  assert manifest["version"] == 3 and manifest["data_fingerprint"] == _dataset().fingerprint
+  entries = manifest["leaves"] + manifest["index_leaves"]
   fields = {re.match(r"\.\w+", entry["path"]).group() for entry in manifest["leaves"]}
-  assert fields <= STATE_FIELDS, fields
-  assert len(manifest["leaves"]) == len(jax.tree.leaves(state))
-  with np.load(path) as npz:
-    shapes = {npz[k].shape for k in npz.files}
+  assert fields <= STATE_FIELDS - {".index"}, fields
+  assert len(entries) == len(jax.tree.leaves(state))
+  shapes = {tuple(entry["shape"]) for entry in entries}
   assert (N, N) not in shapes and (N, 8) not in shapes        # neither Gram is stored
+  assert sorted(p.name for p in path.iterdir() if p.is_dir()) == ["index", "manifest", "state"]
+  # Unsharded: the neuron axis is stored as is, one index for the whole network.
+  assert manifest["rows"] == manifest["width"] == M and manifest["index_layout"] == "global"
 
 
 def test_point_major_momentum_state_roundtrips(tmp_path):
@@ -123,29 +121,20 @@ def test_point_major_momentum_state_roundtrips(tmp_path):
   _assert_same(other, state)
 
 
-@pytest.mark.parametrize("before_layout", [False, True])
-def test_v1_checkpoint_is_refused_as_from_an_earlier_kronjax(tmp_path, before_layout):
-  """Format v1 stored the dataset (data, labels, Gram) inside the state; v2 reads only v2.
-  The same message for one written before Config.layout (no "layout", P stored as ".P")."""
-  state, _ = _fit(_init(), steps=3)
-  path = checkpoint.save(tmp_path, state, {})
-
-  def as_v1(manifest, arrays):
-    manifest["version"] = 1
-    for name, array in (("data", _dataset().data.factors[0]), ("labels", _dataset().labels),
-                        ("gram", _dataset().gram)):
-      key = f"leaf_{len(manifest['leaves']):04d}"
-      arrays[key] = np.asarray(array)
-      manifest["leaves"].append({"path": f".{name}", "name": key, "dtype": arrays[key].dtype.name,
-                                 "shape": list(arrays[key].shape), "prng_impl": None})
-    if before_layout:
-      del manifest["config"]["layout"]
-      for entry in manifest["leaves"]:
-        entry["path"] = ".P" if entry["path"] == ".projections" else entry["path"]
-
-  _rewrite_manifest(path, as_v1)
-  with pytest.raises(ValueError, match=r"written by an earlier kronjax \(format v1.*reads v2"):
+def test_checkpoint_of_an_earlier_kronjax_is_refused(tmp_path):
+  """Formats v1 and v2 were one ``ckpt-<step>.npz`` file; this kronjax reads v3 directories.
+  Such a file is listed (a resume does not silently start afresh) and refused by name."""
+  np.savez(tmp_path / "ckpt-0000000003.npz", __manifest__=np.frombuffer(
+      json.dumps({"format": "kronjax-checkpoint", "version": 2}).encode(), np.uint8))
+  assert checkpoint.latest_step(tmp_path) == 3
+  with pytest.raises(ValueError, match=r"written by an earlier kronjax \(one .npz file, format "
+                     r"v1 or v2\); this kronjax reads v3"):
     checkpoint.load(tmp_path, like=_init())
+  with pytest.raises(ValueError, match="earlier kronjax"):
+    _fit(_init(), steps=4, checkpoint_dir=tmp_path, resume=True)
+  # A new run saving there replaces it (and keeps the newest two).
+  _fit(_init(), steps=4, checkpoint_dir=tmp_path, checkpoint_every=2)
+  assert checkpoint.steps(tmp_path) == [2, 4]
 
 
 def test_restores_grown_capacity_config(tmp_path):
@@ -161,6 +150,19 @@ def test_restores_grown_capacity_config(tmp_path):
   a, _ = _fit(grown, steps=2)
   b, _ = _fit(restored, steps=2)
   _assert_same(a, b)
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state, _ = _fit(_init(), steps=2)
+  path = checkpoint.save("mine", state, {"x": 1})
+  assert path == pathlib.Path("mine").absolute() / "ckpt_0000000002"
+  restored, meta = checkpoint.load("mine", like=_init())
+  _assert_same(restored, state)
+  assert meta == {"x": 1}
+  _fit(_init(), steps=2, checkpoint_dir="run")
+  _, h = _fit(_init(), steps=4, checkpoint_dir="run", resume=True)
+  assert h["resumed_from"] == 2 and checkpoint.steps("run") == [2, 4]
 
 
 def test_keeps_latest_two_and_loads_a_given_step(tmp_path):
@@ -209,7 +211,7 @@ def _interrupted_and_resumed(directory, **options):
   started again as before with resume=True: it continues from step 4 to step 10."""
   _fit(_init(), **{**options, "steps": 6}, checkpoint_dir=directory, checkpoint_every=4)
   assert checkpoint.steps(directory) == [4, 6]
-  checkpoint.checkpoint_path(directory, 6).unlink()
+  shutil.rmtree(checkpoint.checkpoint_path(directory, 6))
   return _fit(_init(), **options, checkpoint_dir=directory, checkpoint_every=4, resume=True)
 
 
@@ -288,26 +290,122 @@ def test_missing_checkpoint(tmp_path):
     checkpoint.load(tmp_path / "nothing", like=_init())
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_leaf", "bad_manifest"])
-def test_corrupt_checkpoint_is_refused(tmp_path, damage):
-  path = checkpoint.save(tmp_path, _init(), {})
-  raw = path.read_bytes()
-  if damage == "truncate":   # a torn write
-    path.write_bytes(raw[: len(raw) // 2])
-  elif damage == "garbage":
-    path.write_bytes(b"not a zip file at all" * 10)
+def _damage(path, damage):
+  """Damages the checkpoint directory ``path`` as a crash, a bad disk or a bad copy would."""
+  files = sorted((f for f in (path / "state").rglob("*") if f.is_file() and "/d/" in str(f)),
+                 key=lambda f: f.stat().st_size)
+  manifest = path / "manifest" / "manifest.json"
+  if damage == "truncate_arrays":        # every array file cut short
+    for f in files:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  elif damage == "drop_arrays":
+    for f in files:
+      f.unlink()
+  elif damage == "drop_state":
+    shutil.rmtree(path / "state")
+  elif damage == "garbage_manifest":
+    manifest.write_bytes(b"not json at all" * 10)
+  elif damage == "truncate_manifest":
+    manifest.write_bytes(manifest.read_bytes()[:-40])
+  elif damage == "drop_manifest":
+    manifest.unlink()
+  elif damage == "drop_leaf":            # the manifest lists a leaf the files do not hold
+    m = json.loads(manifest.read_text())
+    m["leaves"][0]["name"] = "leaf_9999"
+    manifest.write_text(json.dumps(m))
+  elif damage == "metadata_array":
+    m = json.loads(manifest.read_text())
+    (name, entry), = m["metadata_arrays"].items()
+    entry["data"] = entry["data"][:-8]
+    manifest.write_text(json.dumps(m))
+  elif damage == "step":                 # renamed: its state says another step
+    path.rename(path.parent / "ckpt_0000000009")
   else:
-    with zipfile.ZipFile(path) as zin:
-      entries = {name: zin.read(name) for name in zin.namelist()}
-    if damage == "drop_leaf":
-      del entries["leaf_0000.npy"]
-    else:
-      entries["__manifest__.npy"] = entries["__manifest__.npy"][:-40]
-    with zipfile.ZipFile(path, "w") as zout:
-      for name, blob in entries.items():
-        zout.writestr(name, blob)
-  with pytest.raises(ValueError, match="corrupt"):
+    raise AssertionError(damage)
+
+
+DAMAGE = ["truncate_arrays", "drop_arrays", "drop_state", "garbage_manifest", "truncate_manifest",
+          "drop_manifest", "drop_leaf", "metadata_array", "step"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_corrupt_checkpoint_is_refused(tmp_path, damage):
+  state, _ = _fit(_init(), steps=3)
+  path = checkpoint.save(tmp_path, state, {"history": np.arange(3.0)})
+  _damage(path, damage)
+  with pytest.raises(ValueError, match=r"(?s)corrupt or incomplete.*Delete it to fall back"):
     checkpoint.load(tmp_path, like=_init())
+
+
+def test_torn_write_never_shadows_the_last_good_checkpoint(tmp_path):
+  """A save killed before its commit leaves a temporary directory: not listed, not loaded, and
+  deleted by the next run's manager."""
+  state, _ = _fit(_init(), steps=3)
+  checkpoint.save(tmp_path, state, {})
+  torn = tmp_path / "ckpt_0000000007.orbax-checkpoint-tmp"
+  shutil.copytree(checkpoint.checkpoint_path(tmp_path, 3), torn)
+  shutil.rmtree(torn / "state")
+  assert checkpoint.steps(tmp_path) == [3]
+  restored, _ = checkpoint.load(tmp_path, like=_init())
+  _assert_same(restored, state)
+  with checkpoint.Manager(tmp_path):
+    pass
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000000003"]
+
+
+def test_manager_saves_asynchronously_and_commits_before_close(tmp_path):
+  state, _ = _fit(_init(), steps=2)
+  with checkpoint.Manager(tmp_path, keep=2) as manager:
+    path = manager.save(state, {"x": np.float64(1.5)})
+    state, _ = _fit(state, steps=1)   # training goes on (the saved arrays stay intact)
+    manager.save(state, {})
+  assert path.name == "ckpt_0000000002" and checkpoint.steps(tmp_path) == [2, 3]
+  restored, meta = checkpoint.load(tmp_path, like=_init(), step=2)
+  assert meta == {"x": 1.5}
+  again, _ = _fit(_init(), steps=2)
+  _assert_same(restored, again)
+
+
+SIGKILL_SCRIPT = r"""
+import os, signal, sys
+import jax, jax.numpy as jnp, optax
+import kronjax
+from kronjax import checkpoint
+sys.path.insert(0, sys.argv[2])
+import test_checkpoint as t
+saves = []
+original = checkpoint.Manager.save
+
+def save_then_die(self, state, metadata=None):
+  out = original(self, state, metadata)
+  saves.append(out)
+  if len(saves) == 2:   # the step-8 save is being written in the background: kill -9 now
+    os.kill(os.getpid(), signal.SIGKILL)
+  return out
+
+checkpoint.Manager.save = save_then_die
+t._fit(t._init(), steps=12, eval_every=2, checkpoint_dir=sys.argv[1], checkpoint_every=4)
+"""
+
+
+def test_sigkill_during_an_asynchronous_save_resumes_bit_for_bit(tmp_path):
+  """A real ``kill -9`` of a training process while its step-8 checkpoint is being written:
+  the resumed run (from step 8 if that save had committed, else from 4) equals the
+  uninterrupted one, state and history."""
+  here = pathlib.Path(__file__).resolve().parent
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SIGKILL_SCRIPT, str(tmp_path), str(here)],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert checkpoint.latest_step(tmp_path) in (4, 8)
+  full, h_full = _fit(_init(), steps=12, eval_every=2)
+  resumed, h = _fit(_init(), steps=12, eval_every=2, checkpoint_dir=tmp_path,
+                    checkpoint_every=4, resume=True)
+  assert h["resumed_from"] in (4, 8)
+  _assert_same(resumed, full)
+  _assert_same_history(h, h_full)
+  assert checkpoint.steps(tmp_path) == [8, 12]
+  assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]   # the torn save was removed
 
 
 @pytest.mark.parametrize("other, match", [

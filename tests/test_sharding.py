@@ -81,11 +81,13 @@ def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
     for bi in kronjax.batch_schedule(key, dataset.n, 8, steps):
       manual, _ = step(manual, replicated, jnp.asarray(bi))
     res["manual_equals_fit"] = same(sharding.unshard_state(manual), un)
+  batch = jnp.arange(8, dtype=jnp.int32)
+  res["update"] = got.config.resolved_update(8)
+  res["collectives"] = hlo.step_collectives(got, dataset, batch, mesh)
+  res["estimate"] = sharding.estimated_bytes(8, config.num_classes, float_bytes=8,
+                                             update=res["update"])
+  res["P_bytes"] = 8 * m * data.n
   if name == "sgd8":
-    batch = jnp.arange(8, dtype=jnp.int32)
-    res["collectives"] = hlo.step_collectives(got, dataset, batch, mesh)
-    res["estimate"] = sharding.estimated_bytes(8, config.num_classes, float_bytes=8)
-    res["P_bytes"] = 8 * m * data.n
     # The dataset (factors, labels, Gram) is replicated, never split over the neurons.
     compiled = sharding.compiled_step(mesh).lower(got, dataset, batch).compile()
     data_shardings = jax.tree.leaves(compiled.input_shardings[0][1])
@@ -108,6 +110,56 @@ compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", 
 compare("points8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
                                      train_output=True, update="full"),
         optax.sgd(0.3, momentum=0.9), "classification")
+
+# Checkpoints across device counts: written on 4 devices (61 neurons padded to 64), restored
+# onto 3 (63 rows: truncated), trained on and written there, restored onto 8 (64 rows: the
+# new padded row set to never fire) and onto one device; all equal one device training.
+def checkpoints_across_device_counts(tmp):
+  from kronjax import checkpoint
+  data, labels = kronjax.data.planted(key, 40, (4, 6), task="classification", num_classes=3)
+  dataset = kronjax.Dataset(data.subset(jnp.arange(32)), labels[:32],
+                            eval_data=data.subset(jnp.arange(32, 40)), eval_labels=labels[32:])
+  config = kronjax.Config(width=61, threshold=0.6, loss="softmax", num_classes=3,
+                          active_capacity=32)
+  tx = optax.sgd(0.3, momentum=0.9)
+  state = kronjax.init(key, config, dataset, tx)
+  fit = dict(batch_size=8, progress=False)
+  ref6, _ = kronjax.fit(state, dataset, key, steps=6, **fit)
+  ref9, h9 = kronjax.fit(state, dataset, key, steps=9, **fit)
+  mesh = lambda d: sharding.neuron_mesh(jax.devices()[:d])
+  on4, _ = kronjax.fit(state, dataset, key, steps=6, mesh=mesh(4), checkpoint_dir=tmp / "d4", **fit)
+  on4 = sharding.unshard_state(on4)
+  res = {"err4": max(rel(getattr(on4, f), getattr(ref6, f)) for f in ("P", "A", "a", "P_eval"))}
+  on3, meta = checkpoint.load(tmp / "d4", like=sharding.shard_state(state, mesh(3)))
+  res["rows3"] = int(on3.P.shape[0])
+  res["pad3_minus_inf"] = bool(np.all(np.asarray(on3.P)[61:] == -np.inf))
+  res["exact3"] = all(bool(np.array_equal(np.asarray(getattr(sharding.unshard_state(on3), f)),
+                                          np.asarray(getattr(on4, f))))
+                      for f in ("P", "A", "a", "P_eval"))
+  res["index_shards3"] = int(on3.index.rebuilds.shape[0])
+  on3, h3 = kronjax.fit(on3, dataset, key, steps=3, mesh=mesh(3), checkpoint_dir=tmp / "d3", **fit)
+  res["train3_err"] = max(rel(getattr(sharding.unshard_state(on3), f), getattr(ref9, f))
+                          for f in ("P", "A", "a", "P_eval"))
+  on8, _ = checkpoint.load(tmp / "d3", like=sharding.shard_state(state, mesh(8)))
+  res["rows8"] = int(on8.P.shape[0])
+  res["pad8"] = [bool(np.all(np.asarray(on8.P)[61:] == -np.inf)),
+                 bool(np.all(np.asarray(on8.A)[61:] == 0)),
+                 bool(np.all(np.asarray(on8.P_eval)[61:] == -np.inf))]
+  one, meta1 = checkpoint.load(tmp / "d3", like=state)
+  res["one_rows"] = int(one.P.shape[0])
+  res["one_equals_8"] = all(bool(np.array_equal(np.asarray(getattr(one, f)),
+                                                np.asarray(getattr(sharding.unshard_state(on8), f))))
+                            for f in ("P", "A", "a", "P_eval"))
+  res["one_err"] = max(rel(getattr(one, f), getattr(ref9, f)) for f in ("P", "A", "a", "P_eval"))
+  res["history_steps"] = [int(s) for s in meta1["history"]["step"]]
+  more, _ = kronjax.fit(on8, dataset, key, steps=3, mesh=mesh(8), **fit)
+  ref12, _ = kronjax.fit(state, dataset, key, steps=12, **fit)
+  res["train8_err"] = rel(sharding.unshard_state(more).P, ref12.P)
+  out["across"] = res
+
+import tempfile
+with tempfile.TemporaryDirectory() as tmp:
+  checkpoints_across_device_counts(pathlib.Path(tmp))
 
 docs = pathlib.Path(sys.argv[1]).read_text()
 (block,) = [b for b in re.findall(r"```python\n(.*?)```", docs, flags=re.S) if "mesh=mesh" in b]
@@ -150,13 +202,31 @@ def test_sharded_training_equals_single_device(multi_device, case):
     assert res["replays"] >= 1
 
 
-def test_sharded_step_moves_only_the_outputs(multi_device):
-  res = multi_device["sgd8"]
+@pytest.mark.parametrize("case", ["sgd8", "momentum4", "points8"])
+def test_sharded_step_moves_only_the_outputs(multi_device, case):
+  """The compiled step's collectives, byte for byte what estimated_bytes says for its
+  update path (sparse: sgd8; full: momentum4 (update="auto" picks it), points8)."""
+  res = multi_device[case]
+  assert res["update"] == ("sparse" if case == "sgd8" else "full")
   ops = res["collectives"]
   assert {op["op"] for op in ops} == {"all-reduce"}, ops       # no all-gather / permute of P
   assert sum(op["bytes"] for op in ops) == res["estimate"]["total"], (ops, res["estimate"])
-  assert max(op["bytes"] for op in ops) == res["estimate"]["outputs"] < res["P_bytes"] / 50
-  assert res["dataset_replicated"]                             # data, labels, Gram on every device
+  assert max(op["bytes"] for op in ops) < res["P_bytes"] / 50
+  if case == "sgd8":
+    assert max(op["bytes"] for op in ops) == res["estimate"]["outputs"]
+    assert res["dataset_replicated"]                           # data, labels, Gram on every device
+
+
+def test_checkpoints_move_across_device_counts(multi_device):
+  res = multi_device["across"]
+  assert res["err4"] < 1e-10
+  assert res["rows3"] == 63 and res["pad3_minus_inf"] and res["exact3"]   # 4 -> 3 devices
+  assert res["index_shards3"] == 3                            # index rebuilt per new shard
+  assert res["train3_err"] < 1e-10
+  assert res["rows8"] == 64 and all(res["pad8"])              # 3 -> 8: the new pad never fires
+  assert res["one_rows"] == 61 and res["one_equals_8"] and res["one_err"] < 1e-10   # 3 -> 1
+  assert res["history_steps"] == [7, 8, 9]                    # the metadata went along
+  assert res["train8_err"] < 1e-10
 
 
 def test_docs_sharding_example_runs_on_eight_devices(multi_device):
@@ -256,6 +326,29 @@ def test_collectives_parser():
   assert [o["op"] for o in ops] == ["all-reduce", "all-reduce", "all-gather"]
   assert [o["bytes"] for o in ops] == [1280, 132, 16384]
   assert sharding.estimated_bytes(32, 10) == {"outputs": 1280, "counts": 128, "scalars": 12, "total": 1420}
+  # The full path reduces float counts and only the rebuild counter besides the outputs.
+  assert sharding.estimated_bytes(8, 1, update="full") == {"outputs": 32, "counts": 32, "scalars": 4,
+                                                            "total": 68}
+  assert sharding.estimated_bytes(8, 3, float_bytes=8, update="full")["total"] == 8 * 3 * 8 + 8 * 8 + 4
+  assert sharding.estimated_bytes(8, 1, float_bytes=2, update="full")["counts"] == 32
+  with pytest.raises(ValueError, match="update must be 'sparse' or 'full'"):
+    sharding.estimated_bytes(8, 1, update="auto")
+
+
+def test_checkpoint_of_a_sharded_state_is_written_as_sharded(tmp_path):
+  """The sharded runner saves the state as laid out (nothing unsharded or gathered): a
+  checkpoint restored onto the same mesh is the trained state, index included."""
+  state, dataset = _small_problem()
+  mesh = sharding.neuron_mesh(jax.devices()[:1])
+  out, _ = kronjax.fit(state, dataset, jax.random.PRNGKey(0), batch_size=4, steps=4, progress=False,
+                       mesh=mesh, checkpoint_dir=tmp_path)
+  manifest = json.loads((kronjax.checkpoint.checkpoint_path(tmp_path, 4) / "manifest" /
+                         "manifest.json").read_text())
+  assert manifest["index_layout"] == "shards" and manifest["devices"] == 1
+  restored, _ = kronjax.checkpoint.load(tmp_path, like=sharding.shard_state(state, mesh))
+  assert restored.index.rebuilds.shape == (1,)
+  for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(out)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_checkpoint_written_under_a_mesh_restores_into_a_fresh_state(tmp_path):

@@ -211,10 +211,12 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
   # Members behind the others stopped in an earlier run (on_*="stop"): they stay frozen.
   target = int(np.max(np.asarray(state.step))) + steps
   log = _History(S)
+  state, dataset = runner.prepare(state, dataset)
   if checkpoint_dir is not None:
     from kronjax._src import checkpoint  # pylint: disable=g-import-not-at-top
     checkpoint_dir = pathlib.Path(checkpoint_dir)
     if resume and checkpoint.latest_step(checkpoint_dir) is not None:
+      # Straight into the runner's layout (sharded: each process reads its own shards).
       state, meta = checkpoint.load(checkpoint_dir, like=state)
       _check_resumable(meta, key, batch_size, checkpoint_dir)
       log = _History.restore(S, meta.get("history", {}))
@@ -224,7 +226,8 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
                      f"{target} steps asked for.")
   steps = target - start
   batches = batch_schedule(key, n, batch_size, steps, start=start) if steps else None
-  state, dataset = runner.prepare(state, dataset)
+  # Saves are asynchronous; the manager is closed (every save committed) before train returns.
+  writer = None if checkpoint_dir is None else checkpoint.Manager(checkpoint_dir, keep=keep)
   member_steps = np.atleast_1d(np.asarray(state.step))
   live = member_steps == start
   stopped: list[str | None] = [None if ok else f"stopped earlier, at step {s}"
@@ -297,9 +300,8 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
         log.add_eval(global_step + 1, jax.device_get(runner.evaluate(state, dataset)), live)
       if checkpoint_dir is not None and (t + 1 == steps or (
           checkpoint_every and (global_step + 1) % checkpoint_every == 0)):
-        checkpoint.save(checkpoint_dir, runner.saveable(state),
-                        {"fit_key": key, "batch_size": batch_size, "history": log.encode()},
-                        keep=keep)
+        writer.save(runner.saveable(state),
+                    {"fit_key": key, "batch_size": batch_size, "history": log.encode()})
       bar.update(1)
       if (t + 1) % 10 == 0 or t + 1 == steps:
         loss = np.nanmin(np.where(live, metrics["loss"], np.nan)) if live.any() else np.nan
@@ -308,6 +310,8 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
                         steps_s=f"{rate:.1f}", refresh=False)
   finally:
     bar.close()
+    if writer is not None:
+      writer.close()
   seconds = time.perf_counter() - t_start
   out = log.result(squeeze=runner.members is None)
   out["stopped"] = stopped if runner.members is not None else stopped[0]
@@ -450,12 +454,15 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
       (``kronjax.sharding``); the returned state is sharded.
     checkpoint_dir / checkpoint_every / keep: save the state every this many
       global steps and at the end, keeping the newest ``keep`` checkpoints
-      (``kronjax.checkpoint``); the history so far rides along.
+      (``kronjax.checkpoint``); the history so far rides along. Saves run in
+      the background while training goes on (``fit`` returns once the last one
+      is committed); under a mesh every process writes its own shards.
     resume: continue from the newest checkpoint in ``checkpoint_dir`` if there
       is one (it must come from a run with this key and batch size, and
       ``state`` serves as its template): the run ends at the step it would
       have reached uninterrupted, ``state.step + steps``, bit for bit, and the
-      history covers every step.
+      history covers every step. A checkpoint written on another number of
+      devices or processes is restored onto this run's layout.
     resync_every: recompute ``P`` exactly from ``A`` (``kronjax.resync``) every
       this many global steps; 0 (default) never. Worth it only for long float32
       runs (``kronjax.resync`` says what it costs and when it helps).

@@ -26,9 +26,47 @@ outputs, and the only communication is one all-reduce of those outputs plus a
 few ``(B,)``/scalar reductions (active counts, overflow, max count, rebuilds).
 No ``P``-sized array ever moves (see ``collectives`` and the multi-process page of the docs).
 
-Multi-host: call ``jax.distributed.initialize()`` on every host first; a mesh
-over ``jax.devices()`` then spans all hosts and the same code runs unchanged
-(each host feeds the same batch indices; the data is replicated per host).
+Memory per device (``r = m_pad / D`` rows, ``f`` bytes per float, ``k`` moments
+per trainable in the optimizer state: 0 for plain sgd, 1 for momentum, 2 for adam):
+
+  * sharded: ``P`` ``r n f``, ``A`` ``r n f``, ``a`` ``r C f``, ``P_eval``
+    ``r n_e f``, and ``k`` times that again for the optimizer moments; the
+    bucketed index adds its ``(n, C_cap)`` int32 candidate lists per device;
+  * replicated: the dataset: factors ``n R sum_q d_q f`` (plus the eval points),
+    labels, and with ``gram="precomputed"`` the Gram ``n^2 f`` (plus the cross
+    Gram ``n n_e f``). A dataset whose Gram does not fit one host uses
+    ``kronjax.Dataset(..., gram="factors")``: nothing ``n x n`` is stored and
+    each step computes its ``(B, n)`` Gram rows from the factors;
+  * step temporaries: the full update path with a stateful optimizer forms the
+    full-shape gradients of ``P`` and ``A`` (``2 r n f``, plus ``r n_e f``); the
+    sparse path with plain sgd only ``O(T B n)`` (``T`` touched rows).
+
+Measured (``experiments/bench_checkpoint.py``, results in
+``experiments/results/checkpoint.json``): m = 16384, n = 4096, float32, momentum,
+full path, 2 processes of one CPU device each (r = 8192): the formula gives
+512 MiB of state (``P``, ``A``: 128 MiB each; traces: 256 MiB) plus the 64 MiB
+Gram per device; the compiled step's arguments are 576 MiB (the formula's
+state + Gram + factors, within 0.1%), its temporaries 260 MiB (``2 r n f`` =
+256 MiB, plus 4 MiB), its outputs alias the donated state; the measured peak
+resident memory of a process over training steps is 260 to 306 MiB above
+its resident memory before them (the state is resident already: that is the
+temporaries). One process (r = 16384): 1 GiB of state,
+temporaries 519 MiB, measured peak over training 547 MiB. Not yet sharded:
+``kronjax.init`` builds the whole state on every process before
+``shard_state`` keeps its rows, so the start needs the unsharded state once
+per process; restoring a checkpoint needs about twice a device's state for a
+moment (the restored arrays and the read buffers).
+
+Multi-process / multi-host: call ``jax.distributed.initialize()`` in every
+process first (CPU devices need ``jax_cpu_collectives_implementation="gloo"``);
+a mesh over ``jax.devices()`` then spans all processes and the same code runs
+unchanged. Every process builds the same dataset and passes the same key, so
+all derive the same batch indices (``kronjax.batch_schedule``); each holds and
+updates only its rows. ``kronjax.checkpoint`` saves and restores shard by shard
+(each process its own; nothing gathered), onto any device count;
+``unshard_state`` gathers the network into every process's memory.
+``experiments/multiprocess_fit.py`` is the recipe (tests/test_multiprocess.py
+runs it as two local processes).
 """
 
 from __future__ import annotations
@@ -40,6 +78,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -133,7 +172,7 @@ def state_specs(state: TrainState, axis_name: str = AXIS) -> TrainState:
   neuron axis; the index leaves along their leading device axis; the rest is
   replicated.
   """
-  rows = state.P.shape[0]
+  rows = state.A_T.shape[-1]   # (A_T is (n, m) in every layout; also for shape-only trees)
   specs = jax.tree.map(lambda _: P(), state)
   changes = {f: _spec(ax, axis_name) for f, (ax, _) in _row_fields(state).items()
              if getattr(state, f) is not None}
@@ -160,7 +199,8 @@ def shard_state(state: TrainState, mesh: Mesh, axis_name: str | None = None) -> 
   Accepts an unsharded state or one already sharded (for any device count):
   the neuron axis is re-padded to a multiple of the device count and the index
   is rebuilt per shard from the shard's rows (a rebuild never changes a query's
-  answer; the rebuild counter is carried over).
+  answer; the rebuild counter is carried over). With several processes every
+  process calls it with the same (unsharded) state and keeps its own shards.
   """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
@@ -170,41 +210,124 @@ def shard_state(state: TrainState, mesh: Mesh, axis_name: str | None = None) -> 
     raise ValueError(f"state.P must be (m, n); got shape {state.P.shape}. A stacked sweep state "
                      "cannot be neuron-sharded; shard its members one by one.")
   rebuilds = _rebuilds(state.index)
-  state = _resize_rows(state, padded_width(state.config.width, devices))
-  index = threshold_index(state.config, state.index_kind)
-
-  def build(P_local, b):
-    return jax.tree.map(lambda x: x[None], index.build(P_local, b))
-
-  state = state.replace(index=None)
+  state = _resize_rows(state.replace(index=None), padded_width(state.config.width, devices))
   specs = state_specs(state, axis)
-  # The step donates the sharded state, and device_put may reuse the caller's buffer
-  # for shard 0 of a replicated leaf (even with may_alias=False): copy first.
-  state = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), NamedSharding(mesh, s)),
-                       state, specs)
-  built = jax.jit(jax.shard_map(build, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis),
+  state = jax.tree.map(lambda x, s: _put(x, NamedSharding(mesh, s)), state, specs)
+  return build_shard_indices(state, mesh, axis, rebuilds)
+
+
+def build_shard_indices(state: TrainState, mesh: Mesh, axis: str, rebuilds: Any) -> TrainState:
+  """``state`` (sharded, any index) with one threshold index per shard built from
+  the shard's rows, its rebuild counter set to ``rebuilds``."""
+  index = threshold_index(state.config, state.index_kind)
+  count = jnp.asarray(rebuilds, jnp.int32)
+
+  def build(P_local, b, count):
+    return jax.tree.map(lambda x: x[None], _keep_rebuilds(index.build(P_local, b), count))
+
+  built = jax.jit(jax.shard_map(build, mesh=mesh, in_specs=(P(axis), P(), P()), out_specs=P(axis),
                                 check_vma=False))(
-      state.P, state.b)
-  return state.replace(index=_keep_rebuilds(built, rebuilds))
+      state.P, state.b, _put(count, NamedSharding(mesh, P())))
+  return state.replace(index=built)
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A fresh copy of ``x`` laid out as ``sharding``. The step donates the sharded
+  state, and device_put may reuse the caller's buffer for shard 0 of a replicated
+  leaf (even with may_alias=False): copy first. A mesh spanning processes gets its
+  shards from each process's (identical) host copy of ``x``."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(jnp.array(x, copy=True), sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.jit(lambda y: jnp.array(y, copy=True), out_shardings=sharding)(x)
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def mesh_axis(state: TrainState) -> tuple[Mesh, str] | None:
+  """``(mesh, axis name)`` of a state laid out by ``shard_state``, or None when
+  ``state`` is an ordinary (unsharded) state."""
+  sharding = getattr(state.projections, "sharding", None)
+  if isinstance(sharding, NamedSharding):
+    for entry in tuple(sharding.spec):
+      if isinstance(entry, str):
+        return sharding.mesh, entry
+  return None
+
+
+def neuron_axes(state: TrainState) -> list[int | None]:
+  """The neuron axis of every leaf of ``state.replace(index=None)`` (flattening
+  order; None for a replicated leaf). A stacked sweep state has none."""
+  leaves = jax.tree.leaves(state.replace(index=None))
+  if state.A_T.ndim != 2:
+    return [None] * len(leaves)
+  specs = jax.tree.leaves(state_specs(state).replace(index=None),
+                          is_leaf=lambda x: isinstance(x, P))
+  assert len(specs) == len(leaves)
+  return [next((i for i, e in enumerate(tuple(s)) if e is not None), None) for s in specs]
+
+
+def set_padding(state: TrainState) -> TrainState:
+  """The padded neurons (rows ``>= width``) of a sharded state set to never fire:
+  ``P = P_eval = -inf`` (``A``, ``a`` and optimizer moments are zero wherever a
+  restore padded them). Layout unchanged."""
+  width, rows = state.config.width, state.P.shape[0]
+  if rows == width:
+    return state
+  fields = {f: ax for f, (ax, _) in _row_fields(state).items()
+            if f in ("projections", "P_eval") and getattr(state, f) is not None}
+
+  def fill(**arrays):
+    out = {}
+    for f, x in arrays.items():
+      row = jax.lax.broadcasted_iota(jnp.int32, x.shape, fields[f])
+      out[f] = jnp.where(row < width, x, jnp.asarray(-jnp.inf, x.dtype))
+    return out
+
+  arrays = {f: getattr(state, f) for f in fields}
+  filled = jax.jit(fill, out_shardings={f: x.sharding for f, x in arrays.items()})(**arrays)
+  return state.replace(**filled)
 
 
 def unshard_state(state: TrainState, device: Any = None) -> TrainState:
   """An ordinary single-device state from a sharded one: padding stripped, one global index.
 
   ``kronjax.predict`` / ``dense_params`` / ``kronjax.init``-shaped code expect this.
-  A state that is not sharded is returned with its arrays moved to ``device``.
+  A state that is not sharded is returned with its arrays moved to ``device``
+  (default: this process's first device). With several processes every process
+  must call it: each gets the whole state in its own memory (the shards are
+  gathered over the processes, ``multihost_utils.process_allgather``).
   """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
-  device = jax.devices()[0] if device is None else device
+  device = jax.local_devices()[0] if device is None else device
   rebuilds = _rebuilds(state.index)
-  sharded = state.P.shape[0] != state.config.width or not _is_global_index(state)
-  state = jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), device), state)
+  sharded = (mesh_axis(state) is not None or state.P.shape[0] != state.config.width
+             or not _is_global_index(state))
+  if sharded:
+    rebuilds = _local(rebuilds)
+    state = state.replace(index=None)
+  state = jax.tree.map(lambda x: jax.device_put(jnp.array(_local(x), copy=True), device), state)
   if not sharded:
     return state
   state = _resize_rows(state, state.config.width)
   index = threshold_index(state.config, state.index_kind).build(state.P, state.b)
-  return state.replace(index=_keep_rebuilds(index, rebuilds))
+  return state.replace(index=_keep_rebuilds(index, jax.device_put(rebuilds, device)))
+
+
+def _local(x: Any) -> Any:
+  """``x``'s whole value on this process: itself when this process holds all of it,
+  else its local replica, else gathered from every process (a collective)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return x
+  if x.is_fully_replicated:
+    return x.addressable_data(0)
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_local(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _is_global_index(state: TrainState) -> bool:
@@ -271,25 +394,44 @@ def sharded_runner(mesh: Mesh, axis_name: str | None = None) -> loop.Runner:
   def regrow(state, **changes):
     return shard_state(with_config(state, **changes), mesh, axis_name)
 
-  # Checkpoints hold the unsharded state (no padding, one index), so
-  # kronjax.checkpoint.load(like=init(...)) restores it whatever mesh wrote it.
-  def resync(state, dataset):
-    return shard_state(loop.resync_jit(unshard_state(state), dataset), mesh, axis_name)
+  # Checkpoints are written shard by shard, each process its own (saveable is the
+  # identity: nothing is gathered), and kronjax.checkpoint.load restores them onto
+  # any layout: this mesh, another device count, or an unsharded state.
+  def resync(state, dataset):   # on one device (each process): P = P0 + A K needs all of K
+    local = jax.tree.map(_local, dataset)
+    return shard_state(loop.resync_jit(unshard_state(state), local), mesh, axis_name)
 
   return loop.Runner(members=None, prepare=prepare, step=run_step, evaluate=loop.evaluate_jit,
-                     with_config=regrow, saveable=unshard_state, resync=resync,
+                     with_config=regrow, saveable=lambda s: s, resync=resync,
                      name="kronjax.fit")
 
 
 # ----------------------------------------------------------------------------- communication
 
-def estimated_bytes(batch: int, classes: int, *, float_bytes: int = 4) -> dict[str, int]:
+def estimated_bytes(batch: int, classes: int, *, float_bytes: int = 4,
+                    update: str = "sparse") -> dict[str, int]:
   """The paper estimate of one step's all-reduce payload per device (the docs' multi-process page).
 
-  ``outputs``: the ``(B, C)`` partial outputs; ``counts``: the ``(B,)`` int32
-  active counts; ``scalars``: overflow flag, max count, index rebuilds (int32).
-  Independent of ``m``, ``n`` and ``d``.
+  ``update`` is the step's update path (``config.resolved_update(batch)``):
+
+  * ``"sparse"``: ``outputs``, the ``(B, C)`` partial outputs (``float_bytes``
+    each); ``counts``, the ``(B,)`` int32 active counts; ``scalars``, overflow
+    flag, max count and index rebuilds (int32);
+  * ``"full"``: ``outputs`` as above; ``counts``, the ``(B,)`` active counts in
+    floats of at least 4 bytes (they come from the dense ``(B, m)`` slice, and
+    the max count is taken after the reduction); ``scalars``: index rebuilds.
+
+  Independent of ``m``, ``n`` and ``d``, of the optimizer and of the layout.
+  Matches the compiled step's collectives byte for byte
+  (``kronjax.experiments.hlo.step_collectives``; tests/test_sharding.py).
   """
-  out = {"outputs": batch * classes * float_bytes, "counts": 4 * batch, "scalars": 3 * 4}
+  if update not in ("sparse", "full"):
+    raise ValueError(f"update must be 'sparse' or 'full' (config.resolved_update(batch)), "
+                     f"got {update!r}.")
+  if update == "sparse":
+    out = {"outputs": batch * classes * float_bytes, "counts": 4 * batch, "scalars": 3 * 4}
+  else:
+    out = {"outputs": batch * classes * float_bytes, "counts": max(float_bytes, 4) * batch,
+           "scalars": 4}
   out["total"] = sum(out.values())
   return out
