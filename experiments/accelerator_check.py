@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import pathlib
 import subprocess
 import sys

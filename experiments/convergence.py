@@ -87,7 +87,7 @@ def _run(p: Params, out_dir: pathlib.Path, *, progress: bool) -> dict:
   dense, seconds["dense_fit_s"] = _dense_run(p, k_init, k_fit, dataset, tx, steps, progress)
   runs["dense"] = dense
 
-  exp, den, imp = runs["explicit"], runs["dense"], runs["implicit"]
+  exp, den = runs["explicit"], runs["dense"]
   diff = {k: float(np.max(np.abs(exp[k] - den[k]))) for k in ("batch_loss", "train_loss", "eval_loss")}
   metrics = {
       "steps": steps, "d": math.prod(p.dims), "width": p.width, "dtype": p.dtype,

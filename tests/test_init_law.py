@@ -11,7 +11,11 @@ import json
 import math
 import pathlib
 
+import pytest
+
 from kronjax.experiments import runner as experiment
+
+pytestmark = pytest.mark.slow  # left out of make test-fast
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "init_law.toml"

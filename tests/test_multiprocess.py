@@ -25,7 +25,6 @@ happen once.
 import importlib.util
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,6 @@ import pytest
 
 import kronjax
 from kronjax import checkpoint
-from kronjax import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "experiments" / "multiprocess_fit.py"
@@ -42,7 +40,8 @@ _spec = importlib.util.spec_from_file_location("multiprocess_fit", RECIPE)
 recipe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recipe)
 
-pytestmark = pytest.mark.usefixtures("x64_module")
+pytestmark = [pytest.mark.usefixtures("x64_module"),
+              pytest.mark.slow]  # left out of make test-fast
 
 # width 61 on 2 devices: padded to 62 with a never-firing neuron.
 COMMON = ["--x64", "--width", "61", "--n", "48", "--eval", "8", "--steps", "12", "--eval-every",

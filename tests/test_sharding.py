@@ -7,7 +7,6 @@ must be set before jax initializes its backend, and this pytest process has alre
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -21,6 +20,8 @@ import kronjax
 from kronjax import sharding
 from kronjax.experiments import hlo
 from reference import rel_err
+
+pytestmark = pytest.mark.slow  # left out of make test-fast
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -316,8 +316,8 @@ def _describe(state: TrainState, metadata: dict) -> tuple[dict, dict, dict]:
     name = f"index_{i:04d}"
     index_arrays[name], entry = _storable(leaf)
     index_leaves.append({"path": jax.tree_util.keystr(path), "name": name, **entry})
-  step = int(np.max(np.asarray(sharding._local(state.step))))  # pylint: disable=protected-access
-  rebuilds = int(np.asarray(sharding._local(sharding._rebuilds(state.index))))  # pylint: disable=protected-access
+  step = int(np.max(np.asarray(sharding.local_part(state.step))))
+  rebuilds = int(np.asarray(sharding.local_part(sharding.index_rebuilds(state.index))))
   meta_arrays: dict[str, Any] = {}
   encoded = _encode(metadata, meta_arrays, "metadata")
   manifest = {
@@ -598,7 +598,7 @@ def _read(path: pathlib.Path, like: TrainState):
     else:
       index = target.index
   state = state.replace(index=index)
-  local_step = int(np.max(np.asarray(sharding._local(state.step))))  # pylint: disable=protected-access
+  local_step = int(np.max(np.asarray(sharding.local_part(state.step))))
   if local_step != manifest["step"] or path.name != checkpoint_path(path.parent, local_step).name:
     raise ValueError(f"its directory name and manifest say step {manifest['step']}, its state "
                      f"says step {local_step}")
@@ -616,7 +616,7 @@ def _finish(state: TrainState, plan: dict) -> TrainState:
       state = sharding.build_shard_indices(state, layout[0], layout[1], plan["rebuilds"])
   elif plan["rebuild"]:
     index = threshold_index(state.config, state.index_kind).build(state.P, state.b)
-    state = state.replace(index=sharding._keep_rebuilds(  # pylint: disable=protected-access
+    state = state.replace(index=sharding.with_index_rebuilds(
         index, jnp.asarray(plan["rebuilds"], jnp.int32)))
   return state
 
@@ -666,7 +666,7 @@ def _target(like: TrainState, manifest: dict, path: pathlib.Path):
   width = like.config.width
   base = like.replace(index=None)
   if layout is not None:
-    base = jax.eval_shape(lambda s: sharding._resize_rows(s, width), base)  # pylint: disable=protected-access
+    base = jax.eval_shape(lambda s: sharding.resize_rows(s, width), base)
   if base.A_T.ndim == 3:   # a stacked sweep state
     target = jax.eval_shape(jax.vmap(lambda s: with_config(s, **changes)), base)
   else:
@@ -677,5 +677,5 @@ def _target(like: TrainState, manifest: dict, path: pathlib.Path):
   if layout is not None:
     mesh, axis = layout
     rows = sharding.padded_width(width, mesh.shape[axis])
-    target = jax.eval_shape(lambda s: sharding._resize_rows(s, rows), target)  # pylint: disable=protected-access
+    target = jax.eval_shape(lambda s: sharding.resize_rows(s, rows), target)
   return target, layout

@@ -25,7 +25,6 @@ Policies:
 
 from __future__ import annotations
 
-import math
 import pathlib
 import time
 from typing import Any, Callable, NamedTuple
@@ -39,7 +38,7 @@ from kronjax._src import index as index_lib
 from kronjax._src.dataset import Dataset
 from kronjax._src.inference import evaluate
 from kronjax._src.state import TrainState, check_key, resync, with_config
-from kronjax._src.step import check_batch, step, train_step
+from kronjax._src.step import check_batch, step
 
 ON_OVERFLOW = ("replay", "raise", "stop")
 ON_NONFINITE = ("raise", "stop")

@@ -123,7 +123,7 @@ def padded_width(width: int, devices: int) -> int:
   return devices * math.ceil(width / devices)
 
 
-def _resize_rows(state: TrainState, rows: int) -> TrainState:
+def resize_rows(state: TrainState, rows: int) -> TrainState:
   """Pads (never-firing neurons) or truncates the neuron axis to ``rows``."""
   old = state.P.shape[0]
   if old == rows:
@@ -182,12 +182,12 @@ def state_specs(state: TrainState, axis_name: str = AXIS) -> TrainState:
   return specs.replace(**changes)
 
 
-def _rebuilds(index: Any) -> jax.Array:
+def index_rebuilds(index: Any) -> jax.Array:
   r = getattr(index, "rebuilds", None)
   return jnp.zeros((), jnp.int32) if r is None else jnp.max(jnp.asarray(r))
 
 
-def _keep_rebuilds(index: Any, count: jax.Array) -> Any:
+def with_index_rebuilds(index: Any, count: jax.Array) -> Any:
   if hasattr(index, "rebuilds") and hasattr(index, "_replace"):
     return index._replace(rebuilds=jnp.broadcast_to(count, jnp.shape(index.rebuilds)).astype(jnp.int32))
   return index
@@ -209,8 +209,8 @@ def shard_state(state: TrainState, mesh: Mesh, axis_name: str | None = None) -> 
   if state.P.ndim != 2:
     raise ValueError(f"state.P must be (m, n); got shape {state.P.shape}. A stacked sweep state "
                      "cannot be neuron-sharded; shard its members one by one.")
-  rebuilds = _rebuilds(state.index)
-  state = _resize_rows(state.replace(index=None), padded_width(state.config.width, devices))
+  rebuilds = index_rebuilds(state.index)
+  state = resize_rows(state.replace(index=None), padded_width(state.config.width, devices))
   specs = state_specs(state, axis)
   state = jax.tree.map(lambda x, s: _put(x, NamedSharding(mesh, s)), state, specs)
   return build_shard_indices(state, mesh, axis, rebuilds)
@@ -223,7 +223,7 @@ def build_shard_indices(state: TrainState, mesh: Mesh, axis: str, rebuilds: Any)
   count = jnp.asarray(rebuilds, jnp.int32)
 
   def build(P_local, b, count):
-    return jax.tree.map(lambda x: x[None], _keep_rebuilds(index.build(P_local, b), count))
+    return jax.tree.map(lambda x: x[None], with_index_rebuilds(index.build(P_local, b), count))
 
   built = jax.jit(jax.shard_map(build, mesh=mesh, in_specs=(P(axis), P(), P()), out_specs=P(axis),
                                 check_vma=False))(
@@ -304,21 +304,21 @@ def unshard_state(state: TrainState, device: Any = None) -> TrainState:
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   device = jax.local_devices()[0] if device is None else device
-  rebuilds = _rebuilds(state.index)
+  rebuilds = index_rebuilds(state.index)
   sharded = (mesh_axis(state) is not None or state.P.shape[0] != state.config.width
              or not _is_global_index(state))
   if sharded:
-    rebuilds = _local(rebuilds)
+    rebuilds = local_part(rebuilds)
     state = state.replace(index=None)
-  state = jax.tree.map(lambda x: jax.device_put(jnp.array(_local(x), copy=True), device), state)
+  state = jax.tree.map(lambda x: jax.device_put(jnp.array(local_part(x), copy=True), device), state)
   if not sharded:
     return state
-  state = _resize_rows(state, state.config.width)
+  state = resize_rows(state, state.config.width)
   index = threshold_index(state.config, state.index_kind).build(state.P, state.b)
-  return state.replace(index=_keep_rebuilds(index, jax.device_put(rebuilds, device)))
+  return state.replace(index=with_index_rebuilds(index, jax.device_put(rebuilds, device)))
 
 
-def _local(x: Any) -> Any:
+def local_part(x: Any) -> Any:
   """``x``'s whole value on this process: itself when this process holds all of it,
   else its local replica, else gathered from every process (a collective)."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
@@ -326,7 +326,7 @@ def _local(x: Any) -> Any:
   if x.is_fully_replicated:
     return x.addressable_data(0)
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return jax.random.wrap_key_data(_local(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.random.wrap_key_data(local_part(jax.random.key_data(x)), impl=jax.random.key_impl(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -398,7 +398,7 @@ def sharded_runner(mesh: Mesh, axis_name: str | None = None) -> loop.Runner:
   # identity: nothing is gathered), and kronjax.checkpoint.load restores them onto
   # any layout: this mesh, another device count, or an unsharded state.
   def resync(state, dataset):   # on one device (each process): P = P0 + A K needs all of K
-    local = jax.tree.map(_local, dataset)
+    local = jax.tree.map(local_part, dataset)
     return shard_state(loop.resync_jit(unshard_state(state), local), mesh, axis_name)
 
   return loop.Runner(members=None, prepare=prepare, step=run_step, evaluate=loop.evaluate_jit,
