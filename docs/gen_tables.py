@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-PAGES = ("README.md", "docs/index.md", "docs/performance.md", "docs/results.md")
+PAGES = ("README.md", "docs/index.md", "docs/performance.md", "docs/results.md", "docs/inference.md")
 FIGURE = ROOT / "docs" / "assets" / "step_time_vs_d.png"
 NOT_RECORDED = "*not recorded*"
 
@@ -323,6 +323,29 @@ def auto() -> str:
                        provenance("auto.json", data)])
 
 
+def init_scaling() -> str:
+  data = load("init_scaling.json")
+  a, b, s = data["a"], data["b"], data["settings"]
+  gib = 2.0**30
+  rows = [
+      [f"d = 2^30 ({' x '.join(map(str, s['a']['dims']))}), m = {s['a']['m']}, n = {s['a']['n']}",
+       f"kronecker (R = {a['init']['init_rank']})", "init", num(a["init"]["median_s"], 3),
+       num(a["init"]["peak_rss_bytes"] / gib, 3)],
+      ["", f"kronecker (R = {a['predict']['init_rank']})", f"predict {s['a']['n_new']} new points",
+       num(a["predict"]["median_s"], 3), num(a["predict"]["peak_rss_bytes"] / gib, 3)],
+      [f"d = 2^20 ({' x '.join(map(str, s['b']['dims']))}), m = {s['b']['m']}, n = {s['b']['n']}",
+       f"kronecker (R = {b['kronecker']['init_rank']})", "init", num(b["kronecker"]["median_s"], 3),
+       num(b["kronecker"]["peak_rss_bytes"] / gib, 3)],
+      ["", "implicit", "init", num(b["implicit"]["median_s"], 3),
+       num(b["implicit"]["peak_rss_bytes"] / gib, 3)],
+      ["", "explicit", "init (not run: estimated)", f"~{num(b['explicit']['estimated_s'], 2)}", "-"],
+  ]
+  head = (f"Seconds (median after compilation) and peak resident memory, float32, Gram "
+          f"{s['a_gram']} / {s['b_gram']}:")
+  return "\n\n".join([head, table(["problem", "init", "what", "seconds", "peak GiB"], rows),
+                       provenance("init_scaling.json", data)])
+
+
 def runner_result(relative: str, *, keys: Sequence[str] | None = None, plot: bool = True) -> str:
   data = load(relative)
   parts = [params_line(data, keys), dict_table(data["table"])]
@@ -367,6 +390,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "sharding": sharding,
     "drift": drift,
     "auto": auto,
+    "init-scaling": init_scaling,
+    "init-law": lambda: runner_result("init_law/results.json"),
     "quickstart": lambda: runner_result("quickstart/results.json"),
     "scaling-d": lambda: runner_result("scaling_d/results.json"),
     "convergence": lambda: runner_result("convergence/results.json"),
