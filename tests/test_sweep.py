@@ -97,7 +97,8 @@ def _equivalence_config(optimizer, kind, **changes):
                         index=kind, update="sparse" if optimizer == "sgd" else "full", **changes)
 
 
-@pytest.mark.parametrize("kind", INDEX_KINDS)
+@pytest.mark.parametrize("kind", [k if k == "scan" else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in INDEX_KINDS])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
 def test_sweep_equals_separate_runs(x64, optimizer, kind):
   dataset = _task()
@@ -264,6 +265,7 @@ def _reference(states, dataset, i, big, members, key, steps=STEPS):
   return _separate(start, dataset, members[i], key, steps)
 
 
+@pytest.mark.slow
 def test_overflowing_member_is_replayed_without_corrupting_others(x64):
   dataset, members, _, big = _overflow_setup()
   key = jax.random.PRNGKey(5)

@@ -109,6 +109,7 @@ def _check(kind, P, b, q, j_batch, K, C, state, P_at_rebuild, lo):
       np.testing.assert_array_equal(got, truth)             # ascending and the same set
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"m{s[0]}" for s in SHAPES])
 def test_every_query_equals_the_dense_truth(shape):
   m, n, K, C, delta, B, R = shape
@@ -229,6 +230,7 @@ def test_choose_kind_and_bad_kind():
     _index("tree", 8, 2, 4, 4, 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tx, update", [(optax.sgd(0.5), "sparse"),
                                         (optax.sgd(0.3, momentum=0.9), "full")])
 def test_training_bucketed_is_bit_for_bit_scan(tx, update):

@@ -422,8 +422,8 @@ def test_resync_recomputes_P_exactly_from_A(init):
 KRONECKER_CASES = [
     ("sgd", "mse", False, "sparse", (4, 6), 1, 1),
     ("momentum", "softmax", True, "full", (3, 4, 5), 2, 4),
-    ("nesterov", "mse", True, "sparse", (3, 4, 5), 1, 3),
-    ("sgd", "softmax", False, "full", (4, 6), 3, 8),
+    pytest.param("nesterov", "mse", True, "sparse", (3, 4, 5), 1, 3, marks=pytest.mark.slow),
+    pytest.param("sgd", "softmax", False, "full", (4, 6), 3, 8, marks=pytest.mark.slow),
 ]
 
 
