@@ -50,6 +50,9 @@ def default_active_capacity(width: int, threshold: float) -> int:
   return min(width, -(-cap // 8) * 8)
 
 
+MINIBATCH = 8
+"""The batch size ``layout="auto"`` plans for (see ``Config.resolved_layout``)."""
+
 DEFAULT_INIT_RANK = 4
 """Kronecker terms per neuron of ``init="kronecker"`` when ``init_rank`` is None."""
 
@@ -95,8 +98,9 @@ class Config:
       ``"neurons"`` (``(m, n)``: a neuron's row is contiguous, what the sparse
       path's row updates need), ``"points"`` (``(n, m)``: a batch's columns are
       contiguous rows, what the full path's forward reads; full path only) or
-      ``"auto"``: ``"points"`` when the update path is ``"full"`` (and the index
-      is not ``"bucketed"``), else ``"neurons"``.
+      ``"auto"``: ``"points"`` when the update path is ``"full"``, or is ``"auto"``
+      and a minibatch of ``MINIBATCH`` points would take the full path (and the
+      index is not ``"bucketed"``); else ``"neurons"``.
     init_chunk: neurons per chunk when drawing ``W0`` explicitly.
   """
 
@@ -194,10 +198,14 @@ class Config:
       costs about twice a full row per row on CPU, and the full path pays one
       ``(m, B) @ (B, n)`` product with no index query.
 
-    With ``"full"`` the layout ``"auto"`` resolves to ``"points"`` and the index
-    to ``"scan"`` (the full path queries no index); with ``"sparse"`` to
-    ``"neurons"`` and the index ``"auto"`` to ``"scan"`` (``kronjax``'s threshold
-    index module says why the bucketed index does not win the train step on CPU).
+    The layout is chosen when the state is built (``resolved_layout``): ``"auto"``
+    stores ``P`` point-major when a minibatch of ``MINIBATCH`` points would take
+    the full path (the full path's fastest layout; it then runs at every batch
+    size), else neuron-major, where each step picks by its own batch size. The
+    index ``"auto"`` is ``"scan"`` (``kronjax``'s threshold index module says why
+    the bucketed index does not win the train step on CPU). For batch 1 on a
+    network with ``3 * 8 * active_capacity > width``, pass ``layout="neurons"``
+    to keep the sparse path.
     """
     if self.resolved_layout == "points":
       return "full"
@@ -215,7 +223,15 @@ class Config:
     """``"neurons"`` or ``"points"``: the layout ``layout="auto"`` stands for."""
     if self.layout != "auto":
       return self.layout
-    return "points" if self.update == "full" and self.index != "bucketed" else "neurons"
+    if self.update == "sparse" or self.index == "bucketed":
+      return "neurons"
+    if self.update == "full":
+      return "points"
+    # update="auto": the layout is fixed when the state is built, before any batch size is
+    # known. Point-major P is what the full path reads fastest (1.4 vs 2.1 ms a step at
+    # m = 4096, n = 1024, B = 32, experiments/bench_step.py), but it rules out the sparse
+    # path; so "points" when a minibatch of MINIBATCH points would already take the full path.
+    return "points" if 3 * MINIBATCH * self.active_capacity > self.width else "neurons"
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "Config":
