@@ -240,9 +240,7 @@ def init() -> str:
         [f"explicit, d = {s['d_big']} (extrapolated linearly, not run)",
          num(s["explicit_extrapolated_s_at_d_big"], 4), ""],
     ]
-    load_avg = data.get("environment", {}).get("loadavg_at_start")
-    head = (f"`{name}`: n = {imp['n']}, m = {imp['m']}" +
-            (f"; load average at start {num(load_avg[0], 3)}" if load_avg else "") + ":")
+    head = f"`{name}`: n = {imp['n']}, m = {imp['m']}:"
     blocks += [head, table(["init", "median s", "memory"], rows),
                provenance(name, data, script="experiments/bench_init.py")]
   return "\n\n".join(blocks)
