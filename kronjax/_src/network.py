@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checkpoint, initializers, losses
+from kronjax._src import checkpoint, checks, initializers, losses
 from kronjax._src.config import Config
 from kronjax._src.dataset import Dataset
 from kronjax._src.kron import KronData
@@ -92,7 +92,6 @@ def check_new_data(name: str, train: KronData, data: Any) -> KronData:
   if data.dims != train.dims:
     raise ValueError(f"{name} has factor dims {data.dims} but the training data has {train.dims}; "
                      "new points must live in the same tensor space.")
-  from kronjax._src import checks  # pylint: disable=g-import-not-at-top
   for q, f in enumerate(data.factors):
     checks.check_finite(f"{name}.factors[{q}]", f)
   return data

@@ -154,28 +154,9 @@ def check_key(name: str, key: Any) -> jax.Array:
       "jax.random.key(seed) (or jax.random.PRNGKey(seed)).")
 
 
-def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTransformation, *,
-         threshold: Any = None) -> TrainState:
-  """Builds the initial ``TrainState`` for ``dataset``.
-
-  Args:
-    key: PRNG key; ``W0`` and ``a`` are drawn from it exactly as
-      ``kronjax.dense_params`` and ``kronjax.dense.init`` draw them, so the dense
-      baseline starts from the same network. May be traced:
-      ``jax.vmap(lambda k: kronjax.init(k, ...))(keys)`` works.
-    config: static settings (``kronjax.Config``).
-    dataset: the ``kronjax.Dataset`` to train on; its eval points' projections
-      are initialized consistently with ``W0`` and maintained every step.
-    tx: an optax transformation that is linear in the gradient (sgd, momentum,
-      nesterov, schedules, ``inject_hyperparams``); others raise ValueError.
-    threshold: optional ``b`` overriding ``config.threshold``; may be a traced
-      scalar (sweeps over ``b``).
-
-  Raises:
-    TypeError: an argument of the wrong type (a key that is not a PRNG key, ...).
-    ValueError: labels that do not fit the config's loss, a non-linear optimizer,
-      a non-finite threshold; raised before any work is done.
-  """
+def check_init_args(key: Any, config: Any, dataset: Any, tx: Any, threshold: Any = None) -> jax.Array:
+  """Every check ``init`` makes before any work: types, labels against the loss, the
+  optimizer contract, the threshold. Returns the checked key."""
   if not isinstance(config, Config):
     raise TypeError(f"config must be a kronjax.Config, got {type(config).__name__}.")
   if not isinstance(dataset, Dataset):
@@ -198,6 +179,32 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
   if threshold is not None and checks.is_concrete(threshold):
     if not math.isfinite(float(jnp.asarray(threshold))):
       raise ValueError(f"threshold must be finite, got {threshold}.")
+  return key
+
+
+def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTransformation, *,
+         threshold: Any = None) -> TrainState:
+  """Builds the initial ``TrainState`` for ``dataset``.
+
+  Args:
+    key: PRNG key; ``W0`` and ``a`` are drawn from it exactly as
+      ``kronjax.dense_params`` and ``kronjax.dense.init`` draw them, so the dense
+      baseline starts from the same network. May be traced:
+      ``jax.vmap(lambda k: kronjax.init(k, ...))(keys)`` works.
+    config: static settings (``kronjax.Config``).
+    dataset: the ``kronjax.Dataset`` to train on; its eval points' projections
+      are initialized consistently with ``W0`` and maintained every step.
+    tx: an optax transformation that is linear in the gradient (sgd, momentum,
+      nesterov, schedules, ``inject_hyperparams``); others raise ValueError.
+    threshold: optional ``b`` overriding ``config.threshold``; may be a traced
+      scalar (sweeps over ``b``).
+
+  Raises:
+    TypeError: an argument of the wrong type (a key that is not a PRNG key, ...).
+    ValueError: labels that do not fit the config's loss, a non-linear optimizer,
+      a non-finite threshold; raised before any work is done.
+  """
+  key = check_init_args(key, config, dataset, tx, threshold)
 
   # The state owns fresh buffers: a step jitted with donate_argnums=0 must not
   # delete the caller's key.

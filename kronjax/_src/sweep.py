@@ -220,7 +220,7 @@ def init(config: Config, dataset: Dataset, members: Sequence[Mapping[str, Any]],
   hp_values = {k: np.asarray([m.get(k, np.nan) for m in members], np.float64) for k in hp_names}
   hp_given = {k: np.asarray([k in m for m in members]) for k in hp_names}
   # Checks that need concrete values run once, outside the vmapped init below.
-  state_lib.init(keys[0], config, dataset, tx, threshold=float(thresholds[0]))
+  state_lib.check_init_args(keys[0], config, dataset, tx, threshold=float(thresholds[0]))
   return _init_members(config, tx, keys, thresholds.astype(dataset.dtype), hp_values, hp_given,
                        dataset)
 
