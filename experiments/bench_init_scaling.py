@@ -307,23 +307,21 @@ def main(argv=None) -> int:
   b_expl = explicit_estimate(b["n"], b["m"], math.prod(b["dims"]))
 
   summary = {}
-  if a_init.get("completed"):
-    summary["a_init_median_s"] = a_init["median_s"]
-    summary["a_init_meets_target"] = a_init["median_s"] < targets["a_init_s"]
-    summary["a_init_peak_rss_gib"] = a_init["peak_rss_bytes"] / GIB
-  if a_pred.get("completed"):
-    summary["a_predict_median_s"] = a_pred["median_s"]
-    summary["a_predict_meets_target"] = a_pred["median_s"] < targets["a_predict_s"]
-    summary["a_predict_peak_rss_gib"] = a_pred["peak_rss_bytes"] / GIB
+  def record(name: str, res: dict, target: float | None = None) -> None:
+    """``summary[name_median_s]`` (and whether it meets ``target``) and its peak memory."""
+    if not res.get("completed"):
+      return
+    summary[f"{name}_median_s"] = res["median_s"]
+    if target is not None:
+      summary[f"{name}_meets_target"] = res["median_s"] < target
+    summary[f"{name}_peak_rss_gib"] = res["peak_rss_bytes"] / GIB
+
+  record("a_init", a_init, targets["a_init_s"])
+  record("a_predict", a_pred, targets["a_predict_s"])
   summary["a_init_median_s_by_rank"] = {str(r["init_rank"]): r["median_s"] for r in rank_rows
                                         if r.get("completed")}
-  if b_kron.get("completed"):
-    summary["b_kronecker_median_s"] = b_kron["median_s"]
-    summary["b_kronecker_meets_target"] = b_kron["median_s"] < targets["b_default_init_s"]
-    summary["b_kronecker_peak_rss_gib"] = b_kron["peak_rss_bytes"] / GIB
-  if b_impl.get("completed"):
-    summary["b_implicit_median_s"] = b_impl["median_s"]
-    summary["b_implicit_peak_rss_gib"] = b_impl["peak_rss_bytes"] / GIB
+  record("b_kronecker", b_kron, targets["b_default_init_s"])
+  record("b_implicit", b_impl)
   if b_parts.get("completed"):
     parts = {k: v["median_s"] for k, v in b_parts["parts"].items()}
     summary["b_implicit_parts_s"] = parts
