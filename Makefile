@@ -8,7 +8,7 @@ BASE := $(VENV)/.installed-base
 DEMO := $(VENV)/.installed-demo
 TEST := $(VENV)/.installed-test
 
-.PHONY: test test-fast demo venv clean bench docs accelerator-check
+.PHONY: test test-fast demo venv clean bench results docs accelerator-check
 
 venv: $(TEST)
 
@@ -40,15 +40,34 @@ demo: $(DEMO) native
 native: $(DEMO)
 	$(BIN)/python -c 'import sys; from kronjax._src import native; sys.exit(native.main())'
 
-# The benchmark scripts behind the README's performance tables (minutes; not part of CI).
-bench: $(TEST)
+# Every benchmark behind the performance page, then the page's tables regenerated from their
+# JSON (tens of minutes on 2 CPUs; not part of CI: the tests run the benchmarks' --smoke versions).
+bench: $(TEST) native
 	$(BIN)/python experiments/bench_step.py
 	$(BIN)/python experiments/bench_threshold.py
 	$(BIN)/python experiments/bench_init.py
+	$(BIN)/python experiments/bench_init_scaling.py
 	$(BIN)/python experiments/bench_sweep.py
+	$(BIN)/python experiments/bench_sweep.py --retain-freed-memory --out experiments/results/sweep_retain.json
 	$(BIN)/python experiments/bench_sharding.py
 	$(BIN)/python experiments/bench_auto.py
 	$(BIN)/python experiments/bench_drift.py
+	$(BIN)/python experiments/bench_checkpoint.py
+	$(BIN)/python docs/gen_tables.py --figure
+
+# Every experiment behind the results page, written into experiments/results/, then the tables
+# regenerated (about half an hour on 2 CPUs).
+EXPERIMENTS := quickstart scaling_d convergence scaling_m sparsity sweep_grid init_law
+RUN := $(BIN)/kronjax run --no-progress
+results: $(TEST) native
+	for name in $(EXPERIMENTS); do \
+	  $(RUN) configs/$$name.toml --out experiments/results/$$name || exit 1; done
+	$(RUN) configs/digit_pairs.toml --out experiments/results/digit_pairs
+	$(RUN) configs/digit_pairs.toml --set params.learning_rate=16.0 --out experiments/results/digit_pairs/lr16
+	$(RUN) configs/digit_pairs.toml --set params.images_per_input=3 --out experiments/results/digit_pairs/three_images
+	$(RUN) configs/digit_pairs.toml --set params.images_per_input=3 --set params.learning_rate=16.0 \
+	  --out experiments/results/digit_pairs/three_images/lr16
+	$(BIN)/python docs/gen_tables.py --figure
 
 # The documentation site: regenerates the tables of numbers from experiments/results/, then
 # builds docs/ into site/ with mkdocs (strict: a warning is an error).

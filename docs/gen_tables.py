@@ -228,22 +228,18 @@ def threshold() -> str:
 
 
 def init() -> str:
-  blocks = []
-  for name in ("init.json", "init_contended.json"):
-    data = load(name)
-    s, imp = data["summary"], data["implicit"]
-    rows = [
-        [f"implicit, d = {imp['d']}", num(s["implicit_median_s"], 3),
-         f"{num(s['implicit_peak_rss_gib'], 3)} GiB peak RSS"],
-        [f"explicit, d = {data['explicit_half_d']['d']}", num(data["explicit_half_d"]["median_s"], 3), ""],
-        [f"explicit, d = {s['d_small']}", num(s["explicit_median_s_at_d_small"], 3), ""],
-        [f"explicit, d = {s['d_big']} (extrapolated linearly, not run)",
-         num(s["explicit_extrapolated_s_at_d_big"], 4), ""],
-    ]
-    head = f"`{name}`: n = {imp['n']}, m = {imp['m']}:"
-    blocks += [head, table(["init", "median s", "memory"], rows),
-               provenance(name, data, script="experiments/bench_init.py")]
-  return "\n\n".join(blocks)
+  data = load("init.json")
+  s, imp = data["summary"], data["implicit"]
+  rows = [
+      [f"implicit, d = {imp['d']}", num(s["implicit_median_s"], 3),
+       f"{num(s['implicit_peak_rss_gib'], 3)} GiB peak RSS"],
+      [f"explicit, d = {data['explicit_half_d']['d']}", num(data["explicit_half_d"]["median_s"], 3), ""],
+      [f"explicit, d = {s['d_small']}", num(s["explicit_median_s_at_d_small"], 3), ""],
+      [f"explicit, d = {s['d_big']} (extrapolated linearly, not run)",
+       num(s["explicit_extrapolated_s_at_d_big"], 4), ""],
+  ]
+  return "\n\n".join([f"n = {imp['n']}, m = {imp['m']}:", table(["init", "median s", "memory"], rows),
+                       provenance("init.json", data, script="experiments/bench_init.py")])
 
 
 def sweep() -> str:
@@ -458,7 +454,7 @@ def draw_figure(path: pathlib.Path = FIGURE) -> pathlib.Path:
   ax.loglog(d, m["kronjax_ms"], "o-", color="C0",
             label=f"kronjax, m={m['width']}, n={m['n']}, B={m['batch_size']}")
   ran = [(x, t) for x, t in zip(d, m["dense_ms"]) if t is not None]
-  ax.loglog(*zip(*ran), "s-", color="C1", label=f"dense baseline, same m, n, B")
+  ax.loglog(*zip(*ran), "s-", color="C1", label="dense baseline, same m, n, B")
   skipped = [x for x, t in zip(d, m["dense_ms"]) if t is None]
   top = max(t for _, t in ran)
   if skipped:

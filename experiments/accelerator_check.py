@@ -23,7 +23,6 @@ exits 0, in about the time it takes to import JAX.
 from __future__ import annotations
 
 import argparse
-import datetime
 import pathlib
 import subprocess
 import sys
@@ -75,13 +74,11 @@ def bench_predict(path: pathlib.Path, *, width: int = 8192, n: int = 1024, n_new
   predict = jax.jit(kronjax.predict)
   predict_t = timing.time_fn(predict, state, dataset, new, warmup=1, repeats=repeats)
   result = {
-      "benchmark": "accelerator predict", "date": datetime.date.today().isoformat(),
-      "command": " ".join(["python", "experiments/accelerator_check.py", "--bench-predict", str(path)]),
+      "benchmark": "accelerator predict", **timing.provenance(),
       "settings": {"width": width, "n": n, "n_new": n_new, "dims": list(dims), "batch": batch,
                    "init": config.init, "init_rank": config.init_rank,
                    "update": config.resolved_update(batch), "repeats": repeats},
       "init_s_with_compile": init_s, "step": step_t, "predict": predict_t,
-      "environment": timing.environment(),
   }
   timing.write_json(path, result)
   return result
@@ -143,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
           f" in {result['seconds']} s; {last}", flush=True)
 
   from kronjax.experiments import timing  # pylint: disable=g-import-not-at-top
-  summary = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "command": "python experiments/accelerator_check.py " + " ".join(sys.argv[1:]),
-             "environment": timing.environment(), "budget_s": args.budget_s, "parts": results}
+  summary = {**timing.provenance(), "budget_s": args.budget_s, "parts": results}
   timing.write_json(out / "summary.json", summary)
   failed = [r["name"] for r in results if r["returncode"] != 0]
   print(f"accelerator check: {'failed: ' + ', '.join(failed) if failed else 'all parts passed'}; "

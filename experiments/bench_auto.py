@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import jax
@@ -92,8 +91,7 @@ def main(argv=None) -> int:
     results.append(row)
     print(json.dumps({k: row[k] for k in ("width", "n", "batch", "fastest", "default_over_fastest",
                                           "default_over_fastest_all_resident")}), flush=True)
-  payload = {"benchmark": "auto", "command": " ".join(["python"] + sys.argv),
-             "environment": timing.environment(), "date": time.strftime("%Y-%m-%d"),
+  payload = {"benchmark": "auto", **timing.provenance(),
              "rounds": args.rounds, "shapes": results}
   out = timing.write_json(args.out, payload)
   print(f"wrote {out}")

@@ -404,8 +404,7 @@ def main():
 
   payload = {
       "benchmark": "checkpoint save / restore, 1 and 2 processes",
-      "command": "experiments/bench_checkpoint.py" + (" --smoke" if args.smoke else ""),
-      "date": time.strftime("%Y-%m-%d"),
+      **timing.provenance(),
       "settings": {"m": args.m, "n": args.n, "dims": args.dims, "batch": args.batch,
                    "dtype": "float32", "optimizer": "sgd(0.1, momentum=0.9)",
                    "repeats": args.repeats, "compression": "none (see kronjax/_src/checkpoint.py)"},
@@ -413,7 +412,6 @@ def main():
                   **cross,
                   "restore_1_process_to_2_s": runs["2_processes"][0].get("restore_from_1_process_s")},
       "runs": runs,
-      "environment": timing.environment(),
   }
   out = args.out or RESULTS / ("checkpoint_smoke.json" if args.smoke else "checkpoint.json")
   timing.write_json(out, payload)

@@ -14,7 +14,6 @@ times one ``resync`` against one step (medians after compilation).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import jax
@@ -78,8 +77,7 @@ def main(argv=None) -> int:
                    "drift_after_resync": drift(resynced, P0, K),
                    "seconds_per_step": train_s / args.steps, "step_median_s": step_s,
                    "resync_median_s": resync_s})
-  payload = {"benchmark": "drift", "command": " ".join(["python"] + sys.argv),
-             "environment": timing.environment(), "date": time.strftime("%Y-%m-%d"),
+  payload = {"benchmark": "drift", **timing.provenance(),
              "settings": {"width": args.width, "n": args.n, "batch": args.batch,
                           "steps": args.steps, "dtype": "float32"},
              "runs": runs}

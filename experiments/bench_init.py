@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -105,19 +104,6 @@ def run_in_subprocess(kind, n, m, dims, chunk, repeats, timeout, max_load=None):
   return res
 
 
-def environment() -> dict:
-  import jax
-  import jaxlib
-  return {
-      "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
-      "devices": [str(dv) for dv in jax.devices()], "cpu_count": os.cpu_count(),
-      "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      "python": platform.python_version(), "platform": platform.platform(),
-      "machine": platform.machine(), "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
-      "loadavg_at_start": list(os.getloadavg()),
-  }
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default=None,
@@ -153,7 +139,7 @@ def main(argv=None) -> int:
   repeats = args.repeats
   print(f"bench_init: n={n} m={m} big dims={big} explicit dims={small}", flush=True)
 
-  results = {"environment": environment(), "command": " ".join([sys.executable] + sys.argv),
+  results = {**timing.provenance(),
              "smoke": args.smoke, "targets": {"implicit_time_s": 1.0, "implicit_peak_bytes": GIB}}
   t_start = time.perf_counter()
   implicit = run_in_subprocess("implicit", n, m, big, chunk, repeats, args.timeout, args.max_load)

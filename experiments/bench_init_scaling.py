@@ -37,7 +37,6 @@ same work as a trained state, ``W0 X'^T + A K(X, X')``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -267,14 +266,8 @@ def main(argv=None) -> int:
       argv_ += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return argv_
 
-  env = timing.environment()
-  env["loadavg_at_start"] = list(os.getloadavg())
-  env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS")
-  env["affinity_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   results = {
-      "environment": env,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join([os.path.relpath(sys.executable)] + sys.argv),
+      **timing.provenance(),
       "smoke": args.smoke, "default_init_rank": default_rank, "targets": targets,
       "settings": {"a": {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()},
                    "b": {k: list(v) if isinstance(v, tuple) else v for k, v in b.items()},

@@ -138,11 +138,7 @@ def main(argv=None) -> int:
         f"chunk={chunk0} gemm_rows={rows0}", flush=True)
   t_start = time.perf_counter()
   results = {
-      "environment": dict(timing.environment(), loadavg_at_start=list(os.getloadavg()),
-                          XLA_FLAGS=os.environ.get("XLA_FLAGS"),
-                          PYTHONPATH=os.environ.get("PYTHONPATH"), cwd=os.getcwd(),
-                          affinity_cpus=len(os.sched_getaffinity(0))),
-      "command": " ".join([sys.executable] + sys.argv), "smoke": args.smoke,
+      **timing.provenance(), "smoke": args.smoke,
       "defaults": {"init_rank": r0, "chunk": chunk0, "gemm_rows": rows0},
       "target": {"default_rank_time_s": 10.0}, "data": "kronjax.data.synthetic, rank 1, unit norm",
   }

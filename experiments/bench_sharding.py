@@ -103,8 +103,7 @@ def main():
           f"{1e3 * r['step_sharded_simulated']['median_s']:.2f} ms, single "
           f"{1e3 * r['step_single_device']['median_s']:.2f} ms")
   out = args.out or RESULTS / ("sharding_smoke.json" if args.smoke else "sharding.json")
-  bench.write_json(out, {"environment": bench.environment(), "results": results,
-                         "command": "experiments/bench_sharding.py" + (" --smoke" if args.smoke else "")})
+  bench.write_json(out, {**bench.provenance(), "results": results})
   print("wrote", out)
 
 

@@ -122,7 +122,7 @@ def main(argv=None):
   else:
     m, n, batch, log2_ds, dense_log2_d, big_m, big_n = 4096, 1024, 32, (10, 14, 20), 16, 65536, 512
     rounds, steps_per_round = args.rounds, 20
-  out = {"environment": bench.environment(), "m": m, "n": n, "batch": batch}
+  out = {**bench.provenance(), "m": m, "n": n, "batch": batch}
 
   # The steps at every d, the step at the dense comparison's d and the floor are
   # timed in interleaved rounds: ratios of medians taken minutes apart swung by

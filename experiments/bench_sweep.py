@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 import time
 
 import jax
@@ -288,10 +287,9 @@ def main(argv=None):
             f"{r['speedup_native_sequential']:.2f}x, sweep {r['speedup_native_sweep']:.2f}x, "
             f"floor {r['speedup_native_update_floor']:.2f}x")
   out = args.out or RESULTS / ("sweep_smoke.json" if args.smoke else "sweep.json")
-  bench.write_json(out, {"environment": bench.environment(), "results": results,
-                         "retain_freed_memory": retained,
-                         "command": "experiments/bench_sweep.py " + " ".join(argv if argv is not None
-                                                                           else sys.argv[1:])})
+  command = None if argv is None else " ".join(["python", "experiments/bench_sweep.py", *argv])
+  bench.write_json(out, {**bench.provenance(command), "results": results,
+                         "retain_freed_memory": retained})
   print("wrote", out)
   return results
 

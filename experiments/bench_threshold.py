@@ -145,7 +145,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   widths = (2**8, 2**10) if args.smoke else (2**12, 2**16, 2**18)
   rounds = 5 if args.smoke else args.rounds
-  payload = {"environment": bench.environment(), "smoke": args.smoke, "query": [], "train": None}
+  payload = {**bench.provenance(), "smoke": args.smoke, "query": [], "train": None}
   print(f"{'m':>8} {'B':>3} {'active':>8} {'cands':>7} {'scan ms':>9} {'bucketed ms':>12} "
         f"{'speedup':>8} {'rebuild ms':>11}")
   for m in widths:

@@ -19,9 +19,12 @@ def _smoke(name, tmp_path, *overrides):
   payload = xp.run_config(ROOT / "configs" / f"{name}.toml", smoke=True, out_dir=out,
                           progress=False, overrides=list(overrides), echo=False)
   on_disk = json.loads((out / "results.json").read_text())
-  assert set(on_disk) == {"config", "environment", "metrics", "timings", "plots", "table"}
+  assert set(on_disk) == {"date", "command", "config", "environment", "metrics", "timings", "plots",
+                          "table"}
   assert on_disk["config"]["experiment"]["name"] == name and on_disk["config"]["smoke"] is True
   assert {"jax", "backend", "device"} <= set(on_disk["environment"])
+  assert on_disk["command"].startswith("kronjax run ") and on_disk["command"].endswith(
+      f" --smoke --out {out}") and all(f"--set {o}" in on_disk["command"] for o in overrides)
   assert on_disk["table"] and all(isinstance(row, dict) for row in on_disk["table"])
   assert on_disk["plots"]
   for plot in on_disk["plots"]:

@@ -62,10 +62,11 @@ the same folder from any working directory.
 
 **Framework** (``run_config``): writes ``out_dir/run_config.json`` (so ``--resume``
 can rebuild the run) before calling ``run``, then ``out_dir/results.json`` =
-``{config, environment, metrics, timings, plots, table}`` with ``config`` the
+``{date, command, environment, config, metrics, timings, plots, table}`` with
+``date``, ``command`` (the equivalent ``kronjax run`` command line) and
+``environment`` from ``kronjax.experiments.timing.provenance``, ``config`` the
 resolved config (experiment, params after smoke and overrides, the file, the
-overrides, smoke flag) and ``environment`` from
-``kronjax.experiments.timing.environment()``, and prints the table.
+overrides, smoke flag), and prints the table.
 
 Helpers for modules: ``pyplot`` + ``save_figure`` (small PNG), ``format_table``,
 ``markdown_table``, ``to_jsonable``, ``require_positive`` (Params checks),
@@ -84,6 +85,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -520,7 +522,8 @@ def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[s
   timings = dict(result.get("timings", {}))
   timings.setdefault("run_wall_s", wall)
   payload = {
-      "config": resolved.config, "environment": timing.environment(),
+      **timing.provenance(cli_command(source, overrides, smoke, out, resumed=resume is not None)),
+      "config": resolved.config,
       "metrics": result["metrics"], "timings": timings, "plots": list(result["plots"]),
       "table": result["table"],
   }
@@ -531,6 +534,17 @@ def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[s
       print(f"plot: {out / plot}")
     print(f"results: {out / RESULTS}", flush=True)
   return payload
+
+
+def cli_command(config: str, overrides: Sequence[str], smoke: bool, out: pathlib.Path, *,
+                resumed: bool) -> str:
+  """The ``kronjax run`` command line that does what this run did (recorded in results.json)."""
+  if resumed:
+    return shlex.join(["kronjax", "run", "--resume", str(out)])
+  argv = ["kronjax", "run", config]
+  for override in overrides:
+    argv += ["--set", override]
+  return shlex.join(argv + (["--smoke"] if smoke else []) + ["--out", str(out)])
 
 
 def default_out_dir(name: str, smoke: bool) -> pathlib.Path:

@@ -7,6 +7,7 @@ report medians with spreads, and record the environment next to the numbers.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import pathlib
@@ -144,11 +145,26 @@ def environment() -> dict[str, Any]:
       "device": getattr(dev, "device_kind", str(dev)),
       "device_count": jax.device_count(),
       "cpu_count": os.cpu_count(),
+      "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      "xla_flags": os.environ.get("XLA_FLAGS"),
+      "loadavg_at_start": list(os.getloadavg()),
       "platform": platform.platform(),
       "python": platform.python_version(),
       "x64": bool(jax.config.jax_enable_x64),
       "native": native_info(),
   }
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+  """Where a results JSON's numbers come from: ``date`` (UTC, ISO 8601), ``command`` (the
+  command line that wrote it; default this process's, as ``python SCRIPT ARGS`` relative to the
+  working directory) and ``environment``. Every benchmark and experiment records these three at
+  the top of its JSON; ``docs/gen_tables.py`` prints them under each table."""
+  if command is None:
+    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "-c"
+    command = " ".join(["python", script] + sys.argv[1:])
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "command": command, "environment": environment()}
 
 
 def native_info() -> dict[str, Any]:
