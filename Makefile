@@ -57,7 +57,7 @@ bench: $(TEST) native
 
 # Every experiment behind the results page, written into experiments/results/, then the tables
 # regenerated (about half an hour on 2 CPUs).
-EXPERIMENTS := quickstart scaling_d convergence scaling_m sparsity sweep_grid init_law
+EXPERIMENTS := quickstart scaling_d convergence scaling_m sparsity norms sweep_grid init_law
 RUN := $(BIN)/kronjax run --no-progress
 results: $(TEST) native
 	for name in $(EXPERIMENTS); do \

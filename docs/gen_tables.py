@@ -33,7 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-PAGES = ("README.md", "docs/index.md", "docs/performance.md", "docs/results.md", "docs/inference.md")
+PAGES = ("README.md", "docs/index.md", "docs/performance.md", "docs/results.md", "docs/inference.md",
+         "docs/troubleshooting.md")
 FIGURE = ROOT / "docs" / "assets" / "step_time_vs_d.png"
 NOT_RECORDED = "*not recorded*"
 
@@ -283,6 +284,29 @@ def sharding() -> str:
                       provenance("sharding.json", data, script="experiments/bench_sharding.py")])
 
 
+def checkpoint() -> str:
+  data = load("checkpoint.json")
+  st, summary = data["settings"], data["summary"]
+  runs = [(label, summary[key]) for label, key in (("1 process", "1_process"),
+                                                   ("2 processes", "2_processes"))]
+  rows = [
+      ["state size (GiB)"] + [num(r["state_bytes"] / 2**30, 3) for _, r in runs],
+      ["save, blocking (s)"] + [num(r["save_s"], 3) for _, r in runs],
+      ["restore (s)"] + [num(r["restore_s"], 3) for _, r in runs],
+      ["asynchronous save: the call blocks (s)"] + [num(r["async_blocking_s"], 3) for _, r in runs],
+      ["asynchronous save: committed after (s)"] + [num(r["async_committed_s"], 3) for _, r in runs],
+      ["train step (s)"] + [num(r["step_s"], 3) for _, r in runs],
+      ["first train step after a save (s)"] + [num(r["first_step_after_save_s"], 3) for _, r in runs],
+  ]
+  head = (f"m = {st['m']}, n = {st['n']}, batch {st['batch']}, {st['dtype']}, "
+          f"`{st['optimizer']}` (the state is `P`, `A` and two momentum traces), median of "
+          f"{st['repeats']}; restoring a 1-process checkpoint into 2 processes takes "
+          f"{num(summary['restore_1_process_to_2_s'], 3)} s, the reverse "
+          f"{num(summary['restore_2_processes_to_1_s'], 3)} s:")
+  return "\n\n".join([head, table(["", *(label for label, _ in runs)], rows),
+                       provenance("checkpoint.json", data)])
+
+
 def drift() -> str:
   data = load("drift.json")
   st = data["settings"]
@@ -383,6 +407,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "sweep": sweep,
     "sharding": sharding,
     "drift": drift,
+    "checkpoint": checkpoint,
     "auto": auto,
     "init-scaling": init_scaling,
     "init-law": lambda: runner_result("init_law/results.json"),
@@ -391,6 +416,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "convergence": lambda: runner_result("convergence/results.json"),
     "scaling-m": lambda: runner_result("scaling_m/results.json"),
     "sparsity": lambda: runner_result("sparsity/results.json"),
+    "norms": lambda: runner_result("norms/results.json"),
     "sweep-grid": sweep_grid,
     "digit-pairs": lambda: runner_result("digit_pairs/results.json"),
     "digit-pairs-lr16": lambda: runner_result("digit_pairs/lr16/results.json"),

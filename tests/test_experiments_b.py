@@ -1,4 +1,4 @@
-"""Smoke runs of the scaling_m, sparsity, sweep_grid and digit_pairs experiments.
+"""Smoke runs of the scaling_m, sparsity, norms, sweep_grid and digit_pairs experiments.
 
 Each runs its config's ``[smoke]`` scale through the module's ``run`` and checks
 the result schema, that the plots are non-empty PNGs, and numbers that must hold
@@ -75,6 +75,24 @@ def test_sparsity_smoke(tmp_path):
     assert all(math.isfinite(p["loss"]) for p in probes)
     sigma = math.sqrt(w["m_Q_b"])
     assert abs(w["active_init"] - w["m_Q_b"]) < 5 * sigma / math.sqrt(params.n) + 1
+
+
+def test_norms_smoke(tmp_path):
+  params, result = run_smoke("norms", tmp_path)
+  runs = result["metrics"]["runs"]
+  assert [(r["scale"], r["normalized"]) for r in runs] == (
+      [(s, False) for s in params.scales] + [(max(params.scales), True)])
+  unit, big, fixed = runs[0], runs[-2], runs[-1]
+  assert unit["scale"] == 1.0 and abs(unit["median_sq_norm"] - 1) < 1e-4
+  assert abs(big["median_sq_norm"] - big["scale"] ** 2) < 0.05 * big["scale"] ** 2
+  # Norm s fires about m Q(b / s) neurons at init: far more than the m Q(b) at unit norm.
+  assert big["active_init"] > 3 * unit["active_init"]
+  for r in runs:
+    tol = 5 * math.sqrt(r["m_Q_b_over_s"]) / math.sqrt(params.n) + 0.15 * r["m_Q_b_over_s"] + 1
+    assert abs(r["active_init"] - r["m_Q_b_over_s"]) < tol, r
+  # normalize=True on the scaled points is the unit-norm run: same key, same numbers.
+  for k in ("median_sq_norm", "active_init", "active_final", "loss_init", "loss_final"):
+    assert fixed[k] == pytest.approx(unit[k], rel=1e-4, abs=1e-6), k
 
 
 def test_sweep_grid_smoke(tmp_path):
