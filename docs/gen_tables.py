@@ -38,9 +38,6 @@ PAGES = ("README.md", "docs/index.md", "docs/performance.md", "docs/results.md",
 FIGURE = ROOT / "docs" / "assets" / "step_time_vs_d.png"
 NOT_RECORDED = "*not recorded*"
 
-# The results JSON name update paths and index kinds by their earlier names.
-UPDATE_NAMES = {"dense": "full", "sparse": "sparse", "full": "full"}
-INDEX_NAMES = {"dense": "scan", "scan": "scan", "bucketed": "bucketed"}
 LAYOUT_NAMES = {"neurons": "neuron-major", "points": "point-major"}
 
 BEGIN = re.compile(r"<!-- generated: ([\w-]+) \(docs/gen_tables\.py\) -->\n")
@@ -180,7 +177,7 @@ def scaling_d_summary() -> str:
 def step() -> str:
   data = load("step.json")
   fl, vs, b1, floor = data["flat_in_d"], data["vs_dense"], data["batch1_paths"], data["floor"]
-  path = UPDATE_NAMES.get(data.get("update"), data.get("update"))
+  path = data.get("update")
   head = (f"m = {data['m']}, n = {data['n']}, batch {data['batch']}, update path `{path}`, "
           f"layout `{data.get('layout')}` (point-major `P`).")
   t1 = table(["d", "kronjax ms (median)", "p10-p90 ms", "active per point"],
@@ -210,19 +207,19 @@ def threshold() -> str:
   for q in data["query"]:
     for r in q["queries"]:
       rows.append([q["m"], r["batch"], num(r["active_mean"], 4), num(q["candidates_mean"], 4),
-                   num(r["dense_ms"], 4), num(r["bucketed_ms"], 4), ratio(r["speedup_bucketed"]),
+                   num(r["scan_ms"], 4), num(r["bucketed_ms"], 4), ratio(r["speedup_bucketed"]),
                    num(q["build_ms"]["bucketed"], 4)])
   t1 = table(["m", "B", "active", "candidates", "scan ms", "bucketed ms", "speedup",
               "one rebuild ms"], rows)
   tr = data["train"]
   t2 = table(["index", "median ms", "mean ms", "p90 ms", "rebuilds", "overflows"],
-             [[INDEX_NAMES.get(k, k), num(tr[k]["median_ms"], 3), num(tr[k]["mean_ms"], 3),
+             [[k, num(tr[k]["median_ms"], 3), num(tr[k]["mean_ms"], 3),
                num(tr[k]["p90_ms"], 3), tr[k]["rebuilds"], tr[k]["overflows"]]
-              for k in ("dense", "bucketed")])
+              for k in ("scan", "bucketed")])
   n = data["query"][0]["n"]
   head1 = f"Query time of the threshold index, n = {n} points:"
   head2 = (f"A whole training step, {tr['optimizer']}, batch {tr['batch']}, m = {tr['m']}, "
-           f"n = {tr['n']}, update path `{UPDATE_NAMES.get(tr['update'], tr['update'])}`, "
+           f"n = {tr['n']}, update path `{tr['update']}`, "
            f"{tr['steps']} steps (same losses with both kinds: {num(tr['same_losses'])}):")
   return "\n\n".join([head1, t1, head2, t2,
                       provenance("threshold.json", data, script="experiments/bench_threshold.py")])
@@ -261,13 +258,15 @@ def sweep() -> str:
            if xla else "-"),
           (f"{ms(runs['sweep_fit']['median_s'])} vs {ms(runs['sequential_fits']['median_s'])} "
            f"({ratio(runs['ratio_sweep_fit_vs_sequential_fits'])})" if runs else "-"),
+          num(r.get("sweep_minor_page_faults_per_step"), 3),
       ])
     head = (f"`{name}` (`retain_freed_memory` {'on' if data.get('retain_freed_memory') else 'off'}); "
             "milliseconds per step of all members:")
     blocks += [head, table(["optimizer", "m / n / B", "members", "separate jitted steps",
                             "sweep, data shared (ratio)", "vmap, data stacked (ratio)",
                             "update floor", "XLA only: sweep vs separate",
-                            "sweep.fit vs separate fits (ratio)"], rows),
+                            "sweep.fit vs separate fits (ratio)", "page faults per sweep step"],
+                           rows),
                provenance(name, data, script="experiments/bench_sweep.py")]
   return "\n\n".join(blocks)
 

@@ -3,12 +3,10 @@
 Why: XLA CPU allocates each step's temporaries anew. glibc serves blocks above
 its mmap threshold (at most 32 MiB by default) with fresh ``mmap`` pages and
 unmaps them on free, so a step whose temporaries are that large pays one page
-fault (and a page zeroing) per 4 KiB, every step. A momentum sweep of 16
-members at m = 1024, n = 512 has ~36 MiB of such temporaries: 9.2k page faults
-per step and 31.8 ms, 1.7x the 16 separate steps; with ``retain_freed_memory()``
-1 fault and 18.7 ms, 0.9x (``experiments/bench_sweep.py [--retain-freed-memory]``). Plain-SGD
-steps and single runs at these sizes have no temporaries that large and do not
-change.
+fault (and a page zeroing) per 4 KiB, every step. A vmapped momentum sweep has
+such temporaries (its full-size gradients, ``(S, m, n)``); plain-SGD steps and
+single runs of moderate size do not. ``experiments/bench_sweep.py
+[--retain-freed-memory]`` measures the page faults per step with and without.
 
 The setting is process-wide (every allocation in the process is affected), so
 kronjax never makes it on import: call it once at the start of a program, or
