@@ -47,6 +47,7 @@ bench: $(TEST) native
 	$(BIN)/python experiments/bench_threshold.py
 	$(BIN)/python experiments/bench_init.py
 	$(BIN)/python experiments/bench_init_scaling.py
+	$(BIN)/python experiments/bench_kronecker_init.py
 	$(BIN)/python experiments/bench_sweep.py
 	$(BIN)/python experiments/bench_sweep.py --retain-freed-memory --out experiments/results/sweep_retain.json
 	$(BIN)/python experiments/bench_sharding.py
