@@ -25,11 +25,13 @@ $(TEST): $(BASE)
 	$(BIN)/python -m pip install --quiet -e '.[dev,experiments,docs]'
 	touch $(TEST) $(DEMO)
 
+# The tests run in one worker process per CPU (pytest-xdist): most of their time is single-threaded
+# compilation.
 test: $(TEST) native
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n auto --durations=15 tests
 
 test-fast: $(TEST) native
-	$(BIN)/python -m pytest -q --durations=10 -m "not slow" tests
+	$(BIN)/python -m pytest -q -n auto --durations=10 -m "not slow" tests
 
 demo: $(DEMO) native
 	$(BIN)/kronjax run configs/quickstart.toml --out runs/quickstart
