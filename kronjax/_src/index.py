@@ -46,26 +46,14 @@ its smallest normal, covering flush-to-zero), and the certificate
 ``lo + D_max <= b`` is checked with a ``4 eps`` margin as well. The margins are
 ~1e-6 in float32: they never change a result, only make a rebuild a hair earlier.
 
-Measured on 2 CPU cores (XLA CPU, float32, n = 256, medians, milliseconds;
-``experiments/bench_threshold.py``, results in ``experiments/results/threshold.json``):
+Cost (``experiments/bench_threshold.py``; the performance page's table is generated from
+``experiments/results/threshold.json``): on CPU a bucketed query beats the scan by 1.3x to 5x,
+more the wider the network, but a whole sparse-path step is dominated by the update of the
+active rows, and XLA CPU copies the ``(n, C_cap)`` buckets through the ``lax.cond`` of
+``update`` (a ``while_loop`` avoids the copy but ran 300x slower on XLA CPU), so the bucketed
+index does not make the step faster there.
 
-    m      B  active  candidates  dense scan  bucketed  query speedup  rebuild
-    4096   1     142         235       0.181     0.128          1.41x     15.5
-    4096  32     133         235       1.609     0.835          1.93x     15.5
-   65536   1    1162        2078       1.002     0.386          2.59x    118.4
-   65536  32    1147        2078      18.07      4.332          4.17x    118.4
-  262144   1    3315        6194       3.245     0.619          5.24x    467.6
-  262144  32    3325        6194      96.88     20.21           4.79x    467.6
-
-  Full plain-SGD train step (sparse path, batch 1, m = 2**18, n = 256, lr 1,
-  100 steps, same losses): dense 4.40 ms, bucketed 3.91 ms median (1.13x; mean
-  4.60 vs 5.09 ms), 0 rebuilds. The query wins 5x but the step is dominated by
-  the row update of the ~3300 active rows, and XLA CPU copies the ``(n, C_cap)``
-  buckets through the ``lax.cond`` of ``update`` (a ``while_loop`` instead
-  avoids the copy but ran 300x slower on XLA CPU).
-  (``python -m experiments.bench_threshold --steps 100 --rounds 20``, quiet machine.)
-
-So ``choose_kind`` (``index="auto"``, which serves the train step) picks ``dense``
+So ``choose_kind`` (``index="auto"``, which serves the train step) picks ``scan``
 on every measured shape; ``bucketed`` is for query-bound use and for backends
 where the measurement comes out the other way (rerun the benchmark there).
 """
