@@ -47,6 +47,7 @@ class Params:
   seed: int = 0
 
   def __post_init__(self):
+    experiment.require_positive(self, "width", "n", "batch_size", "steps")
     if not self.scales or any(float(s) <= 0 for s in self.scales):
       raise ValueError(f"params.scales must be positive numbers, got {self.scales!r}.")
 
