@@ -37,7 +37,7 @@ demo: $(DEMO) native
 	$(BIN)/kronjax run configs/quickstart.toml --out runs/quickstart
 
 # Builds the native CPU kernels into the cache now, not at the first step (~15 s once; with
-# no C++ compiler it says so and kronjax runs on XLA). Same as python -m kronjax._src.native.
+# no C++ compiler it says so and kronjax runs on XLA). Same as python -m kronjax._src.kernels.native.
 .PHONY: native
 native: $(DEMO)
 	$(BIN)/python -c 'import sys; from kronjax._src import native; sys.exit(native.main())'

@@ -134,7 +134,7 @@ def worker(args) -> dict:
     parts = {"gram": t_gram, "cholesky": t_chol, "z_lt": t_mm}
     # What the init runs instead of the bare Cholesky: psd_factor (symmetrize, Cholesky, and a
     # lax.cond that keeps L or falls back to eigh), and the Gaussian draw of Z.
-    from kronjax._src.initializers import psd_factor  # pylint: disable=g-import-not-at-top
+    from kronjax._src.model.initializers import psd_factor  # pylint: disable=g-import-not-at-top
     del L, P, Z
     psd = jax.jit(psd_factor).lower(K).compile()
     parts["psd_factor"], _ = _timed(lambda: psd(K), args.repeats, warmup=False)

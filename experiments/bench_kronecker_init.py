@@ -27,7 +27,7 @@ import sys
 import time
 
 import kronjax
-from kronjax._src import kronecker
+from kronjax._src.model import kronecker_init as kronecker
 from kronjax.experiments import timing
 
 
@@ -41,7 +41,7 @@ def worker(n: int, m: int, dims: tuple[int, ...], init_rank: int, chunk: int, ge
   import jax.numpy as jnp
 
   import kronjax
-  from kronjax._src import kronecker
+  from kronjax._src.model import kronecker_init as kronecker
 
   kronecker.GEMM_ROWS = gemm_rows  # read by gemm_block at call time
   data = kronjax.data.synthetic(jax.random.key(0), n, dims, dtype=jnp.float32)

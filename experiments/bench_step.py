@@ -25,8 +25,8 @@ import optax
 
 import kronjax
 from kronjax import dense
-from kronjax._src import products  # the floor's kernel: internal, timed on its own
-from kronjax._src import step as step_lib  # add_touched_rows: the sparse floor, internal
+from kronjax._src.kernels import products  # the floor's kernel: internal, timed on its own
+from kronjax._src.step import step as step_lib  # add_touched_rows: the sparse floor, internal
 from kronjax.experiments import timing as bench
 
 

@@ -38,7 +38,9 @@ import optax
 
 import kronjax
 from kronjax import sweep as sw
-from kronjax._src import dispatch, native, products  # the floor's kernel and the native switch
+from kronjax._src.kernels import dispatch  # the floor's kernel and the native switch
+from kronjax._src.kernels import native  # the floor's kernel and the native switch
+from kronjax._src.kernels import products  # the floor's kernel and the native switch
 from kronjax.experiments import heap
 from kronjax.experiments import timing as bench
 
@@ -122,7 +124,7 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
                   donate_argnums=0)
 
   # The same three with XLA's product and add instead of the native kernel
-  # (kronjax._src.native), compiled ahead so both run interleaved in this process.
+  # (kronjax._src.kernels.native), compiled ahead so both run interleaved in this process.
   xla = {}
   if native.available(warn=False):
     single_xla = dispatch.compile_with(single, starts[0], dataset, batches[0], use_native=False)

@@ -11,7 +11,7 @@ Measures, in one process, steady-state medians after compilation (float32):
      "bucketed": per-step median and mean (the mean includes the lazy rebuilds),
      the number of rebuilds and the amortized rebuild cost per step.
 
-The index kinds are internals with no public API (``kronjax._src.index``); the
+The index kinds are internals with no public API (``kronjax._src.step.index``); the
 training run uses the public ``kronjax.jit_train_step``.
 
     .venv/bin/python experiments/bench_threshold.py [--smoke] [--out experiments/results/threshold.json]
@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 import kronjax
-from kronjax._src import index as threshold  # the index kinds: internal, timed on their own
+from kronjax._src.step import index as threshold  # the index kinds: internal, timed on their own
 from kronjax.experiments import timing as bench
 
 

@@ -6,23 +6,23 @@ from kronjax import dense
 from kronjax import network
 from kronjax import sharding
 from kronjax import sweep
-from kronjax._src.config import Config
-from kronjax._src.dataset import Dataset
-from kronjax._src.dataset import NormWarning
-from kronjax._src.inference import dense_params
-from kronjax._src.inference import evaluate
-from kronjax._src.inference import predict
-from kronjax._src.kron import KronData
-from kronjax._src.loop import CapacityError
-from kronjax._src.loop import batch_schedule
-from kronjax._src.loop import fit
-from kronjax._src.loop import jit_train_step
-from kronjax._src.native import info as native_info
-from kronjax._src.state import TrainState
-from kronjax._src.state import init
-from kronjax._src.state import resync
-from kronjax._src.state import with_config
-from kronjax._src.step import train_step
+from kronjax._src.model.config import Config
+from kronjax._src.data.dataset import Dataset
+from kronjax._src.data.dataset import NormWarning
+from kronjax._src.inference.inference import dense_params
+from kronjax._src.inference.inference import evaluate
+from kronjax._src.inference.inference import predict
+from kronjax._src.data.kron_data import KronData
+from kronjax._src.train.loop import CapacityError
+from kronjax._src.train.loop import batch_schedule
+from kronjax._src.train.loop import fit
+from kronjax._src.train.loop import jit_train_step
+from kronjax._src.kernels.native import info as native_info
+from kronjax._src.step.state import TrainState
+from kronjax._src.step.state import init
+from kronjax._src.step.state import resync
+from kronjax._src.step.state import with_config
+from kronjax._src.step.step import train_step
 
 __version__ = "0.2.0"
 

@@ -1,7 +1,7 @@
 """Synthetic Kronecker data and a planted-teacher task."""
 
-from kronjax._src.data import synthetic
-from kronjax._src.data import planted
+from kronjax._src.data.synthetic import synthetic
+from kronjax._src.data.synthetic import planted
 
 __all__ = (
     "synthetic",

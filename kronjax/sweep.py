@@ -1,14 +1,14 @@
 """Hyperparameter sweeps: ``S`` training runs stacked into one state, one compiled step."""
 
-from kronjax._src.sweep import size
-from kronjax._src.sweep import member
-from kronjax._src.sweep import grid
-from kronjax._src.sweep import set_hyperparams
-from kronjax._src.sweep import init
-from kronjax._src.sweep import stack
-from kronjax._src.sweep import with_config
-from kronjax._src.sweep import train_step
-from kronjax._src.sweep import fit
+from kronjax._src.train.sweep import size
+from kronjax._src.train.sweep import member
+from kronjax._src.train.sweep import grid
+from kronjax._src.train.sweep import set_hyperparams
+from kronjax._src.train.sweep import init
+from kronjax._src.train.sweep import stack
+from kronjax._src.train.sweep import with_config
+from kronjax._src.train.sweep import train_step
+from kronjax._src.train.sweep import fit
 
 __all__ = (
     "size",

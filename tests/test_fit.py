@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import kronjax
-from kronjax._src.loop import batch_schedule
+from kronjax._src.train.loop import batch_schedule
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kronjax import KronData
-from kronjax._src import initializers as inits
+from kronjax._src.model import initializers as inits
 
 
 pytestmark = pytest.mark.usefixtures("x64_module")  # float64 comparisons throughout

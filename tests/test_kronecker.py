@@ -1,4 +1,4 @@
-"""Tests for the kronecker init (``kronjax._src.kronecker``): W0 rows are sums of tensor products."""
+"""Tests for the kronecker init (``kronjax._src.model.kronecker_init``): W0 rows are sums of tensor products."""
 
 import functools
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kronjax import KronData
-from kronjax._src import kronecker as kr
-from kronjax._src.keys import neuron_keys
+from kronjax._src.model import kronecker_init as kr
+from kronjax._src.base.keys import neuron_keys
 
 pytestmark = [pytest.mark.usefixtures("x64_module"),  # float64 comparisons throughout
               pytest.mark.slow]  # left out of make test-fast

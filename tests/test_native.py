@@ -1,4 +1,4 @@
-"""kronjax._src.native: the CPU kernels' build, modes and fallback, and the
+"""kronjax._src.kernels.native: the CPU kernels' build, modes and fallback, and the
 kernels themselves at sizes that split over threads.
 
 The ops' arithmetic is tested against their expressions in test_products.py and
@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kronjax._src import dispatch, native, products
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native
+from kronjax._src.kernels import products
 
 pytestmark = pytest.mark.slow  # left out of make test-fast
 
@@ -172,7 +174,7 @@ def test_build_step_prints_the_command_and_the_warnings(tmp_path):
   fake = _script(tmp_path / "fake-cxx", "echo 'rows.cc:1: warning: fake warning' >&2\n"
                  f'for a; do out="$a"; done\ncp {library} "$out"\n')
   env = dict(ENV, CXX=fake, KRONJAX_CACHE_DIR=str(tmp_path / "cache"))
-  build = subprocess.run([sys.executable, "-m", "kronjax._src.native"], capture_output=True,
+  build = subprocess.run([sys.executable, "-m", "kronjax._src.kernels.native"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=120)
   assert build.returncode == 0, build.stderr
   assert build.stdout.startswith(f"{fake} -O3 ") and " -Wall " in build.stdout
@@ -195,7 +197,8 @@ import jax, jax.numpy as jnp, optax
 jax.config.update("jax_enable_x64", True)
 import kronjax
 from kronjax import sweep as sw
-from kronjax._src import dispatch, native
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native
 data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 40, (4, 6), task="regression")
 dataset = kronjax.Dataset(data, labels)
 config = kronjax.Config(width=64, threshold=0.6, update="full")
@@ -230,7 +233,7 @@ GRAIN_ELEMENTS = 1 << 15
 THREADS_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
-from kronjax._src import native
+from kronjax._src.kernels import native
 
 assert native.available(), native.info()
 print("THREADS", native.pool_threads())

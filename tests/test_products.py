@@ -1,7 +1,7 @@
-"""kronjax._src.products.add_product (and add_product_t, the same with G given transposed):
+"""kronjax._src.kernels.products.add_product (and add_product_t, the same with G given transposed):
 exactly X + G @ R, under every batching (float64).
 
-Every test runs with each CPU implementation: the native kernel (``kronjax._src.native``)
+Every test runs with each CPU implementation: the native kernel (``kronjax._src.kernels.native``)
 with a dense ``G`` (its gemm) and with a mostly-zero ``G`` (its zero-skipping
 loop: 2 nonzeros in 24 entries per member, under its 10 % switch), and XLA's
 in-place member loop and batched product (``dispatch.set_enabled(False)``).
@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kronjax._src import dispatch, native, products
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native
+from kronjax._src.kernels import products
 
 pytestmark = pytest.mark.slow  # left out of make test-fast
 

@@ -1,6 +1,6 @@
-"""kronjax._src.rows: the dense step's row ops equal their plain expressions (float64).
+"""kronjax._src.kernels.rows: the dense step's row ops equal their plain expressions (float64).
 
-Each op runs with the native CPU kernels (``kronjax._src.native``) and with XLA's
+Each op runs with the native CPU kernels (``kronjax._src.kernels.native``) and with XLA's
 plain expression (``dispatch.set_enabled(False)``), unbatched and under every
 batching a sweep produces, including jax.numpy's index semantics (negative
 indices, reads clamped, out-of-range writes dropped, repeats accumulated).
@@ -14,7 +14,9 @@ import optax
 import pytest
 
 import kronjax
-from kronjax._src import dispatch, native, rows
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native
+from kronjax._src.kernels import rows
 
 pytestmark = pytest.mark.slow  # left out of make test-fast
 
@@ -192,7 +194,7 @@ def test_native_wrappers_reject_mismatched_operands():
 
 
 def test_the_full_step_uses_the_row_kernels(impl):
-  """The point-major full step reads P's batch rows through kronjax._src.rows: no
+  """The point-major full step reads P's batch rows through kronjax._src.kernels.rows: no
   XLA gather of P and no (B, m) ReLU is left in the compiled step."""
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 32, (4, 8))
   dataset = kronjax.Dataset(data, labels)

@@ -32,7 +32,7 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 import kronjax
 from kronjax import sharding
-from kronjax._src import index as index_lib
+from kronjax._src.step import index as index_lib
 from kronjax.experiments import hlo
 
 assert jax.device_count() == 8, jax.devices()

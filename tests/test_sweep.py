@@ -12,9 +12,11 @@ import pytest
 
 import kronjax
 from kronjax import sweep as sw
-from kronjax._src import dispatch, native, products
-from kronjax._src import index as index_lib
-from kronjax._src import sweep as sweep_lib
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native
+from kronjax._src.kernels import products
+from kronjax._src.step import index as index_lib
+from kronjax._src.train import sweep as sweep_lib
 from reference import rel_err
 
 N, BATCH, STEPS = 32, 8, 8

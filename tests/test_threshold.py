@@ -1,4 +1,4 @@
-"""Tests for the threshold index (``kronjax._src.index``): every kind against the scan truth, overflow, rebuilds.
+"""Tests for the threshold index (``kronjax._src.step.index``): every kind against the scan truth, overflow, rebuilds.
 
 The property test draws >= 200 seeded cases (random P, b, batches and long sequences
 of random row updates of random sizes and signs, values on a 1/8 grid so ties at b
@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import kronjax
-from kronjax._src import index as threshold
+from kronjax._src.step import index as threshold
 
 # (m, n, active capacity, candidate capacity, delta, B, R): small capacities force
 # both kinds of overflow; big delta means few rebuilds, tiny delta many.

@@ -8,9 +8,9 @@ import optax
 import pytest
 
 import kronjax
-from kronjax._src import index as index_lib
-from kronjax._src import dispatch
-from kronjax._src import native as native_lib
+from kronjax._src.step import index as index_lib
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native as native_lib
 from reference import batches, rel_err, run_pair
 
 TXS = {
@@ -381,7 +381,7 @@ def test_dtype_policy_labels_threshold_and_optimizer_scalars_follow_the_data(x64
 
 
 def test_active_counts_are_exact_in_bfloat16():
-  from kronjax._src import rows
+  from kronjax._src.kernels import rows
   Z = jnp.ones((2, 1000), jnp.bfloat16)
   a = jnp.ones((1000, 1), jnp.bfloat16)
   counts = rows.relu_of(Z, jnp.asarray(0.0, jnp.bfloat16), a).active

@@ -11,7 +11,7 @@ import math
 import numbers
 from typing import Any, Mapping
 
-from kronjax._src import checks
+from kronjax._src.base import checks
 
 LOSSES = ("mse", "softmax")
 INITS = ("kronecker", "implicit", "explicit")

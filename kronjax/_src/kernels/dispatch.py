@@ -1,4 +1,4 @@
-"""Where a kronjax op runs: a native CPU kernel (``kronjax._src.native``) or its
+"""Where a kronjax op runs: a native CPU kernel (``kronjax._src.kernels.native``) or its
 plain ``jax.numpy`` expression. Written once here for every such op.
 
 * The switch: the kernels are used unless ``KRONJAX_NATIVE=off`` (read by
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from kronjax._src import native
+from kronjax._src.kernels import native
 
 _enabled = True
 

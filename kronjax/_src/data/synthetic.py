@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks
-from kronjax._src.kron import KronData
+from kronjax._src.base import checks
+from kronjax._src.data.kron_data import KronData
 
 
 def check_dims(dims: Sequence[int]) -> tuple[int, ...]:

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kronjax._src import initializers, losses, optim
-from kronjax._src.config import Config
+from kronjax._src.model import initializers
+from kronjax._src.model import losses
+from kronjax._src.step import optim
+from kronjax._src.model.config import Config
 
 
 class DenseState(NamedTuple):

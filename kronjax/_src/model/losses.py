@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kronjax._src import checks
+from kronjax._src.base import checks
 
 
 def batch_loss(kind: str, outputs: jax.Array, labels: jax.Array) -> jax.Array:

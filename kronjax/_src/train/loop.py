@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks
-from kronjax._src import index as index_lib
-from kronjax._src.dataset import Dataset
-from kronjax._src.inference import evaluate
-from kronjax._src.state import TrainState, check_key, resync, with_config
-from kronjax._src.step import check_batch, step
+from kronjax._src.base import checks
+from kronjax._src.step import index as index_lib
+from kronjax._src.data.dataset import Dataset
+from kronjax._src.inference.inference import evaluate
+from kronjax._src.step.state import TrainState, check_key, resync, with_config
+from kronjax._src.step.step import check_batch, step
 
 ON_OVERFLOW = ("replay", "raise", "stop")
 ON_NONFINITE = ("raise", "stop")
@@ -212,7 +212,7 @@ def train(runner: Runner, state: TrainState, dataset: Dataset, key: jax.Array, *
   log = _History(S)
   state, dataset = runner.prepare(state, dataset)
   if checkpoint_dir is not None:
-    from kronjax._src import checkpoint  # pylint: disable=g-import-not-at-top
+    from kronjax._src.dist import checkpoint  # pylint: disable=g-import-not-at-top
     checkpoint_dir = pathlib.Path(checkpoint_dir)
     if resume and checkpoint.latest_step(checkpoint_dir) is not None:
       # Straight into the runner's layout (sharded: each process reads its own shards).
@@ -480,7 +480,7 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
     is untouched either way.
   """
   if mesh is not None:
-    from kronjax._src import sharding  # pylint: disable=g-import-not-at-top
+    from kronjax._src.dist import sharding  # pylint: disable=g-import-not-at-top
     runner = sharding.sharded_runner(mesh)
   else:
     runner = single_runner()

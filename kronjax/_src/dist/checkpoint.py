@@ -85,7 +85,11 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from kronjax._src.state import TrainState, threshold_index, with_config
+from jax.experimental import multihost_utils
+
+from kronjax._src.base import serialization
+from kronjax._src.dist import sharding
+from kronjax._src.step.state import TrainState, threshold_index, with_config
 
 FORMAT = "kronjax-checkpoint"
 VERSION = 3  # v1 stored the dataset inside the state; v1 and v2 were one .npz file
@@ -164,7 +168,6 @@ def _barrier(name: str) -> None:
 def _agree(error: Exception | None, path: pathlib.Path) -> None:
   """Raises on every process when any process failed (each its own error, or what failed elsewhere)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
     failed = [int(i) for i in np.flatnonzero(flags.reshape(-1))]
     if failed and error is None:
@@ -302,7 +305,6 @@ def save(directory: str | os.PathLike, state: TrainState, metadata: dict | None 
 
 def _describe(state: TrainState, metadata: dict) -> tuple[dict, dict, dict]:
   """The manifest and the arrays to write (state leaves, index leaves)."""
-  from kronjax._src import sharding  # pylint: disable=g-import-not-at-top
   layout = sharding.mesh_axis(state)
   body = state.replace(index=None)
   axes = sharding.neuron_axes(state)
@@ -330,7 +332,7 @@ def _describe(state: TrainState, metadata: dict) -> tuple[dict, dict, dict]:
       "processes": jax.process_count(),
       "index_layout": "global" if layout is None else "shards", "index_rebuilds": rebuilds,
       "leaves": leaves, "index_leaves": index_leaves, "metadata": encoded,
-      "metadata_arrays": {k: _array_to_json(v) for k, v in meta_arrays.items()},
+      "metadata_arrays": {k: serialization.array_to_json(v) for k, v in meta_arrays.items()},
   }
   return manifest, arrays, index_arrays
 
@@ -344,77 +346,6 @@ def _storable(leaf: Any) -> tuple[Any, dict]:
                        "prng_impl": impl}
 
 
-# ----------------------------------------------------------------------------- arrays in files
-
-def write_npz_atomically(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  """Writes ``arrays`` as ``path`` (.npz): to a temporary file in the same folder,
-  flushed and fsynced, then renamed over ``path``; a crash leaves the old file or
-  the new one, never half a file. (Used by ``kronjax.network``.)"""
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def put_array(arrays: dict, name: str, value: Any) -> dict[str, Any]:
-  """Stores ``value`` under ``name``; returns its manifest entry (dtype, shape, prng_impl)."""
-  impl = None
-  if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
-    impl = str(jax.random.key_impl(value))
-    value = jax.random.key_data(value)
-  arr = np.asarray(jax.device_get(value))
-  dtype = arr.dtype
-  if not dtype.isbuiltin:  # bfloat16 & co: npz cannot describe them, store the raw bits
-    arr = arr.view(np.dtype(f"u{dtype.itemsize}"))
-  arrays[name] = arr
-  return {"dtype": dtype.name, "shape": list(arr.shape), "prng_impl": impl}
-
-
-def get_array(npz: Any, entry: dict[str, Any]) -> np.ndarray | jax.Array:
-  """The array ``put_array`` stored: numpy with its saved dtype (never narrowed
-  to JAX's default precision), or a typed PRNG key."""
-  arr = npz[entry["name"]]
-  dtype = jnp.dtype(entry["dtype"])
-  if arr.dtype != dtype:
-    arr = arr.view(dtype)
-  if list(arr.shape) != list(entry["shape"]):
-    raise ValueError(f"array {entry['name']} has shape {arr.shape}, manifest says {entry['shape']}")
-  if entry.get("prng_impl"):
-    return jax.random.wrap_key_data(jnp.asarray(arr), impl=entry["prng_impl"])
-  return arr
-
-
-def _array_to_json(arr: np.ndarray) -> dict[str, Any]:
-  arr = np.ascontiguousarray(arr)
-  return {"dtype": arr.dtype.str, "shape": list(arr.shape),
-          "data": base64.b64encode(arr.tobytes()).decode("ascii")}
-
-
-def _array_from_json(obj: dict[str, Any]) -> np.ndarray:
-  raw = base64.b64decode(obj["data"].encode("ascii"), validate=True)
-  return np.frombuffer(raw, np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
-
-
 def _encode(obj: Any, arrays: dict, where: str) -> Any:
   if obj is None or isinstance(obj, (bool, int, float, str)):
     return obj
@@ -422,7 +353,7 @@ def _encode(obj: Any, arrays: dict, where: str) -> Any:
     return obj.item()
   if isinstance(obj, (np.ndarray, jax.Array)):
     name = f"meta_{len(arrays):04d}"
-    return {"__ndarray__": name, **put_array(arrays, name, obj)}
+    return {"__ndarray__": name, **serialization.put_array(arrays, name, obj)}
   if isinstance(obj, dict):
     out = {}
     for k, v in obj.items():
@@ -439,7 +370,7 @@ def _encode(obj: Any, arrays: dict, where: str) -> Any:
 def _decode(obj: Any, arrays: dict) -> Any:
   if isinstance(obj, dict):
     if "__ndarray__" in obj:
-      return get_array(arrays, {**obj, "name": obj["__ndarray__"]})
+      return serialization.get_array(arrays, {**obj, "name": obj["__ndarray__"]})
     return {k: _decode(v, arrays) for k, v in obj.items()}
   if isinstance(obj, list):
     return [_decode(v, arrays) for v in obj]
@@ -533,11 +464,10 @@ def _read(path: pathlib.Path, like: TrainState):
   for item in ("state", "index"):
     if not (path / item).is_dir():
       raise FileNotFoundError(f"the {item!r} item of the checkpoint is missing")
-  meta_arrays = {k: _array_from_json(v) for k, v in manifest["metadata_arrays"].items()}
+  meta_arrays = {k: serialization.array_from_json(v) for k, v in manifest["metadata_arrays"].items()}
   metadata = _decode(manifest["metadata"], meta_arrays)
 
   target, layout = _target(like, manifest, path)
-  from kronjax._src import sharding  # pylint: disable=g-import-not-at-top
   body = target.replace(index=None)
   flat, treedef = jax.tree_util.tree_flatten_with_path(body)
   paths = [jax.tree_util.keystr(p) for p, _ in flat]
@@ -608,7 +538,6 @@ def _read(path: pathlib.Path, like: TrainState):
 
 def _finish(state: TrainState, plan: dict) -> TrainState:
   """After every process agreed: padded rows never fire, the index rebuilt if needed."""
-  from kronjax._src import sharding  # pylint: disable=g-import-not-at-top
   layout = plan["layout"]
   if layout is not None:
     state = sharding.set_padding(state)
@@ -636,7 +565,6 @@ def _device(like: TrainState) -> SingleDeviceSharding:
 def _target(like: TrainState, manifest: dict, path: pathlib.Path):
   """The abstract state to restore (the saved config, ``like``'s layout) and that layout,
   after checking ``like`` describes the same run."""
-  from kronjax._src import sharding  # pylint: disable=g-import-not-at-top
   saved = manifest["config"]
   current = dataclasses.asdict(like.config)
   if set(saved) != set(current):

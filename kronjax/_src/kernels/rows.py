@@ -19,14 +19,14 @@ materializes the ReLU and its mask in separate passes; measured in the
 16-member sweep of ``experiments/bench_sweep.py`` that was ~2.7 ms of a 7.5 ms
 step, more than half of the product ``P + K_rows^T @ U`` itself. So:
 
-* on CPU with the native kernels (``kronjax._src.native``) each op is one pass that
+* on CPU with the native kernels (``kronjax._src.kernels.native``) each op is one pass that
   reads each batch row once and splits the rows over XLA's threads; under
   ``jax.vmap`` with a shared ``idx`` (any number of nested vmaps) every member
   goes to the same call;
 * elsewhere (GPU, TPU, ``KRONJAX_NATIVE=off``, ``dispatch.disabled()``) the
   plain expression, and under ``jax.vmap`` JAX's own batching of it.
 
-The choice and the custom_jvp / custom_vmap wrapping are ``kronjax._src.dispatch``'s;
+The choice and the custom_jvp / custom_vmap wrapping are ``kronjax._src.kernels.dispatch``'s;
 here: the expressions, the kernel calls and the batching rule.
 
 Index semantics are ``jax.numpy``'s: negative indices count from the end; reads
@@ -42,8 +42,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kronjax._src import dispatch, losses, native
-from kronjax._src.native import HiddenRows
+from kronjax._src.kernels import dispatch
+from kronjax._src.model import losses
+from kronjax._src.kernels import native
+from kronjax._src.kernels.native import HiddenRows
 
 
 # ----------------------------------------------------------------------------- the plain math

@@ -36,11 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checkpoint, checks, initializers, losses
-from kronjax._src.config import Config
-from kronjax._src.dataset import Dataset
-from kronjax._src.kron import KronData
-from kronjax._src.state import TrainState
+from kronjax._src.base import serialization
+from kronjax._src.base import checks
+from kronjax._src.model import initializers
+from kronjax._src.model import losses
+from kronjax._src.model.config import Config
+from kronjax._src.data.dataset import Dataset
+from kronjax._src.data.kron_data import KronData
+from kronjax._src.step.state import TrainState
 
 FORMAT = "kronjax-network"
 VERSION = 1
@@ -142,16 +145,16 @@ def save(path: str | os.PathLike, state: TrainState, dataset: Dataset) -> pathli
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   arrays: dict[str, np.ndarray] = {}
-  leaves = {"key": checkpoint.put_array(arrays, "key", network.key),
-            "A": checkpoint.put_array(arrays, "A", network.A),
-            "a": checkpoint.put_array(arrays, "a", network.a),
-            "b": checkpoint.put_array(arrays, "b", network.b)}
-  factors = [checkpoint.put_array(arrays, f"factor_{q}", f)
+  leaves = {"key": serialization.put_array(arrays, "key", network.key),
+            "A": serialization.put_array(arrays, "A", network.A),
+            "a": serialization.put_array(arrays, "a", network.a),
+            "b": serialization.put_array(arrays, "b", network.b)}
+  factors = [serialization.put_array(arrays, f"factor_{q}", f)
              for q, f in enumerate(network.data.factors)]
   manifest = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(network.config),
               "leaves": leaves, "factors": factors}
   arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
-  checkpoint.write_npz_atomically(path, arrays)
+  serialization.write_npz_atomically(path, arrays)
   return path
 
 
@@ -165,9 +168,9 @@ def load(path: str | os.PathLike) -> Network:
       manifest = json.loads(bytes(npz["__manifest__"]).decode())
       if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"not a {FORMAT} v{VERSION} file")
-      leaves = {k: jnp.asarray(checkpoint.get_array(npz, {**e, "name": k}))
+      leaves = {k: jnp.asarray(serialization.get_array(npz, {**e, "name": k}))
                 for k, e in manifest["leaves"].items()}
-      factors = tuple(jnp.asarray(checkpoint.get_array(npz, {**e, "name": f"factor_{q}"}))
+      factors = tuple(jnp.asarray(serialization.get_array(npz, {**e, "name": f"factor_{q}"}))
                       for q, e in enumerate(manifest["factors"]))
       config = Config(**manifest["config"])
   except (zipfile.BadZipFile, EOFError, KeyError, ValueError, TypeError, OSError,

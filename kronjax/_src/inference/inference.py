@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import initializers, losses, network
-from kronjax._src.dataset import Dataset
-from kronjax._src.kron import KronData
-from kronjax._src.state import TrainState
+from kronjax._src.model import initializers
+from kronjax._src.model import losses
+from kronjax._src.inference import network
+from kronjax._src.data.dataset import Dataset
+from kronjax._src.data.kron_data import KronData
+from kronjax._src.step.state import TrainState
 
 
 def outputs_from_projections(state: TrainState, P: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """Native CPU kernels (XLA FFI), built once with the system C++ compiler.
 
-Kernels (sources in ``kronjax/_src/csrc/``, built into one library):
+Kernels (sources in ``kronjax/_src/kernels/csrc/``, built into one library):
 
 * ``add_product(X, G, R) = X + G @ R`` accumulated in place by BLAS ``gemm``
   with ``beta = 1``, and ``add_product_t`` for ``G`` given transposed
@@ -10,7 +10,7 @@ Kernels (sources in ``kronjax/_src/csrc/``, built into one library):
   (the hidden layer's output ``relu(X[idx] - b) @ a`` and active count) and
   ``relu_rows_grad`` (the coefficients ``where(X[idx] > b, g @ a^T, 0)``), each
   reading a row once and splitting the rows over XLA's intra-op threads
-  (``parallel.h``). Why: ``kronjax._src.rows``.
+  (``parallel.h``). Why: ``kronjax._src.kernels.rows``.
 
 About ``add_product``: XLA CPU computes the same expression as a product into
 a temporary followed by a separate add pass over ``X`` that one core runs; for
@@ -20,7 +20,7 @@ gemm in one call, reading and writing each member's ``X`` once. When under
 10 % of ``G``'s entries are nonzero (the coefficients of inactive neurons are
 exact zeros) it skips them instead: one axpy per nonzero, exact for finite ``R``.
 
-Building: ``make native`` (``native.main()``; also ``python -m kronjax._src.native``)
+Building: ``make native`` (``native.main()``; also ``python -m kronjax._src.kernels.native``)
 compiles the sources (~13 s) against jaxlib's FFI headers
 (``jax.ffi.include_dir``) into a cache directory, keyed by the sources, the
 flags, the jaxlib version, the compiler and the machine, and prints the
@@ -31,7 +31,7 @@ is built when JAX's default backend is not the CPU. The gemm itself is scipy's
 (``scipy.linalg.cython_blas``; scipy is a dependency of jax), so nothing links
 against a BLAS.
 
-Whether an op calls a kernel is decided in ``kronjax._src.dispatch`` (which also
+Whether an op calls a kernel is decided in ``kronjax._src.kernels.dispatch`` (which also
 has the programmatic on/off switch).
 
 Environment:
@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   when there is nothing to build (no compiler: kronjax runs on XLA; a non-CPU
   default backend; ``KRONJAX_NATIVE=off``), 1 when the compiler cannot run or fails.
   """
-  parser = argparse.ArgumentParser(prog="python -m kronjax._src.native",
+  parser = argparse.ArgumentParser(prog="python -m kronjax._src.kernels.native",
                                    description="Builds kronjax's native CPU kernels into the cache.")
   parser.add_argument("--rebuild", action="store_true",
                       help="compile again even when the cache has this build")
@@ -432,5 +432,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   # The package is imported already (kronjax/__init__): run its copy of this module.
-  from kronjax._src import native as imported  # pylint: disable=import-self
+  from kronjax._src.kernels import native as imported  # pylint: disable=import-self
   sys.exit(imported.main())

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks
+from kronjax._src.base import checks
 
 
 @jax.tree_util.register_pytree_node_class

@@ -82,10 +82,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kronjax._src import loop
-from kronjax._src import step as step_lib
-from kronjax._src.dataset import Dataset
-from kronjax._src.state import TrainState, threshold_index, trainable_key, with_config
+from kronjax._src.train import loop
+from kronjax._src.step import step as step_lib
+from kronjax._src.data.dataset import Dataset
+from kronjax._src.step.state import TrainState, threshold_index, trainable_key, with_config
 
 AXIS = "neurons"
 

@@ -10,7 +10,7 @@ Shapes: m neurons, n points, d = prod_q d_q, C outputs, c neurons per chunk.
   i.i.d. ``N(0, K)``; we sample them as ``Z @ L^T`` with ``L L^T = K`` from
   ``psd_factor`` (Cholesky, or ``eigh`` when ``K`` is singular: duplicates,
   ``n > d``). Time ``O(n^3 + m n^2)``, no ``d``; ``W0`` exists only on these points.
-* ``kronecker``: ``kronjax._src.kronecker``: every row of ``W0`` is a sum of
+* ``kronecker``: ``kronjax._src.model.kronecker_init``: every row of ``W0`` is a sum of
   ``init_rank`` Kronecker products of Gaussian factors. Time ``O(m R0 n R sum_q d_q)``,
   no ``d``, and ``W0 x'`` exists for every input.
 """
@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks, kronecker
-from kronjax._src.keys import init_keys, neuron_keys
-from kronjax._src.kron import KronData, check_compatible
+from kronjax._src.base import checks
+from kronjax._src.model import kronecker_init as kronecker
+from kronjax._src.base.keys import init_keys, neuron_keys
+from kronjax._src.data.kron_data import KronData, check_compatible
 
 
 def w0_rows(keys: jax.Array, dim: int, dtype=None) -> jax.Array:

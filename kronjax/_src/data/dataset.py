@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks
-from kronjax._src.kron import KronData, check_compatible
+from kronjax._src.base import checks
+from kronjax._src.data.kron_data import KronData, check_compatible
 
 GRAMS = ("precomputed", "factors")
 

@@ -37,9 +37,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kronjax._src import checks, losses, products, rows
-from kronjax._src.dataset import Dataset
-from kronjax._src.state import TrainState, threshold_index, trainable_tree
+from kronjax._src.base import checks
+from kronjax._src.model import losses
+from kronjax._src.kernels import products
+from kronjax._src.kernels import rows
+from kronjax._src.data.dataset import Dataset
+from kronjax._src.step.state import TrainState, threshold_index, trainable_tree
 
 
 class Updated(NamedTuple):

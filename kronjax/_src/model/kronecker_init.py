@@ -58,10 +58,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src import checks
-from kronjax._src.data import check_dims
-from kronjax._src.keys import neuron_keys
-from kronjax._src.kron import KronData, check_compatible
+from kronjax._src.base import checks
+from kronjax._src.data.synthetic import check_dims
+from kronjax._src.base.keys import neuron_keys
+from kronjax._src.data.kron_data import KronData, check_compatible
 
 # Defaults chosen by experiments/bench_kronecker_init.py (results in
 # experiments/results/kronecker_init.json).

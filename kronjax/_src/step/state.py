@@ -19,10 +19,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kronjax._src import checks, initializers, losses, optim
-from kronjax._src import index as index_lib
-from kronjax._src.config import Config
-from kronjax._src.dataset import Dataset, check_dataset
+from kronjax._src.base import checks
+from kronjax._src.model import initializers
+from kronjax._src.model import losses
+from kronjax._src.step import optim
+from kronjax._src.step import index as index_lib
+from kronjax._src.model.config import Config
+from kronjax._src.data.dataset import Dataset, check_dataset
 
 
 @dataclasses.dataclass(frozen=True)

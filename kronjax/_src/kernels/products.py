@@ -4,7 +4,7 @@ Shapes: m rows (neurons), B batch, n columns (points).
 
 On the dense path every step adds ``G (m, B) @ K[S, :] (B, n)`` to ``P (m, n)``.
 
-* CPU, native kernel available (``kronjax._src.native``, the default where a
+* CPU, native kernel available (``kronjax._src.kernels.native``, the default where a
   C++ compiler exists): in place, one BLAS ``gemm`` with ``beta = 1`` per member,
   or, when ``G`` is mostly zeros (inactive neurons), one axpy per nonzero.
   Under ``jax.vmap`` over sweep members all members go to one call, and the
@@ -21,7 +21,7 @@ On the dense path every step adds ``G (m, B) @ K[S, :] (B, n)`` to ``P (m, n)``.
   product leaves the device idle; XLA fuses the add into the gemm there).
 
 Every variant is exactly ``X + G @ R`` up to float rounding order. The choice,
-the switch and the custom_jvp / custom_vmap wrapping are ``kronjax._src.dispatch``'s;
+the switch and the custom_jvp / custom_vmap wrapping are ``kronjax._src.kernels.dispatch``'s;
 here: the expression, the kernel call and the batching rule.
 """
 
@@ -32,7 +32,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kronjax._src import dispatch, native
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native
 
 # Below this many bytes of batched result the default batched product stays in
 # cache and its single dispatch wins over a loop (measured: experiments/bench_sweep.py

@@ -48,13 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kronjax._src import checks, loop
-from kronjax._src import state as state_lib
-from kronjax._src import step as step_lib
-from kronjax._src.config import Config
-from kronjax._src.dataset import Dataset
-from kronjax._src.inference import evaluate
-from kronjax._src.state import TrainState
+from kronjax._src.base import checks
+from kronjax._src.train import loop
+from kronjax._src.step import state as state_lib
+from kronjax._src.step import step as step_lib
+from kronjax._src.model.config import Config
+from kronjax._src.data.dataset import Dataset
+from kronjax._src.inference.inference import evaluate
+from kronjax._src.step.state import TrainState
 
 MEMBER_KEYS = ("threshold", "seed", "key")
 """Member settings besides the optimizer's injected hyperparameters."""
