@@ -16,15 +16,16 @@ from kronjax._src.data.kron_data import KronData
 from kronjax._src.train.loop import CapacityError
 from kronjax._src.train.loop import batch_schedule
 from kronjax._src.train.loop import fit
-from kronjax._src.train.loop import jit_train_step
 from kronjax._src.kernels.native import info as native_info
+from kronjax._src.step.plan import Plan
 from kronjax._src.step.state import TrainState
 from kronjax._src.step.state import init
 from kronjax._src.step.state import resync
-from kronjax._src.step.state import with_config
+from kronjax._src.step.state import with_plan
+from kronjax._src.step.step import jit_train_step
 from kronjax._src.step.step import train_step
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = (
     "CapacityError",
@@ -32,6 +33,7 @@ __all__ = (
     "Dataset",
     "KronData",
     "NormWarning",
+    "Plan",
     "TrainState",
     "batch_schedule",
     "checkpoint",
@@ -49,5 +51,5 @@ __all__ = (
     "sharding",
     "sweep",
     "train_step",
-    "with_config",
+    "with_plan",
 )

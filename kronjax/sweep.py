@@ -6,7 +6,7 @@ from kronjax._src.train.sweep import grid
 from kronjax._src.train.sweep import set_hyperparams
 from kronjax._src.train.sweep import init
 from kronjax._src.train.sweep import stack
-from kronjax._src.train.sweep import with_config
+from kronjax._src.train.sweep import with_plan
 from kronjax._src.train.sweep import train_step
 from kronjax._src.train.sweep import fit
 
@@ -17,7 +17,7 @@ __all__ = (
     "set_hyperparams",
     "init",
     "stack",
-    "with_config",
+    "with_plan",
     "train_step",
     "fit",
 )

@@ -6,6 +6,10 @@ The dataset lives beside the ``TrainState``, never inside it: a sweep stacks
 states and shares one dataset (``jax.vmap(train_step, in_axes=(0, None, None))``),
 a checkpoint holds the state only, and the state remembers the dataset's
 *fingerprint* so that every entry point refuses a different dataset.
+
+The fingerprint is an array leaf (``(8,)`` uint32, a sha256), not static data: two
+datasets of the same shapes share one compiled step, and the step itself compares
+the two fingerprints (a mismatch makes it a no-op with ``wrong_dataset`` set).
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ class Dataset:
     gram: ``(n, n)`` Gram, or None with ``gram="factors"``.
     gram_eval: ``(n, n_e)`` cross Gram, or None.
     gram_mode: ``"precomputed"`` or ``"factors"``.
-    fingerprint: sha256 of the factors and labels (train and eval), or None for
-      a dataset built from traced arrays.
+    fingerprint: ``(8,)`` uint32 sha256 of the factors and labels (train and eval);
+      all zeros (unknown) for a dataset built from traced arrays.
 
   Raises:
     TypeError: ``data`` is not a KronData, labels are neither floats nor integers.
@@ -108,14 +112,15 @@ class Dataset:
   # -- pytree protocol: unflatten bypasses validation (leaves may be tracers).
   def tree_flatten(self):
     children = (self.data, self.labels, self.eval_data, self.eval_labels, self.gram,
-                self.gram_eval)
-    return children, (self.gram_mode, self.fingerprint)
+                self.gram_eval, self.fingerprint)
+    return children, (self.gram_mode,)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)
-    (obj.data, obj.labels, obj.eval_data, obj.eval_labels, obj.gram, obj.gram_eval) = children
-    obj.gram_mode, obj.fingerprint = aux
+    (obj.data, obj.labels, obj.eval_data, obj.eval_labels, obj.gram, obj.gram_eval,
+     obj.fingerprint) = children
+    (obj.gram_mode,) = aux
     return obj
 
   @property
@@ -183,19 +188,20 @@ def _check_labels(name: str, labels: Any, data: KronData) -> jax.Array:
                   f"got dtype {labels.dtype}.")
 
 
-def fingerprint(dataset: Dataset) -> str | None:
-  """sha256 over the training and eval factors and labels (shapes, dtypes, bytes).
+FINGERPRINT_WORDS = 8  # a sha256 as uint32 words
 
-  None when any of them is traced (a dataset built inside ``jit``): such a
-  dataset cannot be told apart from another, so checks against it are skipped.
-  """
+
+def fingerprint(dataset: Dataset) -> jax.Array:
+  """``(8,)`` uint32: sha256 over the training and eval factors and labels (shapes,
+  dtypes, bytes); all zeros ("unknown") when any of them is traced (a dataset built
+  inside ``jit``), whose checks are then skipped."""
   parts = [("data", dataset.data.factors), ("labels", (dataset.labels,))]
   if dataset.eval_data is not None:
     parts.append(("eval_data", dataset.eval_data.factors))
   if dataset.eval_labels is not None:
     parts.append(("eval_labels", (dataset.eval_labels,)))
   if not all(checks.is_concrete(x) for _, arrays in parts for x in arrays):
-    return None
+    return jnp.zeros((FINGERPRINT_WORDS,), jnp.uint32)
   h = hashlib.sha256()
   for name, arrays in parts:
     h.update(name.encode())
@@ -203,16 +209,34 @@ def fingerprint(dataset: Dataset) -> str | None:
       arr = np.ascontiguousarray(jax.device_get(x))
       h.update(f"{arr.dtype.name}{arr.shape}".encode())
       h.update(arr.tobytes())
-  return h.hexdigest()
+  return jnp.asarray(np.frombuffer(h.digest(), np.uint32))
 
 
-def check_dataset(name: str, dataset: Any, *, fingerprint: str | None, n: int,
+def fingerprint_text(fp: Any) -> str | None:
+  """A fingerprint as hex (for messages and manifests), None when unknown or traced."""
+  if not checks.is_concrete(fp):
+    return None
+  words = np.asarray(fp)
+  if words.shape != (FINGERPRINT_WORDS,) or words.dtype != np.uint32:
+    return "malformed (the dataset was rebuilt leaf by leaf, e.g. with jax.tree.map)"
+  if not words.any():
+    return None
+  return words.tobytes().hex()
+
+
+def same_fingerprint(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``()`` bool, traceable: equal fingerprints, or either unknown (all zeros)."""
+  return jnp.all(a == b) | ~jnp.any(a) | ~jnp.any(b)
+
+
+def check_dataset(name: str, dataset: Any, *, fingerprint: Any, n: int,
                   n_eval: int) -> Dataset:
   """Raises unless ``dataset`` is the dataset a state was built from.
 
   Args:
     name: the argument's name in the caller (for the message).
-    fingerprint: the state's record of its dataset (None: unknown).
+    fingerprint: the state's record of its dataset (``(8,)`` uint32, or None to
+      check the point counts only); compared on the host when both are concrete.
     n, n_eval: the point counts the state's arrays were built for.
   """
   if not isinstance(dataset, Dataset):
@@ -222,11 +246,12 @@ def check_dataset(name: str, dataset: Any, *, fingerprint: str | None, n: int,
     raise ValueError(
         f"{name} has n={dataset.n} training and {dataset.n_eval} eval points, but the state was "
         f"built for n={n} and {n_eval}; pass the dataset given to kronjax.init.")
-  if (fingerprint is not None and dataset.fingerprint is not None
-      and fingerprint != dataset.fingerprint):
+  mine = None if fingerprint is None else fingerprint_text(fingerprint)
+  theirs = fingerprint_text(dataset.fingerprint)
+  if mine is not None and theirs is not None and mine != theirs:
     raise ValueError(
         f"{name} is not the dataset this state was built from (its fingerprint "
-        f"{dataset.fingerprint[:12]}… differs from the state's {fingerprint[:12]}…: other "
+        f"{theirs[:12]}… differs from the state's {mine[:12]}…: other "
         "factors, labels or eval split). Pass the dataset given to kronjax.init, or build a "
         "new state for this one.")
   return dataset

@@ -69,11 +69,11 @@ see (the same path on every host).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import itertools
 import json
 import os
+from importlib import metadata
 import pathlib
 import re
 import shutil
@@ -89,17 +89,19 @@ from jax.experimental import multihost_utils
 
 from kronjax._src.base import serialization
 from kronjax._src.dist import sharding
-from kronjax._src.step.state import TrainState, threshold_index, with_config
+from kronjax._src.data.dataset import fingerprint_text
+from kronjax._src.step.plan import Plan
+from kronjax._src.step.state import TrainState, threshold_index, with_plan
 
 FORMAT = "kronjax-checkpoint"
-VERSION = 3  # v1 stored the dataset inside the state; v1 and v2 were one .npz file
+VERSION = 4
+# The kronjax release that wrote each older format: named when such a checkpoint is refused.
+WRITTEN_BY = {1: "0.1", 2: "0.1", 3: "0.2"}
 _PREFIX = "ckpt"
 _NAME = re.compile(r"^ckpt_(\d{10})$")
 _LEGACY = re.compile(r"^ckpt-(\d{10})\.npz$")
 _TORN = re.compile(r"^ckpt_\d{10}\.orbax-checkpoint-tmp")
 _MANIFEST_FILE = "manifest.json"
-# Settings that define the network (or the state's pytree): a checkpoint must agree on them.
-FIXED_CONFIG = ("width", "threshold", "loss", "num_classes", "init", "init_rank", "train_output")
 
 
 def _ocp():
@@ -249,10 +251,6 @@ class Manager:
       self._manager.wait_until_finished()
       for s in stale:
         self._manager.delete(s)
-    if jax.process_index() == 0:
-      for s in steps(self.directory):
-        if s >= step:
-          _legacy_path(self.directory, s).unlink(missing_ok=True)
     self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(arrays), index=ocp.args.PyTreeSave(index_arrays),
         manifest=ocp.args.JsonSave(manifest)))
@@ -324,9 +322,11 @@ def _describe(state: TrainState, metadata: dict) -> tuple[dict, dict, dict]:
   encoded = _encode(metadata, meta_arrays, "metadata")
   manifest = {
       "format": FORMAT, "version": VERSION, "step": step,
-      "config": dataclasses.asdict(state.config), "index_kind": state.index_kind,
-      "shape_free_tx": bool(state.shape_free_tx), "tx": describe_tx(state),
-      "data_fingerprint": state.fingerprint, "width": state.config.width,
+      "kronjax_version": _kronjax_version(),
+      "config": state.config.identity(), "plan": dataclasses.asdict(state.plan),
+      "index_kind": state.index_kind, "tx": describe_tx(state),
+      "data_fingerprint": _fingerprint(state),
+      "width": state.config.width,
       "rows": int(state.A_T.shape[-1]),
       "devices": 1 if layout is None else int(layout[0].shape[layout[1]]),
       "processes": jax.process_count(),
@@ -428,9 +428,9 @@ def load(directory: str | os.PathLike, *, like: TrainState,
   if not path.is_dir():
     if _legacy_path(directory, step).is_file():
       raise ValueError(
-          f"checkpoint {str(_legacy_path(directory, step))!r} was written by an earlier kronjax "
-          "(one .npz file, format v1 or v2); this kronjax reads v3 (a directory per step, "
-          "sharded). Train again, or load it with the kronjax that wrote it.")
+          f"checkpoint {str(_legacy_path(directory, step))!r} was written by kronjax "
+          f"{WRITTEN_BY[1]} (one .npz file, format v1 or v2); this kronjax reads v{VERSION}. "
+          "Train again, or load it with the kronjax that wrote it.")
     raise FileNotFoundError(f"no checkpoint for step {step} in {str(directory)!r}; "
                             f"available steps: {steps(directory)}.")
   error, out = None, None
@@ -453,10 +453,15 @@ def _read(path: pathlib.Path, like: TrainState):
   manifest = json.loads((path / "manifest" / _MANIFEST_FILE).read_text())
   if not isinstance(manifest, dict):
     raise TypeError("the manifest is not a JSON object")
+  if manifest.get("format") == FORMAT and manifest.get("version") in WRITTEN_BY:
+    raise _Refused(
+        f"checkpoint {str(path)!r} was written by kronjax {WRITTEN_BY[manifest['version']]} "
+        f"(checkpoint format v{manifest['version']}); this kronjax reads v{VERSION}. Train "
+        "again, or load it with the kronjax that wrote it.")
   if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
     raise ValueError(f"not a {FORMAT} v{VERSION} checkpoint (format={manifest.get('format')!r}, "
                      f"version={manifest.get('version')!r})")
-  for field in ("step", "config", "index_kind", "data_fingerprint", "leaves", "index_leaves",
+  for field in ("step", "config", "plan", "index_kind", "data_fingerprint", "leaves", "index_leaves",
                 "metadata", "metadata_arrays", "width", "rows", "devices", "index_layout",
                 "index_rebuilds"):
     if field not in manifest:
@@ -544,7 +549,7 @@ def _finish(state: TrainState, plan: dict) -> TrainState:
     if plan["rebuild"]:
       state = sharding.build_shard_indices(state, layout[0], layout[1], plan["rebuilds"])
   elif plan["rebuild"]:
-    index = threshold_index(state.config, state.index_kind).build(state.P, state.b)
+    index = threshold_index(state).build(state.P, state.b)
     state = state.replace(index=sharding.with_index_rebuilds(
         index, jnp.asarray(plan["rebuilds"], jnp.int32)))
   return state
@@ -566,17 +571,18 @@ def _target(like: TrainState, manifest: dict, path: pathlib.Path):
   """The abstract state to restore (the saved config, ``like``'s layout) and that layout,
   after checking ``like`` describes the same run."""
   saved = manifest["config"]
-  current = dataclasses.asdict(like.config)
+  current = like.config.identity()
   if set(saved) != set(current):
     raise _Refused(f"checkpoint {str(path)!r} was written by a kronjax with different Config "
                    f"fields ({sorted(set(saved) ^ set(current))}); it cannot be restored.")
-  for name in FIXED_CONFIG:
+  for name in current:
     if saved[name] != current[name]:
       raise _Refused(
           f"checkpoint {str(path)!r} does not match `like`: config.{name} is {saved[name]!r} in "
           f"the checkpoint and {current[name]!r} in `like`. Build `like` with the saved run's config.")
   saved_fp = manifest["data_fingerprint"]
-  if saved_fp is not None and like.fingerprint is not None and saved_fp != like.fingerprint:
+  like_fp = _fingerprint(like)
+  if saved_fp is not None and like_fp is not None and saved_fp != like_fp:
     raise _Refused(
         f"checkpoint {str(path)!r} was saved for another dataset: the fingerprint of its "
         "training/eval factors and labels differs from `like`'s. Build `like` with "
@@ -589,21 +595,33 @@ def _target(like: TrainState, manifest: dict, path: pathlib.Path):
         "(optax transformations cannot be stored in a checkpoint).")
   if manifest["width"] != like.config.width:
     raise ValueError(f"manifest width {manifest['width']} disagrees with its config")
-  changes = {k: v for k, v in saved.items() if v != current[k]}
+  plan = Plan.from_dict(manifest["plan"])   # the saved run's plan (capacities grown by replays)
   layout = sharding.mesh_axis(like)
   width = like.config.width
   base = like.replace(index=None)
   if layout is not None:
     base = jax.eval_shape(lambda s: sharding.resize_rows(s, width), base)
   if base.A_T.ndim == 3:   # a stacked sweep state
-    target = jax.eval_shape(jax.vmap(lambda s: with_config(s, **changes)), base)
+    target = jax.eval_shape(jax.vmap(lambda s: with_plan(s, plan)), base)
   else:
-    target = jax.eval_shape(lambda s: with_config(s, **changes), base)
+    target = jax.eval_shape(lambda s: with_plan(s, plan), base)
   if target.index_kind != manifest["index_kind"]:
     raise _Refused(f"checkpoint {str(path)!r} used threshold index {manifest['index_kind']!r}, "
-                   f"but its config resolves to {target.index_kind!r} here.")
+                   f"but its plan resolves to {target.index_kind!r} here.")
   if layout is not None:
     mesh, axis = layout
     rows = sharding.padded_width(width, mesh.shape[axis])
     target = jax.eval_shape(lambda s: sharding.resize_rows(s, rows), target)
   return target, layout
+
+
+def _fingerprint(state: TrainState) -> str | None:
+  """The state's dataset fingerprint as text (a sweep's members share one)."""
+  return fingerprint_text(np.asarray(sharding.local_part(state.fingerprint)).reshape(-1, 8)[0])
+
+
+def _kronjax_version() -> str:
+  try:
+    return metadata.version("kronjax")
+  except metadata.PackageNotFoundError:
+    return "unknown"

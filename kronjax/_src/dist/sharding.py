@@ -41,21 +41,11 @@ per trainable in the optimizer state: 0 for plain sgd, 1 for momentum, 2 for ada
     full-shape gradients of ``P`` and ``A`` (``2 r n f``, plus ``r n_e f``); the
     sparse path with plain sgd only ``O(T B n)`` (``T`` touched rows).
 
-Measured (``experiments/bench_checkpoint.py``, results in
-``experiments/results/checkpoint.json``): m = 16384, n = 4096, float32, momentum,
-full path, 2 processes of one CPU device each (r = 8192): the formula gives
-512 MiB of state (``P``, ``A``: 128 MiB each; traces: 256 MiB) plus the 64 MiB
-Gram per device; the compiled step's arguments are 576 MiB (the formula's
-state + Gram + factors, within 0.1%), its temporaries 260 MiB (``2 r n f`` =
-256 MiB, plus 4 MiB), its outputs alias the donated state; the measured peak
-resident memory of a process over training steps is 260 to 306 MiB above
-its resident memory before them (the state is resident already: that is the
-temporaries). One process (r = 16384): 1 GiB of state,
-temporaries 519 MiB, measured peak over training 547 MiB. Not yet sharded:
-``kronjax.init`` builds the whole state on every process before
-``shard_state`` keeps its rows, so the start needs the unsharded state once
-per process; restoring a checkpoint needs about twice a device's state for a
-moment (the restored arrays and the read buffers).
+The measured sizes of the compiled step's arguments and temporaries, and the peak
+resident memory over training, are on the performance page (``bench_checkpoint``).
+Not yet sharded: ``kronjax.init`` builds the whole state on every process before
+``shard_state`` keeps its rows, so the start needs the unsharded state once per
+process; restoring a checkpoint needs about twice a device's state for a moment.
 
 Multi-process / multi-host: call ``jax.distributed.initialize()`` in every
 process first (CPU devices need ``jax_cpu_collectives_implementation="gloo"``);
@@ -82,10 +72,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kronjax._src.train import loop
 from kronjax._src.step import step as step_lib
 from kronjax._src.data.dataset import Dataset
-from kronjax._src.step.state import TrainState, threshold_index, trainable_key, with_config
+from kronjax._src.step.state import TrainState, threshold_index, trainable_key
 
 AXIS = "neurons"
 
@@ -219,7 +208,7 @@ def shard_state(state: TrainState, mesh: Mesh, axis_name: str | None = None) -> 
 def build_shard_indices(state: TrainState, mesh: Mesh, axis: str, rebuilds: Any) -> TrainState:
   """``state`` (sharded, any index) with one threshold index per shard built from
   the shard's rows, its rebuild counter set to ``rebuilds``."""
-  index = threshold_index(state.config, state.index_kind)
+  index = threshold_index(state)
   count = jnp.asarray(rebuilds, jnp.int32)
 
   def build(P_local, b, count):
@@ -314,7 +303,7 @@ def unshard_state(state: TrainState, device: Any = None) -> TrainState:
   if not sharded:
     return state
   state = resize_rows(state, state.config.width)
-  index = threshold_index(state.config, state.index_kind).build(state.P, state.b)
+  index = threshold_index(state).build(state.P, state.b)
   return state.replace(index=with_index_rebuilds(index, jax.device_put(rebuilds, device)))
 
 
@@ -332,7 +321,7 @@ def local_part(x: Any) -> Any:
 
 def _is_global_index(state: TrainState) -> bool:
   """False when the index carries the per-shard leading device axis."""
-  reference = jax.eval_shape(threshold_index(state.config, state.index_kind).build, state.P, state.b)
+  reference = jax.eval_shape(threshold_index(state).build, state.P, state.b)
   return jax.tree.structure(reference) == jax.tree.structure(state.index) and all(
       x.shape == y.shape for x, y in zip(jax.tree.leaves(reference), jax.tree.leaves(state.index)))
 
@@ -380,39 +369,13 @@ def replicate(dataset: Dataset, mesh: Mesh) -> Dataset:
   return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), dataset)
 
 
-def sharded_runner(mesh: Mesh, axis_name: str | None = None) -> loop.Runner:
-  """The training loop's runner for neuron-sharded training over ``mesh``."""
-  step_fn = compiled_step(mesh, axis_name)
-
-  def prepare(state, dataset):
-    return shard_state(state, mesh, axis_name), replicate(dataset, mesh)
-
-  def run_step(state, dataset, batch, mask):
-    del mask  # one member
-    return step_fn(state, dataset, batch)
-
-  def regrow(state, **changes):
-    return shard_state(with_config(state, **changes), mesh, axis_name)
-
-  # Checkpoints are written shard by shard, each process its own (saveable is the
-  # identity: nothing is gathered), and kronjax.checkpoint.load restores them onto
-  # any layout: this mesh, another device count, or an unsharded state.
-  def resync(state, dataset):   # on one device (each process): P = P0 + A K needs all of K
-    local = jax.tree.map(local_part, dataset)
-    return shard_state(loop.resync_jit(unshard_state(state), local), mesh, axis_name)
-
-  return loop.Runner(members=None, prepare=prepare, step=run_step, evaluate=loop.evaluate_jit,
-                     with_config=regrow, saveable=lambda s: s, resync=resync,
-                     name="kronjax.fit")
-
-
 # ----------------------------------------------------------------------------- communication
 
 def estimated_bytes(batch: int, classes: int, *, float_bytes: int = 4,
                     update: str = "sparse") -> dict[str, int]:
   """The paper estimate of one step's all-reduce payload per device (the docs' multi-process page).
 
-  ``update`` is the step's update path (``config.resolved_update(batch)``):
+  ``update`` is the step's update path (``state.update_path(batch)``):
 
   * ``"sparse"``: ``outputs``, the ``(B, C)`` partial outputs (``float_bytes``
     each); ``counts``, the ``(B,)`` int32 active counts; ``scalars``, overflow
@@ -426,7 +389,7 @@ def estimated_bytes(batch: int, classes: int, *, float_bytes: int = 4,
   (``kronjax.experiments.hlo.step_collectives``; tests/test_sharding.py).
   """
   if update not in ("sparse", "full"):
-    raise ValueError(f"update must be 'sparse' or 'full' (config.resolved_update(batch)), "
+    raise ValueError(f"update must be 'sparse' or 'full' (state.update_path(batch)), "
                      f"got {update!r}.")
   if update == "sparse":
     out = {"outputs": batch * classes * float_bytes, "counts": 4 * batch, "scalars": 3 * 4}

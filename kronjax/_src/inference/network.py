@@ -46,7 +46,8 @@ from kronjax._src.data.kron_data import KronData
 from kronjax._src.step.state import TrainState
 
 FORMAT = "kronjax-network"
-VERSION = 1
+VERSION = 2
+WRITTEN_BY = {1: "0.2"}  # the kronjax release that wrote each older format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Network:
   """A trained two-layer network, applicable to any input in its tensor space.
 
   Attributes:
-    config: the ``Config`` it was trained with (width, init, ...).
+    config: the (resolved) ``Config`` it was trained with (width, init, ...).
     key: the state's key (``W0`` and the initial ``a`` derive from it).
     A: ``(m, n)`` coefficients, ``W = W0 + A X``.
     a: ``(m, C)`` output layer.  b: ``()`` threshold.
@@ -166,6 +167,10 @@ def load(path: str | os.PathLike) -> Network:
   try:
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
       manifest = json.loads(bytes(npz["__manifest__"]).decode())
+      if manifest.get("format") == FORMAT and manifest.get("version") in WRITTEN_BY:
+        raise ValueError(f"written by kronjax {WRITTEN_BY[manifest['version']]} (network format "
+                         f"v{manifest['version']}); this kronjax reads v{VERSION}: save the "
+                         "network again with this kronjax, or load it with the one that wrote it")
       if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"not a {FORMAT} v{VERSION} file")
       leaves = {k: jnp.asarray(serialization.get_array(npz, {**e, "name": k}))

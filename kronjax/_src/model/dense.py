@@ -39,6 +39,7 @@ def init(key: jax.Array, config: Config, dims: int | tuple[int, ...],
       accepted for ``init="explicit"``, whose ``W0`` does not depend on them).
   """
   dtype = dtype or jnp.result_type(float)
+  config = config.resolve()
   if isinstance(dims, int):
     if config.init == "kronecker":
       raise ValueError("dims must be the tuple of factor dims for init='kronecker' (its W0 is "

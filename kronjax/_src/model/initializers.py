@@ -145,37 +145,43 @@ class Projections(NamedTuple):
   eval: jax.Array | None    # (m, n_e), or None without eval points
 
 
-def initial_projections(key: jax.Array, config: Any, dataset: Any) -> Projections:
+def initial_projections(key: jax.Array, config: Any, dataset: Any, *,
+                        chunk: int = 256) -> Projections:
   """``P0 = W0 X^T`` of the dataset's training and eval points under ``config.init``.
 
-  ``key`` is the state's key; ``W0`` is drawn from ``init_keys(key)["W0"]``.
+  ``key`` is the state's key; ``W0`` is drawn from ``init_keys(key)["W0"]``; ``chunk``
+  neurons at a time (the plan's ``init_chunk``: memory, never values).
   """
+  config = config.resolve()
   key_w = init_keys(key)["W0"]
   data = dataset.data
   extra = () if dataset.eval_data is None else (dataset.eval_data,)
   m = config.width
   if config.init == "explicit":
-    out = explicit_projections(key_w, m, data, chunk=config.init_chunk, extra=extra)
+    out = explicit_projections(key_w, m, data, chunk=chunk, extra=extra)
   elif config.init == "kronecker":
     out = kronecker.kronecker_projections(key_w, m, config.init_rank, (data,) + extra,
-                                          chunk=config.init_chunk)
+                                          chunk=chunk)
   else:
     out = implicit_projections(key_w, m, data, extra=extra, gram=dataset.gram)
   return Projections(out[0], out[1] if extra else None)
 
 
-def new_point_projections(key_w: jax.Array, config: Any, data: KronData) -> tuple[jax.Array]:
+def new_point_projections(key_w: jax.Array, config: Any, data: KronData, *,
+                          chunk: int = 256) -> tuple[jax.Array]:
   """``(W0 X'^T,)`` ``(m, n')`` for any points ``data`` (explicit or kronecker init)."""
+  config = config.resolve()
   if config.init == "kronecker":
     return kronecker.kronecker_projections(key_w, config.width, config.init_rank, (data,),
-                                           chunk=config.init_chunk)
+                                           chunk=chunk)
   if config.init == "explicit":
-    return explicit_projections(key_w, config.width, data, chunk=config.init_chunk)
+    return explicit_projections(key_w, config.width, data, chunk=chunk)
   raise ValueError(f"init={config.init!r} draws no W0; only 'kronecker' and 'explicit' do.")
 
 
 def initial_weights(key_w: jax.Array, config: Any, dims: tuple[int, ...], dtype=None) -> jax.Array:
   """The dense ``W0`` ``(m, d)`` of ``initial_projections`` (explicit or kronecker), for small ``d``."""
+  config = config.resolve()
   if config.init == "kronecker":
     return kronecker.kronecker_weights(key_w, config.width, config.init_rank, dims, dtype)
   if config.init == "explicit":

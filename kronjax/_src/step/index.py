@@ -53,7 +53,7 @@ active rows, and XLA CPU copies the ``(n, C_cap)`` buckets through the ``lax.con
 ``update`` (a ``while_loop`` avoids the copy but ran 300x slower on XLA CPU), so the bucketed
 index does not make the step faster there.
 
-So ``choose_kind`` (``index="auto"``, which serves the train step) picks ``scan``
+So ``index="auto"`` (``Plan.resolve``, which serves the train step) picks ``scan``
 on every measured shape; ``bucketed`` is for query-bound use and for backends
 where the measurement comes out the other way (rerun the benchmark there).
 """
@@ -289,26 +289,14 @@ def needed_candidate_capacity(state, points=None) -> jax.Array:
 
 KINDS = ("scan", "bucketed")
 
-# ``auto`` picks ``bucketed`` from this width on; None: never (the measured train step
-# is faster with the dense scan at every width on CPU, module docstring).
-AUTO_BUCKETED_MIN_WIDTH = None
-
-
-def choose_kind(width: int) -> str:
-  """The kind ``index="auto"`` picks for ``m = width`` neurons."""
-  if AUTO_BUCKETED_MIN_WIDTH is not None and width >= AUTO_BUCKETED_MIN_WIDTH:
-    return "bucketed"
-  return "scan"
-
 
 def make_index(kind: str, *, width: int, active_capacity: int, candidate_capacity: int,
                delta: float) -> ThresholdIndex:
-  """The index of the given kind (``"auto"`` resolved with ``choose_kind``)."""
-  if kind == "auto":
-    kind = choose_kind(width)
+  """The index of the given kind (``Plan.resolve`` says which kind ``"auto"`` is)."""
+  del width  # the kinds size themselves from the projections they are built on
   if kind == "scan":
     return dense_scan(active_capacity=active_capacity)
   if kind == "bucketed":
     return bucketed(active_capacity=active_capacity, candidate_capacity=candidate_capacity,
                     delta=delta)
-  raise ValueError(f"index kind {kind!r} is not available; choose one of {('auto',) + KINDS}.")
+  raise ValueError(f"index kind {kind!r} is not available; choose one of {KINDS}.")

@@ -13,6 +13,8 @@ a few steps on random gradients (large and small scales, to catch clipping).
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 import jax
@@ -139,3 +141,101 @@ def is_shape_free(tx: optax.GradientTransformation, params: Any) -> bool:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return (jax.tree.structure(a) == jax.tree.structure(b)
           and all(x.shape == y.shape for x, y in zip(la, lb)))
+
+
+class StaticTx:
+  """An optax transformation as static data of a pytree, compared by structure.
+
+  ``optax.sgd(0.5)`` builds new closures on every call, so two equal optimizers are
+  different objects; compared by identity, each would compile its own step. Two
+  ``StaticTx`` are equal when their transformations have the same code and equal
+  captured values (numbers, strings, nested transformations, small concrete
+  arrays); anything else captured (a traced value, an unknown object) is compared
+  by identity. ``init`` and ``update`` are the transformation's.
+
+  Attributes:
+    tx: the optax transformation.
+    shape_free: its state does not depend on the parameter shapes (no moments):
+      the sparse update path may apply it to compact gradients (``is_shape_free``).
+  """
+
+  __slots__ = ("tx", "shape_free", "_key")
+
+  def __init__(self, tx: optax.GradientTransformation, shape_free: bool):
+    self.tx = tx
+    self.shape_free = bool(shape_free)
+    self._key = (structure_key(tx), self.shape_free)
+
+  @property
+  def init(self):
+    return self.tx.init
+
+  @property
+  def update(self):
+    return self.tx.update
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, StaticTx) and self._key == other._key
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __repr__(self) -> str:
+    return f"StaticTx({self.tx!r}, shape_free={self.shape_free})"
+
+
+class _Identity:
+  """Compares by identity (for captured values with no structural equality)."""
+  __slots__ = ("obj",)
+
+  def __init__(self, obj):
+    self.obj = obj
+
+  def __eq__(self, other):
+    return isinstance(other, _Identity) and other.obj is self.obj
+
+  def __hash__(self):
+    return id(self.obj)
+
+
+_SMALL_ARRAY = 1024  # captured arrays up to this many elements are compared by value
+
+
+def structure_key(obj: Any, depth: int = 0) -> Any:
+  """A hashable key equal for transformations built alike (``StaticTx``)."""
+  if depth > 40:
+    return _Identity(obj)
+  if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+    return (type(obj).__name__, obj)
+  if isinstance(obj, (tuple, list)):
+    return (type(obj).__name__,) + tuple(structure_key(x, depth + 1) for x in obj)
+  if isinstance(obj, dict):
+    try:
+      items = sorted(obj.items())
+    except TypeError:
+      return _Identity(obj)
+    return ("dict",) + tuple((k, structure_key(v, depth + 1)) for k, v in items)
+  if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+    if isinstance(obj, jax.core.Tracer) or np.size(obj) > _SMALL_ARRAY:
+      return _Identity(obj)
+    arr = np.asarray(obj)
+    return ("array", arr.dtype.str, arr.shape, arr.tobytes())
+  if isinstance(obj, functools.partial):
+    return ("partial", structure_key(obj.func, depth + 1), structure_key(obj.args, depth + 1),
+            structure_key(obj.keywords, depth + 1))
+  if isinstance(obj, types.FunctionType):
+    cells = tuple(structure_key(c.cell_contents, depth + 1) if _filled(c) else ("empty",)
+                  for c in (obj.__closure__ or ()))
+    return ("function", obj.__code__, cells, structure_key(obj.__defaults__, depth + 1),
+            structure_key(obj.__kwdefaults__, depth + 1))
+  if isinstance(obj, types.BuiltinFunctionType):
+    return ("builtin", obj)
+  return _Identity(obj)
+
+
+def _filled(cell) -> bool:
+  try:
+    cell.cell_contents  # pylint: disable=pointless-statement
+    return True
+  except ValueError:
+    return False

@@ -4,14 +4,18 @@ Shapes: m neurons, n training points, n_e eval points, C outputs.
 
 The state holds what training changes and nothing else: the dataset lives
 beside it (``kronjax.Dataset``), and the state keeps the dataset's fingerprint
-so that every entry point refuses another one. Arrays are pytree leaves (so
-``jax.vmap`` maps them and ``jit`` traces them); the ``Config``, the optax
-transformation and the fingerprint are static metadata.
+(an array leaf) so that every entry point refuses another one. Arrays are pytree
+leaves (so ``jax.vmap`` maps them and ``jit`` traces them); the static metadata is
+what fixes the compiled code and nothing else: the resolved ``Config`` (the
+network), the ``Plan`` as given (how the step runs) and the optax transformation
+(compared by structure, ``optim.StaticTx``). Two states of equal static data and
+shapes share one compiled step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -26,6 +30,7 @@ from kronjax._src.step import optim
 from kronjax._src.step import index as index_lib
 from kronjax._src.model.config import Config
 from kronjax._src.data.dataset import Dataset, check_dataset
+from kronjax._src.step.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +39,7 @@ class TrainState:
 
   Attributes:
     projections: the projections ``P[r, j] = <w_r, x_j>`` of the training points,
-      stored as ``config.resolved_layout`` says: ``(m, n)`` (``"neurons"``) or
+      stored as the resolved plan's ``layout`` says: ``(m, n)`` (``"neurons"``) or
       ``(n, m)`` (``"points"``). ``state.P`` is the ``(m, n)`` view either way.
     A_T: ``(n, m)`` coefficients, transposed: ``W = W0 + A X`` with ``A = A_T.T``
       (zeros at init). Stored point-major because a step writes the ``B`` batch
@@ -49,8 +54,10 @@ class TrainState:
     key: the key the state was initialized from (``W0`` and ``a`` derive from it).
     index: the threshold index state (kind ``index_kind``).
     P_eval: ``(m, n_e)`` maintained projections of the dataset's eval points, or None.
-    config, tx, shape_free_tx, index_kind: static settings.
-    fingerprint: the fingerprint of the dataset the state was built from (static).
+    fingerprint: ``(8,)`` uint32, the fingerprint of the dataset the state was built from.
+    config: the network (a resolved ``Config``; static).
+    plan: how the step runs (``Plan`` as given; static). ``resolved_plan`` fills it in.
+    tx: the optimizer (``optim.StaticTx``: ``tx.init``, ``tx.update``; static).
   """
 
   projections: jax.Array
@@ -62,11 +69,10 @@ class TrainState:
   key: jax.Array
   index: Any
   P_eval: jax.Array | None
+  fingerprint: jax.Array
   config: Config = dataclasses.field(metadata=dict(static=True))
-  tx: optax.GradientTransformation = dataclasses.field(metadata=dict(static=True))
-  shape_free_tx: bool = dataclasses.field(metadata=dict(static=True))
-  index_kind: str = dataclasses.field(metadata=dict(static=True))
-  fingerprint: str | None = dataclasses.field(metadata=dict(static=True))
+  plan: Plan = dataclasses.field(metadata=dict(static=True))
+  tx: optim.StaticTx = dataclasses.field(metadata=dict(static=True))
 
   def replace(self, **changes: Any) -> "TrainState":
     """A copy with ``changes``; ``P=`` takes the ``(m, n)`` view and is stored in
@@ -79,9 +85,23 @@ class TrainState:
     return dataclasses.replace(self, **changes)
 
   @property
+  def resolved_plan(self) -> Plan:
+    """``plan`` with every derived field filled in for ``config``."""
+    return resolve_plan(self.plan, self.config)
+
+  @property
   def layout(self) -> str:
     """``"neurons"`` (``projections`` is ``(m, n)``) or ``"points"`` (``(n, m)``)."""
-    return self.config.resolved_layout
+    return self.resolved_plan.layout
+
+  @property
+  def index_kind(self) -> str:
+    """The threshold index kind the resolved plan runs (``"scan"`` or ``"bucketed"``)."""
+    return self.resolved_plan.index
+
+  def update_path(self, batch_size: int) -> str:
+    """``"sparse"`` or ``"full"``: the path a step on ``batch_size`` points takes."""
+    return self.plan.update_path(self.config, batch_size)
 
   @property
   def P(self) -> jax.Array:
@@ -114,10 +134,20 @@ class TrainState:
     """The tree the optimizer acts on: ``{"A", "P"[, "a"][, "P_eval"]}``."""
     return trainable_tree(self.A_T, self.projections, self.a, self.P_eval, self.config)
 
-  def check_dataset(self, dataset: Any, name: str = "dataset") -> Dataset:
-    """Raises TypeError / ValueError unless ``dataset`` is the one this state was built from."""
-    return check_dataset(name, dataset, fingerprint=self.fingerprint, n=self.n,
-                         n_eval=self.n_eval)
+  def check_dataset(self, dataset: Any, name: str = "dataset", *,
+                    compare_fingerprint: bool = True) -> Dataset:
+    """Raises TypeError / ValueError unless ``dataset`` is the one this state was built from.
+
+    The fingerprints are compared on the host when both are concrete and
+    ``compare_fingerprint`` (the jitted step compares them itself, with no host round trip).
+    """
+    return check_dataset(name, dataset, n=self.n, n_eval=self.n_eval,
+                         fingerprint=self.fingerprint if compare_fingerprint else None)
+
+
+@functools.lru_cache(maxsize=256)
+def resolve_plan(plan: Plan, config: Config) -> Plan:
+  return plan.resolve(config)
 
 
 jax.tree_util.register_dataclass(
@@ -136,11 +166,16 @@ def trainable_tree(A_T, P, a, P_eval, config: Config) -> dict[str, jax.Array]:
   return tree
 
 
-def threshold_index(config: Config, kind: str) -> index_lib.ThresholdIndex:
-  """The threshold index functions of ``kind`` with ``config``'s capacities."""
+def threshold_index(state: "TrainState") -> index_lib.ThresholdIndex:
+  """The threshold index functions of ``state``'s resolved plan (kind and capacities)."""
+  return make_index(state.config, state.resolved_plan)
+
+
+def make_index(config: Config, plan: Plan) -> index_lib.ThresholdIndex:
+  """The threshold index of the resolved ``plan`` for the network ``config``."""
   return index_lib.make_index(
-      kind, width=config.width, active_capacity=config.active_capacity,
-      candidate_capacity=config.candidate_capacity, delta=config.index_delta)
+      plan.index, width=config.width, active_capacity=plan.active_capacity,
+      candidate_capacity=plan.candidate_capacity, delta=plan.index_delta)
 
 
 def check_key(name: str, key: Any) -> jax.Array:
@@ -157,11 +192,17 @@ def check_key(name: str, key: Any) -> jax.Array:
       "jax.random.key(seed) (or jax.random.PRNGKey(seed)).")
 
 
-def check_init_args(key: Any, config: Any, dataset: Any, tx: Any, threshold: Any = None) -> jax.Array:
+def check_init_args(key: Any, config: Any, dataset: Any, tx: Any, threshold: Any = None,
+                    plan: Any = None) -> tuple[jax.Array, Plan]:
   """Every check ``init`` makes before any work: types, labels against the loss, the
-  optimizer contract, the threshold. Returns the checked key."""
+  optimizer contract, the threshold, the plan. Returns the checked key and plan."""
   if not isinstance(config, Config):
     raise TypeError(f"config must be a kronjax.Config, got {type(config).__name__}.")
+  plan = Plan() if plan is None else plan
+  if not isinstance(plan, Plan):
+    raise TypeError(f"plan must be a kronjax.Plan (or None for the automatic plan), got "
+                    f"{type(plan).__name__}.")
+  resolve_plan(plan, config.resolve())  # capacities against the width, before any work
   if not isinstance(dataset, Dataset):
     raise TypeError(f"dataset must be a kronjax.Dataset, got {type(dataset).__name__}; build it "
                     "with kronjax.Dataset(data, labels, eval_data=..., eval_labels=...).")
@@ -173,20 +214,17 @@ def check_init_args(key: Any, config: Any, dataset: Any, tx: Any, threshold: Any
   if dataset.eval_labels is not None:
     losses.check_labels(config.loss, config.num_classes, dataset.eval_labels, dataset.n_eval,
                         "eval_labels")
-  if config.gram == "factors" and dataset.gram_mode == "precomputed":
-    raise ValueError(
-        "config.gram='factors' but the dataset stores its (n, n) Gram: the Gram belongs to the "
-        "dataset now. Build it with kronjax.Dataset(data, labels, gram='factors').")
   optim.check_linear(tx, keys=trainable_tree(0, 0, 0, None if dataset.eval_data is None else 0,
                                              config))
   if threshold is not None and checks.is_concrete(threshold):
-    if not math.isfinite(float(jnp.asarray(threshold))):
-      raise ValueError(f"threshold must be finite, got {threshold}.")
-  return key
+    value = float(jnp.asarray(threshold))
+    if not math.isfinite(value) or value < 0:
+      raise ValueError(f"threshold must be a finite number >= 0, got {threshold}.")
+  return key, plan
 
 
 def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTransformation, *,
-         threshold: Any = None) -> TrainState:
+         threshold: Any = None, plan: Plan | None = None) -> TrainState:
   """Builds the initial ``TrainState`` for ``dataset``.
 
   Args:
@@ -201,13 +239,18 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
       nesterov, schedules, ``inject_hyperparams``); others raise ValueError.
     threshold: optional ``b`` overriding ``config.threshold``; may be a traced
       scalar (sweeps over ``b``).
+    plan: how the step runs (``kronjax.Plan``: capacities, index, update path,
+      layout, chunk sizes); None is ``Plan()``, every field automatic. It never
+      changes the numbers; ``kronjax.with_plan`` changes it later.
 
   Raises:
     TypeError: an argument of the wrong type (a key that is not a PRNG key, ...).
     ValueError: labels that do not fit the config's loss, a non-linear optimizer,
       a non-finite threshold; raised before any work is done.
   """
-  key = check_init_args(key, config, dataset, tx, threshold)
+  key, plan = check_init_args(key, config, dataset, tx, threshold, plan)
+  config = config.resolve()
+  resolved = resolve_plan(plan, config)
 
   # The state owns fresh buffers: a step jitted with donate_argnums=0 must not
   # delete the caller's key.
@@ -215,19 +258,20 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
   data = dataset.data
   dtype = data.dtype
   m, n, C = config.width, data.n, config.num_classes
-  P, P_eval = initializers.initial_projections(key, config, dataset)  # (m, n), (m, n_e) | None
-  stored = P if config.resolved_layout == "neurons" else jnp.array(P.T)
+  P, P_eval = initializers.initial_projections(  # (m, n), (m, n_e) | None
+      key, config, dataset, chunk=resolved.init_chunk)
+  stored = P if resolved.layout == "neurons" else jnp.array(P.T)
   a = initializers.output_layer(initializers.init_keys(key)["a"], m, C, dtype)
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
   A_T = jnp.zeros((n, m), dtype)
-  opt_state = tx.init(trainable_tree(A_T, stored, a, P_eval, config))
-  kind = index_kind(config, n)
-  index_state = fresh(threshold_index(config, kind).build(P, b))
+  params = trainable_tree(A_T, stored, a, P_eval, config)
+  opt_state = tx.init(params)
+  index_state = fresh(make_index(config, resolved).build(P, b))
   return TrainState(
       projections=stored, A_T=A_T, a=a, b=b, opt_state=opt_state,
-      step=jnp.zeros((), jnp.int32), key=key, index=index_state, P_eval=P_eval, config=config,
-      tx=tx, shape_free_tx=optim.is_shape_free(tx, trainable_tree(A_T, stored, a, P_eval, config)),
-      index_kind=kind, fingerprint=dataset.fingerprint)
+      step=jnp.zeros((), jnp.int32), key=key, index=index_state, P_eval=P_eval,
+      fingerprint=fresh(dataset.fingerprint), config=config, plan=plan,
+      tx=optim.StaticTx(tx, optim.is_shape_free(tx, params)))
 
 
 def resync(state: TrainState, dataset: Dataset) -> TrainState:
@@ -246,7 +290,8 @@ def resync(state: TrainState, dataset: Dataset) -> TrainState:
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   state.check_dataset(dataset)
-  P0, P0_eval = initializers.initial_projections(state.key, state.config, dataset)
+  P0, P0_eval = initializers.initial_projections(state.key, state.config, dataset,
+                                                 chunk=state.resolved_plan.init_chunk)
   dtype = state.projections.dtype
   K = dataset.gram if dataset.gram is not None else dataset.data.gram()
   rows = state.P.shape[0]
@@ -258,39 +303,30 @@ def resync(state: TrainState, dataset: Dataset) -> TrainState:
     K_eval = (dataset.gram_eval if dataset.gram_eval is not None
               else dataset.data.gram(other=dataset.eval_data))
     P_eval = (P0_eval + state.A @ K_eval).astype(dtype)
-  index = threshold_index(state.config, state.index_kind).build(P, state.b)
+  index = threshold_index(state).build(P, state.b)
   return state.replace(P=P, P_eval=P_eval, index=carry_rebuild_count(state.index, index))
 
 
-def with_config(state: TrainState, **changes: Any) -> TrainState:
-  """The same state under a changed static config, with the index rebuilt from ``P``.
+def with_plan(state: TrainState, plan: Plan | None = None, **changes: Any) -> TrainState:
+  """The same state under another execution plan, with the threshold index rebuilt from ``P``.
 
-  Used to grow capacities after an overflow (``fit`` replays the step with it)
-  or to switch index kind / update path / layout (``P`` and the optimizer's
-  ``"P"`` leaves are transposed when the layout changes: exact). Only settings
-  that do not change the network may differ: width, loss, classes, init and
-  train_output may not.
+  ``plan`` replaces the state's plan (None keeps it); ``changes`` then replace
+  single fields (``with_plan(state, active_capacity=64)``). Used to grow
+  capacities after an overflow (``fit`` replays the step with it) or to switch
+  index kind, update path or layout (``P`` and the optimizer's ``"P"`` leaves are
+  transposed when the layout changes: exact). The network (``state.config``) is
+  not touched: a plan never changes the numbers.
   """
-  fixed = ("width", "loss", "num_classes", "init", "init_rank", "train_output", "threshold")
-  for name in changes:
-    if name in fixed:
-      raise ValueError(f"with_config cannot change {name!r}: it defines the network; "
-                       "build a new state with kronjax.init instead.")
-  config = state.config.replace(**changes)
-  if config.resolved_layout != state.layout:
-    state = _transpose_projections(state).replace(config=config)
-  kind = index_kind(config, state.n)
-  new_index = fresh(threshold_index(config, kind).build(state.P, state.b))
-  index_state = carry_rebuild_count(state.index, new_index)
-  return state.replace(config=config, index_kind=kind, index=index_state)
-
-
-def index_kind(config: Config, n: int) -> str:
-  """The index kind ``config.index`` stands for. The point-major layout runs only the
-  full path, which never queries an index: it always gets the trivial scan."""
-  if config.resolved_layout == "points":
-    return "scan"
-  return config.index if config.index != "auto" else index_lib.choose_kind(config.width)
+  base = state.plan if plan is None else plan
+  if not isinstance(base, Plan):
+    raise TypeError(f"plan must be a kronjax.Plan or None, got {type(base).__name__}.")
+  new_plan = base.replace(**changes)
+  resolved = resolve_plan(new_plan, state.config)
+  if resolved.layout != state.layout:
+    state = _transpose_projections(state)
+  state = state.replace(plan=new_plan)
+  new_index = fresh(make_index(state.config, resolved).build(state.P, state.b))
+  return state.replace(index=carry_rebuild_count(state.index, new_index))
 
 
 TRAINABLE_KEYS = ("A", "P", "a", "P_eval")

@@ -14,12 +14,13 @@ A step that cannot be taken exactly is *skipped*: the returned state is the
 input state, bit for bit, and a metric says why. ``overflow``: a point of the
 batch has more active neurons than the static capacity (sparse path);
 ``invalid_batch``: an index of the batch is outside ``[0, n)`` (under ``jit``
-the values are not known until the step runs); a non-finite ``loss``. The
+the values are not known until the step runs); ``wrong_dataset``: the dataset's
+fingerprint is not the state's; a non-finite ``loss``. The
 training loop (``kronjax.fit``) replays overflows with more capacity and
 raises on the others. A skip is a mask, not a ``lax.cond``: both branches of a
 cond returning the state make XLA copy every ``(m, n)`` array on every step.
 
-Update paths (``config.update``; ``Config.resolved_update`` says what ``auto`` picks):
+Update paths (``Plan.update``; ``Plan.update_path`` says what ``auto`` picks):
   * sparse: query the threshold index, then update only the union of the
     batch's active rows, ``O(T B n)`` with ``T <= B K``; no ``O(m n)`` pass with
     a shape-free optimizer (plain sgd, schedules). Momentum and co. keep
@@ -32,7 +33,7 @@ Update paths (``config.update``; ``Config.resolved_update`` says what ``auto`` p
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from kronjax._src.base import checks
 from kronjax._src.model import losses
 from kronjax._src.kernels import products
 from kronjax._src.kernels import rows
-from kronjax._src.data.dataset import Dataset
+from kronjax._src.data.dataset import Dataset, same_fingerprint
 from kronjax._src.step.state import TrainState, threshold_index, trainable_tree
 
 
@@ -60,6 +61,7 @@ class Batch(NamedTuple):
   """What the step reads from the dataset for one batch."""
   idx: jax.Array                 # (B,) int32, in [0, n) when ``valid``
   valid: jax.Array               # () bool: every index is in [0, n)
+  same_data: jax.Array           # () bool: the dataset is the state's (fingerprints agree)
   labels: jax.Array              # (B, C) float (mse) or (B,) int32 (softmax)
   K_rows: jax.Array              # (B, n) Gram rows K[S, :]
   K_rows_eval: jax.Array | None  # (B, n_e) cross Gram rows K[S, E]
@@ -76,8 +78,8 @@ def train_step(state: TrainState, dataset: Dataset,
   Returns:
     ``(new_state, metrics)`` with metrics ``loss`` (batch loss before the step;
     NaN when skipped for overflow or an invalid batch), ``active`` (mean
-    active neurons per point), ``max_active``, ``overflow``, ``invalid_batch``
-    (bools: the step was skipped, see the module docstring), ``skipped`` (the
+    active neurons per point), ``max_active``, ``overflow``, ``invalid_batch``,
+    ``wrong_dataset`` (bools: the step was skipped, see the module docstring), ``skipped`` (the
     state was returned unchanged, for any reason, a non-finite loss included),
     ``index_rebuilds`` (rebuilds of the threshold index so far) and ``step``.
 
@@ -91,6 +93,26 @@ def train_step(state: TrainState, dataset: Dataset,
   state.check_dataset(dataset)
   batch_idx = check_batch("batch_idx", batch_idx, state.n)
   return step(state, dataset, batch_idx)
+
+
+_jitted_step = jax.jit(train_step, donate_argnums=0)
+
+
+def jit_train_step(state: TrainState, dataset: Dataset,
+                   batch_idx: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """``train_step``, jit-compiled, with ``state``'s buffers donated: the fast step.
+
+  The input ``state`` is consumed (its arrays are reused for the output); keep
+  using the returned one. Types, shapes and concrete batch indices are checked on
+  the host; the dataset's fingerprint is compared inside the step (no host
+  round trip): another dataset of the same shapes makes the step a no-op with
+  ``metrics["wrong_dataset"]`` set. Compiles once per static data (config, plan,
+  optimizer structure) and shapes.
+  """
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  state.check_dataset(dataset, compare_fingerprint=False)
+  return _jitted_step(state, dataset, check_batch("batch_idx", batch_idx, state.n))
 
 
 def check_batch(name: str, batch_idx: Any, n: int) -> jax.Array:
@@ -112,7 +134,8 @@ def read_batch(state: TrainState, dataset: Dataset, batch_idx: jax.Array) -> Bat
   if state.config.loss == "mse":
     labels = labels.reshape(idx.shape[0], -1).astype(state.a.dtype)
   K_rows, K_rows_eval = dataset.gram_rows(idx)
-  return Batch(idx, valid, labels, K_rows, K_rows_eval)
+  same = same_fingerprint(state.fingerprint, dataset.fingerprint)
+  return Batch(idx, valid, same, labels, K_rows, K_rows_eval)
 
 
 def step(state: TrainState, dataset: Dataset, batch_idx: jax.Array,
@@ -121,7 +144,7 @@ def step(state: TrainState, dataset: Dataset, batch_idx: jax.Array,
   shard inside ``shard_map``: ``P``, ``A``, ``a`` hold this device's rows, and the
   only communication is the all-reduce of the ``(B, C)`` outputs (plus scalars)."""
   batch = read_batch(state, dataset, batch_idx)
-  if state.config.resolved_update(batch_idx.shape[0]) == "full":
+  if state.update_path(batch_idx.shape[0]) == "full":
     return _full_step(state, batch, axis_name)
   return _sparse_step(state, batch, axis_name)
 
@@ -132,14 +155,15 @@ def _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok):
   count_dtype = jnp.promote_types(state.projections.dtype, jnp.float32)
   return {"loss": loss, "active": jnp.mean(counts.astype(count_dtype)),
           "max_active": max_count.astype(jnp.int32), "overflow": overflow,
-          "invalid_batch": ~batch.valid, "skipped": ~ok, "step": new_state.step,
+          "invalid_batch": ~batch.valid, "wrong_dataset": ~batch.same_data, "skipped": ~ok,
+          "step": new_state.step,
           "index_rebuilds": getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32))}
 
 
 def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
   """Steps 1-5 on the active sets only."""
   config = state.config
-  index = threshold_index(config, state.index_kind)
+  index = threshold_index(state)
   q = index.query(state.index, state.P, batch.idx, state.b)
   counts, max_count = q.count, jnp.max(q.count)
   overflow = jnp.any(q.overflow)
@@ -159,23 +183,17 @@ def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
   loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
-  ok = batch.valid & ~overflow & jnp.isfinite(loss)
+  ok = batch.valid & batch.same_data & ~overflow & jnp.isfinite(loss)
   g = jnp.where(ok, g, 0.0)  # a skipped step must not carry NaN into the masked updates
   # dL/dw_r = sum_i c[i, k] x_i: relu' is 1 on the active set (z > b strictly).
   c = jnp.where(valid, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
   grad_a_rows = h[..., None] * g[:, None, :] * inv_sqrt_m                         # (B, K, C)
 
-  if state.shape_free_tx:  # the only path with no O(m n) pass
+  if state.tx.shape_free:  # the only path with no O(m n) pass
     new = _sparse_update(state, batch, idx, c, grad_a_rows, ok)
   else:  # momentum & co: full-shape gradients, P's built from the touched rows only
-    B = batch.idx.shape[0]
-    G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
-    T, U = touched_rows(idx, c, n_rows)
-    gP = add_touched_rows(jnp.zeros_like(state.P), T, U @ batch.K_rows)
-    gP_eval = (None if batch.K_rows_eval is None
-               else add_touched_rows(jnp.zeros_like(state.P_eval), T, U @ batch.K_rows_eval))
-    ga = jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
-    new = _full_update(state, batch, lambda scale: scale * G_T, ga, ok, gP=gP, gP_eval=gP_eval)
+    new = _apply_full_shape(state, _sparse_full_shape_grads(state, batch, idx, c, grad_a_rows),
+                            ok)
   new_state = _finish(state, index, new, ok)
   loss = jnp.where(batch.valid & ~overflow, loss, jnp.nan)
   return new_state, _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok)
@@ -192,7 +210,8 @@ def _finish(state: TrainState, index, new: Updated, ok: jax.Array) -> TrainState
 
 def _optimize(state: TrainState, grads: dict, ok: jax.Array):
   """The optax update, masked: when ``ok`` is False the updates are zero and the
-  optimizer state is the old one (momentum must not decay on a skipped step)."""
+  optimizer state is the old one (momentum must not decay on a skipped step).
+  Every path applies the optimizer exactly once per step, here."""
   updates, opt_state = state.tx.update(grads, state.opt_state, None)
   # Updates keep their gradient's dtype (the data's): an optimizer scalar of a
   # wider dtype (a float64 learning rate under x64) must not promote the state.
@@ -202,23 +221,22 @@ def _optimize(state: TrainState, grads: dict, ok: jax.Array):
   return updates, opt_state
 
 
-def _after(state: TrainState, updated: Any) -> TrainState:
-  """``state`` with its optimizer state made to depend on the ``updated`` arrays: one
-  element of each, times zero, is added to every float leaf (exact: the step keeps the
-  arrays finite).
+def _ordered_after(opt_state: Any, updated: Any) -> Any:
+  """``opt_state`` made to depend on the ``updated`` arrays: one element of each, times
+  zero, is added to every float leaf (exact: the step keeps the arrays finite).
 
-  Why: the masked state ``where(ok, new, old)`` overwrites each full-size trace in place.
-  Computed from the old state directly, XLA recomputes the trace's new value both in the
-  fusion that updates the array and in the one that writes the trace, cannot order the two,
-  and copies the trace on every step (a vmapped momentum sweep at m = 1024, n = 512, S = 16
-  then holds 100 MiB of temporaries instead of 68, fresh pages on every step;
-  ``tests/test_sweep.py`` checks the compiled sweep). The dependency orders the traces'
-  writes after the arrays' updates.
+  The ordering trick. A stateful optimizer's full-size traces are both read by the
+  arrays' update (``P += lr * trace_new``) and written back in place (donated).
+  Without a dependency, XLA recomputes ``trace_new`` in the fusion that updates the
+  array and in the one that writes the trace, cannot order the two, and copies the
+  trace on every step (fresh pages every step in a vmapped momentum sweep; the
+  sweep tests check the compiled temporaries). The zero ties the traces' writes
+  to after the arrays' updates.
   """
   zero = sum(jnp.zeros((), x.dtype) * x[(0,) * x.ndim] for x in jax.tree.leaves(updated))
-  return state.replace(opt_state=jax.tree.map(
+  return jax.tree.map(
       lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-      state.opt_state))
+      opt_state)
 
 
 def touched_rows(idx: jax.Array, c: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
@@ -321,70 +339,79 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
     counts = jax.lax.psum(counts, axis_name)
   max_count = jnp.max(counts)
   loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
-  ok = batch.valid & jnp.isfinite(loss)
+  ok = batch.valid & batch.same_data & jnp.isfinite(loss)
   g = jnp.where(ok, g, 0.0) * inv_sqrt_m                           # (B, C)
   # dL/dw_r = sum_i G_T[i, r] x_i; relu' is 1 on the active set (z > b strictly).
   ga = hidden_rows().T @ g if config.train_output else None        # (m, C)
-  new = _full_update(state, batch, lambda scale: coefficients(g * scale), ga, ok)
-  new_state = _finish(state, threshold_index(config, state.index_kind), new, ok)
+  if state.tx.shape_free:
+    # One scalar per step for A, P and P_eval (optim.check_linear): read it from the
+    # optimizer applied to unit gradients, then scale g by it so that the update
+    # U = scalar * G_T comes out of one pass over the batch's rows.
+    one = jnp.ones((), state.projections.dtype)
+    unit = trainable_tree(one, one, ga, None if batch.K_rows_eval is None else one, config)
+    updates, opt_state = _optimize(state, unit, ok)
+    new = _apply_scalar(state, batch, coefficients(g * updates["P"]), updates, opt_state)
+  else:
+    G_T = coefficients(g)                                           # (B, m)
+    K_rows, K_rows_eval = batch.K_rows, batch.K_rows_eval
+    grads = trainable_tree(
+        jnp.zeros_like(state.A_T).at[idx].add(G_T),   # (n, m); XLA fuses the zeros in
+        K_rows.T @ G_T if state.layout == "points" else G_T.T @ K_rows,   # as stored
+        ga, None if K_rows_eval is None else G_T.T @ K_rows_eval, config)
+    new = _apply_full_shape(state, grads, ok)
+  new_state = _finish(state, threshold_index(state), new, ok)
   loss = jnp.where(batch.valid, loss, jnp.nan)
   return new_state, _metrics(state, new_state, loss, counts, max_count, jnp.zeros((), bool),
                              batch, ok)
 
 
-def _full_update(state: TrainState, batch: Batch, coefficients: Callable[[jax.Array], jax.Array],
-                 ga: jax.Array | None, ok: jax.Array, gP=None, gP_eval=None) -> Updated:
-  """Applies the optimizer to the batch's coefficients ``G_T (B, m)`` (the
-  batch's rows of ``A_T``'s gradient), the ``P`` gradient ``G_T^T @ K_rows`` and
-  ``ga (m, C)`` (None unless the output layer trains).
+def _sparse_full_shape_grads(state: TrainState, batch: Batch, idx: jax.Array, c: jax.Array,
+                             grad_a_rows: jax.Array) -> dict[str, jax.Array]:
+  """The full-shape gradient tree a stateful optimizer needs, from the sparse path's
+  active sets ``idx (B, K)`` and coefficients ``c (B, K)``: ``P``'s built from the
+  touched rows only (``O(T B n)``), the rest scattered into zeros."""
+  B, n_rows = batch.idx.shape[0], state.P.shape[0]
+  G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
+  T, U = touched_rows(idx, c, n_rows)
+  gP = add_touched_rows(jnp.zeros_like(state.P), T, U @ batch.K_rows)
+  gP_eval = (None if batch.K_rows_eval is None
+             else add_touched_rows(jnp.zeros_like(state.P_eval), T, U @ batch.K_rows_eval))
+  ga = (jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
+        if state.config.train_output else None)
+  return trainable_tree(jnp.zeros_like(state.A_T).at[batch.idx].add(G_T), gP, ga, gP_eval,
+                        state.config)
 
-  ``coefficients(scale)`` gives ``scale * G_T`` for a traced scalar ``scale``,
-  so that the caller may compute it in one pass (``rows``).
 
-  A shape-free optimizer (sgd, schedules) is one scalar per step, the same for
-  ``A``, ``P`` and ``P_eval`` (``optim.check_linear``), so it commutes with the
-  product: the step applies it to unit scalars to read that scalar ``c``, gets
-  the update ``U = c G_T`` as ``coefficients(c)``, writes only the ``B`` rows of
-  ``A_T``, and adds ``U`` to ``P`` as one ``P + K_rows^T @ U`` in its stored
-  layout (``products.add_product``: no ``(m, n)`` gradient is formed). A
-  stateful one (momentum) needs the full-shape ``(n, m)`` gradient of ``A_T``
-  and the full gradient of ``P`` because its traces are full-shape: ``gP`` and
-  ``gP_eval`` when the caller built them (the sparse path, from touched rows),
-  else the product.
-  """
-  config = state.config
-  points = state.layout == "points"
+def _apply_scalar(state: TrainState, batch: Batch, U: jax.Array, updates: dict,
+                  opt_state: Any) -> Updated:
+  """A shape-free optimizer's step on the full path: ``U (B, m)`` is the update of the
+  batch's rows of ``A_T``; ``P`` gets ``K_rows^T @ U`` added in its stored layout
+  (``products.add_product``: no ``(m, n)`` gradient is formed)."""
   K_rows, K_rows_eval = batch.K_rows, batch.K_rows_eval
-  if state.shape_free_tx:
-    one = jnp.ones((), state.projections.dtype)
-    grads = trainable_tree(one, one, ga, None if K_rows_eval is None else one, config)
-    updates, opt_state = _optimize(state, grads, ok)
-    U = coefficients(updates["P"])                                  # (B, m)
-    A_T = rows.add_rows(state.A_T, batch.idx, U)
-    if points:   # (n, m) + (B, n)^T @ (B, m)
-      P = products.add_product_t(state.projections, K_rows, U)
-    else:        # (m, n) + (m, B) @ (B, n)
-      P = products.add_product(state.projections, U.T, K_rows)
-    P_eval = (None if K_rows_eval is None
-              else products.add_product(state.P_eval, U.T, K_rows_eval))
-    # An upper bound on max_j |dP[r, j]| for the threshold index (dead code for
-    # kinds that ignore it): |sum_i u_ir K_ij| <= sum_i |u_ir| max_j |K_ij|, widened
-    # by the rounding of both float sums.
-    eps = jnp.finfo(K_rows.dtype).eps
-    bound = jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(U)
-    row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)    # (m,)
-  else:
-    G_T = coefficients(jnp.ones((), state.projections.dtype))       # (B, m)
-    gA = jnp.zeros_like(state.A_T).at[batch.idx].add(G_T)  # XLA fuses the zeros in
-    if gP is None:
-      gP = K_rows.T @ G_T if points else G_T.T @ K_rows             # as stored
-      gP_eval = None if K_rows_eval is None else G_T.T @ K_rows_eval
-    grads = trainable_tree(gA, gP, ga, gP_eval, config)
-    updates, _ = _optimize(state, grads, ok)
-    A_T = state.A_T + updates["A"]
-    P = state.projections + updates["P"]
-    P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
-    row_change = jnp.max(jnp.abs(updates["P"]), axis=0 if points else 1)   # (m,)
-    opt_state = _optimize(_after(state, (A_T, P, P_eval)), grads, ok)[1]
-  a = state.a + updates["a"] if config.train_output else state.a
+  A_T = rows.add_rows(state.A_T, batch.idx, U)
+  if state.layout == "points":   # (n, m) + (B, n)^T @ (B, m)
+    P = products.add_product_t(state.projections, K_rows, U)
+  else:                          # (m, n) + (m, B) @ (B, n)
+    P = products.add_product(state.projections, U.T, K_rows)
+  P_eval = (None if K_rows_eval is None
+            else products.add_product(state.P_eval, U.T, K_rows_eval))
+  # An upper bound on max_j |dP[r, j]| for the threshold index (dead code for
+  # kinds that ignore it): |sum_i u_ir K_ij| <= sum_i |u_ir| max_j |K_ij|, widened
+  # by the rounding of both float sums.
+  eps = jnp.finfo(K_rows.dtype).eps
+  bound = jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(U)
+  row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)      # (m,)
+  a = state.a + updates["a"] if state.config.train_output else state.a
   return Updated(A_T, P, a, P_eval, opt_state, None, row_change)
+
+
+def _apply_full_shape(state: TrainState, grads: dict, ok: jax.Array) -> Updated:
+  """A stateful optimizer's step (momentum & co, whose traces are full-shape) on the
+  full-shape gradient tree ``grads`` (``A`` as ``(n, m)``, ``P`` as stored)."""
+  updates, opt_state = _optimize(state, grads, ok)
+  A_T = state.A_T + updates["A"]
+  P = state.projections + updates["P"]
+  P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
+  row_change = jnp.max(jnp.abs(updates["P"]), axis=0 if state.layout == "points" else 1)  # (m,)
+  a = state.a + updates["a"] if state.config.train_output else state.a
+  return Updated(A_T, P, a, P_eval, _ordered_after(opt_state, (A_T, P, P_eval)), None, row_change)

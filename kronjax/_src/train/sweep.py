@@ -49,13 +49,14 @@ import numpy as np
 import optax
 
 from kronjax._src.base import checks
-from kronjax._src.train import loop
+from kronjax._src.data.dataset import Dataset, fingerprint_text
+from kronjax._src.model.config import Config
 from kronjax._src.step import state as state_lib
 from kronjax._src.step import step as step_lib
-from kronjax._src.model.config import Config
-from kronjax._src.data.dataset import Dataset
-from kronjax._src.inference.inference import evaluate
+from kronjax._src.step.plan import Plan
 from kronjax._src.step.state import TrainState
+from kronjax._src.train import loop
+from kronjax._src.train import runners
 
 MEMBER_KEYS = ("threshold", "seed", "key")
 """Member settings besides the optimizer's injected hyperparameters."""
@@ -120,11 +121,12 @@ def _normalize_members(members: Any, config: Config, tx: optax.GradientTransform
     raise ValueError("members must be a non-empty list of dicts (see kronjax.sweep.grid), "
                      f"got {type(members).__name__}.")
   members = tuple(dict(m) for m in members)
-  config_fields = {f.name for f in dataclasses.fields(Config)} - {"threshold"}
+  config_fields = ({f.name for f in dataclasses.fields(Config)}
+                   | {f.name for f in dataclasses.fields(Plan)}) - {"threshold"}
   for i, m in enumerate(members):  # static settings first: no other message hides this one
     static = sorted(k for k in m if k in config_fields)
     if static:
-      raise _static_setting_error(f"sweep member {i}", static, " of kronjax.Config")
+      raise _static_setting_error(f"sweep member {i}", static, " of kronjax.Config or Plan")
   if tx is None:
     if not any("learning_rate" in m for m in members):
       raise ValueError("pass tx= or give the members a learning_rate (the default tx is "
@@ -191,7 +193,7 @@ def set_hyperparams(opt_state: Any, **values: Any) -> Any:
 # ----------------------------------------------------------------------------- construction
 
 def init(config: Config, dataset: Dataset, members: Sequence[Mapping[str, Any]], *,
-         tx: optax.GradientTransformation | None = None) -> TrainState:
+         tx: optax.GradientTransformation | None = None, plan: Plan | None = None) -> TrainState:
   """A stacked sweep state: ``kronjax.init`` vmapped over the members.
 
   Args:
@@ -204,6 +206,7 @@ def init(config: Config, dataset: Dataset, members: Sequence[Mapping[str, Any]],
       ``optax.inject_hyperparams(optax.sgd)(learning_rate=..., momentum=...)``
       (momentum only when a member sets it). Members may set only the
       hyperparameters it injects.
+    plan: the execution plan every member runs (``kronjax.Plan``; None: automatic).
 
   Raises:
     ValueError: a member sets a static setting (width, capacities, loss,
@@ -217,19 +220,21 @@ def init(config: Config, dataset: Dataset, members: Sequence[Mapping[str, Any]],
     raise TypeError(f"dataset must be a kronjax.Dataset, got {type(dataset).__name__}.")
   members, tx, hp_names = _normalize_members(members, config, tx)
   keys = _member_keys(members)
-  thresholds = np.asarray([m.get("threshold", config.threshold) for m in members], np.float64)
+  thresholds = np.asarray([m.get("threshold", config.resolve().threshold) for m in members],
+                          np.float64)
   hp_values = {k: np.asarray([m.get(k, np.nan) for m in members], np.float64) for k in hp_names}
   hp_given = {k: np.asarray([k in m for m in members]) for k in hp_names}
   # Checks that need concrete values run once, outside the vmapped init below.
-  state_lib.check_init_args(keys[0], config, dataset, tx, threshold=float(thresholds[0]))
-  return _init_members(config, tx, keys, thresholds.astype(dataset.dtype), hp_values, hp_given,
-                       dataset)
+  for b in thresholds:
+    state_lib.check_init_args(keys[0], config, dataset, tx, threshold=float(b), plan=plan)
+  return _init_members(config, plan, tx, keys, thresholds.astype(dataset.dtype), hp_values,
+                       hp_given, dataset)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_members(config, tx, keys, thresholds, hp_values, hp_given, dataset):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init_members(config, plan, tx, keys, thresholds, hp_values, hp_given, dataset):
   def one(key, b, hp, given):
-    s = state_lib.init(key, config, dataset, tx, threshold=b)
+    s = state_lib.init(key, config, dataset, tx, threshold=b, plan=plan)
     if hp:
       current = s.opt_state.hyperparams
       s = s.replace(opt_state=set_hyperparams(
@@ -240,7 +245,7 @@ def _init_members(config, tx, keys, thresholds, hp_values, hp_given, dataset):
 
 
 def stack(states: Sequence[TrainState]) -> TrainState:
-  """Stacks separately built states (same dataset, config and tx object) into a sweep state.
+  """Stacks separately built states (same dataset, config, plan and optimizer) into a sweep state.
 
   Raises ValueError naming the static settings that differ (run separate sweeps),
   or when the states were built for different datasets or optimizers.
@@ -250,19 +255,21 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     raise TypeError("states must be a non-empty list of kronjax.TrainState.")
   first = states[0]
   for i, s in enumerate(states[1:], 1):
-    differ = [f.name for f in dataclasses.fields(Config)
+    differ = [(f"config.{f.name}", getattr(first.config, f.name), getattr(s.config, f.name))
+              for f in dataclasses.fields(Config)
               if getattr(s.config, f.name) != getattr(first.config, f.name)]
-    differ += [f for f in ("index_kind", "shape_free_tx") if getattr(s, f) != getattr(first, f)]
+    differ += [(f"plan.{f.name}", getattr(first.plan, f.name), getattr(s.plan, f.name))
+               for f in dataclasses.fields(Plan) if getattr(s.plan, f.name) != getattr(first.plan, f.name)]
     if differ:
-      detail = "; ".join(f"{f}: {_static_value(first, f)!r} vs {_static_value(s, f)!r}" for f in differ)
-      raise _static_setting_error(f"state {i}", differ, f" ({detail})")
-    if s.tx is not first.tx:
+      detail = "; ".join(f"{name}: {a!r} vs {b!r}" for name, a, b in differ)
+      raise _static_setting_error(f"state {i}", [name for name, _, _ in differ], f" ({detail})")
+    if s.tx != first.tx:
       raise ValueError(
           f"state {i} was built with a different optax transformation than state 0; a sweep "
-          "steps every member with one tx. Build all states with the same "
-          "optax.inject_hyperparams(...) object and set each member's values with "
+          "steps every member with one tx. Build all states with equal optimizers "
+          "(an optax.inject_hyperparams(...) one) and set each member's values with "
           "kronjax.sweep.set_hyperparams (kronjax.sweep.init does this for you).")
-    if s.fingerprint != first.fingerprint:
+    if fingerprint_text(s.fingerprint) != fingerprint_text(first.fingerprint):
       raise ValueError(f"state {i} was built for another dataset than state 0; the members of a "
                        "sweep share one dataset. Run separate sweeps per dataset.")
   structures = {jax.tree.structure(s) for s in states}
@@ -272,34 +279,12 @@ def stack(states: Sequence[TrainState]) -> TrainState:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def _static_value(state: TrainState, name: str) -> Any:
-  return getattr(state.config, name) if hasattr(state.config, name) else getattr(state, name)
-
-
-def _same_tree(a: Any, b: Any) -> bool:
-  if a is b:
-    return True
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  if jax.tree.structure(a) != jax.tree.structure(b):
-    return False
-  return all(x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-
-
-def with_config(state: TrainState, **changes: Any) -> TrainState:
-  """``kronjax.with_config`` for a stacked sweep state (each member's index rebuilt)."""
-  return jax.vmap(lambda s: state_lib.with_config(s, **changes))(state)
+def with_plan(state: TrainState, plan: Plan | None = None, **changes: Any) -> TrainState:
+  """``kronjax.with_plan`` for a stacked sweep state (each member's index rebuilt)."""
+  return jax.vmap(lambda s: state_lib.with_plan(s, plan, **changes))(state)
 
 
 # ----------------------------------------------------------------------------- the step
-
-def _masked_step(state, dataset, batch_idx, mask):
-  new, metrics = step_lib.step(state, dataset, batch_idx)
-  return jax.tree.map(lambda x, y: jnp.where(mask, x, y), new, state), metrics
-
-
-_plain = jax.jit(jax.vmap(step_lib.step, in_axes=(0, None, None)), donate_argnums=0)
-_masked = jax.jit(jax.vmap(_masked_step, in_axes=(0, None, None, 0)), donate_argnums=0)
-
 
 def train_step(state: TrainState, dataset: Dataset, batch_idx: Any,
                mask: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -314,24 +299,8 @@ def train_step(state: TrainState, dataset: Dataset, batch_idx: Any,
   size(state)
   state.check_dataset(dataset)
   batch_idx = step_lib.check_batch("batch_idx", batch_idx, state.n)
-  if mask is None:
-    return _plain(state, dataset, batch_idx)
-  return _masked(state, dataset, batch_idx, jnp.asarray(mask, bool))
-
-
-def _run_step(state, dataset, batch, mask):
-  return _plain(state, dataset, batch) if mask is None else _masked(state, dataset, batch, mask)
-
-
-_evaluate_sweep = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
-_resync_sweep = jax.jit(jax.vmap(state_lib.resync, in_axes=(0, None)))
-
-
-def runner(members: int) -> loop.Runner:
-  """The training loop's runner for a stacked sweep of ``members`` states."""
-  return loop.Runner(members=members, prepare=loop.copy_state, step=_run_step,
-                     evaluate=_evaluate_sweep, with_config=with_config, saveable=lambda s: s,
-                     resync=_resync_sweep, name="kronjax.sweep.fit")
+  return runners.Sweep(size(state)).step(state, dataset, batch_idx,
+                                         None if mask is None else jnp.asarray(mask, bool))
 
 
 def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
@@ -352,5 +321,5 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
   if "mesh" in options:
     raise ValueError("kronjax.sweep.fit takes no mesh: a sweep is vmapped over its members, not "
                      "neuron-sharded. Shard members one by one with kronjax.fit(..., mesh=...).")
-  return loop.train(runner(size(state)), state, dataset, key, batch_size=batch_size,
-                    steps=steps, epochs=epochs, **options)
+  return loop.train(runners.Sweep(size(state)), state, dataset, key,
+                    loop.Options(batch_size=batch_size, steps=steps, epochs=epochs, **options))

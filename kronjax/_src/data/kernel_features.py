@@ -1,0 +1,94 @@
+"""Features for entities given by a similarity (kernel) matrix.
+
+Glossary of shape letters used in this module:
+  N   number of entities (rows and columns of the similarity matrix)
+  r   rank kept: eigenvalues above the relative tolerance
+
+A similarity matrix ``K`` that is not positive semidefinite has no exact
+feature map; ``kernel_features`` returns ``F = V sqrt(max(Λ, 0))`` from ``eigh``
+of the symmetrized matrix, rows normalized to unit norm, so ``F F^T`` is the
+nearest PSD matrix to ``K`` with unit diagonal (up to the normalization), and
+reports how much negative eigenvalue mass was clipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class KernelFeatures(NamedTuple):
+  """Row features of a similarity matrix.
+
+  Attributes:
+    features: ``(N, r)`` float64, unit-norm rows; ``features @ features.T`` is
+      the PSD part of the symmetrized ``K`` with unit diagonal.
+    clipped: the negative eigenvalue mass clipped, ``sum |λ_-| / sum |λ|``, in
+      ``[0, 1]`` (0 for a PSD input).
+    rank: ``r``, the number of eigenvalues kept.
+  """
+  features: np.ndarray  # shape=(N, r), dtype=float64
+  clipped: float
+  rank: int
+
+
+def kernel_features(K: Any, *, name: str = "K", rtol: float | None = None) -> KernelFeatures:
+  """Unit-norm features ``F (N, r)`` with ``F F^T`` the nearest PSD ``K`` with unit diagonal.
+
+  Symmetrizes ``(K + K^T) / 2``, takes ``eigh``, keeps the eigenvalues above
+  ``rtol * max|λ|`` (``F = V sqrt(Λ)`` on those columns: the negative part is
+  clipped, near-zero columns dropped) and normalizes every row of ``F`` to unit
+  norm. For a PSD ``K`` with positive diagonal, ``F F^T = D^{-1/2} K D^{-1/2}``
+  with ``D = diag(K)``. Runs on the host in float64 (once per entity table).
+
+  Args:
+    K: ``(N, N)`` real similarity matrix, finite.
+    name: the argument's name in error messages.
+    rtol: relative eigenvalue tolerance; default ``N * eps(float64)``.
+
+  Returns:
+    ``KernelFeatures(features (N, r), clipped, rank)``.
+
+  Raises:
+    TypeError: ``K`` is not a real array.
+    ValueError: ``K`` is not square 2-D, is empty, holds NaN/inf, or a row of
+      ``F`` is zero after clipping (no unit-norm row exists; the message names
+      the row).
+  """
+  arr = np.asarray(K)
+  if arr.dtype.kind not in "biuf":
+    raise TypeError(
+        f"{name} must be a real array (a similarity matrix), got dtype {arr.dtype}; "
+        "pass the real part or a float array.")
+  if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+    raise ValueError(
+        f"{name} must be a square 2-D similarity matrix (N, N), got shape {arr.shape}.")
+  if arr.shape[0] == 0:
+    raise ValueError(f"{name} is empty (shape {arr.shape}); pass at least one entity.")
+  arr = arr.astype(np.float64)
+  if not np.all(np.isfinite(arr)):
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    raise ValueError(
+        f"{name} contains {bad} non-finite value(s) (NaN or inf); fill or drop those "
+        "entities before computing features.")
+  if rtol is not None and not (np.isfinite(rtol) and rtol >= 0):
+    raise ValueError(f"rtol must be a finite number >= 0, got {rtol!r}.")
+  n = arr.shape[0]
+  sym = 0.5 * (arr + arr.T)
+  lam, vec = np.linalg.eigh(sym)
+  total = float(np.sum(np.abs(lam)))
+  clipped = float(np.sum(-lam[lam < 0]) / total) if total > 0 else 0.0
+  tol = (n * np.finfo(np.float64).eps if rtol is None else float(rtol)) * float(np.max(np.abs(lam)))
+  keep = lam > tol
+  feats = vec[:, keep] * np.sqrt(lam[keep])
+  norms = np.linalg.norm(feats, axis=1)
+  # A row whose squared norm is at the eigenvalue noise level has no direction.
+  zero = np.flatnonzero(norms**2 <= max(tol, np.finfo(np.float64).tiny))
+  if zero.size:
+    i = int(zero[0])
+    raise ValueError(
+        f"{name}: row {i} has no positive-eigenvalue component after clipping "
+        f"({name}[{i}, {i}] = {arr[i, i]!r}; {zero.size} such row(s)), so it cannot be "
+        "normalized to unit norm; drop that entity or give it a positive self-similarity.")
+  return KernelFeatures(features=feats / norms[:, None], clipped=clipped, rank=int(keep.sum()))
