@@ -204,7 +204,7 @@ def _check_pair_of_vectors(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.nda
     raise ValueError(f"y_pred must have the shape of y_true {yt.shape}, got {yp.shape}.")
   checks.check_finite("y_true", yt)
   checks.check_finite("y_pred", yp)
-  return yt, yp
+  return yt + 0.0, yp + 0.0  # + 0.0 turns -0.0 into 0.0, so ties compare bytewise too
 
 
 def mse(y_true: Any, y_pred: Any) -> float:

@@ -19,9 +19,9 @@ with orbax-checkpoint (``CheckpointManager``) and holding three items:
   stored as base64 with their dtype: float64 histories stay float64, PRNG keys
   stay keys). Never the dataset.
 
-Arrays are stored uncompressed: zstd (orbax's default) made a 1 GiB float32
-training state 8% smaller but saving and restoring 2.5x slower
-(``experiments/bench_checkpoint.py``, "compression"). Nothing checksums the array files: a
+Arrays are stored uncompressed: zstd (orbax's default) barely shrinks a float32
+training state and makes saving and restoring slower (``experiments/bench_checkpoint.py``,
+"compression"; the performance page). Nothing checksums the array files: a
 missing, truncated or unreadable file is detected, a flipped bit inside one is not.
 
 Saving (``save``, or a ``Manager`` for a run): orbax writes the step into

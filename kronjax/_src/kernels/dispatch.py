@@ -4,11 +4,12 @@ plain ``jax.numpy`` expression. Written once here for every such op.
 * The switch: the kernels are used unless ``KRONJAX_NATIVE=off`` (read by
   ``native.mode()``; it also stops the build) or the programmatic switch is off
   (``set_enabled``, ``using``, ``disabled``; for A/B benchmarks and tests).
-  Both are read when an op is traced: a function jitted before keeps the
-  choice it was traced with (``using`` clears JAX's caches on entry and exit).
+  The switch is a JAX user context (``jax.make_user_context``), part of every
+  jit cache key: a function traced under one setting is never reused under the
+  other, and changing it clears no cache (both compilations stay cached).
 * The platform: on CPU, the kernel when the switch is on, the operands are
-  ones it takes and the library is built (``native.available()``: it builds on
-  first use); otherwise the plain expression. On GPU and TPU the plain
+  ones it takes and the library was prepared at import (``native.prepare``;
+  tracing never builds it); otherwise the plain expression. On GPU and TPU the plain
   expression (``jax.lax.platform_dependent``: the choice is made per lowering).
 * The wrapping (``op``): ``jax.custom_batching.custom_vmap`` with the op's own
   batching rule, inside ``jax.custom_jvp`` whose tangent is the plain
@@ -19,40 +20,36 @@ plain ``jax.numpy`` expression. Written once here for every such op.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 
 from kronjax._src.kernels import native
 
-_enabled = True
+# Built and loaded here, at import, so that tracing never compiles C++ (native.prepare).
+native.prepare()
+
+# The programmatic switch, in the jit cache key: jitted functions retrace when it changes.
+_switch = jax.make_user_context(default_value=True)
 
 
 def enabled() -> bool:
   """Whether ops traced now may call the native kernels (the switch and ``KRONJAX_NATIVE``)."""
-  return _enabled and native.mode() != "off"
+  return bool(_switch.value) and native.mode() != "off"
 
 
 def set_enabled(flag: bool) -> bool:
-  """Turns the native kernels on or off for ops traced from now on; returns the
-  previous setting. ``KRONJAX_NATIVE=off`` wins over ``True``."""
-  global _enabled
-  previous, _enabled = _enabled, bool(flag)
+  """Turns the native kernels on or off for ops traced from now on (process-wide);
+  returns the previous setting. ``KRONJAX_NATIVE=off`` wins over ``True``."""
+  previous = bool(_switch.get_global())
+  _switch.set_global(bool(flag))
   return previous
 
 
-@contextlib.contextmanager
-def using(flag: bool) -> Iterator[None]:
-  """``set_enabled(flag)`` inside the block, with JAX's caches cleared on entry
-  and exit, so jitted functions called inside retrace with this choice and
-  those called after it retrace with the previous one."""
-  previous = set_enabled(flag)
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    set_enabled(previous)
-    jax.clear_caches()
+def using(flag: bool) -> contextlib.AbstractContextManager[None]:
+  """The switch set to ``flag`` inside the block (this thread): jitted functions called
+  inside trace (or reuse their cached compilation) with this choice."""
+  return _switch(bool(flag))
 
 
 def disabled() -> contextlib.AbstractContextManager[None]:
@@ -69,7 +66,7 @@ def compile_with(fn: Callable[..., Any], *args: Any, use_native: bool) -> Any:
 
 def native_ok(supported: bool) -> bool:
   """At trace time, in a CPU branch: whether to call a kernel for operands that
-  it takes (``supported``); builds the library on first use."""
+  it takes (``supported``). Builds nothing (``native.prepare`` ran at import)."""
   return enabled() and supported and native.available()
 
 

@@ -13,9 +13,8 @@ Kernels (sources in ``kronjax/_src/kernels/csrc/``, built into one library):
   (``parallel.h``). Why: ``kronjax._src.kernels.rows``.
 
 About ``add_product``: XLA CPU computes the same expression as a product into
-a temporary followed by a separate add pass over ``X`` that one core runs; for
-a 16-member sweep at m = 1024, n = 512, batch 32 that pass was about a third
-of the step (``experiments/bench_sweep.py``). The kernel runs every member's
+a temporary followed by a separate add pass over ``X`` that one core runs (a
+large part of a vmapped sweep's step: the performance page). The kernel runs every member's
 gemm in one call, reading and writing each member's ``X`` once. When under
 10 % of ``G``'s entries are nonzero (the coefficients of inactive neurons are
 exact zeros) it skips them instead: one axpy per nonzero, exact for finite ``R``.
@@ -24,10 +23,14 @@ Building: ``make native`` (``native.main()``; also ``python -m kronjax._src.kern
 compiles the sources (~13 s) against jaxlib's FFI headers
 (``jax.ffi.include_dir``) into a cache directory, keyed by the sources, the
 flags, the jaxlib version, the compiler and the machine, and prints the
-compiler's command and warnings. A process that needs a kernel and finds no
-build compiles it then, saying so on stderr first; later processes reuse the
-file. Without a C++ compiler kronjax runs on XLA only (one warning). Nothing
-is built when JAX's default backend is not the CPU. The gemm itself is scipy's
+compiler's command and warnings. Otherwise the first ``import kronjax`` of a
+process that finds no build compiles it (``prepare``), saying so on stderr first;
+later processes reuse the file. Nothing is built or loaded while JAX traces a
+function: tracing only asks ``available()``, which reads what ``prepare`` found.
+``prepare`` does not initialize a JAX backend (``jax.distributed.initialize`` may
+still follow the import); the kernels are used only when the default backend
+turns out to be the CPU. Without a C++ compiler kronjax runs on XLA only (one
+warning). The gemm itself is scipy's
 (``scipy.linalg.cython_blas``; scipy is a dependency of jax), so nothing links
 against a BLAS.
 
@@ -42,7 +45,7 @@ Environment:
     ``$XDG_CACHE_HOME/kronjax`` or ``~/.cache/kronjax``).
   * ``CXX``: the compiler (default ``c++``, then ``g++``).
 
-The library is loaded once per process: set the variables before the first step.
+The library is loaded once per process, at the first import: set the variables before it.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class HiddenRows(NamedTuple):
 
 
 _lock = threading.Lock()
-_status: Status | None = None   # set once by _load()
+_status: Status | None = None   # set once by prepare()
 _warned = False
 _handles: list[ctypes.CDLL] = []  # the loaded libraries, kept for the process's lifetime
 
@@ -204,10 +207,6 @@ def _register(library: pathlib.Path) -> None:
 def _try_load() -> Status:
   if mode() == "off":
     return Status(False, "KRONJAX_NATIVE=off", None, failed=False)
-  backend = jax.default_backend()
-  if backend != "cpu":
-    return Status(False, f"JAX's default backend is {backend}; the native kernels are CPU-only",
-                  None, failed=False)
   cxx = compiler()
   if cxx is None:
     return Status(False, NO_COMPILER, None, failed=True)
@@ -220,9 +219,12 @@ def _try_load() -> Status:
   return Status(True, None, str(library), failed=False)
 
 
-def _load() -> Status:
-  """Builds (if the cache lacks it), loads and registers the library once per process;
-  never raises."""
+def prepare() -> Status:
+  """Builds (if the cache lacks it), loads and registers the library, once per process.
+
+  Called by the first ``import kronjax``, never while tracing; never raises
+  (``available`` reports a failure). Initializes no JAX backend.
+  """
   global _status
   with _lock:
     if _status is None:
@@ -231,15 +233,17 @@ def _load() -> Status:
 
 
 def available(warn: bool = True) -> bool:
-  """Whether the native kernels are in use (building them on the first call if needed).
+  """Whether the native kernels are in use: ``prepare`` loaded them and JAX's default
+  backend is the CPU. Builds nothing (safe while tracing).
 
-  False with ``KRONJAX_NATIVE=off`` and when JAX's default backend is not the
-  CPU. When they cannot be built: with ``KRONJAX_NATIVE=require`` a
-  ``RuntimeError``; with ``auto`` one warning per process (if ``warn``) and False
-  (callers then use XLA).
+  False with ``KRONJAX_NATIVE=off`` and on other backends. When they could not be
+  built: with ``KRONJAX_NATIVE=require`` a ``RuntimeError``; with ``auto`` one
+  warning per process (if ``warn``) and False (callers then use XLA).
   """
   global _warned
-  status = _load()
+  status = _status if _status is not None else Status(
+      False, "the native kernels were not prepared (kronjax._src.kernels.native.prepare)", None,
+      failed=False)
   if status.failed and mode() == "require":
     raise RuntimeError(f"KRONJAX_NATIVE=require but the native kernels are unavailable: "
                        f"{status.reason}")
@@ -247,14 +251,16 @@ def available(warn: bool = True) -> bool:
     _warned = True
     warnings.warn(f"kronjax: {status.reason}. KRONJAX_NATIVE=off silences this.",
                   RuntimeWarning, stacklevel=2)
-  return status.available
+  return status.available and jax.default_backend() == "cpu"
 
 
 def info() -> dict[str, Any]:
   """``{"mode", "available", "library", "reason"}`` for logs and benchmark JSON."""
-  status = _load()
-  return {"mode": mode(), "available": status.available, "library": status.library,
-          "reason": status.reason}
+  status = prepare()
+  on_cpu = jax.default_backend() == "cpu"
+  return {"mode": mode(), "available": status.available and on_cpu, "library": status.library,
+          "reason": status.reason if on_cpu else
+          f"JAX's default backend is {jax.default_backend()}; the native kernels are CPU-only"}
 
 
 def pool_threads() -> int:
@@ -423,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     print(f"kronjax: the native CPU kernels are built: {result.library} "
           "(--rebuild compiles them again)")
-  status = _load()
+  status = prepare()
   if not status.available:
     print(f"kronjax: {status.reason}", file=sys.stderr)
     return 1

@@ -13,8 +13,8 @@ On the dense path every step adds ``G (m, B) @ K[S, :] (B, n)`` to ``P (m, n)``.
   compiler): XLA's product into a temporary, then an add pass. Under
   ``jax.vmap`` JAX's default rule would fold the members into one tall product
   ``(S m, B) @ (B, n)`` whose ``(S, m, n)`` result is written out and then
-  added; on a CPU that temporary does not fit in cache and the 16-member sweep
-  at m = 1024, n = 512 ran 2x *slower* than 16 separate steps. The batching
+  added; on a CPU that temporary does not fit in cache and a sweep runs slower
+  than its members stepped one by one (the performance page). The batching
   rule instead loops over the members inside the compiled program and updates
   each member's rows in place.
 * GPU and TPU: the plain expression and JAX's batched product (one member's
@@ -36,9 +36,8 @@ from kronjax._src.kernels import dispatch
 from kronjax._src.kernels import native
 
 # Below this many bytes of batched result the default batched product stays in
-# cache and its single dispatch wins over a loop (measured: experiments/bench_sweep.py
-# at m = 128, n = 64 runs ~0.2x of 16 sequential steps with the batched product).
-# Read when a caller is traced.
+# cache and its single dispatch wins over a loop (experiments/bench_sweep.py at
+# small shapes). Read when a caller is traced.
 LOOP_MIN_BYTES = 4 * 2**20
 
 
@@ -77,8 +76,7 @@ def _make_add_product(transposed: bool) -> Callable[..., jax.Array]:
         g = G[i] if g_batched else G
         r = R[i] if r_batched else R
         # Slice, add and write back with the member axis kept (size 1): XLA then
-        # fuses the three into one in-place pass; ``X[i] + ...`` copied X[i] first
-        # (9.5 vs 7.3 ms for 16 members at m = 1024, n = 512).
+        # fuses the three into one in-place pass; ``X[i] + ...`` copied X[i] first.
         rows = jax.lax.dynamic_slice_in_dim(X, i, 1, 0) + product(g, r)[None]
         return jax.lax.dynamic_update_slice_in_dim(X, rows, i, 0)
       return jax.lax.fori_loop(0, axis_size, member, X)

@@ -12,12 +12,11 @@ matrix (``state.projections`` in the ``"points"`` layout, or ``state.A_T``).
 
 Each equals its plain ``jax.numpy`` expression (``*_of`` below) up to float
 rounding order. Why they exist: under ``jax.vmap`` over a sweep the members
-share ``idx``, and the step's small operands become ``(S, B, m)`` stacks
-(2 MiB at S = 16, B = 32, m = 1024) that no longer fit in a core's cache. XLA
-CPU gathers them index-major, transposes them for every consumer and
-materializes the ReLU and its mask in separate passes; measured in the
-16-member sweep of ``experiments/bench_sweep.py`` that was ~2.7 ms of a 7.5 ms
-step, more than half of the product ``P + K_rows^T @ U`` itself. So:
+share ``idx``, and the step's small operands become ``(S, B, m)`` stacks that
+no longer fit in a core's cache. XLA CPU gathers them index-major, transposes
+them for every consumer and materializes the ReLU and its mask in separate
+passes, which in a vmapped sweep costs more than half of the product
+``P + K_rows^T @ U`` itself (``experiments/bench_sweep.py``). So:
 
 * on CPU with the native kernels (``kronjax._src.kernels.native``) each op is one pass that
   reads each batch row once and splits the rows over XLA's threads; under

@@ -47,11 +47,11 @@ its smallest normal, covering flush-to-zero), and the certificate
 ~1e-6 in float32: they never change a result, only make a rebuild a hair earlier.
 
 Cost (``experiments/bench_threshold.py``; the performance page's table is generated from
-``experiments/results/threshold.json``): on CPU a bucketed query beats the scan by 1.3x to 5x,
-more the wider the network, but a whole sparse-path step is dominated by the update of the
-active rows, and XLA CPU copies the ``(n, C_cap)`` buckets through the ``lax.cond`` of
-``update`` (a ``while_loop`` avoids the copy but ran 300x slower on XLA CPU), so the bucketed
-index does not make the step faster there.
+``experiments/results/threshold.json``): on CPU a bucketed query beats the scan, more the
+wider the network, but a whole sparse-path step is dominated by the update of the active
+rows, and XLA CPU copies the ``(n, C_cap)`` buckets through the ``lax.cond`` of ``update``
+(a ``while_loop`` avoids the copy but is far slower on XLA CPU), so the bucketed index does
+not make the step faster there.
 
 So ``index="auto"`` (``Plan.resolve``, which serves the train step) picks ``scan``
 on every measured shape; ``bucketed`` is for query-bound use and for backends
@@ -100,7 +100,7 @@ class BucketedIndexState(NamedTuple):
 
 # ----------------------------------------------------------------------------- compaction
 
-_BLOCK = 256  # block of the two-level prefix sum (XLA CPU's flat cumsum is ~2x slower)
+_BLOCK = 256  # block of the two-level prefix sum (XLA CPU's flat cumsum is slower)
 
 
 def _prefix_count(mask: jax.Array) -> jax.Array:
@@ -124,9 +124,8 @@ def compact_columns(mask: jax.Array, capacity: int, fill: int,
   entries, even when it exceeds ``capacity``.
 
   Binary search of ``k = 1..capacity`` in the column prefix counts: ``O(L)`` for the
-  prefix sum plus ``O(capacity log L)`` gathers, measured faster on XLA CPU than
-  ``jnp.nonzero`` (1.6-2.5x at ``L = 2**18``) and than a cumsum scatter, with
-  identical results.
+  prefix sum plus ``O(capacity log L)`` gathers, faster on XLA CPU than
+  ``jnp.nonzero`` and than a cumsum scatter, with identical results.
   """
   L, B = mask.shape
   csum = _prefix_count(mask)                                    # (L, B)
@@ -149,15 +148,6 @@ def compact_columns(mask: jax.Array, capacity: int, fill: int,
   else:
     out = values[jnp.minimum(pos, L - 1), cols]
   return jnp.where(found, out, fill).astype(jnp.int32), count
-
-
-def compact(mask: jax.Array, capacity: int, fill: int) -> tuple[jax.Array, jax.Array]:
-  """Indices of the True entries of each row of ``mask`` ``(B, m)``, ascending.
-
-  Returns ``(idx (B, capacity) int32 padded with fill, count (B,) int32)``;
-  ``count`` is the full number of True entries even when it exceeds ``capacity``.
-  """
-  return compact_columns(mask.T, capacity, fill)
 
 
 # ----------------------------------------------------------------------------- dense scan
