@@ -1,5 +1,6 @@
 # `make demo` sets up and runs the quick start; `make test` sets up and runs the whole suite
-# (what CI runs); `make test-fast` leaves out the tests marked slow. Each creates .venv if it
+# (what CI runs); `make test-fast` leaves out the tests marked slow or perf; `make test-perf`
+# runs only the implementation pins (HLO text, compiled temporaries). Each creates .venv if it
 # is missing and installs only the extras it needs.
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ BASE := $(VENV)/.installed-base
 DEMO := $(VENV)/.installed-demo
 TEST := $(VENV)/.installed-test
 
-.PHONY: test test-fast demo venv clean bench results docs accelerator-check
+.PHONY: test test-fast test-perf demo venv clean bench results docs accelerator-check
 
 venv: $(TEST)
 
@@ -31,13 +32,16 @@ test: $(TEST) native
 	$(BIN)/python -m pytest -q -n auto --durations=15 tests
 
 test-fast: $(TEST) native
-	$(BIN)/python -m pytest -q -n auto --durations=10 -m "not slow" tests
+	$(BIN)/python -m pytest -q -n auto --durations=10 -m "not slow and not perf" tests
+
+test-perf: $(TEST) native
+	$(BIN)/python -m pytest -q -n auto -m perf tests
 
 demo: $(DEMO) native
 	$(BIN)/kronjax run configs/quickstart.toml --out runs/quickstart
 
-# Builds the native CPU kernels into the cache now, not at the first step (~15 s once; with
-# no C++ compiler it says so and kronjax runs on XLA). Same as python -m kronjax._src.kernels.native.
+# Builds the native CPU kernels into the cache now, not at the first import (once; with no
+# C++ compiler it says so and kronjax runs on XLA). Same as python -m kronjax._src.kernels.native.
 .PHONY: native
 native: $(DEMO)
 	$(BIN)/python -c 'import sys; from kronjax._src import native; sys.exit(native.main())'
