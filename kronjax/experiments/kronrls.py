@@ -74,9 +74,11 @@ def _check_cross(name: str, K: Any, n_train: int, train_name: str) -> jax.Array:
 def _check_pairs(name: str, pairs: Any, n_rows: int, n_cols: int) -> jax.Array:
   arr = np.asarray(pairs)
   if not np.issubdtype(arr.dtype, np.integer):
-    raise TypeError(f"{name} must be an integer (n, 2) array of (drug, target) indices, got dtype {arr.dtype}.")
+    raise TypeError(
+        f"{name} must be an integer (n, 2) array of (drug, target) indices, got dtype {arr.dtype}.")
   if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
-    raise ValueError(f"{name} must be a non-empty (n, 2) array of (drug, target) indices, got shape {arr.shape}.")
+    raise ValueError(
+        f"{name} must be a non-empty (n, 2) array of (drug, target) indices, got shape {arr.shape}.")
   checks.check_indices(f"{name}[:, 0]", arr[:, 0], n_rows)
   checks.check_indices(f"{name}[:, 1]", arr[:, 1], n_cols)
   return jnp.asarray(arr, jnp.int32)

@@ -31,7 +31,7 @@ import pickle
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
