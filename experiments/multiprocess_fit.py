@@ -83,14 +83,13 @@ def make_problem(args: argparse.Namespace):
                             eval_labels=labels[args.n:] if args.eval else None, gram=args.gram)
   config = kronjax.Config(width=args.width, threshold=args.threshold,
                           loss="mse" if classes == 1 else "softmax", num_classes=classes,
-                          active_capacity=args.active_capacity, update=args.update,
-                          gram=args.gram,
                           init="implicit")
+  plan = kronjax.Plan(active_capacity=args.active_capacity, update=args.update)
   if args.optimizer == "momentum":
     tx = optax.sgd(args.lr, momentum=0.9)
   else:
     tx = optax.sgd(args.lr)
-  state = kronjax.init(jax.random.fold_in(key, 1), config, dataset, tx)
+  state = kronjax.init(jax.random.fold_in(key, 1), config, dataset, tx, plan=plan)
   return state, dataset, jax.random.fold_in(key, 2)
 
 

@@ -4,6 +4,7 @@ The multi-process and multi-device cases are in tests/test_multiprocess.py and
 tests/test_sharding.py.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ import pytest
 
 import kronjax
 from kronjax import checkpoint
+from kronjax._src.data.dataset import fingerprint_text
 
 N, M, DIMS = 24, 96, (4, 5)
 TX = optax.sgd(2.0)
@@ -37,10 +39,10 @@ def _dataset(seed=0, labels_shift=0.0, eval_start=0):
                          eval_data=data.subset(held), eval_labels=labels[held])
 
 
-def _init(key=None, *, config=None, tx=TX, **dataset):
+def _init(key=None, *, config=None, tx=TX, plan=None, **dataset):
   config = config or kronjax.Config(width=M, init="implicit")
   key = jax.random.PRNGKey(3) if key is None else key
-  return kronjax.init(key, config, _dataset(**dataset), tx)
+  return kronjax.init(key, config, _dataset(**dataset), tx, plan=plan)
 
 
 def _fit(state, key=1, **options):
@@ -61,7 +63,7 @@ def _assert_same(x, y):
 
 
 STATE_FIELDS = {".projections", ".A_T", ".a", ".b", ".opt_state", ".step", ".key", ".index",
-                ".P_eval"}
+                ".P_eval", ".fingerprint"}   # the dataset's (8,) uint32 fingerprint, not its data
 
 
 def _manifest(path):
@@ -80,7 +82,9 @@ def test_roundtrip_is_exact_with_metadata(tmp_path):
   restored, got = checkpoint.load(tmp_path, like=_init(jax.random.key(3)))
   _assert_same(restored, state)
   assert restored.config == state.config and restored.index_kind == state.index_kind
-  assert restored.fingerprint == state.fingerprint == _dataset().fingerprint
+  assert restored.plan == state.plan
+  assert np.array_equal(restored.fingerprint, state.fingerprint)
+  assert np.array_equal(state.fingerprint, _dataset().fingerprint)
   np.testing.assert_array_equal(jax.random.key_data(got["fit_key"]), jax.random.key_data(meta["fit_key"]))
   np.testing.assert_array_equal(got["raw_key"], meta["raw_key"])
   np.testing.assert_array_equal(got["history"]["loss"], meta["history"]["loss"])
@@ -93,7 +97,10 @@ def test_checkpoint_holds_the_state_only(tmp_path):
   state = _init()
   path = checkpoint.save(tmp_path, state, {})
   manifest = _manifest(path)
-  assert manifest["version"] == 3 and manifest["data_fingerprint"] == _dataset().fingerprint
+  assert manifest["version"] == 4
+  assert manifest["data_fingerprint"] == fingerprint_text(_dataset().fingerprint) is not None
+  assert manifest["plan"] == dataclasses.asdict(state.plan)
+  assert manifest["config"] == state.config.identity()
   entries = manifest["leaves"] + manifest["index_leaves"]
   fields = {re.match(r"\.\w+", entry["path"]).group() for entry in manifest["leaves"]}
   assert fields <= STATE_FIELDS - {".index"}, fields
@@ -106,45 +113,66 @@ def test_checkpoint_holds_the_state_only(tmp_path):
 
 
 def test_point_major_momentum_state_roundtrips(tmp_path):
-  config = kronjax.Config(width=M, init="implicit", update="full")   # P stored (n, m)
+  config = kronjax.Config(width=M, init="implicit")
+  plan = kronjax.Plan(update="full")   # P stored (n, m)
   tx = optax.sgd(0.5, momentum=0.9)
-  state = _init(config=config, tx=tx)
+  state = _init(config=config, tx=tx, plan=plan)
   state, _ = _fit(state, steps=5)
   assert state.layout == "points" and state.projections.shape == (N, M)
   checkpoint.save(tmp_path, state, {})
-  restored, _ = checkpoint.load(tmp_path, like=_init(config=config, tx=tx))
+  restored, _ = checkpoint.load(tmp_path, like=_init(config=config, tx=tx, plan=plan))
   _assert_same(restored, state)
   # Like capacities, the layout is not part of the network: a neuron-major `like` gets the
-  # saved config back, and with it the saved layout (never a transposed misreading).
-  other, _ = checkpoint.load(tmp_path, like=_init(config=config.replace(layout="neurons"), tx=tx))
-  assert other.config == state.config and other.layout == "points"
+  # saved plan back, and with it the saved layout (never a transposed misreading).
+  other, _ = checkpoint.load(tmp_path, like=_init(config=config, tx=tx,
+                                                  plan=plan.replace(layout="neurons")))
+  assert other.config == state.config and other.plan == state.plan and other.layout == "points"
   _assert_same(other, state)
 
 
 def test_checkpoint_of_an_earlier_kronjax_is_refused(tmp_path):
-  """Formats v1 and v2 were one ``ckpt-<step>.npz`` file; this kronjax reads v3 directories.
+  """Formats v1 and v2 were one ``ckpt-<step>.npz`` file; this kronjax reads v4 directories.
   Such a file is listed (a resume does not silently start afresh) and refused by name."""
   np.savez(tmp_path / "ckpt-0000000003.npz", __manifest__=np.frombuffer(
       json.dumps({"format": "kronjax-checkpoint", "version": 2}).encode(), np.uint8))
   assert checkpoint.latest_step(tmp_path) == 3
-  with pytest.raises(ValueError, match=r"written by an earlier kronjax \(one .npz file, format "
-                     r"v1 or v2\); this kronjax reads v3"):
+  with pytest.raises(ValueError, match=r"written by kronjax 0\.1 \(one .npz file, format "
+                     r"v1 or v2\); this kronjax reads v4"):
     checkpoint.load(tmp_path, like=_init())
-  with pytest.raises(ValueError, match="earlier kronjax"):
+  with pytest.raises(ValueError, match=r"written by kronjax 0\.1"):
     _fit(_init(), steps=4, checkpoint_dir=tmp_path, resume=True)
-  # A new run saving there replaces it (and keeps the newest two).
+  # A new run saving there leaves the old file alone (kronjax 0.3 no longer deletes files of
+  # an earlier kronjax) and keeps the newest two of its own; its latest step loads.
   _fit(_init(), steps=4, checkpoint_dir=tmp_path, checkpoint_every=2)
-  assert checkpoint.steps(tmp_path) == [2, 4]
+  assert checkpoint.steps(tmp_path) == [2, 3, 4]
+  assert (tmp_path / "ckpt-0000000003.npz").is_file()
+  restored, _ = checkpoint.load(tmp_path, like=_init())
+  assert int(restored.step) == 4
 
 
-def test_restores_grown_capacity_config(tmp_path):
+def test_checkpoint_of_version_3_is_refused(tmp_path):
+  """A v3 checkpoint directory (written by kronjax 0.2: no plan in its manifest) is refused,
+  naming the kronjax that wrote it."""
+  state, _ = _fit(_init(), steps=2)
+  path = checkpoint.save(tmp_path, state, {})
+  manifest = _manifest(path)
+  assert manifest["version"] == 4
+  manifest["version"] = 3
+  (path / "manifest" / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(ValueError, match=r"written by kronjax 0\.2 \(checkpoint format v3\); "
+                     r"this kronjax reads v4"):
+    checkpoint.load(tmp_path, like=_init())
+
+
+def test_restores_grown_capacity_plan(tmp_path):
   like = _init()
-  grown = kronjax.with_config(like, active_capacity=like.config.active_capacity + 8,
-                              candidate_capacity=M)
+  grown = kronjax.with_plan(like, active_capacity=like.resolved_plan.active_capacity + 8,
+                            candidate_capacity=M)
   grown, _ = _fit(grown, steps=3)
   checkpoint.save(tmp_path, grown, {})
   restored, _ = checkpoint.load(tmp_path, like=like)
-  assert restored.config == grown.config != like.config
+  assert restored.config == grown.config == like.config
+  assert restored.plan == grown.plan != like.plan
   _assert_same(restored, grown)
   # It keeps training exactly like the original.
   a, _ = _fit(grown, steps=2)
@@ -425,7 +453,7 @@ def test_like_built_from_another_dataset_is_refused(tmp_path, other):
   """Same shapes, other factors, labels or eval points: the fingerprint tells them apart."""
   checkpoint.save(tmp_path, _init(), {})
   like = _init(**other)
-  assert like.fingerprint != _init().fingerprint
+  assert not np.array_equal(like.fingerprint, _init().fingerprint)
   with pytest.raises(ValueError, match=r"saved for another dataset.*Build `like` with "
                      r"kronjax.init from the same kronjax.Dataset"):
     checkpoint.load(tmp_path, like=like)

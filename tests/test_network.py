@@ -1,5 +1,6 @@
 """kronjax.network: a trained network saved without optimizer state predicts identically anywhere."""
 
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,22 @@ def test_load_refuses_other_files(tmp_path):
     kronjax.network.load(tmp_path / "x.npz")
   with pytest.raises(FileNotFoundError):
     kronjax.network.load(tmp_path / "missing.npz")
+
+
+def test_network_file_of_an_earlier_kronjax_is_refused(tmp_path):
+  """A network file of format v1 (written by kronjax 0.2) is refused, naming that version."""
+  state, dataset = _trained("kronecker")
+  path = kronjax.network.save(tmp_path / "net.npz", state, dataset)
+  with np.load(path) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  manifest = json.loads(bytes(arrays["__manifest__"]).decode())
+  assert manifest["version"] == 2
+  manifest["version"] = 1
+  arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+  old = tmp_path / "old.npz"
+  np.savez(old, **arrays)
+  with pytest.raises(ValueError, match=r"written by kronjax 0\.2 \(network format v1\)"):
+    kronjax.network.load(old)
 
 
 def test_implicit_network_cannot_be_saved(tmp_path):

@@ -47,13 +47,13 @@ def same(x, y):
   return jax.tree.structure(x) == jax.tree.structure(y) and all(
       np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 
-def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
+def compare(name, devices, config, plan, tx, task, sharded_capacity=None, steps=12):
   data, labels = kronjax.data.planted(key, 40, (4, 6), task=task, num_classes=3)
   ev, ev_labels = data.subset(jnp.arange(30, 40)), labels[30:]
   dataset = kronjax.Dataset(data, labels, eval_data=ev, eval_labels=ev_labels)
-  state = kronjax.init(key, config, dataset, tx)
+  state = kronjax.init(key, config, dataset, tx, plan=plan)
   ref, h_ref = kronjax.fit(state, dataset, key, batch_size=8, steps=steps, progress=False)
-  start = state if sharded_capacity is None else kronjax.with_config(state, active_capacity=sharded_capacity)
+  start = state if sharded_capacity is None else kronjax.with_plan(state, active_capacity=sharded_capacity)
   mesh = sharding.neuron_mesh(jax.devices()[:devices])
   got, h = kronjax.fit(start, dataset, key, batch_size=8, steps=steps, progress=False, mesh=mesh)
   m, m_pad = config.width, got.P.shape[0]
@@ -83,7 +83,7 @@ def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
       manual, _ = step(manual, replicated, jnp.asarray(bi))
     res["manual_equals_fit"] = same(sharding.unshard_state(manual), un)
   batch = jnp.arange(8, dtype=jnp.int32)
-  res["update"] = got.config.resolved_update(8)
+  res["update"] = got.update_path(8)
   res["collectives"] = hlo.step_collectives(got, dataset, batch, mesh)
   res["estimate"] = sharding.estimated_bytes(8, config.num_classes, float_bytes=8,
                                              update=res["update"])
@@ -96,21 +96,21 @@ def compare(name, devices, config, tx, task, sharded_capacity=None, steps=12):
         s.is_fully_replicated for s in data_shardings)
   out[name] = res
 
-# Capacity 2 per shard overflows at once: fit replays under the mesh (with_config, re-shard)
+# Capacity 2 per shard overflows at once: fit replays under the mesh (with_plan, re-shard)
 # and grows it to 8 (= the 8 rows of a shard).
 compare("sgd8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
-                                  train_output=True, index="scan", update="sparse",
-                                  active_capacity=32), optax.sgd(0.5), "classification",
-        sharded_capacity=2)
+                                  train_output=True),
+        kronjax.Plan(index="scan", update="sparse", active_capacity=32), optax.sgd(0.5),
+        "classification", sharded_capacity=2)
 kinds = index_lib.KINDS
-compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
-                                       active_capacity=32, candidate_capacity=48,
-                                       index="bucketed" if "bucketed" in kinds else "scan"),
+compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3),
+        kronjax.Plan(active_capacity=32, candidate_capacity=48,
+                     index="bucketed" if "bucketed" in kinds else "scan"),
         optax.sgd(0.3, momentum=0.9), "classification")
 # The full path with P stored point-major (n, m): split on axis 1, momentum traces too.
 compare("points8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
-                                     train_output=True, update="full"),
-        optax.sgd(0.3, momentum=0.9), "classification")
+                                     train_output=True),
+        kronjax.Plan(update="full"), optax.sgd(0.3, momentum=0.9), "classification")
 
 # Checkpoints across device counts: written on 4 devices (61 neurons padded to 64), restored
 # onto 3 (63 rows: truncated), trained on and written there, restored onto 8 (64 rows: the
@@ -120,10 +120,9 @@ def checkpoints_across_device_counts(tmp):
   data, labels = kronjax.data.planted(key, 40, (4, 6), task="classification", num_classes=3)
   dataset = kronjax.Dataset(data.subset(jnp.arange(32)), labels[:32],
                             eval_data=data.subset(jnp.arange(32, 40)), eval_labels=labels[32:])
-  config = kronjax.Config(width=61, threshold=0.6, loss="softmax", num_classes=3,
-                          active_capacity=32)
+  config = kronjax.Config(width=61, threshold=0.6, loss="softmax", num_classes=3)
   tx = optax.sgd(0.3, momentum=0.9)
-  state = kronjax.init(key, config, dataset, tx)
+  state = kronjax.init(key, config, dataset, tx, plan=kronjax.Plan(active_capacity=32))
   fit = dict(batch_size=8, progress=False)
   ref6, _ = kronjax.fit(state, dataset, key, steps=6, **fit)
   ref9, h9 = kronjax.fit(state, dataset, key, steps=9, **fit)
@@ -162,13 +161,18 @@ import tempfile
 with tempfile.TemporaryDirectory() as tmp:
   checkpoints_across_device_counts(pathlib.Path(tmp))
 
-docs = pathlib.Path(sys.argv[1]).read_text()
-(block,) = [b for b in re.findall(r"```python\n(.*?)```", docs, flags=re.S) if "mesh=mesh" in b]
-ns = {}
-exec(compile(block, "README.md", "exec"), ns)
-loss = ns["history"]["loss"]
-out["docs"] = {"P_shape": list(ns["state"].P.shape),
-               "loss": [float(loss[:5].mean()), float(loss[-10:].mean())]}
+# The README's example: a failure there is reported by its own test, not by every test here.
+try:
+  docs = pathlib.Path(sys.argv[1]).read_text()
+  (block,) = [b for b in re.findall(r"```python\n(.*?)```", docs, flags=re.S) if "mesh=mesh" in b]
+  ns = {}
+  exec(compile(block, "README.md", "exec"), ns)
+  loss = ns["history"]["loss"]
+  out["docs"] = {"P_shape": list(ns["state"].P.shape),
+                 "loss": [float(loss[:5].mean()), float(loss[-10:].mean())]}
+except Exception as e:
+  import traceback
+  out["docs"] = {"error": traceback.format_exc()}
 print("RESULT " + json.dumps(out))
 '''
 
@@ -203,6 +207,7 @@ def test_sharded_training_equals_single_device(multi_device, case):
     assert res["replays"] >= 1
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("case", ["sgd8", "momentum4", "points8"])
 def test_sharded_step_moves_only_the_outputs(multi_device, case):
   """The compiled step's collectives, byte for byte what estimated_bytes says for its
@@ -232,6 +237,7 @@ def test_checkpoints_move_across_device_counts(multi_device):
 
 def test_docs_sharding_example_runs_on_eight_devices(multi_device):
   docs = multi_device["docs"]
+  assert "error" not in docs, docs.get("error")
   assert docs["P_shape"] == [250, 128]          # padding (to 256) stripped
   assert docs["loss"][1] < docs["loss"][0]
 
@@ -241,8 +247,8 @@ def test_docs_sharding_example_runs_on_eight_devices(multi_device):
 def _small_problem():
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 16, (3, 4), task="regression")
   dataset = kronjax.Dataset(data, labels)
-  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=10, active_capacity=8), dataset,
-                       optax.sgd(0.1, momentum=0.9))
+  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=10), dataset,
+                       optax.sgd(0.1, momentum=0.9), plan=kronjax.Plan(active_capacity=8))
   return state, dataset
 
 
@@ -291,7 +297,7 @@ def test_compiled_step_on_one_device_equals_train_step():
 
 def test_point_major_specs_split_the_neuron_axis():
   state = _small_state()
-  state = kronjax.with_config(state, update="full")               # layout auto -> points
+  state = kronjax.with_plan(state, update="full")                 # layout auto -> points
   assert state.layout == "points"
   specs = sharding.state_specs(state)
   split = jax.sharding.PartitionSpec(None, "neurons")

@@ -1,5 +1,6 @@
 """kronjax.sweep: one vmapped sweep equals the separate runs (float64), overflow, bad input."""
 
+import contextlib
 import functools
 import pathlib
 import re
@@ -16,7 +17,7 @@ from kronjax._src.kernels import dispatch
 from kronjax._src.kernels import native
 from kronjax._src.kernels import products
 from kronjax._src.step import index as index_lib
-from kronjax._src.train import sweep as sweep_lib
+from kronjax._src.train import runners
 from reference import rel_err
 
 N, BATCH, STEPS = 32, 8, 8
@@ -24,8 +25,8 @@ INDEX_KINDS = [k for k in ("scan", "bucketed") if k in index_lib.KINDS]
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-# One transformation object per optimizer, shared by the sweeps and the reference runs, so
-# the jitted steps compile once per config (tx is static metadata of the state).
+# One transformation object per optimizer, shared by the sweeps and the reference runs (tx is
+# static metadata of the state, compared by structure: equal ones share a compiled step).
 TX = {"sgd": optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
       "momentum": optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)}
 PLAIN_TX = optax.sgd(1.0)   # no injected hyperparameters
@@ -57,7 +58,7 @@ def _separate(start, dataset, member, key, steps=STEPS):
 def _assert_initial_state_is_init(states, dataset, i, member):
   """Member i of a fresh sweep is ``kronjax.init`` with its key, threshold and hyperparameters."""
   alone = kronjax.init(jax.random.PRNGKey(member.get("seed", 0)), states.config, dataset,
-                       states.tx, threshold=member.get("threshold"))
+                       states.tx.tx, threshold=member.get("threshold"), plan=states.plan)
   hp = {k: v for k, v in member.items() if k in ("learning_rate", "momentum")}
   if hp:
     alone = alone.replace(opt_state=sw.set_hyperparams(alone.opt_state, **hp))
@@ -94,9 +95,13 @@ def _eight_members(optimizer):
   return sw.grid(learning_rate=[0.5, 2.0], threshold=[0.5, 0.8], seed=[0, 1])
 
 
-def _equivalence_config(optimizer, kind, **changes):
-  return kronjax.Config(width=64, threshold=0.6, active_capacity=48, candidate_capacity=56,
-                        index=kind, update="sparse" if optimizer == "sgd" else "full", **changes)
+def _equivalence_config(**changes):
+  return kronjax.Config(width=64, threshold=0.6, **changes)
+
+
+def _equivalence_plan(optimizer, kind):
+  return kronjax.Plan(active_capacity=48, candidate_capacity=56, index=kind,
+                      update="sparse" if optimizer == "sgd" else "full")
 
 
 @pytest.mark.parametrize("kind", [k if k == "scan" else pytest.param(k, marks=pytest.mark.slow)
@@ -104,23 +109,23 @@ def _equivalence_config(optimizer, kind, **changes):
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
 def test_sweep_equals_separate_runs(x64, optimizer, kind):
   dataset = _task()
-  config = _equivalence_config(optimizer, kind)
+  config, plan = _equivalence_config(), _equivalence_plan(optimizer, kind)
   axes = dict(learning_rate=[0.2, 0.5, 1.0, 2.0], threshold=[0.5, 0.8], seed=[0, 1])
   if optimizer == "momentum":
     axes["momentum"] = [0.9]
   members = sw.grid(**axes)
   assert len(members) == 16
   key = jax.random.PRNGKey(7)
-  states = sw.init(config, dataset, members, tx=TX[optimizer])
+  states = sw.init(config, dataset, members, tx=TX[optimizer], plan=plan)
   assert sw.size(states) == 16 and states.P.shape == (16, 64, N)
   # Every leaf is stacked; the dataset (and its (n, n) Gram) is shared, never copied per member.
   assert all(x.shape[0] == 16 for x in jax.tree.leaves(states))
   assert not hasattr(states, "gram") and dataset.gram.shape == (N, N)
   for i in (0, 13):                                # b = 0.5 / 0.8, seeds 0 / 1, two learning rates
     _assert_initial_state_is_init(states, dataset, i, members[i])
-  before = sweep_lib._plain._cache_size()
+  before = runners.sweep_step._cache_size()
   trained, history = sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False)
-  assert sweep_lib._plain._cache_size() - before <= 1   # one compilation for all members
+  assert runners.sweep_step._cache_size() - before <= 1   # one compilation for all members
   assert history["loss"].shape == (16, STEPS) and not history["replays"]
   assert history["stopped"] == [None] * 16
   _assert_equals_separate_runs(states, trained, history, dataset, members, key)
@@ -131,11 +136,11 @@ def test_sweep_with_softmax_and_trained_output_equals_separate_runs(x64, optimiz
   """Issue 17: the softmax loss (3 classes) with a trained output layer, on the sparse path
   (sgd) and the full path (momentum)."""
   dataset = _task(task="classification")
-  config = _equivalence_config(optimizer, "auto", loss="softmax", num_classes=3,
-                               train_output=True)
+  config = _equivalence_config(loss="softmax", num_classes=3, train_output=True)
   members = _eight_members(optimizer)
   key = jax.random.PRNGKey(4)
-  states = sw.init(config, dataset, members, tx=TX[optimizer])
+  states = sw.init(config, dataset, members, tx=TX[optimizer],
+                   plan=_equivalence_plan(optimizer, "auto"))
   assert states.a.shape == (len(members), 64, 3)
   trained, history = sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False)
   assert not history["replays"]
@@ -165,12 +170,12 @@ _vmapped_step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None, None)))
 def test_init_vmaps_over_key_and_train_step_over_stacked_state(x64):
   """The literal API: vmap(init) over keys, vmap(train_step, in_axes=(0, None, None)) on the result."""
   dataset = _task()
-  config, tx = _equivalence_config("sgd", "scan"), TX["sgd"]
+  config, plan, tx = _equivalence_config(), _equivalence_plan("sgd", "scan"), TX["sgd"]
   keys = jax.random.split(jax.random.PRNGKey(2), 8)   # 8: the shapes of the test below
-  stacked = jax.vmap(lambda k: kronjax.init(k, config, dataset, tx))(keys)
+  stacked = jax.vmap(lambda k: kronjax.init(k, config, dataset, tx, plan=plan))(keys)
   assert stacked.P.shape == (8, 64, N) and sw.size(stacked) == 8
   assert all(x.shape[0] == 8 for x in jax.tree.leaves(stacked))   # everything stacked
-  starts = [kronjax.init(k, config, dataset, tx) for k in keys]
+  starts = [kronjax.init(k, config, dataset, tx, plan=plan) for k in keys]
   for i, start in enumerate(starts):
     _assert_same(sw.member(stacked, i), start)
   _assert_same(sw.stack(starts), stacked)
@@ -190,7 +195,8 @@ def test_vmapped_train_step_over_a_sweep_state_equals_separate_runs(x64):
   dataset = _task()
   members = _eight_members("sgd")
   key = jax.random.PRNGKey(9)
-  start = sw.init(_equivalence_config("sgd", "scan"), dataset, members, tx=TX["sgd"])
+  start = sw.init(_equivalence_config(), dataset, members, tx=TX["sgd"],
+                  plan=_equivalence_plan("sgd", "scan"))
   vmapped, stepped = start, sw.stack([sw.member(start, i) for i in range(len(members))])
   losses = []
   for bi in kronjax.batch_schedule(key, N, BATCH, STEPS):
@@ -228,9 +234,9 @@ def test_sweep_without_injected_hyperparameters(x64, axis):
   """Item 8: a plain ``optax.sgd`` tx sweeps seeds and thresholds (no hyperparameter state)."""
   dataset = _task()
   tx = PLAIN_TX
-  config = _equivalence_config("sgd", "scan")
+  config, plan = _equivalence_config(), _equivalence_plan("sgd", "scan")
   members = sw.grid(**{axis: [0, 1] if axis == "seed" else [0.5, 0.8]})
-  states = sw.init(config, dataset, members, tx=tx)
+  states = sw.init(config, dataset, members, tx=tx, plan=plan)
   assert sw.size(states) == 2
   for i, member in enumerate(members):
     _assert_initial_state_is_init(states, dataset, i, member)
@@ -250,7 +256,7 @@ def _overflow_setup():
              {"learning_rate": 1.0, "threshold": 1.5, "seed": 1},
              {"learning_rate": 0.5, "threshold": 0.0, "seed": 2},
              {"learning_rate": 0.2, "threshold": 1.5, "seed": 3}]
-  big = _equivalence_config("sgd", "scan")
+  big = _equivalence_plan("sgd", "scan")
   return dataset, members, big.replace(active_capacity=24), big
 
 
@@ -258,12 +264,12 @@ def _overflow_setup():
 def _overflow_sweep(x64):
   del x64  # cache key
   dataset, members, small, _ = _overflow_setup()
-  return sw.init(small, dataset, members, tx=TX["sgd"])
+  return sw.init(_equivalence_config(), dataset, members, tx=TX["sgd"], plan=small)
 
 
 def _reference(states, dataset, i, big, members, key, steps=STEPS):
-  start = kronjax.with_config(sw.member(states, i), active_capacity=big.active_capacity)
-  assert start.config == big
+  start = kronjax.with_plan(sw.member(states, i), active_capacity=big.active_capacity)
+  assert start.plan == big and start.config == _equivalence_config().resolve()
   return _separate(start, dataset, members[i], key, steps)
 
 
@@ -274,7 +280,7 @@ def test_overflowing_member_is_replayed_without_corrupting_others(x64):
   states = _overflow_sweep(True)   # fit does not modify it
   trained, history = sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False)
   assert history["replays"] and history["replays"][0][0] == 0 and history["replays"][0][2] == [2]
-  assert trained.config.active_capacity > 24
+  assert trained.resolved_plan.active_capacity > 24
   assert np.all(np.asarray(trained.step) == STEPS)
   for i in range(len(members)):   # every member took every batch exactly once
     ref, losses = _reference(states, dataset, i, big, members, key)
@@ -286,7 +292,7 @@ def test_overflowing_member_stopped_or_raised(x64):
   dataset, members, _, big = _overflow_setup()
   key = jax.random.PRNGKey(5)
   states = _overflow_sweep(True)   # fit does not modify it
-  with pytest.raises(kronjax.CapacityError, match=r"step 0 \(sweep members \[2\]\)"):
+  with pytest.raises(kronjax.CapacityError, match=r"step 0 \(sweep member\(s\) \[2\]\)"):
     sw.fit(states, dataset, key, batch_size=BATCH, steps=2, progress=False, on_overflow="raise")
   trained, history = sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False,
                             on_overflow="stop")
@@ -308,7 +314,8 @@ def _diverging_sweep():
   dataset, members, small, big = _overflow_setup()
   members = [dict(m) for m in members]
   members[1]["learning_rate"] = 1e200   # finite loss at step 0, inf at step 1
-  return dataset, members, sw.init(small, dataset, members, tx=TX["sgd"]), big
+  return dataset, members, sw.init(_equivalence_config(), dataset, members, tx=TX["sgd"],
+                                   plan=small), big
 
 
 def test_diverging_member_raises_by_default(x64):
@@ -341,7 +348,7 @@ def test_diverging_member_is_frozen_at_its_last_finite_state(x64):
   assert int(frozen.step) == 1 and np.all(np.isfinite(np.asarray(frozen.P)))
   _assert_same(frozen, sw.member(after_one, 1))
   # Alone, the same member's second step is skipped as well: the same state.
-  start = kronjax.with_config(sw.member(states, 1), active_capacity=big.active_capacity)
+  start = kronjax.with_plan(sw.member(states, 1), active_capacity=big.active_capacity)
   alone = start
   for t, bi in enumerate(kronjax.batch_schedule(key, N, BATCH, 2)):
     alone, m = _step(alone, dataset, jnp.asarray(bi))
@@ -367,19 +374,43 @@ def test_static_setting_error_comes_before_the_learning_rate_one():
   assert "learning_rate" not in str(err.value).split("Inside one sweep")[0]
 
 
+def test_stack_accepts_equal_optimizers_built_separately():
+  """Optimizers are compared by structure: two ``inject_hyperparams(optax.sgd)`` objects built
+  alike stack (one compiled sweep step), while a different optimizer is still refused."""
+  dataset = _task()
+  config, plan = kronjax.Config(width=64), kronjax.Plan(active_capacity=24)
+  tx_a = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  tx_b = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  assert tx_a is not tx_b
+  a = kronjax.init(jax.random.PRNGKey(0), config, dataset, tx_a, plan=plan)
+  b = kronjax.init(jax.random.PRNGKey(1), config, dataset, tx_b, plan=plan)
+  assert a.tx == b.tx
+  stacked = sw.stack([a, b])
+  assert sw.size(stacked) == 2
+  _assert_same(sw.member(stacked, 0), a)
+  _assert_same(sw.member(stacked, 1), b)
+  for other in (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
+                optax.inject_hyperparams(optax.sgd)(learning_rate=0.2), optax.sgd(0.1)):
+    c = kronjax.init(jax.random.PRNGKey(1), config, dataset, other, plan=plan)
+    with pytest.raises(ValueError, match="different optax transformation"):
+      sw.stack([a, c])
+
+
 def test_stack_rejects_states_that_differ_statically():
   dataset = _task()
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
-  a = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64, active_capacity=24), dataset, tx)
-  b = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64, active_capacity=32), dataset, tx)
-  with pytest.raises(ValueError, match=r"'active_capacity'.*24 vs 32.*Run separate sweeps"):
+  config = kronjax.Config(width=64)
+  small, large = kronjax.Plan(active_capacity=24), kronjax.Plan(active_capacity=32)
+  a = kronjax.init(jax.random.PRNGKey(0), config, dataset, tx, plan=small)
+  b = kronjax.init(jax.random.PRNGKey(1), config, dataset, tx, plan=large)
+  with pytest.raises(ValueError, match=r"'plan.active_capacity'.*24 vs 32.*Run separate sweeps"):
     sw.stack([a, b])
-  c = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64, active_capacity=24), dataset,
-                   optax.inject_hyperparams(optax.sgd)(learning_rate=0.2))
+  c = kronjax.init(jax.random.PRNGKey(1), config, dataset,
+                   optax.inject_hyperparams(optax.sgd)(learning_rate=0.2), plan=small)
   with pytest.raises(ValueError, match="different optax transformation"):
     sw.stack([a, c])
   other = kronjax.Dataset(dataset.data, dataset.labels + 1.0)
-  d = kronjax.init(jax.random.PRNGKey(1), a.config, other, tx)
+  d = kronjax.init(jax.random.PRNGKey(1), a.config, other, tx, plan=small)
   with pytest.raises(ValueError, match="another dataset"):
     sw.stack([a, d])
   with pytest.raises(TypeError, match="non-empty list of kronjax.TrainState"):
@@ -448,35 +479,68 @@ def test_docs_sweep_example_runs(capsys):
   assert np.nanmean(history["loss"][:, -10:]) < np.nanmean(history["loss"][:, :5])
 
 
+def _full_path_sweep(optimizer):
+  config = kronjax.Config(width=64, threshold=0.6)
+  states = sw.init(config, _task(), _eight_members(optimizer), tx=TX[optimizer],
+                   plan=kronjax.Plan(update="full"))
+  assert states.layout == "points"
+  return states
+
+
+@pytest.fixture
+def product_rule(monkeypatch):
+  """Sets the sweep's P-update rule for the test: ``"native"`` (the native kernel, all members in
+  one call), ``"loop"`` (XLA's rule, forced to loop over the members) or ``"batched"`` (XLA's
+  rule, batched). ``LOOP_MIN_BYTES`` is read at trace time and is not part of the jit cache key
+  (the native switch is): JAX's caches are cleared before and after, so no step is traced or
+  compiled under another setting than the test's."""
+  @contextlib.contextmanager
+  def use(product):
+    if product == "native" and not native.available():
+      pytest.skip(f"native kernel unavailable: {native.info()['reason']}")
+    monkeypatch.setattr(products, "LOOP_MIN_BYTES", 0 if product == "loop" else 2**62)
+    jax.clear_caches()
+    try:
+      with dispatch.using(product == "native"):
+        yield
+    finally:
+      jax.clear_caches()
+  return use
+
+
 @pytest.mark.slow
-# Last: `dispatch.using` clears JAX's caches, which would recompile the steps of the tests above.
+# Last: the product rule clears JAX's caches, which would recompile the steps of the tests above.
 @pytest.mark.parametrize("product,optimizer", [("native", "sgd"), ("loop", "sgd"), ("batched", "sgd"),
                                                ("loop", "momentum"), ("batched", "momentum")])
-def test_full_path_sweep_equals_separate_runs(x64, monkeypatch, product, optimizer):
+def test_full_path_sweep_equals_separate_runs(x64, product_rule, product, optimizer):
   """The full path in the point-major layout. With sgd the P update is
   products.add_product: on CPU the native kernel (all members in one call), or
   XLA's rule, which loops over the members above a size (forced here) and batches
-  below it; momentum takes the full-shape optimizer path."""
-  if product == "native" and not native.available():
-    pytest.skip(f"native kernel unavailable: {native.info()['reason']}")
-  monkeypatch.setattr(products, "LOOP_MIN_BYTES", 0 if product == "loop" else 2**62)
-  # The rule runs at trace time: `using` clears JAX's caches on entry and exit, so no step
-  # is compiled under the other setting.
-  with dispatch.using(product == "native"):
+  below it; momentum takes the full-shape optimizer path. (The compiled step's rule
+  is pinned in test_full_path_sweep_step_uses_the_product_rule.)"""
+  with product_rule(product):
     dataset = _task()
-    config = kronjax.Config(width=64, threshold=0.6, update="full")
     members = _eight_members(optimizer)
     key = jax.random.PRNGKey(3)
-    states = sw.init(config, dataset, members, tx=TX[optimizer])
-    assert states.layout == "points"
-    hlo = sweep_lib._plain.lower(states, dataset, jnp.arange(BATCH, dtype=jnp.int32)).as_text()
-    if optimizer == "sgd" and jax.default_backend() == "cpu":
-      assert ("while" in hlo) == (product == "loop")
-      assert ("kronjax_add_product" in hlo) == (product == "native")
+    states = _full_path_sweep(optimizer)
     trained, history = sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False)
     _assert_equals_separate_runs(states, trained, history, dataset, members, key)
 
 
+@pytest.mark.perf
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule of products.add_product")
+@pytest.mark.parametrize("product", ["native", "loop", "batched"])
+def test_full_path_sweep_step_uses_the_product_rule(x64, product_rule, product):
+  """The sweep step's HLO on CPU, sgd: the member loop (a while) only when forced, the native
+  kernel's custom call only with the native kernels on."""
+  with product_rule(product):
+    states = _full_path_sweep("sgd")
+    hlo = runners.sweep_step.lower(states, _task(), jnp.arange(BATCH, dtype=jnp.int32)).as_text()
+    assert ("while" in hlo) == (product == "loop")
+    assert ("kronjax_add_product" in hlo) == (product == "native")
+
+
+@pytest.mark.perf
 @pytest.mark.parametrize("layout", ["points", "neurons"])
 def test_momentum_sweep_step_does_not_copy_its_traces(layout):
   """The masked optimizer state is written over the traces in place: the compiled, donated
@@ -484,10 +548,10 @@ def test_momentum_sweep_step_does_not_copy_its_traces(layout):
   m, n, S = 512, 256, 8
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), n, (16, 16), task="regression")
   dataset = kronjax.Dataset(data, labels)
-  config = kronjax.Config(width=m, update="full", layout=layout)
+  config = kronjax.Config(width=m)
   members = sw.grid(learning_rate=[0.5, 1.0, 2.0, 4.0], seed=[0, 1], momentum=[0.9])
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
-  states = sw.init(config, dataset, members, tx=tx)
+  states = sw.init(config, dataset, members, tx=tx, plan=kronjax.Plan(update="full", layout=layout))
   step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None, None)), donate_argnums=0)
   compiled = step.lower(states, dataset, jnp.arange(16)).compile()
   full = S * m * n * 4  # bytes of one (S, m, n) float32 array
