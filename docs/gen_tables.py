@@ -39,6 +39,9 @@ FIGURE = ROOT / "docs" / "assets" / "step_time_vs_d.png"
 NOT_RECORDED = "*not recorded*"
 
 LAYOUT_NAMES = {"neurons": "neuron-major", "points": "point-major"}
+# kronjax.Plan()'s fields: a results JSON's config.plan is shown where it differs from these.
+AUTOMATIC_PLAN = {"active_capacity": None, "candidate_capacity": None, "index_delta": 0.25,
+                  "index": "auto", "update": "auto", "layout": "auto", "init_chunk": 256}
 
 BEGIN = re.compile(r"<!-- generated: ([\w-]+) \(docs/gen_tables\.py\) -->\n")
 
@@ -149,9 +152,15 @@ def _relative_command(command: str) -> str:
 
 
 def params_line(data: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
+  """The run's parameters, and the plan fields it set (``config.plan``) where not automatic."""
   params = data.get("config", {}).get("params", {})
   items = [(k, v) for k, v in params.items() if keys is None or k in keys]
-  return "*Parameters:* " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in items) + "."
+  line = "*Parameters:* " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in items) + "."
+  plan = data.get("config", {}).get("plan") or {}
+  given = [(k, v) for k, v in plan.items() if v != AUTOMATIC_PLAN.get(k)]
+  if given:
+    line += " *Plan:* " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in given) + "."
+  return line
 
 
 # ----------------------------------------------------------------------------- the tables
@@ -331,7 +340,7 @@ def auto() -> str:
                  f"{resolved['update']} / {resolved['layout']} / {resolved['index']}",
                  ms(r["ab_median_s"]["default"]), fastest, ms(r["ab_median_s"][fastest]),
                  f"{r['default_over_fastest']:.3f}x", f"{r['default_over_fastest_all_resident']:.3f}x"])
-  head = ("Milliseconds per `jit_train_step` of the default `Config` and of the fastest explicit "
+  head = ("Milliseconds per `jit_train_step` of the default `Plan` and of the fastest explicit "
           "(update / layout / index) setting, measured A/B with only those two states resident "
           "(the last column: all settings resident at once, interleaved), plain SGD, float32:")
   return "\n\n".join([head, table(["m", "n", "B", "default resolves to", "default ms",

@@ -76,8 +76,8 @@ def bench_predict(path: pathlib.Path, *, width: int = 8192, n: int = 1024, n_new
   result = {
       "benchmark": "accelerator predict", **timing.provenance(),
       "settings": {"width": width, "n": n, "n_new": n_new, "dims": list(dims), "batch": batch,
-                   "init": config.init, "init_rank": config.init_rank,
-                   "update": config.resolved_update(batch), "repeats": repeats},
+                   "init": state.config.init, "init_rank": state.config.init_rank,
+                   "update": state.update_path(batch), "repeats": repeats},
       "init_s_with_compile": init_s, "step": step_t, "predict": predict_t,
   }
   timing.write_json(path, result)

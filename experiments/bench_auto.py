@@ -1,7 +1,7 @@
-"""Does the default ``Config`` (``update``, ``layout``, ``index`` all ``"auto"``) pick the fastest step?
+"""Does the default ``Plan`` (``update``, ``layout``, ``index`` all ``"auto"``) pick the fastest step?
 
 For each shape it times ``kronjax.jit_train_step`` (the fast path users call)
-under the default config and under every explicit combination of update path,
+under the default plan and under every explicit combination of update path,
 layout and index kind, in interleaved rounds (``STEPS`` steps of each per
 round, in an order that rotates, after compilation), and reports medians and
 the default's ratio to the fastest explicit setting, measured A/B with only
@@ -48,10 +48,11 @@ def main(argv=None) -> int:
     settings = {"default": {}, **EXPLICIT}
     states, resolved = {}, {}
     for name, kw in settings.items():
-      config = kronjax.Config(width=m, **kw)
-      state = kronjax.init(jax.random.PRNGKey(2), config, dataset, optax.sgd(0.5))
-      resolved[name] = {"update": config.resolved_update(B),
-                        "layout": config.resolved_layout, "index": state.index_kind}
+      config = kronjax.Config(width=m)
+      state = kronjax.init(jax.random.PRNGKey(2), config, dataset, optax.sgd(0.5),
+                           plan=kronjax.Plan(**kw))
+      resolved[name] = {"update": state.update_path(B), "layout": state.layout,
+                        "index": state.index_kind}
       for t in range(3):  # compile and warm up
         state, _ = kronjax.jit_train_step(state, dataset, batches[t])
       jax.block_until_ready(state.P)

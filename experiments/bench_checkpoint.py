@@ -143,9 +143,9 @@ def worker(args) -> dict:
   data = kronjax.data.synthetic(key, n, dims)
   labels = jax.random.normal(jax.random.fold_in(key, 1), (n,), jnp.float32)
   dataset = kronjax.Dataset(data, labels)
-  config = kronjax.Config(width=m, init="explicit", threshold=0.5, active_capacity=64)
+  config = kronjax.Config(width=m, init="explicit", threshold=0.5)
   tx = optax.sgd(0.1, momentum=0.9)
-  state = kronjax.init(key, config, dataset, tx)
+  state = kronjax.init(key, config, dataset, tx, plan=kronjax.Plan(active_capacity=64))
 
   def noise(i, x):   # incompressible, and never the all-zero fill value
     if getattr(x, "ndim", 0) < 2:
@@ -204,7 +204,7 @@ def worker(args) -> dict:
   phase_end("train", start)
   out = {"process": me, "processes": procs, "devices": jax.device_count(), "m": m, "n": n,
          "m_pad": int(state.P.shape[0]), "dims": list(dims), "batch": B,
-         "update_path": state.config.resolved_update(B), "state_bytes": state_bytes,
+         "update_path": state.update_path(B), "state_bytes": state_bytes,
          "big_arrays": big, "step_s": _median(step_times), "step_times_s": step_times,
          "loadavg_1min_start": os.getloadavg()[0]}
 
@@ -373,8 +373,8 @@ def main():
   key = jax.random.PRNGKey(0)
   data = kronjax.data.synthetic(key, args.n, tuple(args.dims))
   dataset = kronjax.Dataset(data, jax.random.normal(jax.random.fold_in(key, 1), (args.n,), jnp.float32))
-  like = kronjax.init(key, kronjax.Config(width=args.m, init="explicit", threshold=0.5,
-                                          active_capacity=64), dataset, optax.sgd(0.1, momentum=0.9))
+  like = kronjax.init(key, kronjax.Config(width=args.m, init="explicit", threshold=0.5), dataset,
+                      optax.sgd(0.1, momentum=0.9), plan=kronjax.Plan(active_capacity=64))
   t = time.perf_counter()
   restored, _ = checkpoint.load(base / "sync_p2_0", like=like)
   jax.block_until_ready(restored)

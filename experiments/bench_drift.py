@@ -59,8 +59,9 @@ def main(argv=None) -> int:
   runs = []
   for tx_name, make_tx in TXS.items():
     for update in ("sparse", "full"):
-      config = kronjax.Config(width=args.width, update=update, layout="neurons")
-      state = kronjax.init(key, config, dataset, make_tx())
+      config = kronjax.Config(width=args.width)
+      state = kronjax.init(key, config, dataset, make_tx(),
+                           plan=kronjax.Plan(update=update, layout="neurons"))
       P0 = np.asarray(state.P, np.float64)
       curve = [(0, 0.0)]
       t0 = time.perf_counter()

@@ -70,8 +70,9 @@ def worker(kind: str, n: int, m: int, dims: tuple[int, ...], chunk: int, repeats
   tx = optax.sgd(1.0)
   rss_before = timing.peak_rss_bytes()
   if kind in ("implicit", "explicit"):
-    config = kronjax.Config(width=m, init=kind, init_chunk=chunk)  # static: closed over
-    fn = jax.jit(lambda k, ds: kronjax.init(k, config, ds, tx).projections)
+    config = kronjax.Config(width=m, init=kind)  # static: closed over
+    plan = kronjax.Plan(init_chunk=chunk)
+    fn = jax.jit(lambda k, ds: kronjax.init(k, config, ds, tx, plan=plan).projections)
     args = (key, dataset)
   elif kind == "gram":
     fn = jax.jit(lambda d: d.gram())

@@ -104,7 +104,7 @@ def worker(args) -> dict:
       config = kronjax.Config(width=m, init=args.init)
     tx = optax.sgd(1.0)
     key = jax.random.key(1)
-    info.update(init=config.init, init_rank=config.init_rank, gram=args.gram)
+    info.update(init=config.init, init_rank=config.resolve().init_rank, gram=args.gram)
     if args.worker == "init":
       rss_before = _maxrss_bytes()
       timing, state = _timed(lambda: kronjax.init(key, config, dataset, tx), args.repeats)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
   import kronjax  # pylint: disable=g-import-not-at-top
   from kronjax.experiments import timing  # pylint: disable=g-import-not-at-top
-  default_rank = kronjax.Config(width=8).init_rank  # the default init's rank
+  default_rank = kronjax.Config(width=8).resolve().init_rank  # the default init's rank
 
   out = pathlib.Path(args.out or HERE / "results" / (
       "init_scaling_smoke.json" if args.smoke else "init_scaling.json"))

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
   else:
     n, n_new, m, dims, ranks = 1024, 256, 4096, (1024, 1024, 1024), (1, 4, 8, 16)
     chunks, gemm_rows_list = (32, 64, 256, 1024, 4096), (64, 128, 256, 512)
-  r0 = kronjax.Config(width=1).init_rank  # the default init_rank
+  r0 = kronjax.Config(width=1).resolve().init_rank  # the default init_rank
   chunk0, rows0 = kronecker.DEFAULT_CHUNK, kronecker.GEMM_ROWS
   print(f"bench_kronecker_init: n={n} (new {n_new}) m={m} dims={dims} defaults: R0={r0} "
         f"chunk={chunk0} gemm_rows={rows0}", flush=True)

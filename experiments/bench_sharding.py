@@ -55,7 +55,7 @@ def run(m: int, n: int, dims, batch: int, loss: str, classes: int, optimizer: st
   ops = hlo.step_collectives(sharded, dataset, batches[0], mesh)
   measured = sum(op["bytes"] for op in ops)
   float_bytes = jnp.zeros((), state.P.dtype).dtype.itemsize
-  update = config.resolved_update(batch)   # the estimate depends on the update path
+  update = state.update_path(batch)   # the estimate depends on the update path
   estimate = sharding.estimated_bytes(batch, classes, float_bytes=float_bytes, update=update)
   p_bytes = int(state.P.size * state.P.dtype.itemsize)
 

@@ -39,13 +39,14 @@ def _batches(n, batch, count, seed=0):
   return [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32)) for _ in range(count)]
 
 
-def kron_state(key, m, n, log2_d, *, update="auto", gram="precomputed", lr=0.5, config_kw=None):
+def kron_state(key, m, n, log2_d, *, update="auto", gram="precomputed", lr=0.5, plan_kw=None):
   """A plain-SGD state on the planted regression task with ``d = 2**log2_d``, and the
   jitted donated step on its dataset: ``(step(state, batch), state)``."""
   data, labels = kronjax.data.planted(key, n, _dims_for(log2_d), task="regression")
   dataset = kronjax.Dataset(data, labels, gram=gram)
-  config = kronjax.Config(width=m, init="implicit", update=update, **(config_kw or {}))
-  state = kronjax.init(key, config, dataset, optax.sgd(lr))
+  config = kronjax.Config(width=m, init="implicit")
+  plan = kronjax.Plan(update=update, **(plan_kw or {}))
+  state = kronjax.init(key, config, dataset, optax.sgd(lr), plan=plan)
   return (lambda s, b: kronjax.jit_train_step(s, dataset, b)), state
 
 
@@ -53,8 +54,8 @@ def _describe(state, step, batch, timing):
   """Adds the active count, overflow flag and update path of one more step to ``timing``."""
   _, metrics = step(state, _batches(state.n, batch, 1, seed=1)[0])
   timing.update(active=float(metrics["active"]), overflow=bool(metrics["overflow"]),
-                active_capacity=state.config.active_capacity,
-                path=state.config.resolved_update(batch))
+                active_capacity=state.resolved_plan.active_capacity,
+                path=state.update_path(batch))
   return {k: v for k, v in timing.items() if k not in ("times_s",)}
 
 
@@ -111,9 +112,8 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds to run")
   parser.add_argument("--out", default="experiments/results/step.json")
   parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
-  parser.add_argument("--update", default="full", choices=("auto", "full", "sparse", "dense"),
-                      help="update path of the m x n steps (full, earlier name dense: P stored "
-                      "point-major)")
+  parser.add_argument("--update", default="full", choices=("auto", "full", "sparse"),
+                      help="update path of the m x n steps (full: P stored point-major)")
   args = parser.parse_args(argv)
   key = jax.random.PRNGKey(0)
   if args.smoke:
@@ -129,13 +129,14 @@ def main(argv=None):
   # 20 % with the machine's drift.
   # The steps run with update=args.update (default "full": the path auto picks
   # here, and with it P is stored point-major); the d = 2**16 step is also run
-  # with update="auto" (same path, P neuron-major) to show what the layout buys.
+  # with Plan(layout="neurons") (same path, P neuron-major) to show what the layout buys.
+  # (layout="auto" would store P point-major here too: a minibatch takes the full path.)
   log2_d_all = sorted(set(log2_ds) | {dense_log2_d})
   runs = {f"d=2^{d}": (*kron_state(key, m, n, d, update=args.update),
                        _batches(n, batch, steps_per_round + 3, seed=d)) for d in log2_d_all}
-  path = runs[f"d=2^{dense_log2_d}"][1].config.resolved_update(batch)
-  cap = kronjax.Config(width=m).active_capacity
-  runs["neurons"] = (*kron_state(key, m, n, dense_log2_d, update="auto"),
+  path = runs[f"d=2^{dense_log2_d}"][1].update_path(batch)
+  cap = kronjax.Plan().resolve(kronjax.Config(width=m)).active_capacity
+  runs["neurons"] = (*kron_state(key, m, n, dense_log2_d, plan_kw={"layout": "neurons"}),
                      _batches(n, batch, steps_per_round + 3, seed=dense_log2_d))
   runs["floor"] = floor_run(key, m, n, batch, cap, path, steps=steps_per_round + 3)
   timings, states = bench.time_steps_interleaved(runs, rounds=rounds)
@@ -167,7 +168,7 @@ def main(argv=None):
   out["floor"]["neurons_layout"] = {
       "kronjax": kron_neurons, "layout": states["neurons"].layout,
       "ratio": kron_neurons["median_s"] / fl["median_s"]}
-  print(f"same step with update='auto' (path {kron_neurons['path']}, layout "
+  print(f"same step with layout='neurons' (path {kron_neurons['path']}, layout "
         f"{states['neurons'].layout}): {kron_neurons['median_s'] * 1e3:.3f} ms; "
         f"step/floor = {out['floor']['neurons_layout']['ratio']:.2f}")
 

@@ -61,10 +61,12 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, dims, task="regression")
   dataset = kronjax.Dataset(data, labels)
-  b0 = kronjax.Config(width=m).threshold  # the paper's sqrt(0.4 ln m)
+  b0 = kronjax.Config(width=m).resolve().threshold  # the paper's sqrt(0.4 ln m)
   thresholds = [b0, b0 - 0.25]
-  config = kronjax.Config(width=m, threshold=b0, update=update, layout=layout,
-                          active_capacity=kronjax.Config(width=m, threshold=min(thresholds)).active_capacity)
+  config = kronjax.Config(width=m, threshold=b0)
+  # Every member carries the capacity the smallest threshold needs.
+  capacity = kronjax.Plan().resolve(config.replace(threshold=min(thresholds))).active_capacity
+  plan = kronjax.Plan(update=update, layout=layout, active_capacity=capacity)
   hyper = dict(learning_rate=[0.5, 1.0, 2.0, 4.0], threshold=thresholds, seed=[0, 1])
   if optimizer == "momentum":
     hyper["momentum"] = [0.9]
@@ -76,7 +78,7 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   batches = [jnp.asarray(b) for b in kronjax.batch_schedule(key, n, batch, steps)]
 
   t0 = time.perf_counter()
-  sweep = sw.init(config, dataset, members, tx=tx)  # the stacked state: (S,) on every leaf
+  sweep = sw.init(config, dataset, members, tx=tx, plan=plan)  # the stacked state: (S,) on every leaf
   jax.block_until_ready(sweep)
   init_s = time.perf_counter() - t0
 
@@ -157,9 +159,9 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   runs = _time_runs(sweep, dataset, key, batch, run_steps, rounds)
   return {
       "optimizer": optimizer, "m": m, "n": n, "dims": list(dims), "batch": batch, "members": S,
-      "update_path": config.resolved_update(batch),
+      "update_path": sweep.update_path(batch),
       "layout": sweep.layout,
-      "index": sweep.index_kind, "active_capacity": config.active_capacity,
+      "index": sweep.index_kind, "active_capacity": sweep.resolved_plan.active_capacity,
       "mean_active": float(np.mean(np.asarray(metrics["active"]))),
       "overflow_seen": overflow,
       "init_sweep_s": init_s, "compile_sequential_s": seq_compile_s, "compile_sweep_s": sweep_compile_s,
@@ -247,9 +249,9 @@ def main(argv=None):
   p.add_argument("--optimizers", default="sgd,momentum")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
   p.add_argument("--run-steps", type=int, default=40, help="steps of each timed fit (the runs comparison)")
-  p.add_argument("--update", default="full", choices=("auto", "full", "sparse", "dense"),
-                 help="update path (full, earlier name dense: P stored point-major; the path auto "
-                 "picks at these sizes)")
+  p.add_argument("--update", default="full", choices=("auto", "full", "sparse"),
+                 help="update path (full: P stored point-major; the path auto picks at these "
+                 "sizes)")
   p.add_argument("--retain-freed-memory", action="store_true",
                  help="call kronjax.experiments.heap.retain_freed_memory() first (glibc: reuse "
                  "large freed blocks)")

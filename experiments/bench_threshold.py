@@ -3,11 +3,11 @@
 Measures, in one process, steady-state medians after compilation (float32):
   1. query time of each kind vs the scan, m in {2**12, 2**16, 2**18},
      batch in {1, 32}, n = 256, at the paper's b = sqrt(0.4 ln m) with the
-     Config-derived capacities (kinds are timed in interleaved rounds, so load
+     capacities the default Plan derives (kinds are timed in interleaved rounds, so load
      from other processes hits both alike);
   2. the (re)build time of each kind;
   3. a real plain-SGD training run (update="sparse", batch 1, m = 2**18, n = 256,
-     planted data with dims (16, 16)) with index="scan" (earlier name "dense") vs
+     planted data with dims (16, 16)) with index="scan" vs
      "bucketed": per-step median and mean (the mean includes the lazy rebuilds),
      the number of rebuilds and the amortized rebuild cost per step.
 
@@ -32,10 +32,9 @@ from kronjax._src.step import index as threshold  # the index kinds: internal, t
 from kronjax.experiments import timing as bench
 
 
-def _index(kind, config):
-  return threshold.make_index(kind, width=config.width, active_capacity=config.active_capacity,
-                              candidate_capacity=config.candidate_capacity,
-                              delta=config.index_delta)
+def _index(kind, config, plan):
+  return threshold.make_index(kind, width=config.width, active_capacity=plan.active_capacity,
+                              candidate_capacity=plan.candidate_capacity, delta=plan.index_delta)
 
 
 def _interleaved(fns: dict, args: dict, rounds: int) -> dict:
@@ -53,15 +52,16 @@ def _interleaved(fns: dict, args: dict, rounds: int) -> dict:
 
 
 def query_times(m: int, n: int, batches, rounds: int, seed: int = 0) -> dict:
-  config = kronjax.Config(width=m)
+  config = kronjax.Config(width=m).resolve()
+  plan = kronjax.Plan().resolve(config)
   b = jnp.asarray(config.threshold, jnp.float32)
   P = jax.random.normal(jax.random.PRNGKey(seed), (m, n), jnp.float32)
   rng = np.random.default_rng(seed)
-  out = {"m": m, "n": n, "threshold": config.threshold, "active_capacity": config.active_capacity,
-         "candidate_capacity": config.candidate_capacity, "delta": config.index_delta}
+  out = {"m": m, "n": n, "threshold": config.threshold, "active_capacity": plan.active_capacity,
+         "candidate_capacity": plan.candidate_capacity, "delta": plan.index_delta}
   states, queries, builds = {}, {}, {}
   for kind in threshold.KINDS:
-    index = _index(kind, config)
+    index = _index(kind, config, plan)
     builds[kind] = jax.jit(index.build)
     states[kind] = bench.block(builds[kind](P, b))
     queries[kind] = jax.jit(index.query)
@@ -98,8 +98,9 @@ def train_times(m: int, n: int, steps: int, lr: float, dims=(16, 16), seed: int 
          "update": "sparse", "optimizer": "sgd"}
   states = {}
   for kind in threshold.KINDS:
-    config = kronjax.Config(width=m, init="implicit", update="sparse", index=kind)
-    states[kind] = kronjax.init(jax.random.PRNGKey(seed), config, dataset, optax.sgd(lr))
+    config = kronjax.Config(width=m, init="implicit")
+    states[kind] = kronjax.init(jax.random.PRNGKey(seed), config, dataset, optax.sgd(lr),
+                                plan=kronjax.Plan(update="sparse", index=kind))
   per_step = {k: [] for k in threshold.KINDS}
   history = {k: [] for k in threshold.KINDS}
   for i, bi in enumerate(batches):

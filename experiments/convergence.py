@@ -57,14 +57,16 @@ class Params:
       raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
 
 
-def run(p: Params, out_dir: pathlib.Path, *, progress: bool) -> dict:
+def run(p: Params, out_dir: pathlib.Path, *, progress: bool,
+        plan: kronjax.Plan | None = None) -> dict:
   if p.dtype == "float64":
     with jax.enable_x64(True):
-      return _run(p, out_dir, progress=progress)
-  return _run(p, out_dir, progress=progress)
+      return _run(p, out_dir, progress=progress, plan=plan)
+  return _run(p, out_dir, progress=progress, plan=plan)
 
 
-def _run(p: Params, out_dir: pathlib.Path, *, progress: bool) -> dict:
+def _run(p: Params, out_dir: pathlib.Path, *, progress: bool,
+         plan: kronjax.Plan | None = None) -> dict:
   dtype = jnp.dtype(p.dtype)
   k_data, k_init, k_fit = jax.random.split(jax.random.PRNGKey(p.seed), 3)
   data, labels = kronjax.data.planted(k_data, p.n_train + p.n_eval, p.dims, noise=p.noise, dtype=dtype)
@@ -77,7 +79,7 @@ def _run(p: Params, out_dir: pathlib.Path, *, progress: bool) -> dict:
   runs, seconds = {}, {}
   for init in INITS:
     config = kronjax.Config(width=p.width, init=init)
-    state = kronjax.init(k_init, config, dataset, tx)
+    state = kronjax.init(k_init, config, dataset, tx, plan=plan)
     start = jax.device_get(kronjax.evaluate(state, dataset))
     state, hist = kronjax.fit(state, dataset, k_fit, batch_size=p.batch_size, steps=steps,
                               progress=progress, eval_every=p.eval_every)

@@ -128,25 +128,29 @@ def batch_list(p: Params, n: int, rng: np.random.Generator) -> tuple[list[jax.Ar
   return batches, per_epoch
 
 
-def train_kronjax(p: Params, config, train, y_train, test, y_test, batches, key):
+_OVERFLOW = ("a step overflowed the active capacity; raise it with --set plan.active_capacity=... "
+             "(or --set plan.update=full, which has no capacity).")
+
+
+def train_kronjax(p: Params, config, train, y_train, test, y_test, batches, key, plan=None):
   dataset = kronjax.Dataset(train, y_train, eval_data=test, eval_labels=y_test)
-  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate))
+  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate), plan=plan)
   overflow = []
 
   def counted(state, batch):
     state, metrics = kronjax.jit_train_step(state, dataset, batch)
     overflow.append(metrics["overflow"])
     if len(overflow) % 64 == 0 and bool(jnp.any(jnp.stack(overflow[-64:]))):
-      raise kronjax.CapacityError("a step overflowed the active capacity; raise active_capacity.")
+      raise kronjax.CapacityError(_OVERFLOW)
     return state, metrics
 
   timing, state = bench.time_steps(counted, state, batches, warmup=3)
   if bool(jnp.any(jnp.stack(overflow))):
-    raise kronjax.CapacityError("a step overflowed the active capacity; raise active_capacity.")
+    raise kronjax.CapacityError(_OVERFLOW)
   ev = jax.device_get(kronjax.evaluate(state, dataset))
   return {"test_accuracy": float(ev["eval_accuracy"]), "test_loss": float(ev["eval_loss"]),
           "train_accuracy": float(ev["train_accuracy"]), "train_loss": float(ev["train_loss"]),
-          "active_capacity": config.active_capacity, "init": config.init,
+          "active_capacity": state.resolved_plan.active_capacity, "init": config.init,
           "active_final_mean": float(jnp.mean(jnp.sum(state.P > state.b, axis=0)))}, timing
 
 
@@ -197,7 +201,8 @@ def plot(rows: list[dict], out_dir: pathlib.Path, title: str, name: str = "digit
   return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
-def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   out_dir = pathlib.Path(out_dir)
   p = params
   if p.images_per_input < 2:
@@ -232,7 +237,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       print(f"digit_pairs: {model}: {row}", flush=True)
     return row
 
-  res_k, t_k = train_kronjax(p, config, train, y_tr, test, y_te, batches, key)
+  res_k, t_k = train_kronjax(p, config, train, y_tr, test, y_te, batches, key, plan)
   add(f"kronjax (m={p.width}, {init} init)", res_k, t_k, per_epoch)
   dense_bytes = 4 * d * (p.width + p.train_inputs + p.test_inputs)
   res_d = None

@@ -13,7 +13,7 @@ notices. Two parts:
 ``ranks`` and every width ``m`` in ``widths`` (so ``b`` grows with ``m``): the
 mean number of active neurons per unit-norm rank-1 point (``kronjax.data.synthetic``)
 over ``m Q(b)`` (1 for the Gaussian law), its standard error over points, the
-largest count over points against ``Config.active_capacity``, and the pooled
+largest count over points against the plan's ``active_capacity``, and the pooled
 excess kurtosis of ``<w_r, x_i>`` over neurons and points against
 ``(3^p - 3) / R``. The explicit Gaussian init (``d`` kept small so it is cheap)
 is the reference measured the same way.
@@ -104,15 +104,17 @@ def excess_kurtosis_theory(p: int, rank: int | None) -> float:
   return 0.0 if rank is None else (3.0 ** p - 3.0) / rank
 
 
-def law_point(key, data: kronjax.KronData, p: int, m: int, rank: int | None) -> dict:
+def law_point(key, data: kronjax.KronData, p: int, m: int, rank: int | None,
+              plan: kronjax.Plan | None = None) -> dict:
   """Active counts and the pooled kurtosis of ``P0`` for one (p, m, init)."""
   n = data.n
   dataset = kronjax.Dataset(data, jnp.zeros((n, 1), data.dtype))
   config = (kronjax.Config(width=m, init="explicit") if rank is None
             else kronjax.Config(width=m, init="kronecker", init_rank=rank))
-  state = kronjax.init(key, config, dataset, optax.sgd(1.0))
+  state = kronjax.init(key, config, dataset, optax.sgd(1.0), plan=plan)
   P = np.asarray(jax.device_get(state.P), np.float64)  # (m, n)
-  b = config.threshold
+  b = state.config.threshold
+  capacity = state.resolved_plan.active_capacity
   counts = (P > b).sum(axis=0)
   q = config.firing_probability
   second, fourth = np.mean(P ** 2), np.mean(P ** 4)
@@ -121,15 +123,15 @@ def law_point(key, data: kronjax.KronData, p: int, m: int, rank: int | None) -> 
       "active_mean": float(counts.mean()), "m_Q_b": m * q,
       "ratio": float(counts.mean() / (m * q)),
       "ratio_se": float(counts.std(ddof=1) / math.sqrt(n) / (m * q)),
-      "active_max": int(counts.max()), "active_capacity": config.active_capacity,
-      "points_over_capacity": int((counts > config.active_capacity).sum()),
+      "active_max": int(counts.max()), "active_capacity": capacity,
+      "points_over_capacity": int((counts > capacity).sum()),
       "second_moment": float(second),
       "excess_kurtosis": float(fourth / second ** 2 - 3.0),
       "excess_kurtosis_theory": excess_kurtosis_theory(p, rank),
   }
 
 
-def run_law(p_: Params, key, progress: bool) -> list[dict]:
+def run_law(p_: Params, key, progress: bool, plan: kronjax.Plan | None = None) -> list[dict]:
   k_data, k_init = jax.random.split(key)
   rows = []
   for p, dims in ((2, p_.dims_p2), (3, p_.dims_p3)):
@@ -137,7 +139,7 @@ def run_law(p_: Params, key, progress: bool) -> list[dict]:
                                   dtype=jnp.float32)  # rank 1, unit norm
     for m in p_.widths:
       for rank in tuple(p_.ranks) + (None,):
-        row = law_point(k_init, data, p, int(m), rank)
+        row = law_point(k_init, data, p, int(m), rank, plan)
         row["d"] = math.prod(dims)
         rows.append(row)
         if progress:
@@ -174,7 +176,8 @@ def digits_dataset(p_: Params) -> kronjax.Dataset:
 
 
 def train_runs(p_: Params, dataset: kronjax.Dataset, *, width: int, lr: float, batch_size: int,
-               epochs: int, loss: str, k_init, k_fit, progress: bool, task: str) -> dict:
+               epochs: int, loss: str, k_init, k_fit, progress: bool, task: str,
+               plan: kronjax.Plan | None = None) -> dict:
   """``kronjax.fit`` from each init and init key: same batches and eval steps for all.
 
   Init key ``s`` is ``k_init`` for ``s = 0``, else ``fold_in(k_init, s)``; every init
@@ -193,7 +196,7 @@ def train_runs(p_: Params, dataset: kronjax.Dataset, *, width: int, lr: float, b
     seeds = []
     for seed in range(p_.init_seeds):
       key = k_init if seed == 0 else jax.random.fold_in(k_init, seed)
-      state = kronjax.init(key, config, dataset, optax.sgd(lr))
+      state = kronjax.init(key, config, dataset, optax.sgd(lr), plan=plan)
       start = jax.device_get(kronjax.evaluate(state, dataset))
       state, hist = kronjax.fit(state, dataset, k_fit, batch_size=batch_size, steps=steps,
                                 progress=progress, eval_every=p_.eval_every)
@@ -327,26 +330,27 @@ def replot(out_dir: str | pathlib.Path) -> str:
 # ----------------------------------------------------------------------------- run
 
 
-def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   p_ = params
   out_dir = pathlib.Path(out_dir)
   key = jax.random.PRNGKey(p_.seed)
   k_law, k_planted, k_init, k_fit = jax.random.split(key, 4)
   timings = {}
   t0 = time.perf_counter()
-  law = run_law(p_, k_law, progress)
+  law = run_law(p_, k_law, progress, plan)
   timings["law_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   planted = train_runs(p_, planted_dataset(p_, k_planted), width=p_.planted_width,
                        lr=p_.planted_lr, batch_size=p_.planted_batch_size,
                        epochs=p_.planted_epochs, loss="mse", k_init=k_init, k_fit=k_fit,
-                       progress=progress, task="planted")
+                       progress=progress, task="planted", plan=plan)
   timings["planted_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   digits = train_runs(p_, digits_dataset(p_), width=p_.digits_width, lr=p_.digits_lr,
                       batch_size=p_.digits_batch_size, epochs=p_.digits_epochs, loss="softmax",
-                      k_init=k_init, k_fit=k_fit, progress=progress, task="digits")
+                      k_init=k_init, k_fit=k_fit, progress=progress, task="digits", plan=plan)
   timings["digits_s"] = time.perf_counter() - t0
 
   big = max(p_.widths)

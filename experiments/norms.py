@@ -63,11 +63,12 @@ def active_per_point(state: kronjax.TrainState) -> float:
   return float(jnp.mean(jnp.sum(state.P > state.b, axis=0)))
 
 
-def train_one(p: Params, dataset: kronjax.Dataset, key: jax.Array) -> dict:
+def train_one(p: Params, dataset: kronjax.Dataset, key: jax.Array,
+              plan: kronjax.Plan | None = None) -> dict:
   """Init and ``p.steps`` steps of SGD on ``dataset``; active counts, losses and outcome."""
   config = kronjax.Config(width=p.width, init=p.init)
   kinit, kfit = jax.random.split(key)
-  state = kronjax.init(kinit, config, dataset, optax.sgd(p.learning_rate))
+  state = kronjax.init(kinit, config, dataset, optax.sgd(p.learning_rate), plan=plan)
   active_init, loss_init = active_per_point(state), float(kronjax.evaluate(state, dataset)["train_loss"])
   state, hist = kronjax.fit(state, dataset, kfit, batch_size=p.batch_size, steps=p.steps,
                             on_nonfinite="stop", progress=False)
@@ -75,7 +76,7 @@ def train_one(p: Params, dataset: kronjax.Dataset, key: jax.Array) -> dict:
           "max_active_in_a_batch": int(np.max(hist["max_active"])),
           "loss_init": loss_init, "loss_final": float(kronjax.evaluate(state, dataset)["train_loss"]),
           "stopped": hist["stopped"], "steps_run": int(state.step), "replays": len(hist["replays"]),
-          "final_active_capacity": state.config.active_capacity,
+          "final_active_capacity": state.resolved_plan.active_capacity,
           "fit_seconds": hist["seconds"]}
 
 
@@ -100,12 +101,13 @@ def plot(rows: list[dict], out_dir: pathlib.Path) -> str:
   return experiment.save_figure(fig, out_dir, "norms.png", dpi=80)
 
 
-def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   out_dir = pathlib.Path(out_dir)
   key = jax.random.PRNGKey(params.seed)
   kdata, ktrain = jax.random.split(key)
   data, labels = kronjax.data.planted(kdata, params.n, dims=tuple(params.dims))
-  b = kronjax.Config(width=params.width).threshold
+  b = kronjax.Config(width=params.width).resolve().threshold
   runs = [(float(s), False) for s in params.scales] + [(float(max(params.scales)), True)]
   rows = []
   for scale, normalize in runs:
@@ -113,7 +115,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       warnings.simplefilter("ignore", kronjax.NormWarning)  # the point of the experiment
       dataset = kronjax.Dataset(scaled(data, scale), labels, normalize=normalize)
     sq = np.asarray(dataset.data.sq_norms())
-    result = train_one(params, dataset, ktrain)
+    result = train_one(params, dataset, ktrain, plan)
     row = {"scale": scale, "normalized": normalize, "m": params.width,
            "median_sq_norm": float(np.median(sq)), "m_Q_b": params.width * gaussian_tail(b),
            "m_Q_b_over_s": params.width * gaussian_tail(b / (1.0 if normalize else scale)),

@@ -2,8 +2,8 @@
 
 Times, in one process and in interleaved rounds (``timing.time_steps_interleaved``),
 medians after compilation: the full donated train step (``kronjax.jit_train_step``)
-with ``P`` neuron-major (``update="auto"``) and point-major (``update="full"``,
-``Config.layout``); the bare update floor ``P + G @ K_rows``; the neuron-major
+with ``P`` neuron-major (``Plan(layout="neurons")``) and point-major
+(``Plan(update="full")``: ``Plan.layout``); the bare update floor ``P + G @ K_rows``; the neuron-major
 forward's strided read ``P[:, S]``; and that read plus the update in one jitted
 function.
 
@@ -31,9 +31,9 @@ def main(argv=None, m=4096, n=1024, batch=32):
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, n, (32, 32), task="regression")
   dataset = kronjax.Dataset(data, labels)
-  state = kronjax.init(key, kronjax.Config(width=m, init="implicit"), dataset, optax.sgd(0.5))
-  points = kronjax.init(key, kronjax.Config(width=m, init="implicit", update="full"), dataset,
-                        optax.sgd(0.5))
+  config = kronjax.Config(width=m, init="implicit")
+  state = kronjax.init(key, config, dataset, optax.sgd(0.5), plan=kronjax.Plan(layout="neurons"))
+  points = kronjax.init(key, config, dataset, optax.sgd(0.5), plan=kronjax.Plan(update="full"))
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32)) for _ in range(23)]
   K, a, P = (jnp.array(x, copy=True) for x in (dataset.gram, state.a, state.P))  # the step donates state

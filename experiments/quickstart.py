@@ -59,7 +59,7 @@ class Params:
       raise ValueError(f"dims must be a non-empty list of positive ints, got {list(self.dims)}.")
 
 
-def make_problem(p: Params):
+def make_problem(p: Params, plan: kronjax.Plan | None = None):
   """Planted-teacher data split into train / held-out: ``(state, dataset, fit key)``."""
   key_data, key_init, key_fit = jax.random.split(jax.random.PRNGKey(p.seed), 3)
   data, labels = kronjax.data.planted(key_data, p.n_train + p.n_eval, p.dims, task="regression",
@@ -69,7 +69,7 @@ def make_problem(p: Params):
                             eval_data=data.subset(jnp.arange(p.n_train, p.n_train + p.n_eval)),
                             eval_labels=labels[p.n_train:])
   config = kronjax.Config(width=p.width, init=p.init)
-  state = kronjax.init(key_init, config, dataset, optax.sgd(p.lr))
+  state = kronjax.init(key_init, config, dataset, optax.sgd(p.lr), plan=plan)
   return state, dataset, key_fit
 
 
@@ -93,9 +93,10 @@ def dense_probe(p: Params, steps_per_run: int) -> dict | None:
           "extrapolated_step_s": probe["median_s"] * d / d_probe}
 
 
-def run(p: Params, out_dir: pathlib.Path, *, progress: bool, resume: bool = False) -> dict:
+def run(p: Params, out_dir: pathlib.Path, *, progress: bool, resume: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   t0 = time.perf_counter()
-  state0, dataset, key_fit = make_problem(p)
+  state0, dataset, key_fit = make_problem(p, plan)
   timing.block(state0.P)
   init_s = time.perf_counter() - t0
   start = jax.device_get(kronjax.evaluate(state0, dataset))

@@ -66,16 +66,16 @@ def dense_bytes(p: Params, d: int) -> int:
   return 4 * (2 * p.width * d + p.batch_size * d)
 
 
-def measure(p: Params, k: int) -> dict:
+def measure(p: Params, k: int, plan: kronjax.Plan | None = None) -> dict:
   dims = dims_for(k)
   d = math.prod(dims)
   key = jax.random.PRNGKey(p.seed)
   k_data, k_init, k_fit = jax.random.split(key, 3)
   data, labels = kronjax.data.planted(k_data, p.n, dims, dtype=jnp.float32)
-  tx = _sgd(p.lr)
+  tx = optax.sgd(p.lr)  # equal optimizers share one compiled step across d
   dataset = kronjax.Dataset(data, labels)
   config = kronjax.Config(width=p.width, init="implicit")
-  state = kronjax.init(k_init, config, dataset, tx)
+  state = kronjax.init(k_init, config, dataset, tx, plan=plan)
   batches = [jnp.asarray(b) for b in kronjax.batch_schedule(k_fit, p.n, p.batch_size,
                                                             p.warmup + p.steps)]
   kron_t, state = timing.time_steps(lambda s, b: kronjax.jit_train_step(s, dataset, b), state,
@@ -85,11 +85,11 @@ def measure(p: Params, k: int) -> dict:
   # Init times (each compiled once, then timed): kronjax.init with the Gram computed inside.
   m = p.width
   factors = kronjax.Dataset(data, labels, gram="factors")
-  row["init_implicit"] = timing.time_fn(_init_fn(m, "implicit", tx), k_init, factors, warmup=1,
-                                        repeats=p.init_repeats)
+  row["init_implicit"] = timing.time_fn(_init_fn(m, "implicit", tx, plan), k_init, factors,
+                                        warmup=1, repeats=p.init_repeats)
   if d <= p.explicit_max_d:
-    row["init_explicit"] = timing.time_fn(_init_fn(m, "explicit", tx), k_init, factors, warmup=1,
-                                          repeats=p.init_repeats)
+    row["init_explicit"] = timing.time_fn(_init_fn(m, "explicit", tx, plan), k_init, factors,
+                                          warmup=1, repeats=p.init_repeats)
   else:
     row["init_explicit"] = None
 
@@ -109,23 +109,15 @@ def measure(p: Params, k: int) -> dict:
   return row
 
 
-def _init_fn(width: int, init: str, tx: optax.GradientTransformation):
+def _init_fn(width: int, init: str, tx: optax.GradientTransformation,
+             plan: kronjax.Plan | None = None):
   """``jit(key, dataset -> kronjax.init(...).projections)``: the initial projections, timed."""
   config = kronjax.Config(width=width, init=init)
-  return jax.jit(lambda key, dataset: kronjax.init(key, config, dataset, tx).projections)
+  return jax.jit(lambda key, dataset: kronjax.init(key, config, dataset, tx, plan=plan).projections)
 
 
-_TX: dict[float, optax.GradientTransformation] = {}
-
-
-def _sgd(lr: float) -> optax.GradientTransformation:
-  """One tx object per lr, so the jit caches (keyed on the static tx) are reused across d."""
-  if lr not in _TX:
-    _TX[lr] = optax.sgd(lr)
-  return _TX[lr]
-
-
-def run(p: Params, out_dir: pathlib.Path, *, progress: bool) -> dict:
+def run(p: Params, out_dir: pathlib.Path, *, progress: bool,
+        plan: kronjax.Plan | None = None) -> dict:
   rows = []
   ks = sorted(p.log2_d)
   it = ks
@@ -133,7 +125,7 @@ def run(p: Params, out_dir: pathlib.Path, *, progress: bool) -> dict:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     it = tqdm(ks, desc="scaling_d", unit="d")
   for k in it:
-    rows.append(measure(p, k))
+    rows.append(measure(p, k, plan))
     if progress:
       it.set_postfix(d=f"2**{k}", kron_ms=f"{1000 * rows[-1]['kronjax_step']['median_s']:.2f}")
 

@@ -61,14 +61,14 @@ def active_at_init(P: jax.Array, b: float) -> dict[str, float]:
           "bound_m45": m ** 0.8}
 
 
-def measure_width(p: Params, m: int, dataset: kronjax.Dataset,
-                  key: jax.Array) -> tuple[dict[str, object], dict]:
+def measure_width(p: Params, m: int, dataset: kronjax.Dataset, key: jax.Array,
+                  plan: kronjax.Plan | None = None) -> tuple[dict[str, object], dict]:
   """One row: init statistics and steady-state step time at width ``m``."""
-  b = kronjax.Config(width=m).threshold  # the paper's sqrt(0.4 ln m)
   config = kronjax.Config(width=m, init=p.init)
-  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate))
-  row: dict[str, object] = {"m": m, "b": b, "Q_b": gaussian_tail(b),
-                            "index": state.index_kind, "active_capacity": config.active_capacity}
+  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate), plan=plan)
+  b = state.config.threshold  # the paper's sqrt(0.4 ln m)
+  row: dict[str, object] = {"m": m, "b": b, "Q_b": gaussian_tail(b), "index": state.index_kind,
+                            "active_capacity": state.resolved_plan.active_capacity}
   row.update(active_at_init(state.P, b))
   total = p.warmup_steps + p.timed_steps
   perm = np.random.default_rng(p.seed).permutation(total * p.batch_size) % dataset.n
@@ -98,8 +98,8 @@ def plot(rows: list[dict], out_dir: pathlib.Path, name: str = "scaling_m.png") -
   ax0.errorbar(ms, [r["active_mean"] for r in rows], yerr=[r["active_std"] for r in rows],
                fmt="o", capsize=3, label="measured at init (mean ± std over points)")
   grid = np.geomspace(ms.min(), ms.max(), 100)
-  ax0.plot(grid, [g * gaussian_tail(kronjax.Config(width=int(g)).threshold) for g in grid], "-",
-           label=r"$m\,Q(b)$, $b=\sqrt{0.4\ln m}$")
+  expected = [g * gaussian_tail(kronjax.Config(width=int(g)).resolve().threshold) for g in grid]
+  ax0.plot(grid, expected, "-", label=r"$m\,Q(b)$, $b=\sqrt{0.4\ln m}$")
   ax0.plot(grid, grid ** 0.8, "--", label=r"$m^{4/5}$ (paper's bound)")
   ax0.plot(grid, grid, ":", color="gray", label="m")
   ax0.set(xscale="log", yscale="log", xlabel="width m", ylabel="active neurons per point",
@@ -117,7 +117,8 @@ def plot(rows: list[dict], out_dir: pathlib.Path, name: str = "scaling_m.png") -
   return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
-def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   out_dir = pathlib.Path(out_dir)
   if params.log2_m_min > params.log2_m_max:
     raise ValueError(f"log2_m_min={params.log2_m_min} must not exceed log2_m_max={params.log2_m_max}.")
@@ -131,7 +132,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   rows, timings = [], {}
   for k in range(params.log2_m_min, params.log2_m_max + 1):
     m = 2 ** k
-    row, times = measure_width(params, m, dataset, kinit)
+    row, times = measure_width(params, m, dataset, kinit, plan)
     rows.append(row)
     timings[f"step_m{m}"] = times
     if progress:

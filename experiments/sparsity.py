@@ -51,10 +51,11 @@ def probe(state: kronjax.TrainState, dataset: kronjax.Dataset) -> dict[str, floa
   return {"active_mean": float(counts.mean()), "active_max": int(counts.max()), "loss": float(loss)}
 
 
-def train_width(p: Params, m: int, dataset: kronjax.Dataset, key) -> dict:
+def train_width(p: Params, m: int, dataset: kronjax.Dataset, key,
+                plan: kronjax.Plan | None = None) -> dict:
   """Trains one width in chunks of ``probe_every`` steps; returns its traces."""
   config = kronjax.Config(width=m, init=p.init)
-  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate))
+  state = kronjax.init(key, config, dataset, optax.sgd(p.learning_rate), plan=plan)
   fit_key = jax.random.fold_in(key, 7)
   probes = [dict(step=0, **probe(state, dataset))]
   steps_hist, active_hist, max_hist, replays = [], [], [], []
@@ -76,7 +77,7 @@ def train_width(p: Params, m: int, dataset: kronjax.Dataset, key) -> dict:
       "m": m, "b": b, "expected_init": m * gaussian_tail(b), "bound_m45": m ** 0.8,
       "step": np.concatenate(steps_hist), "batch_active": np.concatenate(active_hist),
       "batch_max_active": np.concatenate(max_hist), "probes": probes, "replays": replays,
-      "final_active_capacity": state.config.active_capacity, "train_seconds": seconds,
+      "final_active_capacity": state.resolved_plan.active_capacity, "train_seconds": seconds,
   }
 
 
@@ -107,7 +108,8 @@ def plot(traces: list[dict], out_dir: pathlib.Path, name: str = "sparsity.png") 
   return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
-def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   out_dir = pathlib.Path(out_dir)
   key = jax.random.PRNGKey(params.seed)
   kdata, kinit = jax.random.split(key)
@@ -115,7 +117,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   dataset = kronjax.Dataset(data, labels)
   traces = []
   for m in params.widths:
-    t = train_width(params, int(m), dataset, kinit)
+    t = train_width(params, int(m), dataset, kinit, plan)
     traces.append(t)
     if progress:
       first, last = t["probes"][0], t["probes"][-1]

@@ -14,7 +14,8 @@ Time per step, two ways:
   * the vmapped sweep: median wall time of one step of the whole grid, divided
     by the number of members;
   * single runs: each (lr, b) cell trained alone with the capacity its own ``b``
-    needs (``Config(threshold=b)``), median step time over ``timed_steps``.
+    needs (``Config(threshold=b)`` under the automatic plan), median step time over
+    ``timed_steps``.
     This is where ``b`` shows in the cost (fewer active neurons, smaller capacity).
 
 Shapes: G grid members, m neurons, n points, n_e held-out points.
@@ -54,11 +55,12 @@ class Params:
   seed: int = 0
 
 
-def grid_sweep(config: kronjax.Config, dataset: kronjax.Dataset, p: "Params") -> kronjax.TrainState:
+def grid_sweep(config: kronjax.Config, dataset: kronjax.Dataset, p: "Params",
+               plan: kronjax.Plan | None = None) -> kronjax.TrainState:
   """The stacked grid state, threshold-major: member ``i * len(lrs) + j`` has ``(b_i, lr_j)``."""
   members = kron_sweep.grid(threshold=[float(b) for b in p.thresholds],
                             learning_rate=[float(lr) for lr in p.learning_rates])
-  return kron_sweep.init(config, dataset, members)
+  return kron_sweep.init(config, dataset, members, plan=plan)
 
 
 def batches_for(p: Params, count: int) -> list[jax.Array]:
@@ -69,11 +71,11 @@ def batches_for(p: Params, count: int) -> list[jax.Array]:
   return [jnp.asarray(order[i * p.batch_size:(i + 1) * p.batch_size], jnp.int32) for i in range(count)]
 
 
-def train_grid(p: Params, dataset: kronjax.Dataset, capacity: int):
+def train_grid(p: Params, dataset: kronjax.Dataset, capacity: int, plan: kronjax.Plan):
   """Trains the grid for ``p.steps`` steps; returns (stacked state, timing, overflowed members)."""
-  config = kronjax.Config(width=p.width, init=p.init, active_capacity=capacity,
-                          candidate_capacity=capacity)
-  state = grid_sweep(config, dataset, p)
+  config = kronjax.Config(width=p.width, init=p.init)
+  state = grid_sweep(config, dataset, p,
+                     plan.replace(active_capacity=capacity, candidate_capacity=capacity))
   overflow = np.zeros(kron_sweep.size(state), bool)
 
   def counted(state, batch):
@@ -87,11 +89,11 @@ def train_grid(p: Params, dataset: kronjax.Dataset, capacity: int):
 
 
 def single_run_ms(p: Params, dataset: kronjax.Dataset, key: jax.Array, b: float,
-                  lr: float) -> tuple[float, bool]:
+                  lr: float, plan: kronjax.Plan | None = None) -> tuple[float, bool]:
   """Median ms per step of one (lr, b) run alone, with the capacity its own ``b`` needs."""
   config = kronjax.Config(width=p.width, threshold=float(b), init=p.init)
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=float(lr))
-  state = kronjax.init(key, config, dataset, tx)
+  state = kronjax.init(key, config, dataset, tx, plan=plan)
   seen = []
 
   def counted(state, batch):
@@ -131,7 +133,7 @@ def plot(p: Params, res: dict, out_dir: pathlib.Path, name: str = "sweep_grid.pn
   heat_map(axes[2], res["single_ms"], lrs, bs,
            f"ms per step, single runs\n(vmapped grid: {res['vmapped_ms_per_member']:.3f} ms "
            f"per member-step)", ".2f", "magma")
-  paper_b = kronjax.Config(width=p.width).threshold
+  paper_b = kronjax.Config(width=p.width).resolve().threshold
   for ax in axes:
     ax.axhline(np.interp(paper_b, bs, range(len(bs))), color="white", ls="--", lw=1)
   fig.suptitle(f"lr x b grid, m={p.width}, n={p.n}, {p.steps} SGD steps of batch {p.batch_size} "
@@ -140,9 +142,11 @@ def plot(p: Params, res: dict, out_dir: pathlib.Path, name: str = "sweep_grid.pn
   return experiment.save_figure(fig, out_dir, name, dpi=80)
 
 
-def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   out_dir = pathlib.Path(out_dir)
   p = params
+  plan = kronjax.Plan() if plan is None else plan
   key = jax.random.PRNGKey(p.seed)
   kdata, kinit = jax.random.split(key)
   data, labels = kronjax.data.planted(kdata, p.n + p.n_eval, dims=tuple(p.dims))
@@ -150,11 +154,13 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   dataset = kronjax.Dataset(data.subset(train_idx), labels[:p.n], eval_data=data.subset(eval_idx),
                             eval_labels=labels[p.n:])
   nb, nl = len(p.thresholds), len(p.learning_rates)
-  # The capacity the smallest b needs (as kronjax.Config derives it for that threshold).
-  capacity = kronjax.Config(width=p.width, threshold=min(p.thresholds)).active_capacity
+  # The capacity the smallest b needs (as the plan derives it for that threshold), unless the
+  # plan gives one.
+  smallest_b = kronjax.Config(width=p.width, threshold=min(p.thresholds))
+  capacity = plan.resolve(smallest_b).active_capacity
   attempts = []
   while True:
-    state, timing, overflow = train_grid(p, dataset, capacity)
+    state, timing, overflow = train_grid(p, dataset, capacity, plan)
     G = kron_sweep.size(state)
     attempts.append({"active_capacity": capacity, "overflowed_members": int(overflow.sum())})
     if progress:
@@ -172,7 +178,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   single_overflow = np.zeros((nb, nl), bool)
   for i, b in enumerate(p.thresholds):
     for j, lr in enumerate(p.learning_rates):
-      single[i, j], single_overflow[i, j] = single_run_ms(p, dataset, kinit, b, lr)
+      single[i, j], single_overflow[i, j] = single_run_ms(p, dataset, kinit, b, lr, plan)
     if progress:
       print(f"sweep_grid: b={b:g} single-run ms per step {np.round(single[i], 3)}", flush=True)
   res = {"train_loss": train_loss, "eval_loss": eval_loss, "single_ms": single,
@@ -195,7 +201,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
       "final_overflowed_members": attempts[-1]["overflowed_members"],
       "diverged": int((~np.isfinite(train_loss)).sum()),
       "best": {"b": p.thresholds[bi], "lr": p.learning_rates[li], "eval_loss": eval_loss[bi, li]},
-      "paper_b": kronjax.Config(width=p.width).threshold,
+      "paper_b": kronjax.Config(width=p.width).resolve().threshold,
   }
   return {"metrics": metrics, "table": table, "plots": plots,
           "timings": {"vmapped_grid_step": timing}}

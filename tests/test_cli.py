@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+import kronjax
 from kronjax import checkpoint
 from kronjax.experiments import cli
 from kronjax.experiments import runner as xp
@@ -65,6 +66,16 @@ width = 64
     (["run", "{good}", "--set", "parms.width=1"], "Did you mean 'params'"),
     (["run", "{good}", "--set", "smoke.widht=1"], "Did you mean 'width'"),
     (["run", "{good}", "--set", "params.batch_size=0"], "batch_size must be >= 1"),
+    (["run", "{good}", "--set", "params.active_capacity=64"],
+     r"'active_capacity' is not a params key: it says how the step runs.*\[plan\] table"),
+    (["run", "{good}", "--set", "smoke.update=full"], r"not a smoke key.*--set plan.update="),
+    (["run", "{good}", "--set", "plan.updat=full"], "Unknown plan key 'updat'. Did you mean 'update'"),
+    (["run", "{good}", "--set", "plan.width=3"], "Unknown plan key 'width'"),
+    (["run", "{good}", "--set", "plan.active_capacity=\"x\""],
+     "plan.active_capacity must be int, got 'x'"),
+    (["run", "{good}", "--set", "plan.index=dense"], "plan: .*index"),
+    (["run", "{good}", "--set", "plan.layout=points", "--set", "plan.update=sparse"],
+     "plan: layout='points'"),
     (["run", "{bad_toml}"], "invalid TOML"),
     (["run", "--resume", "{tmp}"], "not a kronjax run directory"),
     (["run", "{good}", "--resume", "{tmp}"], "takes no CONFIG"),
@@ -90,6 +101,17 @@ def test_error_from_the_installed_command_has_no_traceback(tmp_path):
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
   assert "Did you mean 'width'" in proc.stderr
+
+
+def test_version(capsys):
+  assert cli.main(["--version"]) == 0
+  assert capsys.readouterr().out == f"kronjax {kronjax.__version__}\n" == "kronjax 0.3.0\n"
+
+
+def test_version_from_the_command(tmp_path):
+  proc = subprocess.run([*CLI, "--version"], capture_output=True, text=True, cwd=tmp_path,
+                        timeout=120)
+  assert proc.returncode == 0 and proc.stdout == "kronjax 0.3.0\n", proc.stderr
 
 
 def test_list_shows_configs_and_experiments(capsys, monkeypatch):
@@ -134,9 +156,26 @@ def run(params, out_dir, *, progress):
 '''
 
 
-def _fake_experiments(folder: pathlib.Path, name: str = "quickstart") -> pathlib.Path:
+_FAKE_WITH_PLAN = '''"""An experiment that takes a plan."""
+import dataclasses
+
+import kronjax
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  width: int = 1
+
+
+def run(params, out_dir, *, progress, plan: kronjax.Plan | None = None):
+  return {"metrics": {"plan": repr(plan)}, "table": [{"w": params.width}], "plots": []}
+'''
+
+
+def _fake_experiments(folder: pathlib.Path, name: str = "quickstart", text: str = _FAKE
+                      ) -> pathlib.Path:
   folder.mkdir(parents=True)
-  (folder / f"{name}.py").write_text(_FAKE)
+  (folder / f"{name}.py").write_text(text)
   return folder
 
 
@@ -179,6 +218,54 @@ def test_a_missing_environment_folder_is_an_error(tmp_path, monkeypatch, capsys)
   monkeypatch.setenv(xp.ENV_VAR, str(tmp_path / "nope"))
   assert cli.main(["run", QUICKSTART, "--smoke"]) == 2
   assert "KRONJAX_EXPERIMENTS" in capsys.readouterr().err
+
+
+# -- the [plan] table: how the steps run (kronjax.Plan) ------------------------------------------
+
+_PLANNED = GOOD + '''
+[plan]
+update = "full"
+active_capacity = 32
+'''
+
+
+def test_plan_table_reaches_run_and_is_recorded(tmp_path, monkeypatch):
+  monkeypatch.setenv(xp.ENV_VAR, str(_fake_experiments(tmp_path / "x", text=_FAKE_WITH_PLAN)))
+  config = _write(tmp_path, _PLANNED)
+  payload = xp.run_config(config, overrides=["plan.index_delta=0.5"], out_dir=tmp_path / "run",
+                          progress=False, echo=False)
+  plan = kronjax.Plan(update="full", active_capacity=32, index_delta=0.5)
+  assert payload["metrics"] == {"plan": repr(plan)}
+  on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert on_disk["config"]["plan"] == dataclasses.asdict(plan)
+  assert on_disk["config"]["params"] == {"width": 64}
+  # No [plan] table: the automatic plan, recorded in full.
+  payload = xp.run_config(_write(tmp_path, GOOD, "d.toml"), out_dir=tmp_path / "auto",
+                          progress=False, echo=False)
+  assert payload["metrics"] == {"plan": repr(kronjax.Plan())}
+  assert payload["config"]["plan"] == dataclasses.asdict(kronjax.Plan())
+
+
+def test_plan_table_refused_by_an_experiment_that_takes_none(tmp_path, monkeypatch):
+  monkeypatch.setenv(xp.ENV_VAR, str(_fake_experiments(tmp_path / "x")))
+  with pytest.raises(xp.ConfigError, match=r"takes no \[plan\].*update, active_capacity"):
+    xp.resolve(xp.read_config(_write(tmp_path, _PLANNED)))
+  resolved = xp.resolve(xp.read_config(_write(tmp_path, GOOD, "d.toml")))
+  assert resolved.plan is None and resolved.config["plan"] is None
+
+
+def test_every_experiment_takes_a_plan():
+  for name in xp.experiment_names(EXPERIMENTS):
+    module = xp.import_experiment(name, EXPERIMENTS)
+    assert xp.takes_plan(module), name
+
+
+def test_plan_of_a_smoke_run():
+  resolved = xp.resolve(xp.read_config(QUICKSTART), smoke=True, config_path=QUICKSTART,
+                        overrides=["plan.layout=neurons", "plan.init_chunk=64"])
+  assert resolved.plan == kronjax.Plan(layout="neurons", init_chunk=64)
+  state, _, _ = resolved.module.make_problem(resolved.params, resolved.plan)
+  assert state.plan == resolved.plan and state.layout == "neurons"
 
 
 def test_unknown_experiment_lists_the_folder(tmp_path, monkeypatch):
@@ -286,7 +373,7 @@ def _final(out):
   """The newest checkpoint of a quickstart run: (step, state leaves by path, history)."""
   resolved = xp.resolve(xp.read_config(QUICKSTART), overrides=_SMALL[3::2], smoke=True,
                         config_path=QUICKSTART)
-  like, _, _ = resolved.module.make_problem(resolved.params)
+  like, _, _ = resolved.module.make_problem(resolved.params, resolved.plan)
   ckpt = out / "checkpoints"
   state, meta = checkpoint.load(ckpt, like=like)
   leaves = {jax.tree_util.keystr(path): np.asarray(leaf)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -89,7 +90,7 @@ def test_pages_exist():
   names = {p.name for p in PAGES}
   for page in ("index.md", "getting-started.md", "concepts.md", "inference.md", "sweeps.md",
                "multi-process.md", "checkpoints.md", "cli.md", "performance.md", "results.md",
-               "troubleshooting.md", "design.md"):
+               "troubleshooting.md", "design.md", "migrating.md"):
     assert page in names, page
 
 
@@ -141,6 +142,26 @@ def test_generator_marks_what_a_result_does_not_record():
   assert "*Date:* *not recorded*" in line and "*Command:* *not recorded*" in line
   assert "cpu backend" in line
   assert "*Machine:* *not recorded*" in gen.provenance("x.json", {})
+
+
+def test_generator_shows_the_plan_a_result_was_run_with():
+  gen = _load_generator()
+  assert gen.AUTOMATIC_PLAN == dataclasses.asdict(kronjax.Plan())
+  planned = {"config": {"params": {"width": 8},
+                        "plan": dataclasses.asdict(kronjax.Plan(update="full", active_capacity=16))}}
+  assert gen.params_line(planned) == (
+      '*Parameters:* `width=8`. *Plan:* `active_capacity=16`, `update="full"`.')
+  automatic = {"config": {"params": {"width": 8}, "plan": dataclasses.asdict(kronjax.Plan())}}
+  assert gen.params_line(automatic) == gen.params_line({"config": {"params": {"width": 8}}})
+
+
+def test_migration_page_is_in_the_navigation():
+  nav = (ROOT / "mkdocs.yml").read_text()
+  assert "migrating.md" in nav
+  text = (DOCS / "migrating.md").read_text()
+  for topic in ("Plan", "with_plan", "fingerprint", "wrong_dataset", "v4", "format v2", '"dense"',
+                "kronjax._src."):
+    assert topic in text, topic
 
 
 def test_no_session_history_in_pages():

@@ -1,11 +1,13 @@
 """Smoke scale of the quickstart, scaling_d and convergence experiments: schema, PNGs, sane numbers."""
 
+import dataclasses
 import json
 import math
 import pathlib
 
 import pytest
 
+import kronjax
 from kronjax.experiments import runner as xp
 
 pytestmark = pytest.mark.slow  # left out of make test-fast
@@ -22,6 +24,7 @@ def _smoke(name, tmp_path, *overrides):
   assert set(on_disk) == {"date", "command", "config", "environment", "metrics", "timings", "plots",
                           "table"}
   assert on_disk["config"]["experiment"]["name"] == name and on_disk["config"]["smoke"] is True
+  assert on_disk["config"]["plan"] == dataclasses.asdict(kronjax.Plan())  # no [plan]: automatic
   assert {"jax", "backend", "device"} <= set(on_disk["environment"])
   assert on_disk["command"].startswith("kronjax run ") and on_disk["command"].endswith(
       f" --smoke --out {out}") and all(f"--set {o}" in on_disk["command"] for o in overrides)

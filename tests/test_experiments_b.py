@@ -13,6 +13,7 @@ import typing
 
 import numpy as np
 
+import kronjax
 from kronjax.experiments import runner as experiment
 
 import pytest
@@ -39,6 +40,7 @@ def run_smoke(name: str, tmp_path: pathlib.Path) -> tuple[typing.Any, dict]:
   result = json.loads((tmp_path / "results.json").read_text())
   assert set(result) >= {"config", "environment", "metrics", "table", "plots", "timings"}
   assert result["config"]["params"] == json.loads(json.dumps(dataclasses.asdict(params)))
+  assert result["config"]["plan"] == dataclasses.asdict(kronjax.Plan())
   assert isinstance(result["metrics"], dict) and result["metrics"]
   assert isinstance(result["table"], list) and result["table"]
   assert all(isinstance(row, dict) for row in result["table"])

@@ -5,9 +5,10 @@ The ops' arithmetic is tested against their expressions in test_products.py and
 test_rows.py and, inside training, in test_train.py and test_sweep.py. Here: the
 environment switches, the build step (``make native``: ``native.main``), the
 cache, what a process says when it has to build or cannot, and the row kernels'
-multi-threaded split. The module keeps one load result per process, so the
-failure cases swap it for a fresh one (``monkeypatch`` puts the real one back);
-they use fake compilers (shell scripts), so nothing here compiles the sources.
+multi-threaded split. The module keeps one load result per process (``native.prepare``,
+run by ``import kronjax``), so the failure cases swap it for a fresh one and prepare
+again (``monkeypatch`` puts the real one back); they use fake compilers (shell
+scripts), so nothing here compiles the sources.
 """
 
 import os
@@ -86,14 +87,23 @@ def test_off_never_builds_and_does_not_warn(fresh, monkeypatch, recwarn):
 
 def test_nothing_is_built_for_a_gpu_backend(fresh, monkeypatch, recwarn, capsys):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert not native.available()
-  assert "default backend is gpu" in native.info()["reason"]
   assert native.main([]) == 0
   assert "nothing is built" in capsys.readouterr().out
+  assert not (fresh / "cache").exists()
+  # Loaded at import (prepare initializes no backend), the kernels are still not used.
+  monkeypatch.setattr(native, "_status", native.Status(True, None, "lib.so", failed=False))
+  assert not native.available()
+  assert "default backend is gpu" in native.info()["reason"]
+  assert not recwarn.list
+
+
+def test_unprepared_kernels_are_not_used_and_not_built(fresh, recwarn):
+  assert not native.available()  # tracing never builds: only prepare (at import) does
   assert not (fresh / "cache").exists() and not recwarn.list
 
 
 def test_no_compiler_warns_once_that_kronjax_runs_on_xla(no_compiler, recwarn):
+  assert not native.prepare().available
   assert not native.available() and not native.available()
   assert [str(w.message) for w in recwarn.list if w.category is RuntimeWarning] == [
       f"kronjax: {native.NO_COMPILER}. KRONJAX_NATIVE=off silences this."]
@@ -106,8 +116,10 @@ def test_build_step_without_a_compiler_says_so_and_succeeds(no_compiler, capfd):
   assert out == native.NO_COMPILER + "\n" and err == ""
 
 
+@pytest.mark.perf  # reads the lowered HLO text
 def test_failed_build_warns_once_and_falls_back_to_xla(fresh, monkeypatch):
   monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
+  native.prepare()
   with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable.*XLA.*KRONJAX_NATIVE=off"):
     assert not native.available()
   assert "no-such-compiler" in native.info()["reason"]
@@ -122,6 +134,7 @@ def test_failed_build_warns_once_and_falls_back_to_xla(fresh, monkeypatch):
 def test_require_raises_when_the_build_fails(fresh, monkeypatch):
   monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
   monkeypatch.setenv("KRONJAX_NATIVE", "require")
+  assert native.prepare().failed  # prepare never raises; available does
   with pytest.raises(RuntimeError, match="KRONJAX_NATIVE=require but the native kernels"):
     native.available()
 
@@ -129,6 +142,7 @@ def test_require_raises_when_the_build_fails(fresh, monkeypatch):
 def test_compiler_errors_are_reported(fresh, monkeypatch, capsys):
   fake = _script(fresh / "fake-cxx", "echo 'fake-cxx: broken on purpose' >&2\nexit 1\n")
   monkeypatch.setenv("CXX", fake)
+  native.prepare()
   with pytest.warns(RuntimeWarning):
     native.available()
   assert "broken on purpose" in native.info()["reason"]
@@ -142,6 +156,7 @@ def test_a_first_use_that_builds_says_so_once(fresh, monkeypatch, capfd):
   writes a file that is no library, so loading then fails and warns)."""
   fake = _script(fresh / "fake-cxx", 'for a; do out="$a"; done\necho junk > "$out"\n')
   monkeypatch.setenv("CXX", fake)
+  assert native.prepare() is native.prepare()  # once per process
   with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable"):
     assert not native.available() and not native.available()
   assert capfd.readouterr().err == native.BUILDING + "\n"
@@ -180,12 +195,13 @@ def test_build_step_prints_the_command_and_the_warnings(tmp_path):
   assert build.stdout.startswith(f"{fake} -O3 ") and " -Wall " in build.stdout
   assert "rows.cc:1: warning: fake warning" in build.stderr
   assert len(list((tmp_path / "cache").glob("kronjax_native_*.so"))) == 1
-  use = subprocess.run([sys.executable, "-c", "from kronjax._src import native; "
-                        "assert native.available()"],
+  use = subprocess.run([sys.executable, "-c", "import kronjax; from kronjax._src.kernels import "
+                        "native; assert native.available()"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
   assert use.returncode == 0 and native.BUILDING not in use.stderr, use.stderr
 
 
+@pytest.mark.perf  # reads the lowered HLO text
 def test_require_mode_trains_in_a_fresh_process(tmp_path):
   """A new process with an empty cache builds the kernel, and a float64 dense
   sweep step with it equals the XLA product's (the CI machine has g++: this is
@@ -201,13 +217,14 @@ from kronjax._src.kernels import dispatch
 from kronjax._src.kernels import native
 data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 40, (4, 6), task="regression")
 dataset = kronjax.Dataset(data, labels)
-config = kronjax.Config(width=64, threshold=0.6, update="full")
+config = kronjax.Config(width=64, threshold=0.6)
 members = sw.grid(learning_rate=[0.5, 1.0], seed=[0, 1])
-s = sw.init(config, dataset, members, tx=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+s = sw.init(config, dataset, members, tx=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+            plan=kronjax.Plan(update="full"))
 step = jax.jit(jax.vmap(kronjax.train_step, in_axes=(0, None, None)))
 assert "kronjax_add_product" in step.lower(s, dataset, jnp.arange(8)).as_text()
 state, _ = step(s, dataset, jnp.arange(8))
-with dispatch.disabled():  # compiles under the other setting (caches cleared)
+with dispatch.disabled():  # compiles under the other setting (its own jit cache entry)
   assert "kronjax_add_product" not in step.lower(s, dataset, jnp.arange(8)).as_text()
   ref, _ = step(s, dataset, jnp.arange(8))
 err = float(jnp.max(jnp.abs(state.P - ref.P)) / jnp.max(jnp.abs(ref.P)))

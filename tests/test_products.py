@@ -89,6 +89,7 @@ def test_nested_vmap_and_donation(x64, rule, op):
   chex.assert_trees_all_close(got, want, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.perf  # reads the lowered HLO text
 @pytest.mark.parametrize("batched", [False, True])
 def test_the_chosen_implementation_is_what_runs_on_cpu(rule, batched, op):
   X, G, R = _operands()
@@ -109,6 +110,7 @@ def test_float32_native_matches_float64_expression(rule, op):
   chex.assert_trees_all_close(got, want.astype(jnp.float32), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.perf  # reads the lowered module text
 def test_no_native_call_when_lowered_for_gpu(op):
   """The kernel is CPU-only: a cross-platform lowering for CUDA keeps XLA's product."""
   X, G, R = _operands()

@@ -109,6 +109,7 @@ def test_vmap_over_per_member_batches_falls_back(x64, impl, name):
   _close(jax.jit(jax.vmap(op))(*args), jax.vmap(plain)(*args))
 
 
+@pytest.mark.perf  # reads the lowered HLO text
 @pytest.mark.parametrize("name", list(OPS))
 def test_the_native_kernel_runs_on_cpu_and_not_on_gpu(impl, name):
   op, names, _ = OPS[name]
@@ -193,13 +194,14 @@ def test_native_wrappers_reject_mismatched_operands():
                           jnp.ones((2, 3), jnp.float32))
 
 
+@pytest.mark.perf  # reads the lowered HLO text
 def test_the_full_step_uses_the_row_kernels(impl):
   """The point-major full step reads P's batch rows through kronjax._src.kernels.rows: no
   XLA gather of P and no (B, m) ReLU is left in the compiled step."""
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 32, (4, 8))
   dataset = kronjax.Dataset(data, labels)
-  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64, update="full"), dataset,
-                       optax.sgd(0.1))
+  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64), dataset, optax.sgd(0.1),
+                       plan=kronjax.Plan(update="full"))
   assert state.layout == "points"
   text = jax.jit(_fresh(kronjax.train_step)).lower(state, dataset, jnp.arange(8)).as_text()
   for name in ("relu_rows", "relu_rows_grad", "add_rows"):

@@ -213,8 +213,9 @@ def test_candidate_overflow_is_reported_with_an_upper_bound():
 def test_dense_compaction_matches_nonzero():
   rng = np.random.default_rng(0)
   for L, B, cap in ((1, 1, 1), (300, 3, 7), (1024, 2, 1024), (513, 1, 40)):
-    mask = rng.random((B, L)) < 0.3
-    idx, count = jax.jit(threshold.compact, static_argnums=(1, 2))(jnp.asarray(mask), cap, L)
+    mask = rng.random((B, L)) < 0.3   # compact_columns takes it column-wise, (L, B)
+    idx, count = jax.jit(threshold.compact_columns, static_argnums=(1, 2))(jnp.asarray(mask.T),
+                                                                           cap, L)
     for i in range(B):
       expect = np.flatnonzero(mask[i])[:cap]
       np.testing.assert_array_equal(np.asarray(idx[i]),
@@ -222,9 +223,13 @@ def test_dense_compaction_matches_nonzero():
       assert int(count[i]) == mask[i].sum()
 
 
-def test_choose_kind_and_bad_kind():
-  # Measured: the dense scan gives the faster train step at every width (module docstring).
-  assert all(threshold.choose_kind(2**k) == "scan" for k in (8, 12, 16, 18))
+def test_auto_kind_and_bad_kind():
+  # Measured: the dense scan gives the faster train step at every width (the performance page),
+  # so the plan's index="auto" resolves to it.
+  for k in (8, 12, 16, 18):
+    for update in ("auto", "sparse"):
+      plan = kronjax.Plan(update=update).resolve(kronjax.Config(width=2**k))
+      assert plan.index == "scan", (k, update)
   assert set(threshold.KINDS) == {"scan", "bucketed"}
   with pytest.raises(ValueError, match="index kind"):
     _index("tree", 8, 2, 4, 4, 0.1)
@@ -244,9 +249,9 @@ def test_training_bucketed_is_bit_for_bit_scan(tx, update):
       # index differs, and the point-major step's own kernels (kronjax's row kernels) do
       # not change the summation order of the forward pass.
       cfg = kronjax.Config(width=96, loss="softmax", num_classes=3, train_output=True,
-                           update=update, threshold=0.5, index=kind, index_delta=0.05,
-                           layout="neurons")
-      state = kronjax.init(jax.random.PRNGKey(1), cfg, dataset, tx)
+                           threshold=0.5)
+      plan = kronjax.Plan(update=update, index=kind, index_delta=0.05, layout="neurons")
+      state = kronjax.init(jax.random.PRNGKey(1), cfg, dataset, tx, plan=plan)
       step = jax.jit(kronjax.train_step)
       rng = np.random.default_rng(0)
       losses = []

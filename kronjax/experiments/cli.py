@@ -3,12 +3,14 @@
     kronjax run CONFIG [--set section.key=value ...] [--out DIR] [--smoke] [--no-progress]
     kronjax run --resume DIR [--no-progress]
     kronjax list
+    kronjax --version
 
 ``run`` loads a TOML config (see ``kronjax.experiments.runner`` for the format and
 for where the experiment modules are found), runs its experiment, writes
 ``DIR/results.json`` and the plots, and prints the results table. ``--resume
 DIR`` continues an interrupted run from the checkpoints in ``DIR`` (its config is
-saved there). ``list`` shows the configs and experiments.
+saved there). ``list`` shows the configs and experiments. ``--version`` prints
+``kronjax <version>``.
 
 Exit status: 0 on success, 2 for usage and config errors (unknown key, wrong
 type, bad ``--set``, missing file, unknown experiment, corrupt or mismatched
@@ -37,6 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="kronjax", description="Run kronjax experiments from TOML configs.")
+  parser.add_argument("--version", action="store_true", help="print the kronjax version and exit")
   sub = parser.add_subparsers(dest="command", metavar="{run,list}", parser_class=_Parser)
   run = sub.add_parser("run", help="run an experiment from a config file",
                        description="Run an experiment from a TOML config file.")
@@ -67,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
   except _UsageError as e:
     return _fail(f"{e} (see `kronjax --help`)")
+  if args.version:
+    import kronjax  # pylint: disable=g-import-not-at-top  (imports jax: only when asked)
+    print(f"kronjax {kronjax.__version__}")
+    return 0
   if args.command is None:
     parser.print_help(sys.stderr)
     return EXIT_USAGE

@@ -12,6 +12,9 @@ The contract between a config, an experiment module and the ``kronjax run`` CLI:
     [params]                   # mapped onto the module's Params (frozen dataclass)
     width = 4096
 
+    [plan]                     # optional: how the steps run (kronjax.Plan), never the numbers
+    update = "full"
+
     [smoke]                    # optional: param overrides applied by `--smoke`
     width = 64
 
@@ -19,6 +22,17 @@ Top-level tables other than these, unknown keys (in any table), values of the
 wrong type and missing required params are errors (``ConfigError``, a
 ``ValueError``) naming the key and, for unknown keys, the closest valid one.
 ``kronjax run`` turns them into a one-line message and exit status 2.
+
+**Plan.** ``[plan]`` holds fields of ``kronjax.Plan`` (``active_capacity``,
+``candidate_capacity``, ``index_delta``, ``index``, ``update``, ``layout``,
+``init_chunk``): how the training steps run, which changes their speed and
+memory but not what they compute. The experiment receives it as
+``run(..., plan=kronjax.Plan(...))`` and passes it to ``kronjax.init`` /
+``kronjax.sweep.init``; an experiment whose ``run`` takes no ``plan`` refuses a
+non-empty ``[plan]``. A plan field in ``[params]`` or ``[smoke]`` (that the
+module's ``Params`` does not define) is refused with a message that names
+``[plan]``: a ``Params`` describes the experiment and its network, not how the
+step runs.
 
 Overrides: ``--set section.key=value`` with ``value`` a TOML literal (``3``,
 ``1e-3``, ``true``, ``"text"``, ``[1, 2]``); a bare word (``implicit``) is taken
@@ -38,7 +52,8 @@ live* below) exposes::
     @dataclasses.dataclass(frozen=True)
     class Params: ...
 
-    def run(params: Params, out_dir: pathlib.Path, *, progress: bool[, resume: bool]) -> dict
+    def run(params: Params, out_dir: pathlib.Path, *, progress: bool[, resume: bool]
+            [, plan: kronjax.Plan]) -> dict
 
 ``run`` returns ``{"metrics": {...}, "table": [row dicts], "plots": [file names
 written into out_dir]}`` and may add ``"timings": {...}`` (medians and spreads
@@ -65,8 +80,9 @@ can rebuild the run) before calling ``run``, then ``out_dir/results.json`` =
 ``{date, command, environment, config, metrics, timings, plots, table}`` with
 ``date``, ``command`` (the equivalent ``kronjax run`` command line) and
 ``environment`` from ``kronjax.experiments.timing.provenance``, ``config`` the
-resolved config (experiment, params after smoke and overrides, the file, the
-overrides, smoke flag), and prints the table.
+resolved config (experiment, params after smoke and overrides, ``plan``: every
+field of the ``kronjax.Plan`` as given, None when the experiment takes no plan,
+the file, the overrides, smoke flag), and prints the table.
 
 Helpers for modules: ``pyplot`` + ``save_figure`` (small PNG), ``format_table``,
 ``markdown_table``, ``to_jsonable``, ``require_positive`` (Params checks),
@@ -94,7 +110,7 @@ import types
 import typing
 from typing import Any, Iterable, Mapping, Sequence
 
-SECTIONS = ("experiment", "params", "smoke")
+SECTIONS = ("experiment", "params", "plan", "smoke")
 EXPERIMENT_KEYS = ("name", "seed", "description")
 RUN_CONFIG = "run_config.json"
 RESULTS = "results.json"
@@ -178,6 +194,7 @@ class Resolved:
   module: types.ModuleType
   params: Any
   config: dict[str, Any]  # what results.json records under "config"
+  plan: Any = None        # the kronjax.Plan run() receives; None when run() takes no plan
 
 
 def resolve(raw: Mapping[str, Any], *, overrides: Sequence[str] = (), smoke: bool = False,
@@ -219,6 +236,10 @@ def resolve(raw: Mapping[str, Any], *, overrides: Sequence[str] = (), smoke: boo
     values.update(cfg.get("smoke", {}))
   values.update(set_params)
   fields = {f.name for f in dataclasses.fields(module.Params)}
+  for where, keys in (("params", values), ("smoke", cfg.get("smoke", {}))):
+    for key in keys:
+      if key not in fields and key in plan_fields():
+        raise ConfigError(_plan_field_message(where, key))
   if "seed" in exp:
     if "seed" not in fields:
       raise ConfigError(f"experiment {name!r} takes no seed (its Params has no 'seed' field); "
@@ -230,12 +251,55 @@ def resolve(raw: Mapping[str, Any], *, overrides: Sequence[str] = (), smoke: boo
   for key in cfg.get("smoke", {}):  # [smoke] keys are checked even without --smoke
     if key not in fields:
       raise ConfigError(unknown_key_message("smoke key", key, fields))
+  plan = build_plan(name, module, cfg.get("plan", {}))
   config = {
       "experiment": {"name": name, **{k: v for k, v in exp.items() if k != "name"}},
       "params": to_jsonable(dataclasses.asdict(params)),
+      "plan": None if plan is None else to_jsonable(dataclasses.asdict(plan)),
       "smoke": smoke, "overrides": list(overrides), "file": source,
   }
-  return Resolved(name=name, module=module, params=params, config=config)
+  return Resolved(name=name, module=module, params=params, config=config, plan=plan)
+
+
+def plan_fields() -> tuple[str, ...]:
+  """The fields of ``kronjax.Plan`` (what a ``[plan]`` table may set)."""
+  import kronjax  # pylint: disable=g-import-not-at-top  (imports jax: only once a config is resolved)
+  return tuple(f.name for f in dataclasses.fields(kronjax.Plan))
+
+
+def _plan_field_message(where: str, key: str) -> str:
+  return (f"{key!r} is not a {where} key: it says how the step runs, not what the experiment or "
+          f"its network is. Put it in the config's [plan] table (kronjax.Plan), e.g. "
+          f"--set plan.{key}=...")
+
+
+def takes_plan(module: types.ModuleType) -> bool:
+  """Whether the experiment's ``run`` accepts ``plan=`` (a ``kronjax.Plan``)."""
+  return "plan" in inspect.signature(module.run).parameters
+
+
+def build_plan(name: str, module: types.ModuleType, values: Mapping[str, Any]) -> Any:
+  """The ``kronjax.Plan`` of a ``[plan]`` table, or None when ``run`` takes no plan.
+
+  ``ConfigError`` for an unknown key (with the closest match), a bad value, or a
+  non-empty table given to an experiment that takes no plan.
+  """
+  if not takes_plan(module):
+    if values:
+      raise ConfigError(f"experiment {name!r} takes no [plan] (its run() has no plan argument); "
+                        f"remove the [plan] table ({', '.join(values)}).")
+    return None
+  import kronjax  # pylint: disable=g-import-not-at-top
+  valid = plan_fields()
+  for key in values:
+    if key not in valid:
+      raise ConfigError(unknown_key_message("plan key", key, valid))
+  hints = typing.get_type_hints(kronjax.Plan)
+  kwargs = {key: _coerce(f"plan.{key}", value, hints[key]) for key, value in values.items()}
+  try:
+    return kronjax.Plan(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"plan: {e}") from None
 
 
 def build_params(cls: type, values: Mapping[str, Any], *, where: str = "params") -> Any:
@@ -512,6 +576,8 @@ def run_config(config: str | os.PathLike | None = None, *, overrides: Sequence[s
   kwargs = {"progress": progress}
   if resume is not None:
     kwargs["resume"] = True
+  if resolved.plan is not None:
+    kwargs["plan"] = resolved.plan
   if echo:
     print(f"kronjax run: experiment {resolved.name!r}{' (smoke)' if smoke else ''}"
           f"{' resumed' if resume is not None else ''} -> {out}", flush=True)
@@ -668,8 +734,8 @@ def pyplot():
 
 __all__ = (
     "CHECKPOINTS", "ConfigError", "Resolved", "apply_overrides", "build_params", "check_result",
-    "experiment_dirs", "experiment_names", "experiments_dir", "format_table", "gaussian_tail",
-    "import_experiment", "list_configs", "list_experiments", "load_module", "markdown_table",
-    "parse_override", "pyplot", "read_config", "require_positive", "resolve", "run_config",
-    "save_figure", "to_jsonable", "unknown_key_message",
+    "build_plan", "experiment_dirs", "experiment_names", "experiments_dir", "format_table",
+    "gaussian_tail", "import_experiment", "list_configs", "list_experiments", "load_module",
+    "markdown_table", "parse_override", "plan_fields", "pyplot", "read_config", "require_positive",
+    "resolve", "run_config", "save_figure", "takes_plan", "to_jsonable", "unknown_key_message",
 )
