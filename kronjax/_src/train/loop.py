@@ -194,9 +194,8 @@ def _replay_overflow(run: _Run, state: TrainState, dataset: Dataset, batch: jax.
     who = np.flatnonzero(pending).tolist()
     max_active = int(metrics["max_active"][pending].max())
     if options.on_overflow == "raise":
-      raise CapacityError(_overflow_message(state, global_step, run.members(who, " ("),
-                                            max_active, batch) + ("" if runner.members is None
-                                                                  else ")"))
+      label = "" if runner.members is None else f" ({run.members(who)})"
+      raise CapacityError(_overflow_message(state, global_step, label, max_active, batch))
     if options.on_overflow == "stop":
       run.stop(pending, f"overflow at step {global_step}")
       break
