@@ -30,7 +30,7 @@ from kronjax._src.step.state import TrainState
 
 def outputs_from_projections(state: TrainState, P: jax.Array) -> jax.Array:
   """Network outputs ``(n', C)`` from projections ``P (m, n')``."""
-  return network.outputs(state.config, state.a, state.b, P)
+  return network.outputs(state.config, state.a, state.b, state.bias, P)
 
 
 def evaluate(state: TrainState, dataset: Dataset) -> dict[str, jax.Array]:
@@ -90,7 +90,8 @@ def projections(state: TrainState, dataset: Dataset, data: KronData) -> jax.Arra
     return state.P
   if _same_data(data, dataset.eval_data):
     return state.P_eval
-  return network.new_projections(state.config, state.key, state.A, dataset.data, data)
+  return network.new_projections(state.config, state.key, state.A, dataset.data, data,
+                                 state.w0_scale)
 
 
 def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
@@ -110,7 +111,7 @@ def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
 
 def dense_params(state: TrainState, dataset: Dataset, *,
                  max_bytes: int = 4 * 2**30) -> dict[str, jax.Array]:
-  """``{"W": W0 + A X (m, d), "a": (m, C)}``: the network as dense weights.
+  """``{"W": s W0 + A X (m, d), "a": (m, C), "bias": (C,)}``: the network as dense weights.
 
   For ``init="explicit"`` and ``"kronecker"`` (``implicit`` never drew ``W0``),
   when the ``(m, d)`` weight fits in ``max_bytes``. The dense baseline
@@ -135,4 +136,5 @@ def dense_params(state: TrainState, dataset: Dataset, *,
         "max_bytes if you have the memory, or use kronjax.predict / evaluate, which never form W.")
   W0 = initializers.initial_weights(initializers.init_keys(state.key)["W0"], config,
                                     dataset.data.dims, state.P.dtype)
-  return {"W": W0 + state.A @ dataset.data.materialize(), "a": state.a}
+  return {"W": state.w0_scale * W0 + state.A @ dataset.data.materialize(), "a": state.a,
+          "bias": state.bias}
