@@ -121,3 +121,41 @@ def test_resync_keeps_the_decayed_init_scale():
   state, _, dataset, _ = _run(config, "decay", (4, 6))
   again = kronjax.resync(state, dataset)
   assert _rel(again.P, state.P) < 1e-12
+
+
+def test_evaluate_names_what_it_reports():
+  data, labels, new = _task((4, 6))
+  dataset = kronjax.Dataset(data.subset(jnp.arange(50)), labels[:50],
+                            eval_data=data.subset(jnp.arange(50, 60)), eval_labels=labels[50:])
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32, output_bias=True),
+                       dataset, optax.sgd(0.1))
+  metrics = kronjax.evaluate(state, dataset)
+  assert set(metrics) == {"train_loss", "train_mse", "train_rmse", "eval_loss", "eval_mse",
+                          "eval_rmse"}
+  err = np.asarray(kronjax.predict(state, dataset, dataset.eval_data)) - np.asarray(
+      dataset.eval_labels).reshape(-1, 1)
+  np.testing.assert_allclose(float(metrics["eval_mse"]), np.mean(err ** 2), rtol=1e-10)
+  np.testing.assert_allclose(float(metrics["eval_loss"]), 0.5 * np.mean(err ** 2), rtol=1e-10)
+  np.testing.assert_allclose(float(metrics["eval_rmse"]), np.sqrt(np.mean(err ** 2)), rtol=1e-10)
+
+
+def test_a_sweep_varies_threshold_learning_rate_and_decay_together():
+  data, labels, _ = _task((4, 6))
+  dataset = kronjax.Dataset(data, labels)
+
+  def decayed_sgd(learning_rate, weight_decay):
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+
+  tx = optax.inject_hyperparams(decayed_sgd)(learning_rate=0.1, weight_decay=0.0)
+  members = kronjax.sweep.grid(threshold=[0.0, 0.5], learning_rate=[0.2], weight_decay=[0.0, 0.1])
+  config = kronjax.Config(width=32, centered=True)
+  states = kronjax.sweep.init(config, dataset, members, tx=tx)
+  states, _ = kronjax.sweep.fit(states, dataset, jax.random.PRNGKey(1), batch_size=5, steps=6,
+                                progress=False)
+  for i, member in enumerate(members):
+    tx_i = decayed_sgd(member["learning_rate"], member["weight_decay"])
+    one = kronjax.init(jax.random.PRNGKey(0), config, dataset, tx_i, threshold=member["threshold"])
+    one, _ = kronjax.fit(one, dataset, jax.random.PRNGKey(1), batch_size=5, steps=6,
+                         progress=False)
+    got = kronjax.sweep.member(states, i)
+    assert _rel(got.P, one.P) < 1e-10 and _rel(got.w0_scale, one.w0_scale) < 1e-12

@@ -34,25 +34,34 @@ def outputs_from_projections(state: TrainState, P: jax.Array) -> jax.Array:
 
 
 def evaluate(state: TrainState, dataset: Dataset) -> dict[str, jax.Array]:
-  """Full-data loss (and accuracy for softmax) on the dataset's training and eval points.
+  """Full-data metrics on the dataset's training and eval points, named for what they are.
 
-  Returns ``{"train_loss", "train_accuracy"[, "eval_loss", "eval_accuracy"]}``
-  (accuracies are NaN for mse). Cost ``O(m (n + n_e) C)``; jit-able.
+  Returns, for each split (``train_``, and ``eval_`` with an eval split):
+
+  * ``loss``: the training objective, the batch-mean loss over the whole split (for
+    ``mse`` that is *half* the mean squared error, ``1/2 mean ||f - y||^2``);
+  * mse: ``mse`` (the mean squared error, summed over outputs) and ``rmse`` (its root);
+  * softmax: ``accuracy``.
+
+  Cost ``O(m (n + n_e) C)``; jit-able.
   """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   state.check_dataset(dataset)
-  kind = state.config.loss
-  out = outputs_from_projections(state, state.P)
-  labels = _labels(state, dataset.labels)
-  result = {"train_loss": losses.batch_loss(kind, out, labels),
-            "train_accuracy": losses.accuracy(kind, out, labels)}
+  result = _metrics("train", state, state.P, dataset.labels)
   if state.P_eval is not None and dataset.eval_labels is not None:
-    out_e = outputs_from_projections(state, state.P_eval)
-    eval_labels = _labels(state, dataset.eval_labels)
-    result["eval_loss"] = losses.batch_loss(kind, out_e, eval_labels)
-    result["eval_accuracy"] = losses.accuracy(kind, out_e, eval_labels)
+    result.update(_metrics("eval", state, state.P_eval, dataset.eval_labels))
   return result
+
+
+def _metrics(split: str, state: TrainState, P: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  kind = state.config.loss
+  out = outputs_from_projections(state, P)
+  labels = _labels(state, labels)
+  loss = losses.batch_loss(kind, out, labels)
+  if kind == "mse":
+    return {f"{split}_loss": loss, f"{split}_mse": 2 * loss, f"{split}_rmse": jnp.sqrt(2 * loss)}
+  return {f"{split}_loss": loss, f"{split}_accuracy": losses.accuracy(kind, out, labels)}
 
 
 def _labels(state: TrainState, labels: jax.Array) -> jax.Array:

@@ -147,8 +147,11 @@ class TrainState:
     The fingerprints are compared on the host when both are concrete and
     ``compare_fingerprint`` (the jitted step compares them itself, with no host round trip).
     """
+    fingerprint = self.fingerprint
+    if compare_fingerprint and getattr(fingerprint, "ndim", 1) > 1 and checks.is_concrete(fingerprint):
+      fingerprint = fingerprint.reshape(-1, fingerprint.shape[-1])[0]  # a sweep's members share one
     return check_dataset(name, dataset, n=self.n, n_eval=self.n_eval,
-                         fingerprint=self.fingerprint if compare_fingerprint else None)
+                         fingerprint=fingerprint if compare_fingerprint else None)
 
 
 @functools.lru_cache(maxsize=256)
