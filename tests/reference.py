@@ -15,18 +15,20 @@ def batches(n: int, batch: int, steps: int, seed: int = 0) -> list[np.ndarray]:
   return [rng.choice(n, batch, replace=False).astype(np.int32) for _ in range(steps)]
 
 
-def run_pair(key, config, tx, data, labels, *, steps=50, batch=8, seed=0, jit=True,
+def run_pair(key, config, tx, data, labels, *, plan=None, steps=50, batch=8, seed=0, jit=True,
              eval_data=None, eval_labels=None, gram="precomputed"):
   """Trains kronjax and the dense baseline from the same key on the same batches.
 
   Builds the ``kronjax.Dataset`` from ``data``, ``labels``, the optional eval
-  split and ``gram`` (``"precomputed"`` or ``"factors"``). Returns ``(state,
-  dense_state, history, dataset)`` with per-step losses and active counts of
-  both runs under ``history["kron"]`` and ``history["dense"]``.
+  split and ``gram`` (``"precomputed"`` or ``"factors"``), and the kronjax state
+  under the execution plan ``plan`` (a ``kronjax.Plan``; None is the automatic
+  one; the dense baseline has no plan). Returns ``(state, dense_state, history,
+  dataset)`` with per-step losses and active counts of both runs under
+  ``history["kron"]`` and ``history["dense"]``.
   """
   dataset = kronjax.Dataset(data, labels, eval_data=eval_data, eval_labels=eval_labels,
                             gram=gram)
-  state = kronjax.init(key, config, dataset, tx)
+  state = kronjax.init(key, config, dataset, tx, plan=plan)
   X = data.materialize()
   y = dataset.labels
   dstate = dense.init(key, config, data.dims, tx, dtype=X.dtype)

@@ -1,4 +1,6 @@
-"""Bad input to Config, Dataset, init and train_step: a clear error naming the argument."""
+"""Bad input to Config, Plan, Dataset, init and train_step: a clear error naming the argument."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,11 +89,21 @@ def test_eval_labels_without_eval_data(reg):
 
 def test_non_finite_threshold(reg):
   data, labels = reg
-  with pytest.raises(ValueError, match="threshold must be finite"):
+  with pytest.raises(ValueError, match="threshold must be a finite number"):
     kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels), optax.sgd(0.1),
                  threshold=float("inf"))
-  with pytest.raises(ValueError, match="threshold must be finite"):
+  with pytest.raises(ValueError, match="threshold must be a finite number"):
     kronjax.Config(width=16, threshold=float("nan"))
+
+
+def test_negative_threshold_is_refused(reg):
+  data, labels = reg
+  with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0.*got -1\.0"):
+    kronjax.Config(threshold=-1.0, width=16)
+  with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0, got -1\.0"):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels),
+                 optax.sgd(0.1), threshold=-1.0)
+  assert kronjax.Config(width=16, threshold=0.0).threshold == 0.0  # b = 0 is a plain relu
 
 
 def test_data_and_config_types(reg):
@@ -126,31 +138,60 @@ def test_bad_batch_indices_leave_state_untouched(state, batch, match, exc):
     ({"width": 8.0}, "width must be an int", TypeError),
     ({"width": 16, "loss": "hinge"}, "loss must be one of", ValueError),
     ({"width": 16, "init": "lazy"}, "init must be one of", ValueError),
-    ({"width": 16, "index": "tree"}, "index must be one of", ValueError),
-    ({"width": 16, "update": "fast"}, "update must be one of", ValueError),
-    ({"width": 16, "gram": "cached"}, "gram must be one of", ValueError),
-    ({"width": 16, "active_capacity": 0}, "active_capacity must be >= 1", ValueError),
-    ({"width": 16, "active_capacity": 17}, r"active_capacity must be in \[1, width=16\]", ValueError),
-    ({"width": 16, "candidate_capacity": 99}, r"candidate_capacity must be in \[1, width=16\]", ValueError),
-    ({"width": 16, "index_delta": -1.0}, "index_delta must be a positive", ValueError),
     ({"width": 16, "loss": "softmax", "num_classes": 1}, "num_classes must be >= 2", ValueError),
     ({"width": 16, "train_output": 1}, "train_output must be a bool", TypeError),
-    ({"width": 16, "init_chunk": 0}, "init_chunk must be >= 1", ValueError),
-    ({"width": 16, "layout": "rows"}, "layout must be one of", ValueError),
-    ({"width": 16, "layout": "points", "update": "sparse"},
-     r"layout='points'.*update='sparse'.*use layout='neurons'", ValueError),
-    ({"width": 16, "layout": "points", "index": "bucketed"},
-     r"layout='points'.*index='bucketed'.*use index='auto' or 'scan'", ValueError),
     ({"width": 16, "init_rank": 0}, "init_rank must be >= 1", ValueError),
     ({"width": 16, "init_rank": 2.0}, "init_rank must be an int", TypeError),
     ({"width": 16, "init_rank": True}, "init_rank must be an int", TypeError),
     ({"width": 16, "init": "explicit", "init_rank": 2}, "init_rank=2 was given with init='explicit'",
      ValueError),
     ({"width": 16, "threshold": np.ones(1)}, "threshold must be a real number", TypeError),
+    ({"width": 16, "threshold": -0.5}, "threshold must be a finite number >= 0", ValueError),
 ])
 def test_config_validation(kwargs, match, exc):
   with pytest.raises(exc, match=match):
     kronjax.Config(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match,exc", [
+    ({"index": "tree"}, "index must be one of", ValueError),
+    ({"update": "fast"}, "update must be one of", ValueError),
+    ({"active_capacity": 0}, "active_capacity must be >= 1", ValueError),
+    ({"candidate_capacity": 2.0}, "candidate_capacity must be an int", TypeError),
+    ({"index_delta": -1.0}, "index_delta must be a positive", ValueError),
+    ({"init_chunk": 0}, "init_chunk must be >= 1", ValueError),
+    ({"layout": "rows"}, "layout must be one of", ValueError),
+    ({"layout": "points", "update": "sparse"},
+     r"layout='points'.*update='sparse'.*use layout='neurons'", ValueError),
+    ({"layout": "points", "index": "bucketed"},
+     r"layout='points'.*index='bucketed'.*use index='auto' or 'scan'", ValueError),
+])
+def test_plan_validation(kwargs, match, exc):
+  with pytest.raises(exc, match=match):
+    kronjax.Plan(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"active_capacity": 17}, r"active_capacity must be in \[1, width=16\]"),
+    ({"candidate_capacity": 99}, r"candidate_capacity must be in \[1, width=16\]"),
+])
+def test_plan_capacities_above_the_width_are_refused_at_init(reg, kwargs, match):
+  # A plan knows no width: its capacities are checked against the network's at init.
+  data, labels = reg
+  plan = kronjax.Plan(**kwargs)
+  with pytest.raises(ValueError, match=match):
+    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels),
+                 optax.sgd(0.1), plan=plan)
+  with pytest.raises(ValueError, match=match):
+    plan.resolve(kronjax.Config(width=16))
+  resolved = plan.resolve(kronjax.Config(width=128))  # the same plan fits a wider network
+  assert all(getattr(resolved, k) == v for k, v in kwargs.items())
+
+
+def test_dataset_gram_validation(reg):
+  data, labels = reg
+  with pytest.raises(ValueError, match="gram must be one of"):
+    kronjax.Dataset(data, labels, gram="cached")
 
 
 def test_config_unknown_key_suggests_closest():
@@ -158,9 +199,31 @@ def test_config_unknown_key_suggests_closest():
     kronjax.Config.from_dict({"widht": 16})
 
 
-def test_with_config_refuses_network_changes(state):
-  with pytest.raises(ValueError, match="with_config cannot change 'width'"):
-    kronjax.with_config(state, width=64)
+def test_plan_unknown_key_suggests_closest():
+  with pytest.raises(ValueError, match=r"Unknown plan key 'activ_capacity'.*Did you mean 'active_capacity'"):
+    kronjax.Plan.from_dict({"activ_capacity": 16})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("active_capacity", 8), ("candidate_capacity", 8), ("index_delta", 0.5), ("index", "scan"),
+    ("update", "full"), ("layout", "points"), ("init_chunk", 64),
+])
+def test_plan_fields_given_to_config_name_kronjax_plan(field, value):
+  message = rf"{field!r} is not a config key.*kronjax\.Plan\({field}=\.\.\.\)"
+  with pytest.raises(ValueError, match=message):
+    kronjax.Config.from_dict({"width": 16, field: value})
+  with pytest.raises(ValueError, match=message):
+    kronjax.Config(width=16).replace(**{field: value})
+  with pytest.raises(TypeError, match=field):  # the dataclass constructor knows no such field
+    kronjax.Config(width=16, **{field: value})
+
+
+def test_with_plan_refuses_network_changes(state):
+  for field, value in (("width", 64), ("threshold", 0.1), ("loss", "softmax")):
+    with pytest.raises(ValueError, match=rf"Unknown plan key {field!r}"):
+      kronjax.with_plan(state, **{field: value})
+  with pytest.raises(TypeError, match="plan must be a kronjax.Plan"):
+    kronjax.with_plan(state, kronjax.Config(width=64))
 
 
 def test_optimizer_that_separates_A_from_P_is_refused(reg):
@@ -199,16 +262,37 @@ def test_large_threshold_clipping_is_refused(reg):
     kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), kronjax.Dataset(data, labels), tx)
 
 
-def test_config_gram_factors_needs_a_factors_dataset(reg):
+def test_config_has_no_gram_the_dataset_holds_it(reg):
+  # Config.gram is gone: the Gram belongs to the Dataset.
   data, labels = reg
-  with pytest.raises(ValueError, match=r"config.gram='factors'.*Dataset\(data, labels, gram='factors'\)"):
-    kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16, gram="factors"),
-                 kronjax.Dataset(data, labels), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"Unknown config key 'gram'"):
+    kronjax.Config.from_dict({"width": 16, "gram": "factors"})
+  with pytest.raises(TypeError, match="gram"):
+    kronjax.Config(width=16, gram="factors")
+  assert not hasattr(kronjax.Config(width=16), "gram")
+  dataset = kronjax.Dataset(data, labels, gram="factors")
+  assert dataset.gram_mode == "factors" and dataset.gram is None
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), dataset, optax.sgd(0.1))
+  kronjax.train_step(state, dataset, np.arange(4))
 
 
-def test_config_replace_derives_capacities_again():
+def test_config_replace_derives_the_threshold_again():
+  # Derived fields stay None as given: a copy with another width resolves to
+  # that width's threshold (and a plan left automatic to its capacities).
+  from kronjax._src.model.config import default_threshold
+  from kronjax._src.step.plan import default_active_capacity
   small = kronjax.Config(width=128)
-  assert small.replace(width=1024) == kronjax.Config(width=1024)
-  explicit = kronjax.Config(width=128, active_capacity=40)
-  assert explicit.replace(width=1024).active_capacity == 40
+  assert small.threshold is None and small.init_rank is None
+  wide = small.replace(width=1024)
+  assert wide == kronjax.Config(width=1024) and wide.threshold is None
+  assert wide.resolve().width == 1024
+  assert wide.resolve().threshold == default_threshold(1024) == math.sqrt(0.4 * math.log(1024))
+  assert wide.resolve().threshold != small.resolve().threshold
+  assert kronjax.Config(width=8).resolve().threshold == math.sqrt(0.4 * math.log(8))
+  assert kronjax.Plan().resolve(wide).active_capacity == default_active_capacity(
+      1024, default_threshold(1024))
+  assert kronjax.Plan().resolve(wide) != kronjax.Plan().resolve(small)
+  explicit = kronjax.Config(width=128, threshold=0.5)
+  assert explicit.replace(width=1024).resolve().threshold == 0.5
+  assert kronjax.Plan(active_capacity=40).resolve(wide).active_capacity == 40
   assert kronjax.Config(width=128, threshold=np.float32(0.5)).threshold == 0.5

@@ -17,9 +17,9 @@ def task():
   return data, labels
 
 
-def _init(key, config, data, labels, tx):
+def _init(key, config, data, labels, tx, plan=None):
   dataset = kronjax.Dataset(data, labels)
-  return kronjax.init(key, config, dataset, tx), dataset
+  return kronjax.init(key, config, dataset, tx, plan=plan), dataset
 
 
 @pytest.mark.slow
@@ -44,17 +44,19 @@ def test_overflow_replay_equals_run_with_large_capacity(x64):
   # differently, so float32 runs agree only to rounding; the active sets and the
   # trajectory are the same.
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 200, (16, 16), task="regression")
-  small = kronjax.Config(width=256, threshold=0.3, active_capacity=8)
+  config = kronjax.Config(width=256, threshold=0.3)
+  small = kronjax.Plan(active_capacity=8)
   large = small.replace(active_capacity=256)
   tx = optax.sgd(0.5)
-  s_small, dataset = _init(jax.random.PRNGKey(0), small, data, labels, tx)
-  s_large, _ = _init(jax.random.PRNGKey(0), large, data, labels, tx)
+  s_small, dataset = _init(jax.random.PRNGKey(0), config, data, labels, tx, small)
+  s_large, _ = _init(jax.random.PRNGKey(0), config, data, labels, tx, large)
   key = jax.random.PRNGKey(5)
   out_small, h_small = kronjax.fit(s_small, dataset, key, batch_size=8, steps=40, progress=False)
   out_large, h_large = kronjax.fit(s_large, dataset, key, batch_size=8, steps=40, progress=False)
   assert h_small["replays"], "the tiny capacity should have overflowed"
   assert h_small["replays"][0][0] == 0  # global step of the first overflow
-  assert out_small.config.active_capacity > small.active_capacity
+  assert out_small.resolved_plan.active_capacity > small.active_capacity
+  assert out_small.config == s_small.config  # the replay grew the plan, not the network
   assert not h_large["replays"]
   chex.assert_trees_all_close(out_small.P, out_large.P, rtol=1e-12, atol=1e-12)
   chex.assert_trees_all_close(out_small.A, out_large.A, rtol=1e-12, atol=1e-12)
@@ -66,8 +68,9 @@ def test_overflow_replay_equals_run_with_large_capacity(x64):
 
 def test_overflow_raise_names_count_and_capacity(task):
   data, labels = task
-  config = kronjax.Config(width=256, threshold=0.3, active_capacity=8)
-  state, dataset = _init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(0.5))
+  config = kronjax.Config(width=256, threshold=0.3)
+  state, dataset = _init(jax.random.PRNGKey(0), config, data, labels, optax.sgd(0.5),
+                         kronjax.Plan(active_capacity=8))
   with pytest.raises(kronjax.CapacityError, match=r"active_capacity=8.*active_capacity>=\d+"):
     kronjax.fit(state, dataset, jax.random.PRNGKey(0), batch_size=8, steps=3, progress=False,
                 on_overflow="raise")
@@ -145,18 +148,19 @@ def test_fit_rejects_an_integer_key(task):
 @pytest.mark.slow
 def test_candidate_overflow_grows_only_the_candidate_capacity(x64):
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 120, (8, 8), task="regression")
-  small = kronjax.Config(width=128, threshold=0.8, index="bucketed", candidate_capacity=8,
-                         active_capacity=128, update="sparse")  # the dense path never queries
+  config = kronjax.Config(width=128, threshold=0.8)
+  small = kronjax.Plan(index="bucketed", candidate_capacity=8, active_capacity=128,
+                       update="sparse")  # the full path never queries
   large = small.replace(candidate_capacity=128)
   tx = optax.sgd(0.5)
   key = jax.random.PRNGKey(1)
   with pytest.raises(kronjax.CapacityError, match=r"candidate list.*candidate_capacity>=\d+"):
-    kronjax.fit(*_init(key, small, data, labels, tx), key, batch_size=8, steps=2,
+    kronjax.fit(*_init(key, config, data, labels, tx, small), key, batch_size=8, steps=2,
                 progress=False, on_overflow="raise")
-  out_small, h_small = kronjax.fit(*_init(key, small, data, labels, tx), key, batch_size=8,
-                                   steps=20, progress=False)
-  out_large, _ = kronjax.fit(*_init(key, large, data, labels, tx), key, batch_size=8,
+  out_small, h_small = kronjax.fit(*_init(key, config, data, labels, tx, small), key,
+                                   batch_size=8, steps=20, progress=False)
+  out_large, _ = kronjax.fit(*_init(key, config, data, labels, tx, large), key, batch_size=8,
                              steps=20, progress=False)
   assert h_small["replays"] and all(set(c) == {"candidate_capacity"} for _, c in h_small["replays"])
-  assert out_small.config.active_capacity == 128
+  assert out_small.resolved_plan.active_capacity == 128
   chex.assert_trees_all_close(out_small.P, out_large.P, rtol=1e-12, atol=1e-12)

@@ -99,11 +99,14 @@ def test_dataset_builds_or_names_labels(args):
 
 CONFIG_VALUES = {
     "width": [1, 16, 0, -3, 8.0, True, "16"],
-    "threshold": [None, 0.5, np.float32(1.0), float("nan"), "high", np.ones(2)],
+    "threshold": [None, 0.5, np.float32(1.0), float("nan"), -1.0, "high", np.ones(2)],
     "loss": ["mse", "softmax", "hinge"],
     "num_classes": [1, 3, 0],
     "init": ["kronecker", "implicit", "explicit", "lazy"],
     "init_rank": [None, 1, 4, 0, 2.5],
+}
+
+PLAN_VALUES = {
     "active_capacity": [None, 8, 0, 10**6],
     "index": ["auto", "scan", "bucketed", "dense", "tree"],
     "update": ["auto", "sparse", "full", "dense", "fast"],
@@ -113,28 +116,36 @@ CONFIG_VALUES = {
 
 
 @SETTINGS
-@given(st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in CONFIG_VALUES.items()}))
-def test_config_builds_or_names_the_field(kwargs):
-  kwargs.setdefault("width", 16)
+@given(st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in CONFIG_VALUES.items()}),
+       st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in PLAN_VALUES.items()}))
+def test_config_and_plan_build_or_name_the_field(config_kwargs, plan_kwargs):
+  config_kwargs.setdefault("width", 16)
   try:
-    config = kronjax.Config(**kwargs)
+    config = kronjax.Config(**config_kwargs)
+    plan = kronjax.Plan(**plan_kwargs)
+    resolved = plan.resolve(config)  # capacities are checked against the network's width
   except (ValueError, TypeError) as e:
     message = str(e)
-    assert any(name in message for name in kwargs), (kwargs, message)
+    assert any(name in message for name in {**config_kwargs, **plan_kwargs}), (
+        config_kwargs, plan_kwargs, message)
     return
-  assert 1 <= config.active_capacity <= config.width
-  assert math.isfinite(config.threshold)
-  assert config.index in ("auto", "scan", "bucketed") and config.update in ("auto", "sparse", "full")
-  assert (config.init_rank is not None) == (config.init == "kronecker")
+  network = config.resolve()
+  assert 1 <= resolved.active_capacity <= config.width
+  assert 1 <= resolved.candidate_capacity <= config.width
+  assert math.isfinite(network.threshold) and network.threshold >= 0
+  assert resolved.index in ("scan", "bucketed") and resolved.layout in ("neurons", "points")
+  assert plan.update in ("auto", "sparse", "full")
+  assert plan.update_path(config, 8) in ("sparse", "full")
+  assert (network.init_rank is not None) == (network.init == "kronecker")
 
 
 @pytest.fixture(scope="module")
 def trained():
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 12, (3, 4), task="regression")
   dataset = kronjax.Dataset(data, labels)
-  states = {update: kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=32, threshold=0.3,
-                                                                     update=update),
-                                 dataset, optax.sgd(0.2, momentum=0.5))
+  states = {update: kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=32, threshold=0.3),
+                                 dataset, optax.sgd(0.2, momentum=0.5),
+                                 plan=kronjax.Plan(update=update))
             for update in ("sparse", "full")}
   return dataset, states
 

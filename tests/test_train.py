@@ -8,7 +8,6 @@ import optax
 import pytest
 
 import kronjax
-from kronjax._src.step import index as index_lib
 from kronjax._src.kernels import dispatch
 from kronjax._src.kernels import native as native_lib
 from reference import batches, rel_err, run_pair
@@ -49,11 +48,13 @@ def _task(loss, dims, rank, n=48, seed=0):
 def test_matches_dense_sgd(x64, tx_name, loss, train_output, update, gram, dims, rank, layout):
   data, labels = _task(loss, dims, rank)
   config = kronjax.Config(width=96, threshold=0.6, loss=loss, num_classes=3 if loss == "softmax" else 1,
-                          train_output=train_output, update=update, gram=gram, layout=layout)
-  assert config.resolved_layout == ("points" if update == "full" and layout != "neurons"
-                                    else "neurons")
+                          train_output=train_output)
+  plan = kronjax.Plan(update=update, layout=layout)
+  expected_layout = "points" if update == "full" and layout != "neurons" else "neurons"
+  assert plan.resolve(config).layout == expected_layout
   state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(3), config, TXS[tx_name](), data,
-                                          labels, steps=50, batch=8, gram=gram)
+                                          labels, plan=plan, steps=50, batch=8, gram=gram)
+  assert state.layout == expected_layout and dataset.gram_mode == gram
   assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
   np.testing.assert_array_equal(hist["kron"]["active"], hist["dense"]["active"])
   params = kronjax.dense_params(state, dataset)
@@ -76,9 +77,10 @@ def test_full_step_with_each_cpu_product_matches_dense_sgd(x64, native, layout):
   with dispatch.using(native):  # the choice is made at trace time; caches cleared
     data, labels = _task("mse", (4, 6), 1, n=60)
     train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
-    config = kronjax.Config(width=128, threshold=1.6, train_output=True, update="full", layout=layout)
+    config = kronjax.Config(width=128, threshold=1.6, train_output=True)
+    plan = kronjax.Plan(update="full", layout=layout)
     state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(2), config, optax.sgd(2.0), train,
-                                            labels[:40], steps=30, eval_data=held,
+                                            labels[:40], plan=plan, steps=30, eval_data=held,
                                             eval_labels=labels[40:])
     assert 0 < np.mean(hist["kron"]["active"]) < 0.1 * config.width  # the kernel's sparse regime
     assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-10
@@ -129,10 +131,10 @@ def test_invariants_after_many_steps(x64):
 def test_eval_projections_and_predict_match_dense(x64, update):
   data, labels = _task("mse", (4, 6), 1, n=60)
   train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
-  config = kronjax.Config(width=96, threshold=0.5, train_output=True, update=update)
+  config = kronjax.Config(width=96, threshold=0.5, train_output=True)
   state, dstate, _, dataset = run_pair(jax.random.PRNGKey(2), config, optax.sgd(0.5, momentum=0.3),
-                                       train, labels[:40], steps=30, eval_data=held,
-                                       eval_labels=labels[40:])
+                                       train, labels[:40], plan=kronjax.Plan(update=update),
+                                       steps=30, eval_data=held, eval_labels=labels[40:])
   dense_out = kronjax.dense.forward(dstate.params["W"], dstate.a, dstate.b, held.materialize())
   chex.assert_trees_all_close(kronjax.predict(state, dataset, held), dense_out, rtol=1e-9,
                               atol=1e-12)
@@ -162,9 +164,10 @@ def test_implicit_init_trains_and_predicts_registered_points():
 
 def test_overflowing_step_is_skipped_and_flagged():
   data, labels = _task("mse", (4, 6), 1)
-  config = kronjax.Config(width=64, threshold=0.0, active_capacity=2)
+  config = kronjax.Config(width=64, threshold=0.0)
   dataset = kronjax.Dataset(data, labels)
-  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.1))
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.1),
+                       plan=kronjax.Plan(active_capacity=2))
   new, m = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(4))
   assert bool(m["overflow"]) and bool(m["skipped"]) and int(m["max_active"]) > 2
   assert np.isnan(float(m["loss"]))
@@ -196,59 +199,65 @@ def _one_label_named_P():
 
 @pytest.mark.parametrize("tx_name", ["sgd", "momentum", "label named P"])
 def test_layout_switch_mid_training_is_exact(x64, tx_name):
-  """with_config(layout=...) transposes P and the optimizer's P traces: the run
+  """with_plan(layout=...) transposes P and the optimizer's P traces: the run
   continues exactly as if it had never switched."""
   data, labels = _task("mse", (4, 6), 1)
-  config = kronjax.Config(width=96, threshold=0.6, update="full", layout="neurons")
+  config = kronjax.Config(width=96, threshold=0.6)
   tx = _one_label_named_P() if tx_name == "label named P" else TXS[tx_name]()
   dataset = kronjax.Dataset(data, labels)
-  state = kronjax.init(jax.random.PRNGKey(5), config, dataset, tx)
+  state = kronjax.init(jax.random.PRNGKey(5), config, dataset, tx,
+                       plan=kronjax.Plan(update="full", layout="neurons"))
   step = jax.jit(kronjax.train_step)
   switched = straight = state
   for t, bi in enumerate(batches(data.n, 8, 20)):
     if t == 10:
-      switched = kronjax.with_config(switched, layout="points")
+      switched = kronjax.with_plan(switched, layout="points")
       assert switched.projections.shape == (data.n, 96) and switched.P.shape == (96, data.n)
     switched, m1 = step(switched, dataset, jnp.asarray(bi))
     straight, m2 = step(straight, dataset, jnp.asarray(bi))
     assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-12 * abs(float(m2["loss"]))
   chex.assert_trees_all_close(switched.P, straight.P, rtol=1e-12, atol=1e-12)
   chex.assert_trees_all_close(switched.A_T, straight.A_T, rtol=1e-12, atol=1e-12)
-  back = kronjax.with_config(switched, layout="neurons")
+  back = kronjax.with_plan(switched, layout="neurons")
   chex.assert_trees_all_close(back.opt_state, straight.opt_state, rtol=1e-12, atol=1e-12)
 
 
 def test_replace_P_is_stored_in_the_layout():
   data, labels = _task("mse", (4, 6), 1)
-  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32, update="full"),
-                       kronjax.Dataset(data, labels), optax.sgd(0.1))
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32),
+                       kronjax.Dataset(data, labels), optax.sgd(0.1),
+                       plan=kronjax.Plan(update="full"))
   assert state.layout == "points"
   P = jnp.arange(32 * data.n, dtype=state.P.dtype).reshape(32, data.n)
   np.testing.assert_array_equal(state.replace(P=P).P, P)
   np.testing.assert_array_equal(state.replace(P=P).projections, P.T)
 
 
-def test_point_major_state_always_gets_the_scan_index(monkeypatch):
+def test_point_major_state_always_gets_the_scan_index():
   # The full path never queries an index; a bucketed one built from the (n, m)
-  # array would be wrong and would cost rebuilds.
-  monkeypatch.setattr(index_lib, "AUTO_BUCKETED_MIN_WIDTH", 1)
+  # array would be wrong and would cost rebuilds. index="auto" resolves to "scan"
+  # (and "bucketed" with the points layout is refused, test_errors).
   data, labels = _task("mse", (4, 6), 1)
   dataset = kronjax.Dataset(data, labels)
-  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64, update="full"), dataset,
-                       optax.sgd(0.1))
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64), dataset,
+                       optax.sgd(0.1), plan=kronjax.Plan(update="full"))
   assert state.layout == "points" and state.index_kind == "scan"
   state, metrics = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(8))
   assert np.isfinite(float(metrics["loss"]))
-  assert kronjax.with_config(state, active_capacity=32).index_kind == "scan"
-  assert kronjax.with_config(state, layout="neurons").index_kind == "bucketed"
+  assert kronjax.with_plan(state, active_capacity=32).index_kind == "scan"
+  assert kronjax.with_plan(state, layout="neurons").index_kind == "scan"
+  bucketed = kronjax.with_plan(state, layout="neurons", index="bucketed")
+  assert bucketed.layout == "neurons" and bucketed.index_kind == "bucketed"
 
 
 @pytest.mark.parametrize("tx_name", ["sgd", "momentum"])
 def test_sparse_path_at_batch_size_one_matches_dense_sgd(x64, tx_name):
   data, labels = _task("mse", (4, 6), 1)
-  config = kronjax.Config(width=96, threshold=0.6, update="sparse")
+  config = kronjax.Config(width=96, threshold=0.6)
   state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(4), config, TXS[tx_name](), data,
-                                          labels, steps=60, batch=1)
+                                          labels, plan=kronjax.Plan(update="sparse"), steps=60,
+                                          batch=1)
+  assert state.update_path(1) == "sparse"
   assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
   assert rel_err(kronjax.dense_params(state, dataset)["W"], dstate.params["W"]) < 1e-9
   assert float(jnp.max(jnp.abs(state.A))) > 1e-3
@@ -285,9 +294,10 @@ SKIP_CASES = [
 def test_out_of_range_batch_under_jit_is_an_exact_no_op(update, layout, index, tx_name, bad):
   data, labels = _task("mse", (4, 6), 1)
   dataset = kronjax.Dataset(data, labels)
-  config = kronjax.Config(width=64, threshold=0.5, update=update, layout=layout, index=index,
-                          train_output=True)
-  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, TXS[tx_name]())
+  config = kronjax.Config(width=64, threshold=0.5, train_output=True)
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, TXS[tx_name](),
+                       plan=kronjax.Plan(update=update, layout=layout, index=index))
+  assert (state.layout, state.index_kind, state.update_path(4)) == (layout, index, update)
   state, _ = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(4))  # nonzero momentum
   new, m = jax.jit(kronjax.train_step)(state, dataset, jnp.asarray(bad, jnp.int32))
   assert bool(m["invalid_batch"]) and bool(m["skipped"]) and np.isnan(float(m["loss"]))
@@ -302,8 +312,9 @@ def test_non_finite_loss_skips_the_step(update):
   data, labels = _task("mse", (4, 6), 1)
   bad_labels = np.asarray(labels).copy()
   dataset = kronjax.Dataset(data, bad_labels)
-  config = kronjax.Config(width=64, threshold=0.5, update=update)
-  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.1, momentum=0.5))
+  config = kronjax.Config(width=64, threshold=0.5)
+  state = kronjax.init(jax.random.PRNGKey(0), config, dataset, optax.sgd(0.1, momentum=0.5),
+                       plan=kronjax.Plan(update=update))
   huge = state.replace(a=state.a * jnp.asarray(1e30, state.a.dtype))  # outputs overflow to inf
   new, m = jax.jit(kronjax.train_step)(huge, dataset, jnp.arange(8))
   assert not np.isfinite(float(m["loss"])) and bool(m["skipped"]) and not bool(m["overflow"])
@@ -312,9 +323,18 @@ def test_non_finite_loss_skips_the_step(update):
     kronjax.fit(huge, dataset, jax.random.PRNGKey(1), batch_size=8, steps=3, progress=False)
 
 
-def test_old_config_names_are_accepted():
-  assert kronjax.Config(width=8, update="dense").update == "full"
-  assert kronjax.Config(width=8, index="dense").index == "scan"
+def test_old_dense_aliases_are_refused():
+  # "dense" once stood for update="full" and index="scan"; the aliases are gone,
+  # and neither field belongs to the Config any more.
+  with pytest.raises(ValueError, match=r"update must be one of .*'full'\), got 'dense'"):
+    kronjax.Plan(update="dense")
+  with pytest.raises(ValueError, match=r"index must be one of .*'bucketed'\), got 'dense'"):
+    kronjax.Plan(index="dense")
+  with pytest.raises(ValueError, match=r"kronjax\.Plan\(update=\.\.\.\)"):
+    kronjax.Config.from_dict({"width": 8, "update": "dense"})
+  with pytest.raises(TypeError, match="index"):
+    kronjax.Config(width=8, index="dense")
+  assert kronjax.Plan(update="full").update == "full" and kronjax.Plan(index="scan").index == "scan"
 
 
 def test_jit_train_step_equals_train_step_and_donates():
@@ -335,9 +355,10 @@ def test_every_entry_point_refuses_another_dataset():
   dataset = kronjax.Dataset(data, labels)
   other = kronjax.Dataset(data, np.asarray(labels) + 1.0)
   state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32), dataset, optax.sgd(0.1))
+  # kronjax.jit_train_step compares the fingerprints inside the step (a no-op with
+  # metrics["wrong_dataset"]; test_api) and refuses only other shapes on the host.
   calls = {
       "train_step": lambda: kronjax.train_step(state, other, jnp.arange(4)),
-      "jit_train_step": lambda: kronjax.jit_train_step(state, other, jnp.arange(4)),
       "fit": lambda: kronjax.fit(state, other, jax.random.PRNGKey(0), batch_size=4, steps=1),
       "evaluate": lambda: kronjax.evaluate(state, other),
       "predict": lambda: kronjax.predict(state, other, data),
@@ -347,8 +368,9 @@ def test_every_entry_point_refuses_another_dataset():
     with pytest.raises(ValueError, match="not the dataset this state was built from"):
       call()
   smaller = kronjax.Dataset(data.subset(np.arange(10)), labels[:10])
-  with pytest.raises(ValueError, match="n=10"):
-    kronjax.train_step(state, smaller, jnp.arange(4))
+  for step in (kronjax.train_step, kronjax.jit_train_step):
+    with pytest.raises(ValueError, match="n=10"):
+      step(state, smaller, jnp.arange(4))
 
 
 def test_dtype_policy_labels_threshold_and_optimizer_scalars_follow_the_data(x64):
@@ -359,7 +381,8 @@ def test_dtype_policy_labels_threshold_and_optimizer_scalars_follow_the_data(x64
   data = kronjax.KronData(tuple(f.astype(jnp.float32) for f in data64.factors))
   mixed = kronjax.Dataset(data, np.asarray(labels64, np.float64))
   plain = kronjax.Dataset(data, np.asarray(labels64, np.float32))
-  assert mixed.labels.dtype == jnp.float32 and mixed.fingerprint == plain.fingerprint
+  assert mixed.labels.dtype == jnp.float32
+  np.testing.assert_array_equal(mixed.fingerprint, plain.fingerprint)
   config = kronjax.Config(width=64, threshold=0.5)
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.asarray(0.3, jnp.float64))
   s_mixed = kronjax.init(jax.random.PRNGKey(0), config, mixed, tx, threshold=np.float64(0.5))
@@ -432,15 +455,15 @@ def test_kronecker_init_matches_dense_sgd_and_predicts_unseen_points(
     x64, tx_name, loss, train_output, update, dims, rank, init_rank):
   data, labels = _task(loss, dims, rank, n=48)
   config = kronjax.Config(width=96, threshold=0.6, loss=loss, num_classes=3 if loss == "softmax" else 1,
-                          train_output=train_output, update=update, init="kronecker",
-                          init_rank=init_rank)
+                          train_output=train_output, init="kronecker", init_rank=init_rank)
+  plan = kronjax.Plan(update=update)
   state0 = kronjax.init(jax.random.PRNGKey(3), config, kronjax.Dataset(data, labels),
-                        TXS[tx_name]())
+                        TXS[tx_name](), plan=plan)
   dataset0 = kronjax.Dataset(data, labels)
   W0 = kronjax.dense_params(state0, dataset0)["W"]
   assert rel_err(state0.P, W0 @ data.materialize().T) < 1e-12   # P0 = W0 X^T from the factors
   state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(3), config, TXS[tx_name](), data,
-                                          labels, steps=40, batch=8)
+                                          labels, plan=plan, steps=40, batch=8)
   assert rel_err(hist["kron"]["loss"], hist["dense"]["loss"]) < 1e-9
   assert rel_err(kronjax.dense_params(state, dataset)["W"], dstate.params["W"]) < 1e-9
   assert float(jnp.max(jnp.abs(state.A))) > 1e-3

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax._src.base import checks
-from kronjax._src.data.kron_data import KronData, check_compatible
+from kronjax._src.data.kron_data import KronData, check_compatible, gram_from_entity_grams
 
-GRAMS = ("precomputed", "factors")
+GRAMS = ("auto", "precomputed", "factors", "entities")
 
 # Squared norms outside this band get the warning: the threshold b and the
 # capacities assume ||x|| = 1 (at init <w_r, x> ~ N(0, ||x||^2)).
@@ -50,7 +50,13 @@ class Dataset:
     gram: ``"precomputed"`` stores the ``(n, n)`` Gram ``K = X X^T`` and the
       ``(n, n_e)`` cross Gram once; ``"factors"`` stores nothing ``n x n`` and the
       step recomputes its ``(B, n)`` Gram rows from the factors
-      (``O(B n sum_q d_q)`` per step): for an ``n`` whose Gram does not fit.
+      (``O(B n sum_q d_q)`` per step): for an ``n`` whose Gram does not fit;
+      ``"entities"`` (entity-indexed ``data`` only) stores the entity Grams
+      ``G_q = F_q F_q^T`` ``(N_q, N_q)`` and the cross entity Grams to the eval
+      tables ``(N_q, N^e_q)`` (a per-point eval set counts as tables with
+      ``N^e_q = n_e``), and the step gathers its Gram rows from them
+      (``O(B n p)`` per step, nothing ``n x n``). ``"auto"`` (default) is
+      ``"entities"`` for indexed ``data``, else ``"precomputed"``.
     normalize: scale every point (training and eval) to unit norm
       (``KronData.normalize``). The network's threshold ``b`` and its capacities
       assume ``||x|| = 1``: at init ``<w_r, x> ~ N(0, ||x||^2)``, so on points of
@@ -64,34 +70,53 @@ class Dataset:
     labels: ``(n,)`` / ``(n, C)``, cast as above.
     eval_data: the eval points, or None.
     eval_labels: their labels, or None.
-    gram: ``(n, n)`` Gram, or None with ``gram="factors"``.
-    gram_eval: ``(n, n_e)`` cross Gram, or None.
-    gram_mode: ``"precomputed"`` or ``"factors"``.
-    fingerprint: ``(8,)`` uint32 sha256 of the factors and labels (train and eval);
-      all zeros (unknown) for a dataset built from traced arrays.
+    gram: ``(n, n)`` Gram, or None unless ``gram_mode == "precomputed"``
+      (``full_gram()`` forms it in every mode).
+    gram_eval: ``(n, n_e)`` cross Gram, or None (``full_gram_eval()``).
+    entity_grams: with ``gram_mode == "entities"``, the tuple of ``G_q``
+      ``(N_q, N_q)``; else None.
+    entity_grams_eval: with ``"entities"`` and eval data, the tuple of cross
+      entity Grams ``(N_q, N^e_q)``; else None.
+    gram_mode: ``"precomputed"``, ``"factors"`` or ``"entities"`` (never ``"auto"``).
+    fingerprint: ``(8,)`` uint32 sha256 of the factors (tables and index) and
+      labels (train and eval); all zeros (unknown) for a dataset built from traced
+      arrays.
 
   Raises:
     TypeError: ``data`` is not a KronData, labels are neither floats nor integers.
     ValueError: labels with another row count or NaN/inf, eval data in another
-      tensor space, ``eval_labels`` without ``eval_data`` (each names the argument).
+      tensor space, ``eval_labels`` without ``eval_data``, ``gram="entities"`` with
+      per-point data or rank-R eval data (each names the argument).
   """
 
-  __slots__ = ("data", "labels", "eval_data", "eval_labels", "gram", "gram_eval", "gram_mode",
-               "fingerprint")
+  __slots__ = ("data", "labels", "eval_data", "eval_labels", "gram", "gram_eval",
+               "entity_grams", "entity_grams_eval", "gram_mode", "fingerprint")
 
   def __init__(self, data: KronData, labels: Any, *, eval_data: KronData | None = None,
-               eval_labels: Any = None, gram: str = "precomputed", normalize: bool = False):
+               eval_labels: Any = None, gram: str = "auto", normalize: bool = False):
     if not isinstance(data, KronData):
       raise TypeError(f"data must be a kronjax.KronData, got {type(data).__name__}; "
                       "wrap your factors with kronjax.KronData((u, v, ...)).")
     checks.check_choice("gram", gram, GRAMS)
+    if gram == "auto":
+      gram = "entities" if data.is_indexed else "precomputed"
+    if gram == "entities" and not data.is_indexed:
+      raise ValueError(
+          "gram='entities' needs entity-indexed data (kronjax.KronData(tables, index=...)), but "
+          "data is per point; use gram='precomputed' (or 'factors' when the n x n Gram does not "
+          "fit), or leave gram at its default 'auto'.")
     if not isinstance(normalize, bool):
       raise TypeError(f"normalize must be a bool, got {normalize!r}.")
     labels = _check_labels("labels", labels, data)
     if eval_data is not None:
       check_compatible("eval_data", data, eval_data)
+      if gram == "entities" and eval_data.rank != 1:
+        raise ValueError(
+            f"eval_data has rank {eval_data.rank}, but gram='entities' stores (N_q, n_e) cross "
+            "entity Grams, which rank-R points do not have; pass gram='precomputed' or "
+            "'factors', or rank-1 eval points.")
       if eval_data.dtype != data.dtype:
-        eval_data = KronData(tuple(f.astype(data.dtype) for f in eval_data.factors))
+        eval_data = eval_data.astype(data.dtype)
       if eval_labels is not None:
         eval_labels = _check_labels("eval_labels", eval_labels, eval_data)
     elif eval_labels is not None:
@@ -107,19 +132,22 @@ class Dataset:
     self.gram = data.gram() if gram == "precomputed" else None
     self.gram_eval = (data.gram(other=eval_data)
                       if gram == "precomputed" and eval_data is not None else None)
+    self.entity_grams = data.entity_grams() if gram == "entities" else None
+    self.entity_grams_eval = (data.entity_grams(other=eval_data)
+                              if gram == "entities" and eval_data is not None else None)
     self.fingerprint = fingerprint(self)
 
   # -- pytree protocol: unflatten bypasses validation (leaves may be tracers).
   def tree_flatten(self):
     children = (self.data, self.labels, self.eval_data, self.eval_labels, self.gram,
-                self.gram_eval, self.fingerprint)
+                self.gram_eval, self.entity_grams, self.entity_grams_eval, self.fingerprint)
     return children, (self.gram_mode,)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)
     (obj.data, obj.labels, obj.eval_data, obj.eval_labels, obj.gram, obj.gram_eval,
-     obj.fingerprint) = children
+     obj.entity_grams, obj.entity_grams_eval, obj.fingerprint) = children
     (obj.gram_mode,) = aux
     return obj
 
@@ -142,7 +170,17 @@ class Dataset:
             f"rank={self.data.rank}, dtype={self.dtype}, gram={self.gram_mode!r})")
 
   def gram_rows(self, batch_idx: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """``K[S, :]`` ``(B, n)`` and ``K[S, E]`` ``(B, n_e)`` (None without eval data)."""
+    """``K[S, :]`` ``(B, n)`` and ``K[S, E]`` ``(B, n_e)`` (None without eval data).
+
+    ``"entities"``: ``p`` gathers from the entity Grams per entry (``O(B (n + n_e) p)``).
+    """
+    if self.gram_mode == "entities":
+      left = self.data.index[batch_idx]  # (B, p)
+      rows = gram_from_entity_grams(self.entity_grams, left, self.data.index)
+      rows_eval = None
+      if self.eval_data is not None:
+        rows_eval = _cross_rows(self.entity_grams_eval, left, self.eval_data)
+      return rows, rows_eval
     if self.gram_mode == "precomputed":
       rows = self.gram[batch_idx]
       rows_eval = None if self.gram_eval is None else self.gram_eval[batch_idx]
@@ -152,11 +190,44 @@ class Dataset:
                  else self.data.gram(rows=batch_idx, other=self.eval_data))
     return rows, rows_eval
 
+  def full_gram(self) -> jax.Array:
+    """The ``(n, n)`` training Gram in every mode (stored, or formed now: ``O(n^2)``).
+
+    For the uses that need all of it (the implicit init, ``resync``), never per step.
+    """
+    if self.gram_mode == "precomputed":
+      return self.gram
+    if self.gram_mode == "entities":
+      return gram_from_entity_grams(self.entity_grams, self.data.index, self.data.index)
+    return self.data.gram()
+
+  def full_gram_eval(self) -> jax.Array | None:
+    """The ``(n, n_e)`` cross Gram in every mode (None without eval data)."""
+    if self.eval_data is None:
+      return None
+    if self.gram_mode == "precomputed":
+      return self.gram_eval
+    if self.gram_mode == "entities":
+      return _cross_rows(self.entity_grams_eval, self.data.index, self.eval_data)
+    return self.data.gram(other=self.eval_data)
+
+
+def _cross_rows(grams_eval: tuple[jax.Array, ...], left: jax.Array,
+                eval_data: KronData) -> jax.Array:
+  """``(a, n_e)`` cross Gram of the training points ``left`` ``(a, p)`` to the eval points."""
+  if eval_data.is_indexed:
+    return gram_from_entity_grams(grams_eval, left, eval_data.index)
+  prod = None  # per-point eval: the cross entity Grams are (N_q, n_e); gather rows only
+  for q, g in enumerate(grams_eval):
+    r = g[left[:, q]]
+    prod = r if prod is None else prod * r
+  return prod
+
 
 def _warn_unless_unit_norm(data: KronData, eval_data: KronData | None) -> None:
   sets = [("data", data)] + ([] if eval_data is None else [("eval_data", eval_data)])
   for name, points in sets:
-    if not all(checks.is_concrete(f) for f in points.factors):
+    if not all(checks.is_concrete(f) for f in jax.tree.leaves(points)):
       return
     sq = np.asarray(points.sq_norms())
     lo, hi = float(sq.min()), float(sq.max())
@@ -192,12 +263,16 @@ FINGERPRINT_WORDS = 8  # a sha256 as uint32 words
 
 
 def fingerprint(dataset: Dataset) -> jax.Array:
-  """``(8,)`` uint32: sha256 over the training and eval factors and labels (shapes,
-  dtypes, bytes); all zeros ("unknown") when any of them is traced (a dataset built
-  inside ``jit``), whose checks are then skipped."""
+  """``(8,)`` uint32: sha256 over the training and eval factors (the tables and index of
+  indexed data) and labels (shapes, dtypes, bytes); all zeros ("unknown") when any of them
+  is traced (a dataset built inside ``jit``), whose checks are then skipped."""
   parts = [("data", dataset.data.factors), ("labels", (dataset.labels,))]
+  if dataset.data.is_indexed:  # per-point data hashes as it always did
+    parts.append(("data_index", (dataset.data.index,)))
   if dataset.eval_data is not None:
     parts.append(("eval_data", dataset.eval_data.factors))
+    if dataset.eval_data.is_indexed:
+      parts.append(("eval_data_index", (dataset.eval_data.index,)))
   if dataset.eval_labels is not None:
     parts.append(("eval_labels", (dataset.eval_labels,)))
   if not all(checks.is_concrete(x) for _, arrays in parts for x in arrays):
