@@ -83,7 +83,10 @@ def _same_data(x: KronData, y: KronData | None) -> bool:
     return False
   if x is y:
     return True
-  if x.dims != y.dims or x.n != y.n or x.rank != y.rank:
+  if (x.dims != y.dims or x.n != y.n or x.rank != y.rank or x.is_indexed != y.is_indexed
+      or x.entity_counts != y.entity_counts):
+    return False
+  if x.is_indexed and not np.array_equal(np.asarray(x.index), np.asarray(y.index)):
     return False
   return all(np.array_equal(np.asarray(f), np.asarray(g)) for f, g in zip(x.factors, y.factors))
 

@@ -117,7 +117,7 @@ def new_projections(config: Config, key: jax.Array, A: jax.Array, train: KronDat
         "predicts anywhere), or put the points in the dataset's eval split before kronjax.init.")
   key_w = initializers.init_keys(key)["W0"]
   dtype = A.dtype
-  data = KronData(tuple(f.astype(dtype) for f in data.factors))
+  data = data.astype(dtype)
   (P0,) = initializers.new_point_projections(key_w, config, data)
   return (w0_scale * P0).astype(dtype) + A @ train.gram(other=data)
 
@@ -159,6 +159,8 @@ def save(path: str | os.PathLike, state: TrainState, dataset: Dataset) -> pathli
             "w0_scale": serialization.put_array(arrays, "w0_scale", network.w0_scale)}
   factors = [serialization.put_array(arrays, f"factor_{q}", f)
              for q, f in enumerate(network.data.factors)]
+  if network.data.is_indexed:   # pairs of entities: the tables and the (n, p) index
+    leaves["index"] = serialization.put_array(arrays, "index", network.data.index)
   manifest = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(network.config),
               "leaves": leaves, "factors": factors}
   arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
@@ -190,5 +192,5 @@ def load(path: str | os.PathLike) -> Network:
     raise ValueError(f"{str(path)!r} is not a readable kronjax network file "
                      f"({type(e).__name__}: {e}).") from e
   return Network(config=config, key=leaves["key"], A=leaves["A"], a=leaves["a"], b=leaves["b"],
-                 data=KronData.tree_unflatten(None, factors), bias=leaves["bias"],
+                 data=KronData(factors, index=leaves.get("index")), bias=leaves["bias"],
                  w0_scale=leaves["w0_scale"])

@@ -12,6 +12,7 @@ Anything a sweep may vary (learning rate, threshold ``b``, keys) lives in the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Mapping
@@ -147,6 +148,19 @@ class Config:
   def replace(self, **changes: Any) -> "Config":
     """A copy with ``changes`` applied (derived fields still None are derived afresh)."""
     return Config.from_dict({**dataclasses.asdict(self), **changes})
+
+
+def _init_with_hint(init):
+  @functools.wraps(init)
+  def wrapped(self, *args, **kwargs):
+    misplaced = [k for k in kwargs if k in PLAN_FIELDS]
+    if misplaced:
+      raise TypeError(_unknown_field_message("Config field", misplaced[0], ()))
+    init(self, *args, **kwargs)
+  return wrapped
+
+
+Config.__init__ = _init_with_hint(Config.__init__)
 
 
 PLAN_FIELDS = ("active_capacity", "candidate_capacity", "index_delta", "index", "update",

@@ -173,7 +173,7 @@ def initial_projections(key: jax.Array, config: Any, dataset: Any, *,
     out = kronecker.kronecker_projections(key_w, m, config.init_rank, (data,) + extra,
                                           chunk=chunk)
   else:
-    out = implicit_projections(key_w, m, data, extra=extra, gram=dataset.gram)
+    out = implicit_projections(key_w, m, data, extra=extra, gram=dataset.full_gram())
   out = [_mirrored(config, P) for P in out]
   return Projections(out[0], out[1] if extra else None)
 

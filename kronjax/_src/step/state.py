@@ -317,15 +317,14 @@ def resync(state: TrainState, dataset: Dataset) -> TrainState:
   P0, P0_eval = initializers.initial_projections(state.key, state.config, dataset,
                                                  chunk=state.resolved_plan.init_chunk)
   dtype = state.projections.dtype
-  K = dataset.gram if dataset.gram is not None else dataset.data.gram()
+  K = dataset.full_gram()
   rows = state.P.shape[0]
   if rows != state.config.width:
     raise ValueError("resync needs an unsharded state; call kronjax.sharding.unshard_state first.")
   P = (state.w0_scale * P0 + state.A @ K).astype(dtype)
   P_eval = None
   if state.P_eval is not None:
-    K_eval = (dataset.gram_eval if dataset.gram_eval is not None
-              else dataset.data.gram(other=dataset.eval_data))
+    K_eval = dataset.full_gram_eval()
     P_eval = (state.w0_scale * P0_eval + state.A @ K_eval).astype(dtype)
   index = threshold_index(state).build(P, state.b)
   return state.replace(P=P, P_eval=P_eval, index=carry_rebuild_count(state.index, index))
