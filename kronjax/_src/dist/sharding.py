@@ -143,6 +143,8 @@ def _neuron_axis(path: Any, x: Any, rows: int, layout: str) -> int | None:
   if getattr(x, "ndim", 0) < 1:
     return None
   key = trainable_key(path)
+  if key in ("bias", "W0"):   # (C,) and (): replicated, whatever their size
+    return None
   if key == "A" or (key == "P" and layout == "points"):
     return 1 if x.ndim >= 2 and x.shape[1] == rows else None
   return 0 if x.shape[0] == rows else None

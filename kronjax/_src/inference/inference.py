@@ -30,29 +30,38 @@ from kronjax._src.step.state import TrainState
 
 def outputs_from_projections(state: TrainState, P: jax.Array) -> jax.Array:
   """Network outputs ``(n', C)`` from projections ``P (m, n')``."""
-  return network.outputs(state.config, state.a, state.b, P)
+  return network.outputs(state.config, state.a, state.b, state.bias, P)
 
 
 def evaluate(state: TrainState, dataset: Dataset) -> dict[str, jax.Array]:
-  """Full-data loss (and accuracy for softmax) on the dataset's training and eval points.
+  """Full-data metrics on the dataset's training and eval points, named for what they are.
 
-  Returns ``{"train_loss", "train_accuracy"[, "eval_loss", "eval_accuracy"]}``
-  (accuracies are NaN for mse). Cost ``O(m (n + n_e) C)``; jit-able.
+  Returns, for each split (``train_``, and ``eval_`` with an eval split):
+
+  * ``loss``: the training objective, the batch-mean loss over the whole split (for
+    ``mse`` that is *half* the mean squared error, ``1/2 mean ||f - y||^2``);
+  * mse: ``mse`` (the mean squared error, summed over outputs) and ``rmse`` (its root);
+  * softmax: ``accuracy``.
+
+  Cost ``O(m (n + n_e) C)``; jit-able.
   """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   state.check_dataset(dataset)
-  kind = state.config.loss
-  out = outputs_from_projections(state, state.P)
-  labels = _labels(state, dataset.labels)
-  result = {"train_loss": losses.batch_loss(kind, out, labels),
-            "train_accuracy": losses.accuracy(kind, out, labels)}
+  result = _metrics("train", state, state.P, dataset.labels)
   if state.P_eval is not None and dataset.eval_labels is not None:
-    out_e = outputs_from_projections(state, state.P_eval)
-    eval_labels = _labels(state, dataset.eval_labels)
-    result["eval_loss"] = losses.batch_loss(kind, out_e, eval_labels)
-    result["eval_accuracy"] = losses.accuracy(kind, out_e, eval_labels)
+    result.update(_metrics("eval", state, state.P_eval, dataset.eval_labels))
   return result
+
+
+def _metrics(split: str, state: TrainState, P: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  kind = state.config.loss
+  out = outputs_from_projections(state, P)
+  labels = _labels(state, labels)
+  loss = losses.batch_loss(kind, out, labels)
+  if kind == "mse":
+    return {f"{split}_loss": loss, f"{split}_mse": 2 * loss, f"{split}_rmse": jnp.sqrt(2 * loss)}
+  return {f"{split}_loss": loss, f"{split}_accuracy": losses.accuracy(kind, out, labels)}
 
 
 def _labels(state: TrainState, labels: jax.Array) -> jax.Array:
@@ -74,7 +83,10 @@ def _same_data(x: KronData, y: KronData | None) -> bool:
     return False
   if x is y:
     return True
-  if x.dims != y.dims or x.n != y.n or x.rank != y.rank:
+  if (x.dims != y.dims or x.n != y.n or x.rank != y.rank or x.is_indexed != y.is_indexed
+      or x.entity_counts != y.entity_counts):
+    return False
+  if x.is_indexed and not np.array_equal(np.asarray(x.index), np.asarray(y.index)):
     return False
   return all(np.array_equal(np.asarray(f), np.asarray(g)) for f, g in zip(x.factors, y.factors))
 
@@ -90,7 +102,8 @@ def projections(state: TrainState, dataset: Dataset, data: KronData) -> jax.Arra
     return state.P
   if _same_data(data, dataset.eval_data):
     return state.P_eval
-  return network.new_projections(state.config, state.key, state.A, dataset.data, data)
+  return network.new_projections(state.config, state.key, state.A, dataset.data, data,
+                                 state.w0_scale)
 
 
 def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
@@ -110,7 +123,7 @@ def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
 
 def dense_params(state: TrainState, dataset: Dataset, *,
                  max_bytes: int = 4 * 2**30) -> dict[str, jax.Array]:
-  """``{"W": W0 + A X (m, d), "a": (m, C)}``: the network as dense weights.
+  """``{"W": s W0 + A X (m, d), "a": (m, C), "bias": (C,)}``: the network as dense weights.
 
   For ``init="explicit"`` and ``"kronecker"`` (``implicit`` never drew ``W0``),
   when the ``(m, d)`` weight fits in ``max_bytes``. The dense baseline
@@ -135,4 +148,5 @@ def dense_params(state: TrainState, dataset: Dataset, *,
         "max_bytes if you have the memory, or use kronjax.predict / evaluate, which never form W.")
   W0 = initializers.initial_weights(initializers.init_keys(state.key)["W0"], config,
                                     dataset.data.dims, state.P.dtype)
-  return {"W": W0 + state.A @ dataset.data.materialize(), "a": state.a}
+  return {"W": state.w0_scale * W0 + state.A @ dataset.data.materialize(), "a": state.a,
+          "bias": state.bias}

@@ -3,13 +3,14 @@
 Shapes: m neurons, n training points, C outputs, R rank of the training data,
 p factors with dims d_q, n' new points.
 
-The trained network is ``f(x) = a^T relu(W x - b) / sqrt(m)`` with
-``W = W0 + A X``: the weights never leave the span of the training data on top
-of ``W0``. So applying it to a new point needs
+The trained network is ``f(x) = a^T relu(W x - b) / sqrt(m) + c`` with
+``W = s W0 + A X``: the weights never leave the span of the training data and
+``W0``. So applying it to a new point needs
 
 * the init's recipe for ``W0 x'`` (the key, the init kind and rank: ``W0`` is
   regenerated, never stored),
-* ``A`` ``(m, n)``, ``a`` ``(m, C)``, ``b``,
+* ``A`` ``(m, n)``, ``a`` ``(m, C)``, ``b``, the output bias ``c`` ``(C,)`` and the
+  scale ``s`` of ``W0`` (1 unless weight decay shrank it),
 * the training factors ``X`` (``n`` points, for ``K(X, x')``).
 
 ``save`` writes exactly that as one ``.npz`` (atomically), and ``load`` reads it
@@ -57,9 +58,10 @@ class Network:
   Attributes:
     config: the (resolved) ``Config`` it was trained with (width, init, ...).
     key: the state's key (``W0`` and the initial ``a`` derive from it).
-    A: ``(m, n)`` coefficients, ``W = W0 + A X``.
+    A: ``(m, n)`` coefficients, ``W = s W0 + A X``.
     a: ``(m, C)`` output layer.  b: ``()`` threshold.
     data: the ``n`` training points ``X`` (``KronData``).
+    bias: ``(C,)`` output bias.  w0_scale: ``()`` the scale ``s`` of ``W0``.
   """
 
   config: Config
@@ -68,21 +70,24 @@ class Network:
   a: jax.Array
   b: jax.Array
   data: KronData
+  bias: jax.Array
+  w0_scale: jax.Array
 
   def projections(self, data: KronData) -> jax.Array:
     """``W X'^T`` ``(m, n')`` for new points: ``W0 X'^T + A K(X, X')``, no ``O(d)`` work
     for ``init="kronecker"``."""
-    return new_projections(self.config, self.key, self.A, self.data, data)
+    return new_projections(self.config, self.key, self.A, self.data, data, self.w0_scale)
 
   def predict(self, data: KronData) -> jax.Array:
     """Network outputs ``(n', C)`` on ``data`` (checked as ``kronjax.predict`` checks it)."""
     data = check_new_data("data", self.data, data)
-    return outputs(self.config, self.a, self.b, self.projections(data))
+    return outputs(self.config, self.a, self.b, self.bias, self.projections(data))
 
 
-def outputs(config: Config, a: jax.Array, b: jax.Array, P: jax.Array) -> jax.Array:
+def outputs(config: Config, a: jax.Array, b: jax.Array, bias: jax.Array,
+            P: jax.Array) -> jax.Array:
   """Network outputs ``(n', C)`` from projections ``P (m, n')``."""
-  return losses.hidden(P, b).T @ a / math.sqrt(config.width)
+  return losses.hidden(P, b).T @ a / math.sqrt(config.width) + bias[None, :]
 
 
 def check_new_data(name: str, train: KronData, data: Any) -> KronData:
@@ -102,8 +107,8 @@ def check_new_data(name: str, train: KronData, data: Any) -> KronData:
 
 
 def new_projections(config: Config, key: jax.Array, A: jax.Array, train: KronData,
-                    data: KronData) -> jax.Array:
-  """``(W0 + A X) X'^T`` ``(m, n')``; ``W0 X'^T`` from the init's recipe."""
+                    data: KronData, w0_scale: Any = 1.0) -> jax.Array:
+  """``(s W0 + A X) X'^T`` ``(m, n')``; ``W0 X'^T`` from the init's recipe."""
   if config.init == "implicit":
     raise ValueError(
         "the points are not the dataset's training or eval points, and this network was "
@@ -112,9 +117,9 @@ def new_projections(config: Config, key: jax.Array, A: jax.Array, train: KronDat
         "predicts anywhere), or put the points in the dataset's eval split before kronjax.init.")
   key_w = initializers.init_keys(key)["W0"]
   dtype = A.dtype
-  data = KronData(tuple(f.astype(dtype) for f in data.factors))
+  data = data.astype(dtype)
   (P0,) = initializers.new_point_projections(key_w, config, data)
-  return P0.astype(dtype) + A @ train.gram(other=data)
+  return (w0_scale * P0).astype(dtype) + A @ train.gram(other=data)
 
 
 def from_state(state: TrainState, dataset: Dataset) -> Network:
@@ -129,7 +134,7 @@ def from_state(state: TrainState, dataset: Dataset) -> Network:
     raise ValueError("state is a padded neuron-sharded state; call "
                      "kronjax.sharding.unshard_state(state) first.")
   return Network(config=state.config, key=state.key, A=state.A, a=state.a, b=state.b,
-                 data=dataset.data)
+                 data=dataset.data, bias=state.bias, w0_scale=state.w0_scale)
 
 
 def save(path: str | os.PathLike, state: TrainState, dataset: Dataset) -> pathlib.Path:
@@ -149,9 +154,13 @@ def save(path: str | os.PathLike, state: TrainState, dataset: Dataset) -> pathli
   leaves = {"key": serialization.put_array(arrays, "key", network.key),
             "A": serialization.put_array(arrays, "A", network.A),
             "a": serialization.put_array(arrays, "a", network.a),
-            "b": serialization.put_array(arrays, "b", network.b)}
+            "b": serialization.put_array(arrays, "b", network.b),
+            "bias": serialization.put_array(arrays, "bias", network.bias),
+            "w0_scale": serialization.put_array(arrays, "w0_scale", network.w0_scale)}
   factors = [serialization.put_array(arrays, f"factor_{q}", f)
              for q, f in enumerate(network.data.factors)]
+  if network.data.is_indexed:   # pairs of entities: the tables and the (n, p) index
+    leaves["index"] = serialization.put_array(arrays, "index", network.data.index)
   manifest = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(network.config),
               "leaves": leaves, "factors": factors}
   arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
@@ -183,4 +192,5 @@ def load(path: str | os.PathLike) -> Network:
     raise ValueError(f"{str(path)!r} is not a readable kronjax network file "
                      f"({type(e).__name__}: {e}).") from e
   return Network(config=config, key=leaves["key"], A=leaves["A"], a=leaves["a"], b=leaves["b"],
-                 data=KronData.tree_unflatten(None, factors))
+                 data=KronData(factors, index=leaves.get("index")), bias=leaves["bias"],
+                 w0_scale=leaves["w0_scale"])

@@ -12,6 +12,7 @@ Anything a sweep may vary (learning rate, threshold ``b``, keys) lives in the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Mapping
@@ -54,6 +55,13 @@ class Config:
     init_rank: terms per neuron of the kronecker init; None (derived) means
       ``DEFAULT_INIT_RANK``. Only with ``init="kronecker"``.
     train_output: also train the output layer ``a``.
+    output_bias: add a trainable bias per output, ``f(x) = a^T relu(W x - b) / sqrt(m) + c``
+      (zeros at init).
+    centered: the mirrored start: neurons ``r`` and ``r + m/2`` share their initial
+      weights and have opposite output weights, so the network's output at init is zero on
+      every input up to float rounding (the training signal is not swamped by a random
+      initial function).
+      Needs an even width.
 
   Derived fields stay None as given; ``resolve()`` fills them in (a state holds
   the resolved config), so ``Config(width=128).replace(width=1024)`` gets the
@@ -67,6 +75,8 @@ class Config:
   init: str = "kronecker"
   init_rank: int | None = None
   train_output: bool = False
+  output_bias: bool = False
+  centered: bool = False
 
   def __post_init__(self):
     checks.check_positive_int("width", self.width)
@@ -92,8 +102,12 @@ class Config:
             "number of Kronecker terms per neuron of init='kronecker'. Drop it or use "
             "init='kronecker'.")
       object.__setattr__(self, "init_rank", int(self.init_rank))
-    if not isinstance(self.train_output, bool):
-      raise TypeError(f"train_output must be a bool, got {self.train_output!r}.")
+    for name in ("train_output", "output_bias", "centered"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+    if self.centered and self.width % 2:
+      raise ValueError(f"centered=True pairs neuron r with neuron r + m/2, so width must be even, "
+                       f"got {self.width}; use width={self.width + 1}.")
 
   def resolve(self) -> "Config":
     """This config with its derived fields (``threshold``, ``init_rank``) filled in."""
@@ -134,6 +148,19 @@ class Config:
   def replace(self, **changes: Any) -> "Config":
     """A copy with ``changes`` applied (derived fields still None are derived afresh)."""
     return Config.from_dict({**dataclasses.asdict(self), **changes})
+
+
+def _init_with_hint(init):
+  @functools.wraps(init)
+  def wrapped(self, *args, **kwargs):
+    misplaced = [k for k in kwargs if k in PLAN_FIELDS]
+    if misplaced:
+      raise TypeError(_unknown_field_message("Config field", misplaced[0], ()))
+    init(self, *args, **kwargs)
+  return wrapped
+
+
+Config.__init__ = _init_with_hint(Config.__init__)
 
 
 PLAN_FIELDS = ("active_capacity", "candidate_capacity", "index_delta", "index", "update",

@@ -145,6 +145,17 @@ class Projections(NamedTuple):
   eval: jax.Array | None    # (m, n_e), or None without eval points
 
 
+def _drawn(config: Any) -> tuple[Any, int]:
+  """``(config, rows drawn)``: a centered network draws ``m/2`` rows of ``W0`` and mirrors them."""
+  config = config.resolve()
+  return config, config.width // 2 if config.centered else config.width
+
+
+def _mirrored(config: Any, rows: jax.Array) -> jax.Array:
+  """``rows`` ``(m/2, ...)`` twice for a centered network (neuron ``r + m/2`` copies ``r``)."""
+  return jnp.concatenate([rows, rows], axis=0) if config.centered else rows
+
+
 def initial_projections(key: jax.Array, config: Any, dataset: Any, *,
                         chunk: int = 256) -> Projections:
   """``P0 = W0 X^T`` of the dataset's training and eval points under ``config.init``.
@@ -152,44 +163,50 @@ def initial_projections(key: jax.Array, config: Any, dataset: Any, *,
   ``key`` is the state's key; ``W0`` is drawn from ``init_keys(key)["W0"]``; ``chunk``
   neurons at a time (the plan's ``init_chunk``: memory, never values).
   """
-  config = config.resolve()
+  config, m = _drawn(config)
   key_w = init_keys(key)["W0"]
   data = dataset.data
   extra = () if dataset.eval_data is None else (dataset.eval_data,)
-  m = config.width
   if config.init == "explicit":
     out = explicit_projections(key_w, m, data, chunk=chunk, extra=extra)
   elif config.init == "kronecker":
     out = kronecker.kronecker_projections(key_w, m, config.init_rank, (data,) + extra,
                                           chunk=chunk)
   else:
-    out = implicit_projections(key_w, m, data, extra=extra, gram=dataset.gram)
+    out = implicit_projections(key_w, m, data, extra=extra, gram=dataset.full_gram())
+  out = [_mirrored(config, P) for P in out]
   return Projections(out[0], out[1] if extra else None)
 
 
 def new_point_projections(key_w: jax.Array, config: Any, data: KronData, *,
                           chunk: int = 256) -> tuple[jax.Array]:
   """``(W0 X'^T,)`` ``(m, n')`` for any points ``data`` (explicit or kronecker init)."""
-  config = config.resolve()
+  config, m = _drawn(config)
   if config.init == "kronecker":
-    return kronecker.kronecker_projections(key_w, config.width, config.init_rank, (data,),
-                                           chunk=chunk)
+    (P0,) = kronecker.kronecker_projections(key_w, m, config.init_rank, (data,), chunk=chunk)
+    return (_mirrored(config, P0),)
   if config.init == "explicit":
-    return explicit_projections(key_w, config.width, data, chunk=chunk)
+    (P0,) = explicit_projections(key_w, m, data, chunk=chunk)
+    return (_mirrored(config, P0),)
   raise ValueError(f"init={config.init!r} draws no W0; only 'kronecker' and 'explicit' do.")
 
 
 def initial_weights(key_w: jax.Array, config: Any, dims: tuple[int, ...], dtype=None) -> jax.Array:
   """The dense ``W0`` ``(m, d)`` of ``initial_projections`` (explicit or kronecker), for small ``d``."""
-  config = config.resolve()
+  config, m = _drawn(config)
   if config.init == "kronecker":
-    return kronecker.kronecker_weights(key_w, config.width, config.init_rank, dims, dtype)
+    return _mirrored(config, kronecker.kronecker_weights(key_w, m, config.init_rank, dims, dtype))
   if config.init == "explicit":
-    return explicit_weights(key_w, config.width, math.prod(dims), dtype)
+    return _mirrored(config, explicit_weights(key_w, m, math.prod(dims), dtype))
   raise ValueError(f"init={config.init!r} draws no W0; only 'kronecker' and 'explicit' do.")
 
 
-def output_layer(key: jax.Array, width: int, num_outputs: int, dtype=None) -> jax.Array:
-  """Rademacher ``±1`` output weights ``a``, shape ``(m, C)``."""
+def output_layer(key: jax.Array, width: int, num_outputs: int, dtype=None, *,
+                 centered: bool = False) -> jax.Array:
+  """Rademacher ``±1`` output weights ``a``, shape ``(m, C)``; ``centered``: the second half
+  is the first half negated (``a[r + m/2] = -a[r]``), so mirrored neurons cancel."""
   dtype = dtype or jnp.result_type(float)
+  if centered:
+    half = jax.random.rademacher(key, (width // 2, num_outputs), dtype)
+    return jnp.concatenate([half, -half], axis=0)
   return jax.random.rademacher(key, (width, num_outputs), dtype)

@@ -23,8 +23,9 @@ from kronjax._src.model.config import Config
 
 
 class DenseState(NamedTuple):
-  params: dict          # {"W": (m, d)[, "a": (m, C)]}: the trained parameters
+  params: dict          # {"W": (m, d)[, "a": (m, C)][, "bias": (C,)]}: the trained parameters
   a: jax.Array          # (m, C) output layer (also in params when it is trained)
+  bias: jax.Array       # (C,) output bias (also in params when it is trained)
   b: jax.Array          # () threshold
   opt_state: Any
   step: jax.Array       # () int32
@@ -47,16 +48,24 @@ def init(key: jax.Array, config: Config, dims: int | tuple[int, ...],
     dims = (dims,)
   keys = initializers.init_keys(key)
   W = initializers.initial_weights(keys["W0"], config, tuple(dims), dtype)
-  a = initializers.output_layer(keys["a"], config.width, config.num_classes, dtype)
-  params = {"W": W, "a": a} if config.train_output else {"W": W}
+  a = initializers.output_layer(keys["a"], config.width, config.num_classes, dtype,
+                                centered=config.centered)
+  bias = jnp.zeros((config.num_classes,), dtype)
+  params = {"W": W}
+  if config.train_output:
+    params["a"] = a
+  if config.output_bias:
+    params["bias"] = bias
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
-  return DenseState(params, a, b, tx.init(params), jnp.zeros((), jnp.int32))
+  return DenseState(params, a, bias, b, tx.init(params), jnp.zeros((), jnp.int32))
 
 
-def forward(W: jax.Array, a: jax.Array, b: jax.Array, X: jax.Array) -> jax.Array:
-  """Network outputs ``(n, C)`` for inputs ``X (n, d)``."""
+def forward(W: jax.Array, a: jax.Array, b: jax.Array, X: jax.Array,
+            bias: jax.Array | None = None) -> jax.Array:
+  """Network outputs ``(n, C)`` for inputs ``X (n, d)`` (plus the ``(C,)`` ``bias``)."""
   m = W.shape[0]
-  return losses.hidden(X @ W.T, b) @ a / math.sqrt(m)
+  out = losses.hidden(X @ W.T, b) @ a / math.sqrt(m)
+  return out if bias is None else out + bias[None, :]
 
 
 def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool = True):
@@ -65,22 +74,23 @@ def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool 
   ``metrics``: ``loss`` (before the step) and ``active`` (mean active neurons per point).
   """
   # Same contract as kronjax, so comparisons are apples to apples.
+  config = config.resolve()
   optim.check_linear(tx, keys=("W", "a") if config.train_output else ("W",))
 
-  def loss_fn(params, a, b, X, y):
+  def loss_fn(params, a, bias, b, X, y):
     a = params.get("a", a)
     pre = X @ params["W"].T                                        # (B, m)
-    out = losses.hidden(pre, b) @ a / math.sqrt(a.shape[0])
+    out = losses.hidden(pre, b) @ a / math.sqrt(a.shape[0]) + params.get("bias", bias)[None, :]
     active = jnp.mean(jnp.sum(pre > b, axis=1).astype(X.dtype))
     return losses.batch_loss(config.loss, out, y), active
 
   def step(state: DenseState, X: jax.Array, y: jax.Array):
     (loss, active), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.a, state.b, X, y)
+        state.params, state.a, state.bias, state.b, X, y)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    a = params.get("a", state.a)
-    return (DenseState(params, a, state.b, opt_state, state.step + 1),
+    a, bias = params.get("a", state.a), params.get("bias", state.bias)
+    return (DenseState(params, a, bias, state.b, opt_state, state.step + 1),
             {"loss": loss, "active": active})
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
@@ -88,6 +98,6 @@ def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool 
 
 def evaluate(state: DenseState, config: Config, X: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
   """Loss (and accuracy for softmax) of the dense network on ``X (n, d)``."""
-  out = forward(state.params["W"], state.a, state.b, X)
+  out = forward(state.params["W"], state.a, state.b, X, state.bias)
   return {"loss": losses.batch_loss(config.loss, out, y),
           "accuracy": losses.accuracy(config.loss, out, y)}

@@ -1,14 +1,18 @@
 """Which optax transformations the kernel-space step can run, and how.
 
-The step keeps ``W = W0 + A X`` and ``P = W X^T = P0 + A K``. An optimizer keeps
+The step keeps ``W = s W0 + A X`` and ``P = W X^T = s P0 + A K``. An optimizer keeps
 both identities exactly iff its update is a *linear* function of the gradient
-history with scalar coefficients (sgd, momentum, nesterov, schedules,
-``inject_hyperparams``): then updating ``A`` and ``P`` leafwise equals updating
-``W`` and multiplying by ``X^T``. Adam, clipping, normalization, weight decay are
-not: the weights would leave ``span(X)`` and ``P`` would stop being ``W X^T``.
+history and the parameters, with scalar coefficients (sgd, momentum, nesterov,
+schedules, ``inject_hyperparams``, and L2 weight decay ``optax.add_decayed_weights``):
+then updating ``A``, ``P`` and the scale ``s`` of ``W0`` leafwise equals updating ``W``
+and multiplying by ``X^T``. Adam, clipping and normalization are not: the weights
+would leave ``span(W0, X)`` and ``P`` would stop being ``W X^T``.
 
-We detect linearity by probing: additivity and homogeneity of the update over
-a few steps on random gradients (large and small scales, to catch clipping).
+We detect linearity by probing: additivity and homogeneity of the update in
+(gradient, parameters) over a few steps on random inputs (large and small scales,
+to catch clipping). An optimizer that reads the parameters (weight decay) gets them:
+the step then passes the full-shape trainable tree, ``"W0"`` (the scale ``s``, zero
+gradient) included.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import numpy as np
 import optax
 
 WORKING = ("optax.sgd (with or without momentum / nesterov), learning-rate schedules, "
-           "optax.inject_hyperparams(optax.sgd), optax.chain of optax.trace and "
-           "optax.scale / optax.scale_by_schedule")
+           "optax.inject_hyperparams(optax.sgd), optax.chain of optax.trace, "
+           "optax.add_decayed_weights and optax.scale / optax.scale_by_schedule")
 
 def _probe_tree(key, scale, shapes):
   keys = jax.random.split(key, len(shapes))
@@ -51,13 +55,31 @@ def check_linear(tx: optax.GradientTransformation, keys=("A", "P", "a"), *, step
     _check_linear(tx, tuple(keys), steps=steps, rtol=rtol)
 
 
-_TIED = ("A", "P", "P_eval")  # these must see one and the same linear map (P = P0 + A K)
+_TIED = ("A", "P", "P_eval", "W0")  # one and the same linear map (P = s P0 + A K)
+
+
+def needs_params(tx: optax.GradientTransformation) -> bool:
+  """Whether ``tx.update`` reads the parameters (``optax.add_decayed_weights`` and co)."""
+  with jax.ensure_compile_time_eval():
+    g = {"x": jnp.zeros((2,), jnp.float32)}
+    try:
+      tx.update(g, tx.init(g), None)
+    except Exception:  # noqa: BLE001 -- optax raises various errors for missing params
+      try:
+        tx.update(g, tx.init(g), g)
+      except Exception:  # noqa: BLE001 -- it fails with params too: not our case
+        return False
+      return True
+  return False
 
 
 def _check_linear(tx, keys, *, steps, rtol):
   if not isinstance(tx, optax.GradientTransformation) and not (
       hasattr(tx, "init") and hasattr(tx, "update")):
     raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}.")
+  with_params = needs_params(tx)
+  if with_params:
+    keys = tuple(keys) + ("W0",)
   shapes = {k: (3, 5) for k in keys}
   tied = [k for k in keys if k in _TIED]
   zeros = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
@@ -74,33 +96,47 @@ def _check_linear(tx, keys, *, steps, rtol):
   def close(x, y):
     return np.max(np.abs(x - y)) <= rtol * (np.max(np.abs(y)) + 1e-30)
 
+  def scaled(c, tree):
+    return jax.tree.map(lambda x: c * x, tree)
+
   scales = (1e3, 1e-3, 1e8)
   failure = None
   try:
-    states = [tx.init(zeros) for _ in range(4 + len(scales))]
-    key, k0 = jax.random.split(jax.random.PRNGKey(1234))
-    constant = probe(k0, 1.0)
+    # Sequences of (gradient, params): a, b, a + b, c * a for each scale, and two
+    # constant ones, (g, 0) and (0, p), whose updates must be parallel to g and p.
+    n_seq = 3 + len(scales) + 2
+    states = [tx.init(zeros) for _ in range(n_seq)]
+    key, k0, k1 = jax.random.split(jax.random.PRNGKey(1234), 3)
+    constant, constant_p = probe(k0, 1.0), probe(k1, 1.0)
     for t in range(steps):
-      key, k1, k2 = jax.random.split(key, 3)
+      key, k1, k2, k3, k4 = jax.random.split(key, 5)
       ga, gb = probe(k1, 1.0), probe(k2, 1.0)
-      grads = [ga, gb, jax.tree.map(jnp.add, ga, gb)]
-      grads += [jax.tree.map(lambda x, c=c: c * x, ga) for c in scales]
-      grads.append(constant)
-      outs = [tx.update(g, st, None) for st, g in zip(states, grads)]
+      pa, pb = (probe(k3, 1.0), probe(k4, 1.0)) if with_params else (zeros, zeros)
+      inputs = [(ga, pa), (gb, pb), (jax.tree.map(jnp.add, ga, gb), jax.tree.map(jnp.add, pa, pb))]
+      inputs += [(scaled(c, ga), scaled(c, pa)) for c in scales]
+      inputs += [(constant, zeros), (zeros, constant_p if with_params else zeros)]
+      outs = [tx.update(g, st, p if with_params else None)
+              for st, (g, p) in zip(states, inputs)]
       states = [st for _, st in outs]
-      ua, ub, usum, *scaled, _ = (flat(u) for u, _ in outs)
-      if not close(ua + ub, usum) or not all(close(u, c * ua) for u, c in zip(scaled, scales)):
-        failure = f"its update is not linear in the gradient (probe step {t})"
+      ua, ub, usum, *rest = (flat(u) for u, _ in outs)
+      scaled_u = rest[:len(scales)]
+      if not close(ua + ub, usum) or not all(close(u, c * ua) for u, c in zip(scaled_u, scales)):
+        failure = f"its update is not linear in the gradient and parameters (probe step {t})"
         break
-      # Scalar coefficients: a constant gradient sequence must give updates
+      # Scalar coefficients: a constant gradient (parameter) sequence must give updates
       # parallel to it (the step relies on L(G @ K) = L(G) @ K; a permutation or
       # per-entry scaling is linear but breaks P = W X^T).
-      for k in tied:
-        u, g = (np.ravel(np.asarray(x[k], np.float64)) for x in (outs[-1][0], constant))
-        if not close(u, (u @ g) / (g @ g) * g):
-          failure = (f"its update of {k!r} is not a scalar multiple of the gradient "
-                     f"(probe step {t}); A, P and P_eval need one scalar per step and "
-                     "past gradient")
+      for out, given in ((outs[-2][0], constant), (outs[-1][0], constant_p if with_params else None)):
+        if given is None:
+          continue
+        for k in tied:
+          u, g = (np.ravel(np.asarray(x[k], np.float64)) for x in (out, given))
+          if not close(u, (u @ g) / (g @ g) * g):
+            failure = (f"its update of {k!r} is not a scalar multiple of the gradient and "
+                       f"parameters (probe step {t}); A, P, P_eval and the W0 scale need one "
+                       "scalar per step and past gradient")
+            break
+        if failure:
           break
       if failure:
         break
@@ -112,9 +148,9 @@ def _check_linear(tx, keys, *, steps, rtol):
           break
       if failure:
         break
-  except Exception as e:  # e.g. a transform that needs params (weight decay)
+  except Exception as e:  # e.g. a transform that needs something else
     raise ValueError(_nonlinear_message(
-        f"it cannot update without parameters ({type(e).__name__}: {str(e).splitlines()[0]})")) from e
+        f"it cannot update ({type(e).__name__}: {str(e).splitlines()[0]})")) from e
   if failure is not None:
     raise ValueError(_nonlinear_message(failure))
 
@@ -123,8 +159,8 @@ def _nonlinear_message(why: str) -> str:
   return (
       f"tx cannot be used by kronjax: {why}. The kernel-space step keeps W = W0 + A X "
       "and P = W X^T exactly only for optimizers whose update is linear in the "
-      "gradient history; adam, clipping, normalization or weight decay would move the "
-      "weights out of span(X), so P would no longer equal W X^T. Use one of: "
+      "gradient history and parameters; adam, clipping or normalization would move the "
+      "weights out of span(W0, X), so P would no longer equal W X^T. Use one of: "
       f"{WORKING}.")
 
 
@@ -155,15 +191,19 @@ class StaticTx:
 
   Attributes:
     tx: the optax transformation.
-    shape_free: its state does not depend on the parameter shapes (no moments):
-      the sparse update path may apply it to compact gradients (``is_shape_free``).
+    shape_free: its state does not depend on the parameter shapes (no moments) and it
+      does not read the parameters: the sparse update path may apply it to compact
+      gradients (``is_shape_free``).
+    needs_params: ``update`` reads the parameters (weight decay, ``needs_params``).
   """
 
-  __slots__ = ("tx", "shape_free", "_key")
+  __slots__ = ("tx", "shape_free", "needs_params", "_key")
 
   def __init__(self, tx: optax.GradientTransformation, shape_free: bool):
     self.tx = tx
-    self.shape_free = bool(shape_free)
+    self.needs_params = needs_params(tx)
+    # An optimizer that reads the parameters needs the full-shape tree: never shape-free.
+    self.shape_free = bool(shape_free) and not self.needs_params
     self._key = (structure_key(tx), self.shape_free)
 
   @property

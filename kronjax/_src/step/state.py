@@ -46,6 +46,9 @@ class TrainState:
       *columns* of ``A``: rows of ``A_T`` are contiguous, columns of ``A`` are not.
       ``state.A`` is the ``(m, n)`` view.
     a: ``(m, C)`` output layer.
+    bias: ``(C,)`` output bias (zeros; trained with ``config.output_bias``).
+    w0_scale: ``()`` the scale ``s`` of the init's weights, ``W = s W0 + A X`` (1 at
+      init; only an optimizer that reads the parameters, weight decay, changes it).
     b: ``()`` ReLU threshold (an array so sweeps can vmap it).
     opt_state: the optax state over the tree ``{"A", "P"[, "a"][, "P_eval"]}``
       (its ``"A"`` leaf is ``A_T``-shaped, ``(n, m)``; its ``"P"`` leaf is
@@ -69,6 +72,8 @@ class TrainState:
   key: jax.Array
   index: Any
   P_eval: jax.Array | None
+  bias: jax.Array
+  w0_scale: jax.Array
   fingerprint: jax.Array
   config: Config = dataclasses.field(metadata=dict(static=True))
   plan: Plan = dataclasses.field(metadata=dict(static=True))
@@ -132,7 +137,8 @@ class TrainState:
 
   def trainable(self) -> dict[str, jax.Array]:
     """The tree the optimizer acts on: ``{"A", "P"[, "a"][, "P_eval"]}``."""
-    return trainable_tree(self.A_T, self.projections, self.a, self.P_eval, self.config)
+    return trainable_tree(self.A_T, self.projections, self.a, self.P_eval, self.config,
+                          bias=self.bias, w0_scale=self.w0_scale if self.tx.needs_params else None)
 
   def check_dataset(self, dataset: Any, name: str = "dataset", *,
                     compare_fingerprint: bool = True) -> Dataset:
@@ -160,12 +166,23 @@ jax.tree_util.register_dataclass(
 )
 
 
-def trainable_tree(A_T, P, a, P_eval, config: Config) -> dict[str, jax.Array]:
+def trainable_tree(A_T, P, a, P_eval, config: Config, *, bias=None,
+                   w0_scale=None) -> dict[str, jax.Array]:
+  """The tree the optimizer acts on: ``{"A", "P"[, "a"][, "bias"][, "P_eval"][, "W0"]}``.
+
+  ``"a"`` with ``config.train_output``, ``"bias"`` with ``config.output_bias``, ``"W0"``
+  (the scale of the init's weights) when ``w0_scale`` is given: for an optimizer that
+  reads the parameters (weight decay), whose update of ``W = s W0 + A X`` scales ``s``.
+  """
   tree = {"A": A_T, "P": P}
   if config.train_output:
     tree["a"] = a
+  if config.output_bias:
+    tree["bias"] = bias
   if P_eval is not None:
     tree["P_eval"] = P_eval
+  if w0_scale is not None:
+    tree["W0"] = w0_scale
   return tree
 
 
@@ -264,21 +281,25 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
   P, P_eval = initializers.initial_projections(  # (m, n), (m, n_e) | None
       key, config, dataset, chunk=resolved.init_chunk)
   stored = P if resolved.layout == "neurons" else jnp.array(P.T)
-  a = initializers.output_layer(initializers.init_keys(key)["a"], m, C, dtype)
+  a = initializers.output_layer(initializers.init_keys(key)["a"], m, C, dtype,
+                                centered=config.centered)
+  bias = jnp.zeros((C,), dtype)
+  w0_scale = jnp.ones((), dtype)
   b = jnp.asarray(config.threshold if threshold is None else threshold, dtype)
   A_T = jnp.zeros((n, m), dtype)
-  params = trainable_tree(A_T, stored, a, P_eval, config)
+  params = trainable_tree(A_T, stored, a, P_eval, config, bias=bias,
+                          w0_scale=w0_scale if optim.needs_params(tx) else None)
   opt_state = tx.init(params)
   index_state = fresh(make_index(config, resolved).build(P, b))
   return TrainState(
-      projections=stored, A_T=A_T, a=a, b=b, opt_state=opt_state,
+      projections=stored, A_T=A_T, a=a, b=b, opt_state=opt_state, bias=bias, w0_scale=w0_scale,
       step=jnp.zeros((), jnp.int32), key=key, index=index_state, P_eval=P_eval,
       fingerprint=fresh(dataset.fingerprint), config=config, plan=plan,
       tx=optim.StaticTx(tx, optim.is_shape_free(tx, params)))
 
 
 def resync(state: TrainState, dataset: Dataset) -> TrainState:
-  """``state`` with ``P`` and ``P_eval`` recomputed exactly from ``A``: ``P = W0 X^T + A K``.
+  """``state`` with ``P`` and ``P_eval`` recomputed exactly from ``A``: ``P = s W0 X^T + A K``.
 
   The step updates ``P`` incrementally, so in float32 it drifts from ``W X^T``
   by rounding (``experiments/bench_drift.py`` measures how far over long
@@ -296,16 +317,15 @@ def resync(state: TrainState, dataset: Dataset) -> TrainState:
   P0, P0_eval = initializers.initial_projections(state.key, state.config, dataset,
                                                  chunk=state.resolved_plan.init_chunk)
   dtype = state.projections.dtype
-  K = dataset.gram if dataset.gram is not None else dataset.data.gram()
+  K = dataset.full_gram()
   rows = state.P.shape[0]
   if rows != state.config.width:
     raise ValueError("resync needs an unsharded state; call kronjax.sharding.unshard_state first.")
-  P = (P0 + state.A @ K).astype(dtype)
+  P = (state.w0_scale * P0 + state.A @ K).astype(dtype)
   P_eval = None
   if state.P_eval is not None:
-    K_eval = (dataset.gram_eval if dataset.gram_eval is not None
-              else dataset.data.gram(other=dataset.eval_data))
-    P_eval = (P0_eval + state.A @ K_eval).astype(dtype)
+    K_eval = dataset.full_gram_eval()
+    P_eval = (state.w0_scale * P0_eval + state.A @ K_eval).astype(dtype)
   index = threshold_index(state).build(P, state.b)
   return state.replace(P=P, P_eval=P_eval, index=carry_rebuild_count(state.index, index))
 
@@ -332,7 +352,7 @@ def with_plan(state: TrainState, plan: Plan | None = None, **changes: Any) -> Tr
   return state.replace(index=carry_rebuild_count(state.index, new_index))
 
 
-TRAINABLE_KEYS = ("A", "P", "a", "P_eval")
+TRAINABLE_KEYS = ("A", "P", "a", "bias", "P_eval", "W0")
 
 
 def trainable_key(path: Any) -> str | None:

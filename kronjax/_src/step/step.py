@@ -52,6 +52,8 @@ class Updated(NamedTuple):
   projections: jax.Array         # (m, n) or (n, m), as stored
   a: jax.Array                   # (m, C)
   P_eval: jax.Array | None       # (m, n_e)
+  bias: jax.Array                # (C,)
+  w0_scale: jax.Array            # ()
   opt_state: Any
   rows: jax.Array | None         # (T,) neurons whose P row changed; None: every row
   row_change: jax.Array          # (T,) or (m,): bound on max_j |dP[r, j]| per listed row
@@ -182,18 +184,20 @@ def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
   outputs = jnp.einsum("bk,bkc->bc", h, a_rows) * inv_sqrt_m        # (B, C)
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
+  outputs = outputs + state.bias[None, :]                            # zeros unless output_bias
   loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
   ok = batch.valid & batch.same_data & ~overflow & jnp.isfinite(loss)
   g = jnp.where(ok, g, 0.0)  # a skipped step must not carry NaN into the masked updates
   # dL/dw_r = sum_i c[i, k] x_i: relu' is 1 on the active set (z > b strictly).
   c = jnp.where(valid, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
   grad_a_rows = h[..., None] * g[:, None, :] * inv_sqrt_m                         # (B, K, C)
+  grad_bias = jnp.sum(g, axis=0)                                                  # (C,)
 
   if state.tx.shape_free:  # the only path with no O(m n) pass
-    new = _sparse_update(state, batch, idx, c, grad_a_rows, ok)
+    new = _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok)
   else:  # momentum & co: full-shape gradients, P's built from the touched rows only
-    new = _apply_full_shape(state, _sparse_full_shape_grads(state, batch, idx, c, grad_a_rows),
-                            ok)
+    new = _apply_full_shape(state, _sparse_full_shape_grads(state, batch, idx, c, grad_a_rows,
+                                                            grad_bias), ok)
   new_state = _finish(state, index, new, ok)
   loss = jnp.where(batch.valid & ~overflow, loss, jnp.nan)
   return new_state, _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok)
@@ -204,6 +208,7 @@ def _finish(state: TrainState, index, new: Updated, ok: jax.Array) -> TrainState
   index_state = index.update(state.index, new.projections if state.layout == "neurons"
                              else new.projections.T, state.b, new.rows, new.row_change)
   return state.replace(A_T=new.A_T, projections=new.projections, a=new.a, P_eval=new.P_eval,
+                       bias=new.bias, w0_scale=new.w0_scale,
                        opt_state=new.opt_state, index=index_state,
                        step=state.step + ok.astype(state.step.dtype))
 
@@ -212,7 +217,9 @@ def _optimize(state: TrainState, grads: dict, ok: jax.Array):
   """The optax update, masked: when ``ok`` is False the updates are zero and the
   optimizer state is the old one (momentum must not decay on a skipped step).
   Every path applies the optimizer exactly once per step, here."""
-  updates, opt_state = state.tx.update(grads, state.opt_state, None)
+  # An optimizer that reads the parameters (weight decay) gets the full-shape tree.
+  params = state.trainable() if state.tx.needs_params else None
+  updates, opt_state = state.tx.update(grads, state.opt_state, params)
   # Updates keep their gradient's dtype (the data's): an optimizer scalar of a
   # wider dtype (a float64 learning rate under x64) must not promote the state.
   updates = jax.tree.map(lambda u, g: jnp.where(ok, u, jnp.zeros_like(u)).astype(g.dtype),
@@ -276,7 +283,7 @@ def add_touched_rows(X: jax.Array, T: jax.Array, rows_update: jax.Array) -> jax.
   return X.at[T].add(rows_update, mode="drop", indices_are_sorted=True, unique_indices=True)
 
 
-def _sparse_update(state, batch, idx, c, grad_a_rows, ok) -> Updated:
+def _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok) -> Updated:
   """Touched rows only: the optimizer acts on the compact gradient entries.
 
   Work ``O(T B n)`` with ``T <= B K`` the union of the active sets, plus one
@@ -287,6 +294,8 @@ def _sparse_update(state, batch, idx, c, grad_a_rows, ok) -> Updated:
   grads = {"A": c, "P": U @ batch.K_rows}                           # (B, K), (T, n)
   if config.train_output:
     grads["a"] = grad_a_rows                                        # (B, K, C)
+  if config.output_bias:
+    grads["bias"] = grad_bias                                       # (C,)
   if state.P_eval is not None:
     grads["P_eval"] = U @ batch.K_rows_eval                         # (T, n_e)
   updates, opt_state = _optimize(state, grads, ok)
@@ -296,7 +305,12 @@ def _sparse_update(state, batch, idx, c, grad_a_rows, ok) -> Updated:
   P_eval = (add_touched_rows(state.P_eval, T, updates["P_eval"]) if state.P_eval is not None
             else None)
   row_change = jnp.max(jnp.abs(updates["P"]), axis=-1)              # (T,)
-  return Updated(A_T, P, a, P_eval, opt_state, T, row_change)
+  return Updated(A_T, P, a, P_eval, _new_bias(state, updates), state.w0_scale, opt_state, T,
+                 row_change)
+
+
+def _new_bias(state: TrainState, updates: dict) -> jax.Array:
+  return state.bias + updates["bias"] if state.config.output_bias else state.bias
 
 
 def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
@@ -337,10 +351,13 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
   if axis_name is not None:
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
     counts = jax.lax.psum(counts, axis_name)
+  outputs = outputs + state.bias[None, :]                            # zeros unless output_bias
   max_count = jnp.max(counts)
   loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
   ok = batch.valid & batch.same_data & jnp.isfinite(loss)
-  g = jnp.where(ok, g, 0.0) * inv_sqrt_m                           # (B, C)
+  g = jnp.where(ok, g, 0.0)
+  grad_bias = jnp.sum(g, axis=0)                                   # (C,)
+  g = g * inv_sqrt_m                                               # (B, C)
   # dL/dw_r = sum_i G_T[i, r] x_i; relu' is 1 on the active set (z > b strictly).
   ga = hidden_rows().T @ g if config.train_output else None        # (m, C)
   if state.tx.shape_free:
@@ -348,7 +365,8 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
     # optimizer applied to unit gradients, then scale g by it so that the update
     # U = scalar * G_T comes out of one pass over the batch's rows.
     one = jnp.ones((), state.projections.dtype)
-    unit = trainable_tree(one, one, ga, None if batch.K_rows_eval is None else one, config)
+    unit = trainable_tree(one, one, ga, None if batch.K_rows_eval is None else one, config,
+                          bias=grad_bias)
     updates, opt_state = _optimize(state, unit, ok)
     new = _apply_scalar(state, batch, coefficients(g * updates["P"]), updates, opt_state)
   else:
@@ -357,7 +375,8 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
     grads = trainable_tree(
         jnp.zeros_like(state.A_T).at[idx].add(G_T),   # (n, m); XLA fuses the zeros in
         K_rows.T @ G_T if state.layout == "points" else G_T.T @ K_rows,   # as stored
-        ga, None if K_rows_eval is None else G_T.T @ K_rows_eval, config)
+        ga, None if K_rows_eval is None else G_T.T @ K_rows_eval, config, bias=grad_bias,
+        w0_scale=jnp.zeros_like(state.w0_scale) if state.tx.needs_params else None)
     new = _apply_full_shape(state, grads, ok)
   new_state = _finish(state, threshold_index(state), new, ok)
   loss = jnp.where(batch.valid, loss, jnp.nan)
@@ -366,7 +385,7 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
 
 
 def _sparse_full_shape_grads(state: TrainState, batch: Batch, idx: jax.Array, c: jax.Array,
-                             grad_a_rows: jax.Array) -> dict[str, jax.Array]:
+                             grad_a_rows: jax.Array, grad_bias: jax.Array) -> dict[str, jax.Array]:
   """The full-shape gradient tree a stateful optimizer needs, from the sparse path's
   active sets ``idx (B, K)`` and coefficients ``c (B, K)``: ``P``'s built from the
   touched rows only (``O(T B n)``), the rest scattered into zeros."""
@@ -379,7 +398,8 @@ def _sparse_full_shape_grads(state: TrainState, batch: Batch, idx: jax.Array, c:
   ga = (jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
         if state.config.train_output else None)
   return trainable_tree(jnp.zeros_like(state.A_T).at[batch.idx].add(G_T), gP, ga, gP_eval,
-                        state.config)
+                        state.config, bias=grad_bias,
+                        w0_scale=jnp.zeros_like(state.w0_scale) if state.tx.needs_params else None)
 
 
 def _apply_scalar(state: TrainState, batch: Batch, U: jax.Array, updates: dict,
@@ -402,7 +422,8 @@ def _apply_scalar(state: TrainState, batch: Batch, U: jax.Array, updates: dict,
   bound = jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(U)
   row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)      # (m,)
   a = state.a + updates["a"] if state.config.train_output else state.a
-  return Updated(A_T, P, a, P_eval, opt_state, None, row_change)
+  return Updated(A_T, P, a, P_eval, _new_bias(state, updates), state.w0_scale, opt_state, None,
+                 row_change)
 
 
 def _apply_full_shape(state: TrainState, grads: dict, ok: jax.Array) -> Updated:
@@ -414,4 +435,6 @@ def _apply_full_shape(state: TrainState, grads: dict, ok: jax.Array) -> Updated:
   P_eval = state.P_eval + updates["P_eval"] if state.P_eval is not None else None
   row_change = jnp.max(jnp.abs(updates["P"]), axis=0 if state.layout == "points" else 1)  # (m,)
   a = state.a + updates["a"] if state.config.train_output else state.a
-  return Updated(A_T, P, a, P_eval, _ordered_after(opt_state, (A_T, P, P_eval)), None, row_change)
+  w0_scale = state.w0_scale + updates["W0"] if "W0" in updates else state.w0_scale
+  return Updated(A_T, P, a, P_eval, _new_bias(state, updates), w0_scale,
+                 _ordered_after(opt_state, (A_T, P, P_eval)), None, row_change)
