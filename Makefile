@@ -44,7 +44,7 @@ demo: $(DEMO) native
 # C++ compiler it says so and kronjax runs on XLA). Same as python -m kronjax._src.kernels.native.
 .PHONY: native
 native: $(DEMO)
-	$(BIN)/python -c 'import sys; from kronjax._src import native; sys.exit(native.main())'
+	$(BIN)/python -c 'import sys; from kronjax._src.kernels import native; sys.exit(native.main())'
 
 # Every benchmark behind the performance page, then the page's tables regenerated from their
 # JSON (tens of minutes on 2 CPUs; not part of CI: the tests run the benchmarks' --smoke versions).

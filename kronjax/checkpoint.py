@@ -4,13 +4,13 @@
 checkpoints asynchronously (``kronjax.fit`` uses it).
 """
 
-from kronjax._src.dist.checkpoint import checkpoint_path
-from kronjax._src.dist.checkpoint import steps
-from kronjax._src.dist.checkpoint import latest_step
-from kronjax._src.dist.checkpoint import save
-from kronjax._src.dist.checkpoint import Manager
-from kronjax._src.dist.checkpoint import describe_tx
-from kronjax._src.dist.checkpoint import load
+from kronjax._src.distributed.checkpoint import checkpoint_path
+from kronjax._src.distributed.checkpoint import steps
+from kronjax._src.distributed.checkpoint import latest_step
+from kronjax._src.distributed.checkpoint import save
+from kronjax._src.distributed.checkpoint import Manager
+from kronjax._src.distributed.checkpoint import describe_tx
+from kronjax._src.distributed.checkpoint import load
 
 __all__ = (
     "checkpoint_path",

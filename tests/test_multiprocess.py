@@ -163,7 +163,7 @@ import importlib.util, os, signal, sys
 spec = importlib.util.spec_from_file_location("multiprocess_fit", "@RECIPE@")
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
-from kronjax._src.dist import checkpoint
+from kronjax._src.distributed import checkpoint
 original = checkpoint.Manager.save
 saves = []
 

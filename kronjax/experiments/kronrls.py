@@ -23,7 +23,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax._src.base import checks
+
+def _check_finite(name: str, x: Any) -> None:
+  if not np.all(np.isfinite(np.asarray(x))):
+    raise ValueError(f"{name} holds NaN or inf values; pass finite numbers.")
+
+
+def _check_indices(name: str, idx: Any, size: int) -> None:
+  idx = np.asarray(idx)
+  if idx.size and (idx.min() < 0 or idx.max() >= size):
+    raise ValueError(f"{name} must hold indices in [0, {size}), got values in "
+                     f"[{int(idx.min())}, {int(idx.max())}].")
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {value}.")
+  return int(value)
+
 
 
 class KronRLS(NamedTuple):
@@ -50,7 +69,7 @@ def _check_kernel(name: str, K: Any) -> jax.Array:
     raise TypeError(f"{name} must be a real kernel matrix, got dtype {arr.dtype}.")
   if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
     raise ValueError(f"{name} must be a non-empty square (N, N) kernel matrix, got shape {arr.shape}.")
-  checks.check_finite(name, arr)
+  _check_finite(name, arr)
   scale = max(float(np.max(np.abs(arr))), 1e-300)
   if float(np.max(np.abs(arr - arr.T))) > 1e-6 * scale:
     raise ValueError(
@@ -67,7 +86,7 @@ def _check_cross(name: str, K: Any, n_train: int, train_name: str) -> jax.Array:
     raise ValueError(
         f"{name} must be (M, {n_train}): similarities of the entities to predict (rows) to "
         f"the {n_train} entities of {train_name} (columns), got shape {arr.shape}.")
-  checks.check_finite(name, arr)
+  _check_finite(name, arr)
   return jnp.asarray(K)
 
 
@@ -79,8 +98,8 @@ def _check_pairs(name: str, pairs: Any, n_rows: int, n_cols: int) -> jax.Array:
   if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
     raise ValueError(
         f"{name} must be a non-empty (n, 2) array of (drug, target) indices, got shape {arr.shape}.")
-  checks.check_indices(f"{name}[:, 0]", arr[:, 0], n_rows)
-  checks.check_indices(f"{name}[:, 1]", arr[:, 1], n_cols)
+  _check_indices(f"{name}[:, 0]", arr[:, 0], n_rows)
+  _check_indices(f"{name}[:, 1]", arr[:, 1], n_cols)
   return jnp.asarray(arr, jnp.int32)
 
 
@@ -158,12 +177,12 @@ def fit_kronrls(Kd: Any, Kt: Any, pairs: Any, y: Any, lam: float, *, tol: float 
     raise ValueError(
         f"y must be a real ({pairs.shape[0]},) array, one label per row of pairs, "
         f"got shape {y_np.shape} and dtype {y_np.dtype}.")
-  checks.check_finite("y", y_np)
+  _check_finite("y", y_np)
   if not np.isfinite(lam) or lam <= 0:
     raise ValueError(f"lam must be a finite ridge > 0, got {lam!r}.")
   if not np.isfinite(tol) or tol <= 0:
     raise ValueError(f"tol must be a finite relative tolerance > 0, got {tol!r}.")
-  maxiter = checks.check_positive_int("maxiter", maxiter)
+  maxiter = _check_positive_int("maxiter", maxiter)
   dtype = jnp.result_type(Kd.dtype, Kt.dtype, jnp.asarray(y).dtype, jnp.float32)
   return _solve(Kd.astype(dtype), Kt.astype(dtype), pairs, jnp.asarray(y, dtype),
                 jnp.asarray(lam, dtype), jnp.asarray(tol, dtype), jnp.asarray(maxiter, jnp.int32))
@@ -204,8 +223,8 @@ def _check_pair_of_vectors(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.nda
     raise ValueError(f"y_true must be a non-empty 1-D array, got shape {yt.shape}.")
   if yp.shape != yt.shape:
     raise ValueError(f"y_pred must have the shape of y_true {yt.shape}, got {yp.shape}.")
-  checks.check_finite("y_true", yt)
-  checks.check_finite("y_pred", yp)
+  _check_finite("y_true", yt)
+  _check_finite("y_pred", yp)
   return yt + 0.0, yp + 0.0  # + 0.0 turns -0.0 into 0.0, so ties compare bytewise too
 
 

@@ -113,6 +113,7 @@ class HiddenRows(NamedTuple):
 
 _lock = threading.Lock()
 _status: Status | None = None   # set once by prepare()
+_build: Build | None = None     # what prepare() built or found in this process
 _warned = False
 _handles: list[ctypes.CDLL] = []  # the loaded libraries, kept for the process's lifetime
 
@@ -210,8 +211,10 @@ def _try_load() -> Status:
   cxx = compiler()
   if cxx is None:
     return Status(False, NO_COMPILER, None, failed=True)
+  global _build
   try:
-    library = build(cxx, announce=True).library
+    _build = build(cxx, announce=True)
+    library = _build.library
     _register(library)
   except Exception as e:  # noqa: BLE001 -- any failure means: fall back to XLA
     return Status(False, f"native CPU kernels unavailable ({type(e).__name__}: {e}); kronjax "
@@ -417,7 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(NO_COMPILER)
     return 0
   try:
-    result = build(cxx, rebuild=args.rebuild)
+    # The first import of kronjax (this module's package) has prepared the kernels already:
+    # report that build when it compiled, else build now (or find the cached one).
+    result = (_build if _build is not None and _build.compiled and not args.rebuild
+              else build(cxx, rebuild=args.rebuild))
   except BuildError as e:
     print(f"kronjax: building the native CPU kernels failed: {e}", file=sys.stderr)
     return 1

@@ -37,7 +37,7 @@ import numpy as np
 
 from kronjax._src.base import checks
 from kronjax._src.data.dataset import Dataset
-from kronjax._src.dist import checkpoint
+from kronjax._src.distributed import checkpoint
 from kronjax._src.step import index as index_lib
 from kronjax._src.step.state import TrainState, check_key
 from kronjax._src.train import runners

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from kronjax._src.data.dataset import Dataset
-from kronjax._src.dist import sharding
+from kronjax._src.distributed import sharding
 from kronjax._src.inference.inference import evaluate
 from kronjax._src.step import step as step_lib
 from kronjax._src.step.state import TrainState, resync, with_plan

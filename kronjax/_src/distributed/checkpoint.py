@@ -1,6 +1,6 @@
 """Checkpoints of a ``TrainState``, sharded or not: every process writes its own shards.
 
-Format (v3): one directory per step, ``<directory>/ckpt_<step:010d>/``, written
+Format (v4): one directory per step, ``<directory>/ckpt_<step:010d>/``, written
 with orbax-checkpoint (``CheckpointManager``) and holding three items:
 
 * ``state``: every array leaf of the state except the threshold index (``P``,
@@ -11,8 +11,8 @@ with orbax-checkpoint (``CheckpointManager``) and holding three items:
   replicated leaf is written once). Nothing is gathered to one device or host.
 * ``index``: the threshold index leaves (per shard, with their leading device
   axis, for a sharded state);
-* ``manifest`` (JSON, written by process 0): the static ``Config``, the index
-  kind, a description of the optimizer state (an optax transformation is a pair
+* ``manifest`` (JSON, written by process 0): the network (``Config.identity()``),
+  the ``Plan``, the kronjax version, the index kind, a description of the optimizer state (an optax transformation is a pair
   of closures and cannot be stored), the dataset fingerprint, the width ``m``,
   the stored rows ``m_pad`` and device count, the path, shape, dtype and neuron
   axis of every leaf, and the caller's ``metadata`` (JSON values, and arrays
@@ -51,10 +51,9 @@ to ``-inf`` (never firing). The index is restored as saved when the layouts
 agree (same device count, or both unsharded), else rebuilt from ``P`` (a
 rebuild never changes which neurons fire; its rebuild counter is carried).
 ``like`` must come from ``kronjax.init`` with the same dataset, config and
-``tx``; the checkpoint's config may differ from ``like.config`` in what
-``kronjax.with_config`` may change (capacities grown by an overflow replay,
-index kind, update path, layout): the state is restored under the checkpoint's
-config. A checkpoint that is corrupt or incomplete (missing or damaged
+``tx``; the network (``Config.identity()``) must agree, and the state is restored
+under the checkpoint's ``Plan`` (capacities grown by an overflow replay, index
+kind, update path, layout: ``kronjax.with_plan``). A checkpoint that is corrupt or incomplete (missing or damaged
 manifest, missing or truncated array files) or that does not match ``like``
 (network settings, dataset fingerprint, optimizer state structure, shapes,
 dtypes) is refused with a ``ValueError`` saying what differs, by every process
@@ -88,7 +87,7 @@ from jax.sharding import PartitionSpec as P
 from jax.experimental import multihost_utils
 
 from kronjax._src.base import serialization
-from kronjax._src.dist import sharding
+from kronjax._src.distributed import sharding
 from kronjax._src.data.dataset import fingerprint_text
 from kronjax._src.step.plan import Plan
 from kronjax._src.step.state import TrainState, threshold_index, with_plan
