@@ -23,7 +23,7 @@ $(DEMO): $(BASE)
 	touch $(DEMO)
 
 $(TEST): $(BASE)
-	$(BIN)/python -m pip install --quiet -e '.[dev,experiments,docs]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,experiments,docs,pairwise]'
 	touch $(TEST) $(DEMO)
 
 # The tests run in one worker process per CPU (pytest-xdist): most of their time is single-threaded
@@ -60,6 +60,7 @@ bench: $(TEST) native
 	$(BIN)/python experiments/bench_auto.py
 	$(BIN)/python experiments/bench_drift.py
 	$(BIN)/python experiments/bench_checkpoint.py
+	$(BIN)/python experiments/bench_pairwise.py
 	$(BIN)/python docs/gen_tables.py --figure
 
 # Every experiment behind the results page, written into experiments/results/, then the tables

@@ -23,7 +23,7 @@ neuron-sharded, each process writing and reading its half):
   layouts (2 processes -> 1 process, 1 -> 2);
 * ``compression`` (1 process): the same arrays written and read by orbax with
   zstd (its default) and without (what ``kronjax.checkpoint`` does);
-* memory per device (kronjax/_src/dist/sharding.py's module docstring): the
+* memory per device (kronjax/_src/distributed/sharding.py's module docstring): the
   formula, the compiled step's ``memory_analysis`` and the measured peak
   resident memory of the process over training, saving and restoring (the peak
   is reset after the initial state is sharded: ``kronjax.init`` still builds the
@@ -407,7 +407,7 @@ def main():
       **timing.provenance(),
       "settings": {"m": args.m, "n": args.n, "dims": args.dims, "batch": args.batch,
                    "dtype": "float32", "optimizer": "sgd(0.1, momentum=0.9)",
-                   "repeats": args.repeats, "compression": "none (see kronjax/_src/dist/checkpoint.py)"},
+                   "repeats": args.repeats, "compression": "none (see kronjax/_src/distributed/checkpoint.py)"},
       "summary": {"1_process": summary(runs["1_process"]), "2_processes": summary(runs["2_processes"]),
                   **cross,
                   "restore_1_process_to_2_s": runs["2_processes"][0].get("restore_from_1_process_s")},

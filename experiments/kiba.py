@@ -30,6 +30,7 @@ concordance index (CI), with training time and the process's peak memory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import resource
 import time
@@ -54,6 +55,7 @@ PUBLISHED = (
 class Params:
   """The data, the features and the two learners' search grids."""
   data_home: str = ""              # "" : $KRONJAX_DATA or ~/.cache/kronjax/datasets
+  checksums_file: str = ""         # "" : the published files' checksums; else a JSON {file: "sha256:..."}
   drug_features: str = "tanimoto"   # "tanimoto" | "morgan"
   target_features: str = "sw"       # "sw" | "kmer"
   morgan_bits: int = 1024
@@ -113,42 +115,53 @@ def _peak_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tune_kronjax(p: Params, tables, pairs, y, val_pairs, val_y, mean, progress: bool):
+def _decayed_sgd(learning_rate, weight_decay):
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+
+
+def tune_kronjax(p: Params, tables, pairs, y, val_pairs, val_y, mean, progress: bool,
+                 plan: kronjax.Plan | None):
   """The sweep on the tuning split; returns per-(member, epoch) validation MSE rows and the best."""
   dataset = _dataset(tables, pairs, y - mean, val_pairs, val_y - mean)
 
-  def decayed_sgd(learning_rate, weight_decay):
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
-
-  tx = optax.inject_hyperparams(decayed_sgd)(learning_rate=1.0, weight_decay=0.0)
-  members = kronjax.sweep.grid(learning_rate=list(p.learning_rates), threshold=list(p.thresholds),
-                               weight_decay=list(p.weight_decays))
+  axes = {"learning_rate": list(p.learning_rates), "threshold": list(p.thresholds)}
+  if any(p.weight_decays):
+    # Decay makes every step O(m n) (the optimizer reads the parameters): only when asked for.
+    tx = optax.inject_hyperparams(_decayed_sgd)(learning_rate=1.0, weight_decay=0.0)
+    axes["weight_decay"] = list(p.weight_decays)
+  else:
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  members = kronjax.sweep.grid(**axes)
   for member in members:
     member["seed"] = p.seed
   config = kronjax.Config(width=p.width, centered=p.centered)
-  states = kronjax.sweep.init(config, dataset, members, tx=tx)
+  states = kronjax.sweep.init(config, dataset, members, tx=tx, plan=plan)
   per_epoch = dataset.n // p.batch_size
   states, history = kronjax.sweep.fit(
       states, dataset, jax.random.PRNGKey(p.seed + 1), batch_size=p.batch_size,
       epochs=p.tune_epochs, eval_every=per_epoch, progress=progress, on_nonfinite="stop")
   rows = []
+  steps, active = np.asarray(history["step"]), np.asarray(history["active"])
   for i, member in enumerate(members):
     for e, mse in enumerate(np.asarray(history["eval_mse"])[i], start=1):
-      rows.append({**member, "epoch": e, "validation_mse": float(mse)})
+      at = np.flatnonzero(steps == e * per_epoch)
+      rows.append({"weight_decay": 0.0, **member, "epoch": e, "validation_mse": float(mse),
+                   "active_per_step": float(active[i][at[0]]) if at.size else None})
   finite = [r for r in rows if np.isfinite(r["validation_mse"])]
   best = min(finite, key=lambda r: r["validation_mse"])
   return rows, best
 
 
-def train_kronjax(p: Params, best: dict, tables, pairs, y, test_pairs, test_y, mean):
+def train_kronjax(p: Params, best: dict, tables, pairs, y, test_pairs, test_y, mean,
+                  plan: kronjax.Plan | None):
   """The chosen setting on all training folds; test MSE, CI, seconds."""
   dataset = _dataset(tables, pairs, y - mean, test_pairs, test_y - mean)
   config = kronjax.Config(width=p.width, centered=p.centered)
-  tx = optax.chain(optax.add_decayed_weights(best["weight_decay"]),
-                   optax.sgd(best["learning_rate"]))
+  tx = (_decayed_sgd(best["learning_rate"], best["weight_decay"]) if best["weight_decay"]
+        else optax.sgd(best["learning_rate"]))
   t0 = time.perf_counter()
   state = kronjax.init(jax.random.PRNGKey(p.seed), config, dataset, tx,
-                       threshold=best["threshold"])
+                       threshold=best["threshold"], plan=plan)
   state, _ = kronjax.fit(state, dataset, jax.random.PRNGKey(p.seed + 1),
                          batch_size=p.batch_size, epochs=best["epoch"], progress=False)
   pred = np.asarray(kronjax.predict(state, dataset, dataset.eval_data))[:, 0] + mean
@@ -191,10 +204,14 @@ def plot(table: list[dict], out_dir: pathlib.Path) -> str:
   return experiment.save_figure(fig, out_dir, "kiba.png", dpi=80)
 
 
-def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dict:
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
   p = params
   out_dir = pathlib.Path(out_dir)
-  kiba = kronjax.data.fetch_kiba(p.data_home or None, similarities=("target",))
+  checksums = (json.loads(pathlib.Path(p.checksums_file).read_text()) if p.checksums_file
+               else None)
+  kiba = kronjax.data.fetch_kiba(p.data_home or None, similarities=("target",),
+                                 checksums=checksums)
   t0 = time.perf_counter()
   tables = entity_features(p, kiba)
   feature_seconds = time.perf_counter() - t0
@@ -209,9 +226,9 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False) -> dic
   mean = float(np.mean(y[train_idx]))
 
   sweep_rows, best = tune_kronjax(p, tables, pairs[tune_idx], y[tune_idx], pairs[val_idx],
-                                  y[val_idx], tune_mean, progress)
+                                  y[val_idx], tune_mean, progress, plan)
   kron = train_kronjax(p, best, tables, pairs[train_idx], y[train_idx], pairs[test_idx],
-                       y[test_idx], mean)
+                       y[test_idx], mean, plan)
   ridge_rows, ridge = kronrls_runs(p, tables, pairs[tune_idx], y[tune_idx], pairs[val_idx],
                                    y[val_idx], pairs[test_idx], y[test_idx], tune_mean)
   table = [

@@ -15,7 +15,7 @@ What each process does (``run``):
    devices of every process and ``kronjax.sharding.neuron_mesh()`` spans them all.
 2. Builds the same dataset from the same seed (``make_problem``): the data is
    replicated, every process holds all of it (a Gram too large for one host:
-   ``--gram factors`` keeps only the factors, see kronjax/_src/dist/sharding.py).
+   ``--gram factors`` keeps only the factors, see kronjax/_src/distributed/sharding.py).
 3. ``kronjax.fit(state, dataset, key, ..., mesh=mesh, checkpoint_dir=...)``: every
    process derives the same batch indices from the key (``kronjax.batch_schedule``),
    each holds and updates its rows of ``P``, ``A``, ``a`` and the optimizer

@@ -63,7 +63,8 @@ def _assert_same(x, y):
 
 
 STATE_FIELDS = {".projections", ".A_T", ".a", ".b", ".opt_state", ".step", ".key", ".index",
-                ".P_eval", ".fingerprint"}   # the dataset's (8,) uint32 fingerprint, not its data
+                ".P_eval", ".bias", ".w0_scale",
+                ".fingerprint"}   # the dataset's (8,) uint32 fingerprint, not its data
 
 
 def _manifest(path):

@@ -60,7 +60,7 @@ def test_file_holds_the_network_and_nothing_of_training(tmp_path):
     names = set(npz.files)
     sizes = {k: npz[k].size for k in npz.files}
   m, n, C = 64, 40, 3
-  assert names == {"__manifest__", "key", "A", "a", "b", "factor_0", "factor_1"}
+  assert names == {"__manifest__", "key", "A", "a", "b", "bias", "w0_scale", "factor_0", "factor_1"}
   assert sizes["A"] == m * n and sizes["a"] == m * C
   assert sizes["factor_0"] + sizes["factor_1"] == n * 2 * (4 + 6)  # n R sum_q d_q
 

@@ -25,8 +25,11 @@ import numpy as np
 
 
 def _check_finite(name: str, x: Any) -> None:
-  if not np.all(np.isfinite(np.asarray(x))):
-    raise ValueError(f"{name} holds NaN or inf values; pass finite numbers.")
+  arr = np.asarray(x)
+  bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+  if bad:
+    raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf); clean or drop "
+                     "those entries first.")
 
 
 def _check_indices(name: str, idx: Any, size: int) -> None:
