@@ -12,8 +12,11 @@ from kronjax._src.data.dataset import NormWarning
 from kronjax._src.inference.inference import dense_params
 from kronjax._src.inference.inference import evaluate
 from kronjax._src.inference.inference import predict
+from kronjax._src.inference.verify import verify
 from kronjax._src.data.kron_data import KronData
 from kronjax._src.train.loop import CapacityError
+from kronjax._src.train.loop import STOP
+from kronjax._src.train.loop import StepInfo
 from kronjax._src.train.loop import batch_schedule
 from kronjax._src.train.loop import fit
 from kronjax._src.kernels.native import info as native_info
@@ -34,6 +37,8 @@ __all__ = (
     "KronData",
     "NormWarning",
     "Plan",
+    "STOP",
+    "StepInfo",
     "TrainState",
     "batch_schedule",
     "checkpoint",
@@ -51,5 +56,6 @@ __all__ = (
     "sharding",
     "sweep",
     "train_step",
+    "verify",
     "with_plan",
 )

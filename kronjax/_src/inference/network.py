@@ -62,9 +62,13 @@ class Network:
     a: ``(m, C)`` output layer.  b: ``()`` threshold.
     data: the ``n`` training points ``X`` (``KronData``).
     bias: ``(C,)`` output bias.  w0_scale: ``()`` the scale ``s`` of ``W0``.
+
+  A pytree: the arrays and ``data`` are leaves, ``config`` is static, so a
+  network passes through ``jax.jit`` (``jax.jit(lambda net, x: net.predict(x))``)
+  and ``jax.tree.map``.
   """
 
-  config: Config
+  config: Config = dataclasses.field(metadata=dict(static=True))
   key: jax.Array
   A: jax.Array
   a: jax.Array
@@ -82,6 +86,22 @@ class Network:
     """Network outputs ``(n', C)`` on ``data`` (checked as ``kronjax.predict`` checks it)."""
     data = check_new_data("data", self.data, data)
     return outputs(self.config, self.a, self.b, self.bias, self.projections(data))
+
+
+jax.tree_util.register_dataclass(
+    Network,
+    data_fields=[f.name for f in dataclasses.fields(Network) if not f.metadata.get("static")],
+    meta_fields=[f.name for f in dataclasses.fields(Network) if f.metadata.get("static")],
+)
+
+
+def check_single_state(state: Any) -> None:
+  """TypeError unless ``state`` is one ``TrainState`` (not a stacked sweep state)."""
+  if not isinstance(state, TrainState):
+    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  if np.ndim(state.step) != 0:
+    raise TypeError("this is a sweep state: use kronjax.sweep.member(state, i) or jax.vmap "
+                    f"(its step has shape {np.shape(state.step)}, one entry per member).")
 
 
 def outputs(config: Config, a: jax.Array, b: jax.Array, bias: jax.Array,
@@ -124,12 +144,8 @@ def new_projections(config: Config, key: jax.Array, A: jax.Array, train: KronDat
 
 def from_state(state: TrainState, dataset: Dataset) -> Network:
   """The trained network of ``state`` (an unsharded, single state) for ``dataset``."""
-  if not isinstance(state, TrainState):
-    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  check_single_state(state)
   state.check_dataset(dataset)
-  if np.ndim(state.step) != 0:
-    raise ValueError("state is a stacked sweep state; export one member "
-                     "(kronjax.sweep.member(states, i)).")
   if state.P.shape[0] != state.config.width:
     raise ValueError("state is a padded neuron-sharded state; call "
                      "kronjax.sharding.unshard_state(state) first.")

@@ -1,6 +1,7 @@
-"""The training loop's record: per-step and evaluation metrics, and the progress bar.
+"""The training loop's record: per-step, evaluation and callback metrics, and the progress bar.
 
-Shapes: S members (1 for a single run), T recorded steps, T_e evaluations.
+Shapes: S members (1 for a single run), T recorded steps, T_e evaluations,
+T_c callback calls.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class History:
     self.eval_step: list[int] = []
     self.eval_values: dict[str, list[np.ndarray]] = {}
     self.replays: list[tuple] = []
+    # Callback metrics: one entry per callback call (None where a name was not reported).
+    self.callback_step: list[int] = []
+    self.callback_values: dict[str, list[np.ndarray | None]] = {}
 
   def add(self, step_no: int, metrics: dict[str, np.ndarray], live: np.ndarray) -> None:
     self.step.append(step_no)
@@ -35,6 +39,48 @@ class History:
     for k, v in values.items():
       self.eval_values.setdefault(k, []).append(
           np.where(live, np.atleast_1d(np.asarray(v, np.float64)), np.nan))
+
+  def add_callback(self, step_no: int, values: dict[str, np.ndarray]) -> None:
+    """Records one callback call at ``step_no`` with the metrics the callbacks returned.
+
+    Names reported at some calls only are NaN at the others; a name must keep its shape.
+    """
+    self.callback_step.append(step_no)
+    for name, column in self.callback_values.items():
+      value = values.get(name)
+      if value is not None:
+        _check_same_shape(name, column, value)
+      column.append(value)
+    for name, value in values.items():
+      if name not in self.callback_values:
+        self.callback_values[name] = [None] * (len(self.callback_step) - 1) + [value]
+
+  def callback_arrays(self) -> dict[str, np.ndarray]:
+    """``{name: (T_c,) + value shape}`` float64, NaN where the name was not reported."""
+    out = {}
+    for name, column in self.callback_values.items():
+      shape = next(np.shape(v) for v in column if v is not None)
+      out[name] = np.stack([np.full(shape, np.nan) if v is None else np.asarray(v, np.float64)
+                            for v in column])
+    return out
+
+  def marks(self) -> tuple[int, int, int, int]:
+    """Where the record stands now (the lists only grow): for ``upto``."""
+    return len(self.step), len(self.eval_step), len(self.replays), len(self.callback_step)
+
+  def upto(self, marks: tuple[int, int, int, int]) -> "History":
+    """The record as it stood at ``marks`` (a copy; this one goes on growing)."""
+    t, t_e, r, t_c = marks
+    out = History(self.members)
+    out.step = self.step[:t]
+    out.values = {k: v[:t] for k, v in self.values.items()}
+    out.eval_step = self.eval_step[:t_e]
+    out.eval_values = {k: v[:t_e] for k, v in self.eval_values.items() if t_e}
+    out.replays = self.replays[:r]
+    out.callback_step = self.callback_step[:t_c]
+    out.callback_values = {k: v[:t_c] for k, v in self.callback_values.items()
+                           if any(x is not None for x in v[:t_c])}
+    return out
 
   def result(self, squeeze: bool) -> dict[str, Any]:
     def stacked(rows):
@@ -50,6 +96,9 @@ class History:
       out["eval_step"] = np.asarray(self.eval_step, np.int64)
       out.update({k: stacked(v) for k, v in self.eval_values.items()})
     out["replays"] = list(self.replays)
+    if self.callback_step:
+      out["callback_step"] = np.asarray(self.callback_step, np.int64)
+      out["callback"] = self.callback_arrays()
     return out
 
   def encode(self) -> dict[str, Any]:
@@ -60,7 +109,9 @@ class History:
             "eval_step": np.asarray(self.eval_step, np.int64),
             "eval_values": {k: np.asarray(v).reshape(len(self.eval_step), self.members)
                             for k, v in self.eval_values.items()},
-            "replays": [list(r) for r in self.replays]}
+            "replays": [list(r) for r in self.replays],
+            "callback_step": np.asarray(self.callback_step, np.int64),
+            "callback_values": self.callback_arrays()}
 
   @classmethod
   def restore(cls, members: int, saved: dict[str, Any]) -> "History":
@@ -72,7 +123,18 @@ class History:
     out.eval_step = [int(s) for s in np.asarray(saved["eval_step"])]
     out.eval_values = {k: list(np.asarray(v)) for k, v in saved["eval_values"].items()}
     out.replays = [tuple(r) for r in saved["replays"]]
+    # Checkpoints written before callbacks existed hold no callback record.
+    out.callback_step = [int(s) for s in np.asarray(saved.get("callback_step", []))]
+    out.callback_values = {k: list(np.asarray(v, np.float64))
+                           for k, v in saved.get("callback_values", {}).items()}
     return out
+
+
+def _check_same_shape(name: str, column: list, value: np.ndarray) -> None:
+  before = next((v for v in column if v is not None), None)
+  if before is not None and np.shape(before) != np.shape(value):
+    raise ValueError(f"the callback metric {name!r} changed shape from {np.shape(before)} to "
+                     f"{np.shape(value)}; a metric must keep one shape for the whole run.")
 
 
 class _NoBar:

@@ -22,6 +22,12 @@ Policies:
     diverge) and trains the others on.
   * a member that stopped is frozen (masked steps) and reported in
     ``history["stopped"]``; when every member has stopped the loop ends early.
+
+Hooks: ``callbacks`` are called every ``callback_every`` global steps (and at
+the end) with a ``StepInfo``; one returning ``STOP`` (or True) ends the run after
+that step, one returning a dict has it recorded in ``history["callback"]``.
+``verify_every`` checks ``P`` against the weights (``kronjax.verify``) and raises
+``FloatingPointError`` when they disagree.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,8 @@ import numpy as np
 from kronjax._src.base import checks
 from kronjax._src.data.dataset import Dataset
 from kronjax._src.distributed import checkpoint
+from kronjax._src.inference import network
+from kronjax._src.inference import verify as verify_lib
 from kronjax._src.step import index as index_lib
 from kronjax._src.step.state import TrainState, check_key
 from kronjax._src.train import runners
@@ -49,6 +58,67 @@ ON_NONFINITE = ("raise", "stop")
 
 class CapacityError(RuntimeError):
   """A batch had more active neurons (or index candidates) than the static capacity."""
+
+
+class _Stop:
+  """The type of ``STOP`` (one instance)."""
+
+  __slots__ = ()
+
+  def __repr__(self) -> str:
+    return "kronjax.STOP"
+
+  def __reduce__(self) -> str:
+    return "STOP"   # unpickles as the one instance
+
+
+STOP = _Stop()
+"""What a ``fit`` callback returns to end the run after the current step (``True`` does too)."""
+
+
+class StepInfo(NamedTuple):
+  """What a ``fit`` callback is called with, every ``callback_every`` global steps.
+
+  Attributes:
+    step: the global step count after the step just taken (``state.step``; the
+      history records the step under this number).
+    state: the state after that step. Valid until the next step, which donates
+      its buffers: keep a copy (``jax.tree.map(jnp.copy, info.state)``) to hold
+      on to it. Stacked for ``kronjax.sweep.fit``.
+    metrics: that step's metrics as host numpy values (``loss``, ``active``,
+      ``max_active``, ...; ``(S,)`` arrays for a sweep).
+    history: the history so far as ``fit`` would return it (a read-only
+      mapping, built on first access, as it stood at this call).
+  """
+
+  step: int
+  state: TrainState
+  metrics: dict[str, Any]
+  history: Mapping[str, Any]
+
+
+class _LazyHistory(Mapping):
+  """A read-only mapping that builds the history only when a callback reads it."""
+
+  def __init__(self, build: Callable[[], dict[str, Any]]):
+    self._build, self._value = build, None
+
+  def _get(self) -> dict[str, Any]:
+    if self._value is None:
+      self._value = self._build()
+    return self._value
+
+  def __getitem__(self, k):
+    return self._get()[k]
+
+  def __iter__(self):
+    return iter(self._get())
+
+  def __len__(self):
+    return len(self._get())
+
+  def __repr__(self) -> str:
+    return f"StepInfo.history({self._get()!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +141,9 @@ class Options:
   keep: int = 2
   resume: bool = False
   resync_every: int = 0
+  callbacks: Any = ()
+  callback_every: int = 1
+  verify_every: int = 0
 
   def __post_init__(self):
     checks.check_positive_int("batch_size", self.batch_size)
@@ -81,9 +154,11 @@ class Options:
         checks.check_positive_int(name, getattr(self, name))
     checks.check_choice("on_overflow", self.on_overflow, ON_OVERFLOW)
     checks.check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
-    for name in ("eval_every", "checkpoint_every", "resync_every"):
+    for name in ("eval_every", "checkpoint_every", "resync_every", "verify_every"):
       checks.check_positive_int(name, getattr(self, name), minimum=0)
     checks.check_positive_int("log_every", self.log_every)
+    checks.check_positive_int("callback_every", self.callback_every)
+    object.__setattr__(self, "callbacks", check_callbacks(self.callbacks))
     checks.check_positive_int("keep", self.keep)
     for name in ("progress", "resume"):
       if not isinstance(getattr(self, name), bool):
@@ -98,6 +173,25 @@ class Options:
       raise ValueError(f"batch_size must be in [1, n={n}], got {self.batch_size}.")
     return self.batch_size, (self.steps if self.epochs is None
                              else self.epochs * (n // self.batch_size))
+
+
+def check_callbacks(callbacks: Any) -> tuple[Callable[[StepInfo], Any], ...]:
+  """``callbacks`` as a tuple of callables, else TypeError saying how to pass them."""
+  if callable(callbacks):
+    raise TypeError(f"callbacks must be a sequence of callables, got the single callable "
+                    f"{_callback_name(callbacks)}; pass callbacks=({_callback_name(callbacks)},).")
+  if isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(callbacks, (tuple, list)):
+    raise TypeError(f"callbacks must be a tuple or list of callables (each called as cb(info) "
+                    f"with a kronjax.StepInfo), got {type(callbacks).__name__}.")
+  for i, cb in enumerate(callbacks):
+    if not callable(cb):
+      raise TypeError(f"callbacks[{i}] must be callable (called as cb(info) with a "
+                      f"kronjax.StepInfo), got {type(cb).__name__} ({cb!r}).")
+  return tuple(callbacks)
+
+
+def _callback_name(cb: Any) -> str:
+  return getattr(cb, "__qualname__", None) or getattr(cb, "__name__", None) or repr(cb)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -298,9 +392,30 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
         break
       if options.eval_every and ((global_step + 1) % options.eval_every == 0 or last):
         log.add_eval(global_step + 1, jax.device_get(runner.evaluate(state, dataset)), run.live)
-      if writer is not None and (last or (
+      if options.verify_every and ((global_step + 1) % options.verify_every == 0 or last):
+        verify_lib.check(state, dataset, global_step + 1, members=runner.members is not None)
+      stop = False
+      if options.callbacks and ((global_step + 1) % options.callback_every == 0 or last):
+        def history(marks=log.marks(), stopped=list(run.stopped), done=done,
+                    seconds=time.perf_counter() - t_start):
+          return _history(log.upto(marks), run, start, done, seconds, stopped)
+        info = StepInfo(step=global_step + 1, state=state, metrics=_host_metrics(runner, metrics),
+                        history=_LazyHistory(history))
+        stop = _call_callbacks(options.callbacks, info, log)
+      if stop:
+        # The run ends here: the history is that of this step, as if it were the last.
+        if not log.step or log.step[-1] != global_step + 1:
+          log.add(global_step + 1, metrics, run.live)
+        if options.eval_every and (not log.eval_step or log.eval_step[-1] != global_step + 1):
+          log.add_eval(global_step + 1, jax.device_get(runner.evaluate(state, dataset)),
+                       run.live)
+        run.stop(run.live.copy(), f"stopped by callback at step {global_step + 1}")
+      if writer is not None and (last or stop or (
           options.checkpoint_every and (global_step + 1) % options.checkpoint_every == 0)):
         writer.save(state, {"fit_key": key, "batch_size": batch_size, "history": log.encode()})
+      if stop:
+        bar.write(f"{runner.name}: stopped by callback at step {global_step + 1}.")
+        break
       bar.update(1)
       if (t + 1) % 10 == 0 or last:
         loss = (np.nanmin(np.where(run.live, metrics["loss"], np.nan)) if run.live.any()
@@ -312,13 +427,65 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
     bar.close()
     if writer is not None:
       writer.close()
-  seconds = time.perf_counter() - t_start
-  out = log.result(squeeze=runner.members is None)
-  out["stopped"] = run.stopped if runner.members is not None else run.stopped[0]
+  return state, _history(log, run, start, done, time.perf_counter() - t_start)
+
+
+def _history(log: History, run: _Run, start: int, done: int, seconds: float,
+             stopped: list | None = None) -> dict[str, Any]:
+  """The history ``fit`` returns (and a callback's ``StepInfo.history``)."""
+  members = run.runner.members
+  stopped = run.stopped if stopped is None else stopped
+  out = log.result(squeeze=members is None)
+  out["stopped"] = list(stopped) if members is not None else stopped[0]
   out["seconds"] = seconds
   out["steps_per_second"] = done / seconds if seconds > 0 else float("inf")
   out["resumed_from"] = start
-  return state, out
+  return out
+
+
+def _host_metrics(runner: runners.Runner, metrics: dict[str, np.ndarray]) -> dict[str, Any]:
+  """A step's metrics for a callback: numpy scalars for one run, ``(S,)`` arrays for a sweep."""
+  if runner.members is not None:
+    return {k: v.copy() for k, v in metrics.items()}
+  return {k: v[0] for k, v in metrics.items()}
+
+
+def _is_bool_scalar(x: Any) -> bool:
+  """A numpy or JAX boolean scalar (``info.metrics["loss"] < 0.01``)."""
+  return (isinstance(x, (np.ndarray, np.bool_, jax.Array)) and np.ndim(x) == 0
+          and np.dtype(x.dtype) == np.bool_)
+
+
+def _call_callbacks(callbacks: tuple, info: StepInfo, log: History) -> bool:
+  """Calls every callback with ``info``, records the metrics they return; True to stop."""
+  stop = False
+  recorded: dict[str, np.ndarray] = {}
+  for cb in callbacks:
+    out = cb(info)
+    if out is None or out is False:
+      continue
+    if out is STOP or out is True or _is_bool_scalar(out):
+      stop = stop or bool(out)
+      continue
+    if isinstance(out, Mapping):
+      for name, value in out.items():
+        if not isinstance(name, str):
+          raise TypeError(f"callback {_callback_name(cb)} returned a metric named {name!r}; "
+                          "metric names must be str.")
+        if name in recorded:
+          raise ValueError(f"two callbacks returned the metric {name!r} at step {info.step}; "
+                           "give each metric its own name.")
+        try:
+          recorded[name] = np.asarray(jax.device_get(value), np.float64)
+        except (TypeError, ValueError) as e:
+          raise TypeError(f"callback {_callback_name(cb)} returned the metric {name!r} = "
+                          f"{value!r}, which is not a number or numeric array.") from e
+      continue
+    raise TypeError(f"callback {_callback_name(cb)} returned {type(out).__name__} ({out!r}); a "
+                    "callback returns None (go on), kronjax.STOP or True (stop after this step), "
+                    "or a dict of metrics to record in history['callback'].")
+  log.add_callback(info.step, recorded)
+  return stop
 
 
 def _check_resumable(meta: dict, key: jax.Array, batch_size: int, directory: pathlib.Path) -> None:
@@ -342,7 +509,8 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
         eval_every: int = 0, log_every: int = 1, on_overflow: str = "replay",
         on_nonfinite: str = "raise", mesh: Any = None, checkpoint_dir: Any = None,
         checkpoint_every: int = 0, keep: int = 2, resume: bool = False,
-        resync_every: int = 0) -> tuple[TrainState, dict[str, Any]]:
+        resync_every: int = 0, callbacks: Any = (), callback_every: int = 1,
+        verify_every: int = 0) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``state`` on ``dataset`` with shuffled mini-batches; returns ``(state, history)``.
 
   Args:
@@ -375,6 +543,22 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
     resync_every: recompute ``P`` exactly from ``A`` (``kronjax.resync``) every
       this many global steps; 0 (default) never. Worth it only for long float32
       runs (``kronjax.resync`` says what it costs and when it helps).
+    callbacks: a tuple of callables, each called as ``cb(info)`` with a
+      ``kronjax.StepInfo`` (``step``, ``state``, ``metrics``, ``history``) every
+      ``callback_every`` global steps and after the last step. A callback returns
+      None to go on, ``kronjax.STOP`` (or True) to end the run after this step
+      (the state and history returned are this step's; ``history["stopped"]``
+      says ``"stopped by callback at step k"``; with a ``checkpoint_dir`` it is
+      saved), or a dict of numbers (or arrays) recorded under
+      ``history["callback"][name]``, one row per call at ``history["callback_step"]``
+      (NaN where a name was not returned). The cadence follows the global step and
+      the record rides in the checkpoints, so a resumed run calls and records as
+      the uninterrupted one.
+    callback_every: call the callbacks every this many global steps (default 1).
+    verify_every: check ``P`` against ``s W0 X^T + A K`` (``kronjax.verify``, 256
+      sampled points) every this many global steps and at the end; raises
+      ``FloatingPointError`` naming the step when the relative error passes
+      ``1e-3`` (float32) / ``1e-9`` (float64). 0 (default) never.
 
   Returns:
     The trained state and a history of numpy arrays: ``step``, ``loss``,
@@ -382,17 +566,25 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
     ``eval_every``, ``eval_step`` plus one array per ``kronjax.evaluate``
     metric; ``replays`` (list of ``(global step, changes)``), ``stopped``
     (None, or why training stopped), ``seconds``, ``steps_per_second`` and
-    ``resumed_from``.
+    ``resumed_from``; with ``callbacks``, ``callback_step`` ``(T_c,)`` and
+    ``callback`` (``{name: (T_c, ...)}``).
 
   Raises:
-    FloatingPointError when the loss becomes non-finite (``on_nonfinite="raise"``);
-    CapacityError on overflow with ``on_overflow="raise"``. The caller's state
-    is untouched either way.
+    FloatingPointError when the loss becomes non-finite (``on_nonfinite="raise"``)
+    or ``verify_every`` finds ``P`` off; CapacityError on overflow with
+    ``on_overflow="raise"``. The caller's state is untouched either way.
+    TypeError for a stacked sweep state (``kronjax.sweep.fit`` trains those).
   """
+  network.check_single_state(state)
   options = Options(batch_size=batch_size, steps=steps, epochs=epochs, progress=progress,
                     eval_every=eval_every, log_every=log_every, on_overflow=on_overflow,
                     on_nonfinite=on_nonfinite, checkpoint_dir=checkpoint_dir,
                     checkpoint_every=checkpoint_every, keep=keep, resume=resume,
-                    resync_every=resync_every)
+                    resync_every=resync_every, callbacks=callbacks,
+                    callback_every=callback_every, verify_every=verify_every)
+  if mesh is not None and verify_every:
+    raise ValueError("verify_every is not available with mesh= (the check needs the whole P on "
+                     "one device); verify the result with "
+                     "kronjax.verify(kronjax.sharding.unshard_state(state), dataset).")
   runner = runners.Single() if mesh is None else runners.Sharded(mesh)
   return train(runner, state, dataset, key, options)
