@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax._src.base import checks
+from kronjax._src.model import losses
 from kronjax._src.data.kron_data import KronData, check_compatible, gram_from_entity_grams
 
 GRAMS = ("auto", "precomputed", "factors", "entities")
@@ -43,7 +44,9 @@ class Dataset:
   Args:
     data: the ``n`` training points (``kronjax.KronData``).
     labels: ``(n,)`` or ``(n, C)`` float targets (mse) or ``(n,)`` integer class
-      ids (softmax). Float labels are cast to the data's dtype.
+      ids (softmax); for a loss of one's own (``Config(loss=fn)``), an array or any
+      pytree whose leaves have leading axis ``n`` (``{"y": (n,), "w": (n,)}``).
+      Float labels are cast to the data's dtype, integer ones to int32.
     eval_data: optional held-out points (``n_e``) whose projections the state
       maintains every step, so ``kronjax.evaluate`` costs no ``d``.
     eval_labels: their labels (needs ``eval_data``).
@@ -67,7 +70,7 @@ class Dataset:
 
   Attributes:
     data: the training points, as given (normalized with ``normalize=True``).
-    labels: ``(n,)`` / ``(n, C)``, cast as above.
+    labels: ``(n,)`` / ``(n, C)`` (or the pytree), cast as above.
     eval_data: the eval points, or None.
     eval_labels: their labels, or None.
     gram: ``(n, n)`` Gram, or None unless ``gram_mode == "precomputed"``
@@ -239,22 +242,40 @@ def _warn_unless_unit_norm(data: KronData, eval_data: KronData | None) -> None:
           "or normalize the points yourself (KronData.normalize()).", NormWarning, stacklevel=3)
 
 
-def _check_labels(name: str, labels: Any, data: KronData) -> jax.Array:
-  """Row count, finiteness and dtype; the loss-specific checks run in ``kronjax.init``."""
+def _check_labels(name: str, labels: Any, data: KronData) -> Any:
+  """Row count, finiteness and dtype; the loss-specific checks run in ``kronjax.init``.
+
+  An array (or list) needs ``n`` rows; any other pytree (a dict of targets and
+  weights, ...) is the labels of a loss of one's own, and each leaf needs leading
+  axis ``n`` (errors name the leaf's path). Float leaves follow the data's dtype,
+  integer leaves become int32, bool leaves stay bool.
+  """
   if isinstance(labels, KronData) or labels is None:
     raise TypeError(f"{name} must be an array of targets or class ids, got "
                     f"{type(labels).__name__}.")
-  if not hasattr(labels, "shape"):
-    labels = np.asarray(labels)
-  if labels.ndim not in (1, 2) or labels.shape[0] != data.n:
-    raise ValueError(f"{name} must have shape ({data.n},) or ({data.n}, C) (one row per point), "
-                     f"got {tuple(labels.shape)}.")
+  if hasattr(labels, "shape") or isinstance(labels, list):
+    if not hasattr(labels, "shape"):
+      labels = np.asarray(labels)
+    if labels.ndim == 0 or labels.shape[0] != data.n:
+      raise ValueError(f"{name} must have shape ({data.n},) or ({data.n}, C) (one row per "
+                       f"point), got {tuple(labels.shape)}.")
+    return _label_leaf(name, labels, data.dtype)
+  tree = losses.check_label_tree(labels, data.n, name)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return jax.tree_util.tree_unflatten(
+      treedef, [_label_leaf(name + jax.tree_util.keystr(path), leaf, data.dtype)
+                for path, leaf in leaves])
+
+
+def _label_leaf(name: str, labels: Any, dtype: Any = None) -> jax.Array:
   kind = np.dtype(labels.dtype).kind
   if kind == "f":
     checks.check_finite(name, labels)
-    return jnp.asarray(labels, data.dtype)  # labels follow the data's dtype
+    return jnp.asarray(labels, dtype)  # labels follow the data's dtype
   if kind in "iu":
     return jnp.asarray(labels, jnp.int32)
+  if kind == "b" and dtype is not None:  # a pytree leaf (a mask) may be bool
+    return jnp.asarray(labels)
   raise TypeError(f"{name} must hold floats (regression targets) or integers (class ids), "
                   f"got dtype {labels.dtype}.")
 
@@ -266,7 +287,7 @@ def fingerprint(dataset: Dataset) -> jax.Array:
   """``(8,)`` uint32: sha256 over the training and eval factors (the tables and index of
   indexed data) and labels (shapes, dtypes, bytes); all zeros ("unknown") when any of them
   is traced (a dataset built inside ``jit``), whose checks are then skipped."""
-  parts = [("data", dataset.data.factors), ("labels", (dataset.labels,))]
+  parts = [("data", dataset.data.factors), _labels_part("labels", dataset.labels)]
   if dataset.data.is_indexed:  # per-point data hashes as it always did
     parts.append(("data_index", (dataset.data.index,)))
   if dataset.eval_data is not None:
@@ -274,7 +295,7 @@ def fingerprint(dataset: Dataset) -> jax.Array:
     if dataset.eval_data.is_indexed:
       parts.append(("eval_data_index", (dataset.eval_data.index,)))
   if dataset.eval_labels is not None:
-    parts.append(("eval_labels", (dataset.eval_labels,)))
+    parts.append(_labels_part("eval_labels", dataset.eval_labels))
   if not all(checks.is_concrete(x) for _, arrays in parts for x in arrays):
     return jnp.zeros((FINGERPRINT_WORDS,), jnp.uint32)
   h = hashlib.sha256()
@@ -285,6 +306,14 @@ def fingerprint(dataset: Dataset) -> jax.Array:
       h.update(f"{arr.dtype.name}{arr.shape}".encode())
       h.update(arr.tobytes())
   return jnp.asarray(np.frombuffer(h.digest(), np.uint32))
+
+
+def _labels_part(name: str, labels: Any) -> tuple[str, tuple]:
+  """An array hashes as it always did; a pytree of labels adds its structure to the name."""
+  if hasattr(labels, "shape"):
+    return name, (labels,)
+  leaves, treedef = jax.tree.flatten(labels)
+  return f"{name}{treedef}", tuple(leaves)
 
 
 def fingerprint_text(fp: Any) -> str | None:

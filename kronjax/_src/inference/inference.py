@@ -15,6 +15,7 @@ dimension, C outputs.
 
 from __future__ import annotations
 
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,10 @@ def evaluate(state: TrainState, dataset: Dataset) -> dict[str, jax.Array]:
   * mse: ``mse`` (the mean squared error, summed over outputs) and ``rmse`` (its root);
   * softmax: ``accuracy``.
 
+  For a loss of one's own (``Config(loss=fn)``) only ``loss``: ``fn`` over the whole
+  split at once (for a loss that couples points, a pairwise ranking loss, that is
+  every pair of the split, not a mean over batches).
+
   Cost ``O(m (n + n_e) C)``; jit-able.
   """
   if not isinstance(state, TrainState):
@@ -59,13 +64,15 @@ def _metrics(split: str, state: TrainState, P: jax.Array, labels: jax.Array) -> 
   out = outputs_from_projections(state, P)
   labels = _labels(state, labels)
   loss = losses.batch_loss(kind, out, labels)
+  if not losses.is_named(kind):
+    return {f"{split}_loss": loss}
   if kind == "mse":
     return {f"{split}_loss": loss, f"{split}_mse": 2 * loss, f"{split}_rmse": jnp.sqrt(2 * loss)}
   return {f"{split}_loss": loss, f"{split}_accuracy": losses.accuracy(kind, out, labels)}
 
 
-def _labels(state: TrainState, labels: jax.Array) -> jax.Array:
-  if state.config.loss == "mse":
+def _labels(state: TrainState, labels: Any) -> Any:
+  if losses.is_named(state.config.loss) and state.config.loss == "mse":
     return labels.reshape(labels.shape[0], -1).astype(state.a.dtype)
   return labels
 

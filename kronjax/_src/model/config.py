@@ -15,9 +15,10 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from kronjax._src.base import checks
+from kronjax._src.model import losses
 
 LOSSES = ("mse", "softmax")
 INITS = ("kronecker", "implicit", "explicit")
@@ -43,9 +44,21 @@ class Config:
   Attributes:
     width: number of hidden neurons ``m``.
     threshold: the ReLU shift ``b``; None (derived) means ``sqrt(0.4 ln m)``.
-    loss: ``"mse"`` (batch mean of ``1/2 ||f - y||^2``) or ``"softmax"``
-      (batch mean cross-entropy with integer labels).
-    num_classes: outputs ``C`` (classes for softmax, targets for mse).
+    loss: ``"mse"`` (batch mean of ``1/2 ||f - y||^2``), ``"softmax"``
+      (batch mean cross-entropy with integer labels), or a loss of one's own: a
+      function ``fn(outputs, labels) -> scalar`` of the batch outputs ``(B, C)`` and
+      the batch's labels (the dataset's labels, an array or any pytree whose leaves
+      have leading axis ``n``: targets, per-point weights, group ids, indexed per
+      batch as ``jax.tree.map(lambda x: x[idx], labels)``). The step takes
+      ``jax.value_and_grad`` of ``fn`` with respect to the outputs, so any
+      differentiable ``fn`` works, one that couples the batch's points (a pairwise
+      ranking loss) included. A function is compared and hashed by identity: two
+      different function objects (two ``lambda``s with the same body) are two
+      networks and compile two steps; define ``fn`` once and reuse it.
+      ``identity()`` (what checkpoints store) holds its qualified name,
+      ``"module.qualname"``.
+    num_classes: outputs ``C`` (classes for softmax, targets for mse, the
+      outputs ``fn`` receives for a callable loss).
     init: how ``W0`` is drawn (see ``kronjax._src.model.initializers``):
       ``"kronecker"`` (each row a sum of ``init_rank`` Kronecker products of
       Gaussian factors: no ``d`` anywhere, predicts on any input), ``"implicit"``
@@ -70,7 +83,7 @@ class Config:
 
   width: int
   threshold: float | None = None
-  loss: str = "mse"
+  loss: str | Callable[..., Any] = "mse"
   num_classes: int = 1
   init: str = "kronecker"
   init_rank: int | None = None
@@ -90,7 +103,24 @@ class Config:
             f"threshold must be a finite number >= 0 (the shift b of relu(z - b)), got "
             f"{self.threshold}; None gives the default sqrt(0.4 ln m).")
       object.__setattr__(self, "threshold", float(self.threshold))
-    checks.check_choice("loss", self.loss, LOSSES)
+    if isinstance(self.loss, str) or not callable(self.loss):
+      if not isinstance(self.loss, str):
+        raise TypeError(
+            f"loss must be one of {LOSSES} or a function fn(outputs, labels) -> scalar, got "
+            f"{type(self.loss).__name__}.")
+      if self.loss not in LOSSES and "." in self.loss:
+        raise ValueError(
+            f"loss={self.loss!r} is the name of a function (how Config.identity() and checkpoints "
+            "record a loss of one's own); a Config needs the function itself: pass "
+            "loss=<that function>.")
+      checks.check_choice("loss", self.loss, LOSSES)
+    else:
+      try:
+        hash(self.loss)
+      except TypeError:
+        raise TypeError(
+            f"loss must be hashable (a Config is static data), but the callable "
+            f"{type(self.loss).__name__} is not; pass a plain function.") from None
     checks.check_positive_int("num_classes", self.num_classes,
                               minimum=2 if self.loss == "softmax" else 1)
     checks.check_choice("init", self.init, INITS)
@@ -129,9 +159,13 @@ class Config:
   def identity(self) -> dict[str, Any]:
     """What defines the network, resolved: two configs with equal identities are one network.
 
-    Checkpoints, resume and ``kronjax.with_plan`` compare this.
+    Checkpoints, resume and ``kronjax.with_plan`` compare this. It is JSON: a
+    callable ``loss`` appears as its qualified name (``"module.qualname"``), so two
+    functions of one name count as one loss here.
     """
-    return dataclasses.asdict(self.resolve())
+    values = _fields(self.resolve())
+    values["loss"] = losses.loss_name(self.loss)
+    return values
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "Config":
@@ -147,7 +181,12 @@ class Config:
 
   def replace(self, **changes: Any) -> "Config":
     """A copy with ``changes`` applied (derived fields still None are derived afresh)."""
-    return Config.from_dict({**dataclasses.asdict(self), **changes})
+    return Config.from_dict({**_fields(self), **changes})
+
+
+def _fields(config: Config) -> dict[str, Any]:
+  """The fields as given (shallow: a callable loss stays the same object)."""
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def _init_with_hint(init):

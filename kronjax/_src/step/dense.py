@@ -71,6 +71,12 @@ def forward(W: jax.Array, a: jax.Array, b: jax.Array, X: jax.Array,
 def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool = True):
   """A jit-compiled ``step(state, X_batch (B, d), y_batch) -> (state, metrics)``.
 
+  ``y_batch`` is the batch's labels in the form ``config.loss`` takes them: ``(B, C)``
+  floats (mse), ``(B,)`` class ids (softmax), or for a loss of one's own
+  (``Config(loss=fn)``) the batch's rows of the label pytree,
+  ``jax.tree.map(lambda x: x[idx], labels)``; ``fn(outputs (B, C), y_batch)`` is
+  differentiated through the network as kronjax differentiates it through the outputs.
+
   ``metrics``: ``loss`` (before the step) and ``active`` (mean active neurons per point).
   """
   # Same contract as kronjax, so comparisons are apples to apples.
@@ -97,7 +103,8 @@ def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool 
 
 
 def evaluate(state: DenseState, config: Config, X: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-  """Loss (and accuracy for softmax) of the dense network on ``X (n, d)``."""
+  """Loss (and accuracy for softmax; NaN otherwise) of the dense network on ``X (n, d)``;
+  ``y`` as ``config.loss`` takes it (a pytree for a loss of one's own)."""
   out = forward(state.params["W"], state.a, state.b, X, state.bias)
   return {"loss": losses.batch_loss(config.loss, out, y),
           "accuracy": losses.accuracy(config.loss, out, y)}

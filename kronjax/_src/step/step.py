@@ -15,8 +15,10 @@ input state, bit for bit, and a metric says why. ``overflow``: a point of the
 batch has more active neurons than the static capacity (sparse path);
 ``invalid_batch``: an index of the batch is outside ``[0, n)`` (under ``jit``
 the values are not known until the step runs); ``wrong_dataset``: the dataset's
-fingerprint is not the state's; a non-finite ``loss``. The
-training loop (``kronjax.fit``) replays overflows with more capacity and
+fingerprint is not the state's; a non-finite ``loss``. ``metrics["status"]`` is
+one int32 code for all of them (``Status``: the first that applies, in that
+order), and ``check_status`` turns it into a ``checkify`` error inside a loop of
+one's own. The training loop (``kronjax.fit``) replays overflows with more capacity and
 raises on the others. A skip is a mask, not a ``lax.cond``: both branches of a
 cond returning the state make XLA copy every ``(m, n)`` array on every step.
 
@@ -32,11 +34,13 @@ Update paths (``Plan.update``; ``Plan.update_path`` says what ``auto`` picks):
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from kronjax._src.base import checks
 from kronjax._src.model import losses
@@ -59,12 +63,68 @@ class Updated(NamedTuple):
   row_change: jax.Array          # (T,) or (m,): bound on max_j |dP[r, j]| per listed row
 
 
+class Status(enum.IntEnum):
+  """``metrics["status"]``: how a step ended (int32). The first that applies, in this order.
+
+  A step with a status other than ``OK`` was skipped: the state came back unchanged.
+  """
+  OK = 0              # the step was taken
+  OVERFLOW = 1        # a point has more active neurons than the capacity (sparse path)
+  INVALID_BATCH = 2   # a batch index is outside [0, n)
+  WRONG_DATASET = 3   # the dataset's fingerprint is not the state's
+  NONFINITE_LOSS = 4  # the batch loss is NaN or inf
+
+
+STATUS_TEXT = ", ".join(f"{int(s)} {s.name.lower().replace('_', ' ')}" for s in Status
+                        if s != Status.OK)
+
+
+def status_code(overflow: jax.Array, valid: jax.Array, same_data: jax.Array,
+                finite: jax.Array) -> jax.Array:
+  """``()`` int32 ``Status`` from the step's flags (the first failure, in ``Status``'s order)."""
+  return jnp.select([overflow, ~valid, ~same_data, ~finite],
+                    [jnp.int32(Status.OVERFLOW), jnp.int32(Status.INVALID_BATCH),
+                     jnp.int32(Status.WRONG_DATASET), jnp.int32(Status.NONFINITE_LOSS)],
+                    jnp.int32(Status.OK))
+
+
+def check_status(metrics: dict[str, jax.Array]) -> None:
+  """A ``checkify`` error unless the step whose ``metrics`` these are was taken.
+
+  The opt-in raise for a loop of one's own: call it on each step's metrics inside
+  the function you wrap with ``jax.experimental.checkify.checkify``; the error
+  names the step (``metrics["step"]``, the state's count of applied steps, i.e.
+  the step that was attempted) and the ``Status`` code. Without ``checkify`` it
+  is not functionalized: under ``jit`` tracing fails, eagerly it raises at once.
+  Works on a sweep's stacked metrics (any member failing fails).
+
+  Example::
+
+    from jax.experimental import checkify
+
+    def run(state, batches):                       # batches: (steps, B) int32
+      def body(state, batch_idx):
+        state, metrics = kronjax.train_step(state, dataset, batch_idx)
+        check_status(metrics)
+        return state, metrics["loss"]
+      return jax.lax.scan(body, state, batches)
+
+    err, (state, losses) = jax.jit(checkify.checkify(run))(state, batches)
+    err.throw()   # JaxRuntimeError: ... at step 3: status 2 (...invalid batch...)
+  """
+  status = jnp.asarray(metrics["status"])
+  checkify.check(jnp.all(status == Status.OK),
+                 "kronjax step skipped (the state is unchanged) at step {step}: status {status} "
+                 f"({STATUS_TEXT})", step=metrics["step"], status=status)
+
+
 class Batch(NamedTuple):
   """What the step reads from the dataset for one batch."""
   idx: jax.Array                 # (B,) int32, in [0, n) when ``valid``
   valid: jax.Array               # () bool: every index is in [0, n)
   same_data: jax.Array           # () bool: the dataset is the state's (fingerprints agree)
-  labels: jax.Array              # (B, C) float (mse) or (B,) int32 (softmax)
+  labels: Any                    # (B, C) float (mse), (B,) int32 (softmax), or the
+                                 # batch's rows of every leaf (a callable loss)
   K_rows: jax.Array              # (B, n) Gram rows K[S, :]
   K_rows_eval: jax.Array | None  # (B, n_e) cross Gram rows K[S, E]
 
@@ -82,7 +142,9 @@ def train_step(state: TrainState, dataset: Dataset,
     NaN when skipped for overflow or an invalid batch), ``active`` (mean
     active neurons per point), ``max_active``, ``overflow``, ``invalid_batch``,
     ``wrong_dataset`` (bools: the step was skipped, see the module docstring), ``skipped`` (the
-    state was returned unchanged, for any reason, a non-finite loss included),
+    state was returned unchanged, for any reason, a non-finite loss included), ``status``
+    (int32 ``Status``: 0 ok, 1 overflow, 2 invalid batch, 3 wrong dataset, 4 non-finite
+    loss; the first that applies; ``check_status`` raises on it under ``checkify``),
     ``index_rebuilds`` (rebuilds of the threshold index so far) and ``step``.
 
   Raises:
@@ -132,9 +194,12 @@ def read_batch(state: TrainState, dataset: Dataset, batch_idx: jax.Array) -> Bat
   n = state.n
   valid = jnp.all((batch_idx >= 0) & (batch_idx < n))
   idx = jnp.where(valid, batch_idx, 0)
-  labels = dataset.labels[idx]
-  if state.config.loss == "mse":
-    labels = labels.reshape(idx.shape[0], -1).astype(state.a.dtype)
+  if not losses.is_named(state.config.loss):
+    labels = jax.tree.map(lambda x: x[idx], dataset.labels)
+  else:
+    labels = dataset.labels[idx]
+    if state.config.loss == "mse":
+      labels = labels.reshape(idx.shape[0], -1).astype(state.a.dtype)
   K_rows, K_rows_eval = dataset.gram_rows(idx)
   same = same_fingerprint(state.fingerprint, dataset.fingerprint)
   return Batch(idx, valid, same, labels, K_rows, K_rows_eval)
@@ -151,13 +216,14 @@ def step(state: TrainState, dataset: Dataset, batch_idx: jax.Array,
   return _sparse_step(state, batch, axis_name)
 
 
-def _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok):
+def _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok, finite):
   # Counts stay exact at any dtype: averaged in at least float32 (bfloat16 holds
   # integers exactly only up to 256).
   count_dtype = jnp.promote_types(state.projections.dtype, jnp.float32)
   return {"loss": loss, "active": jnp.mean(counts.astype(count_dtype)),
           "max_active": max_count.astype(jnp.int32), "overflow": overflow,
           "invalid_batch": ~batch.valid, "wrong_dataset": ~batch.same_data, "skipped": ~ok,
+          "status": status_code(overflow, batch.valid, batch.same_data, finite),
           "step": new_state.step,
           "index_rebuilds": getattr(new_state.index, "rebuilds", jnp.zeros((), jnp.int32))}
 
@@ -186,7 +252,8 @@ def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
     outputs = jax.lax.psum(outputs, axis_name)                      # the one all-reduce
   outputs = outputs + state.bias[None, :]                            # zeros unless output_bias
   loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
-  ok = batch.valid & batch.same_data & ~overflow & jnp.isfinite(loss)
+  finite = jnp.isfinite(loss)
+  ok = batch.valid & batch.same_data & ~overflow & finite
   g = jnp.where(ok, g, 0.0)  # a skipped step must not carry NaN into the masked updates
   # dL/dw_r = sum_i c[i, k] x_i: relu' is 1 on the active set (z > b strictly).
   c = jnp.where(valid, jnp.einsum("bc,bkc->bk", g, a_rows) * inv_sqrt_m, 0.0)   # (B, K)
@@ -200,7 +267,8 @@ def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
                                                             grad_bias), ok)
   new_state = _finish(state, index, new, ok)
   loss = jnp.where(batch.valid & ~overflow, loss, jnp.nan)
-  return new_state, _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok)
+  return new_state, _metrics(state, new_state, loss, counts, max_count, overflow, batch, ok,
+                             finite)
 
 
 def _finish(state: TrainState, index, new: Updated, ok: jax.Array) -> TrainState:
@@ -354,7 +422,8 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
   outputs = outputs + state.bias[None, :]                            # zeros unless output_bias
   max_count = jnp.max(counts)
   loss, g = losses.loss_and_output_grad(config.loss, outputs, batch.labels)
-  ok = batch.valid & batch.same_data & jnp.isfinite(loss)
+  finite = jnp.isfinite(loss)
+  ok = batch.valid & batch.same_data & finite
   g = jnp.where(ok, g, 0.0)
   grad_bias = jnp.sum(g, axis=0)                                   # (C,)
   g = g * inv_sqrt_m                                               # (B, C)
@@ -381,7 +450,7 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
   new_state = _finish(state, threshold_index(state), new, ok)
   loss = jnp.where(batch.valid, loss, jnp.nan)
   return new_state, _metrics(state, new_state, loss, counts, max_count, jnp.zeros((), bool),
-                             batch, ok)
+                             batch, ok, finite)
 
 
 def _sparse_full_shape_grads(state: TrainState, batch: Batch, idx: jax.Array, c: jax.Array,
