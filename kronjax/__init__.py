@@ -25,6 +25,8 @@ from kronjax._src.step.state import TrainState
 from kronjax._src.step.state import init
 from kronjax._src.step.state import resync
 from kronjax._src.step.state import with_plan
+from kronjax._src.step.step import Status
+from kronjax._src.step.step import check_status
 from kronjax._src.step.step import jit_train_step
 from kronjax._src.step.step import train_step
 
@@ -38,9 +40,11 @@ __all__ = (
     "NormWarning",
     "Plan",
     "STOP",
+    "Status",
     "StepInfo",
     "TrainState",
     "batch_schedule",
+    "check_status",
     "checkpoint",
     "data",
     "dense",

@@ -14,7 +14,7 @@ from kronjax._src.step import step as step_lib
 PUBLIC = {
     "CapacityError", "Config", "Dataset", "KronData", "NormWarning", "Plan", "TrainState", "batch_schedule", "checkpoint", "data",
     "dense", "dense_params", "evaluate", "fit", "init", "jit_train_step", "native_info", "network", "predict", "resync", "sharding",
-    "sweep", "train_step", "with_plan", "STOP", "StepInfo", "verify",
+    "sweep", "train_step", "with_plan", "STOP", "StepInfo", "verify", "Status", "check_status",
 }
 
 

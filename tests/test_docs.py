@@ -90,7 +90,7 @@ def test_pages_exist():
   names = {p.name for p in PAGES}
   for page in ("index.md", "getting-started.md", "concepts.md", "inference.md", "sweeps.md",
                "multi-process.md", "checkpoints.md", "cli.md", "performance.md", "results.md",
-               "troubleshooting.md", "design.md", "migrating.md", "pairwise.md"):
+               "troubleshooting.md", "design.md", "migrating.md", "pairwise.md", "composing.md"):
     assert page in names, page
 
 

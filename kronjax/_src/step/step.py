@@ -105,7 +105,7 @@ def check_status(metrics: dict[str, jax.Array]) -> None:
     def run(state, batches):                       # batches: (steps, B) int32
       def body(state, batch_idx):
         state, metrics = kronjax.train_step(state, dataset, batch_idx)
-        check_status(metrics)
+        kronjax.check_status(metrics)
         return state, metrics["loss"]
       return jax.lax.scan(body, state, batches)
 
