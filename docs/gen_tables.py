@@ -372,6 +372,103 @@ def init_scaling() -> str:
                        provenance("init_scaling.json", data)])
 
 
+def pairwise_scale() -> str:
+  """Entity-indexed data at scale: init time and memory, the step against its bytes floor, a
+  million pairs, and the epoch cost against the dense network's."""
+  data = load("pairwise_scale.json")
+  st, goals, gib = data["settings"], data["goals"], 2.0**30
+  blocks = []
+  if data.get("partial"):
+    blocks.append(f"*Partial run:* not measured: {', '.join(data.get('missing') or []) or 'none'}.")
+  blocks.append(f"Pairs of {st['entities'][0]} x {st['entities'][1]} entities (random unit-norm "
+                f"tables, dims {st['dims'][0]} and {st['dims'][1]}: d = {st['d']}), index drawn "
+                f"uniformly, {st['dtype']}, kronecker init, `optax.sgd`, Gram mode `entities`.")
+  rows = []
+  for key, label in (("init_default_plan", "`Plan()`"), ("init_neurons_layout",
+                                                           "`Plan(layout=\"neurons\")`")):
+    r = data.get(key) or {}
+    if not r.get("completed"):
+      rows.append([label, "not measured", "-", "-", "-", "-", "-", "-"])
+      continue
+    leaf = r["largest_leaf_state"]
+    rows.append([f"{label}, n = {r['n']}, m = {r['m']}", LAYOUT_NAMES.get(r["layout"], r["layout"]),
+                 num(r["dataset_and_init_s"], 3), num(r["dataset_and_init_compiled_s"], 3),
+                 num(r["peak_rss_bytes"] / gib, 3), num(r["state_bytes"]["P_A_T_opt_state"] / gib, 3),
+                 ratio(r["peak_rss_over_state"]),
+                 f"{' x '.join(map(str, leaf['shape']))} (n^2 = {num(float(r['n_squared']))}: "
+                 f"{'none' if r['no_n_squared_leaf'] else 'present'})"])
+  blocks += [f"`kronjax.Dataset` + `kronjax.init` in a fresh process, compilation included (goal "
+             f"under {num(goals['init_s'])} s), and the process's peak resident memory against the "
+             f"bytes of `P`, `A_T` and the optimizer state (goal within "
+             f"{num(goals['peak_rss_over_state'])}x):",
+             table(["plan", "`P` stored", "seconds", "compiled, seconds", "peak RSS GiB",
+                    "P + A_T + opt GiB", "peak / state", "largest array (any n^2?)"], rows)]
+  steps = data.get("steps") or {}
+  if steps.get("completed"):
+    bw = steps["bandwidth"]
+    rows = [[r["batch"], "`Plan(update=\"sparse\")`" if r["plan"] else "`Plan()`", r["path"],
+             r["auto_path"], ms(r["median_s"], 4), f"{ms(r['p10_s'], 4)}-{ms(r['p90_s'], 4)}",
+             num(r["touched_rows_mean"], 4), num(r["floor_bytes"] / 2**20, 4), ms(r["floor_s"]),
+             ratio(r["over_floor"])] for r in steps["rows"]]
+    blocks += [f"`kronjax.jit_train_step`, n = {steps['n']}, m = {steps['m']}, medians over "
+               f"{steps['rounds']} interleaved rounds after compilation. The floor: the `P` rows the "
+               f"step reads and writes (touched rows on the sparse path, all m on the full path) "
+               f"plus its `B x n` Gram rows, at the {num(bw['bytes_per_s'] / 1e9, 3)} GB/s of a numpy "
+               f"copy of {bw['array_mib']} MiB (read plus written) in the same process:",
+               table(["B", "plan", "path", "`Plan()` picks", "ms", "p10-p90 ms", "touched rows",
+                      "floor MiB", "floor ms", "step / floor"], rows)]
+  large = data.get("large") or {}
+  if large.get("completed"):
+    blocks += [f"n = {large['n']} pairs, m = {large['m']}, `Plan(update=\"sparse\")`, "
+               f"batch 1:",
+               table(["measurement", "value"], [
+                   ["`Dataset` + `init` (s)", num(large["dataset_and_init_s"], 3)],
+                   ["P + A_T + optimizer state (GiB)",
+                    num(large["state_bytes"]["P_A_T_opt_state"] / gib, 3)],
+                   ["peak resident memory (GiB)", num(large["peak_rss_bytes"] / gib, 3)],
+                   [f"steps completed (path `{large['path']}`)",
+                    f"{large['completed_steps']} of {large['steps']} ({large['skipped_steps']} "
+                    f"skipped)"],
+                   ["ms per step (median; p10-p90)",
+                    f"{ms(large['median_s'], 4)} ({ms(large['p10_s'], 4)}-{ms(large['p90_s'], 4)})"],
+                   ["epoch: n steps (s)", f"{num(large['epoch_s'], 4)} "
+                                          f"({num(large['epoch_s'] / 3600, 3)} h)"],
+               ])]
+  curve, cross = data.get("curve") or {}, data.get("crossing") or {}
+  if curve.get("completed") and cross:
+    dense = cross["dense"]
+    keys = sorted(dense, key=int)
+    rows = [[r["n"], ms(r["sparse"]["median_s"], 4), ms(r["full"]["median_s"], 4), r["auto_path"],
+             num(r["best_epoch_s"], 3)] + [num(dense[k]["epoch_s"][str(r["n"])], 3) for k in keys]
+            for r in curve["rows"]]
+    cross_rows = []
+    for k in keys:
+      v, c = dense[k], dense[k]["crossing"]
+      where = (c.get("note", "none") if c["n"] is None else
+               f"n = {num(c['n'], 3)}" + (" (extrapolated)" if c["extrapolated"] else ""))
+      cross_rows.append([f"d = {v['d']}", f"{ms(v['median_s'], 4)} ms "
+                         f"({'measured' if v['measured'] else v['source']})", where,
+                         f"n = {num(v['count_model_crossing_n'], 3)}"])
+    blocks += [f"The epoch in kernel space against the dense network's, m = {curve['m']}, B = "
+               f"{curve['batch']}: kernel epoch = (n / B) x the faster path's step (`O(n^2)`), "
+               f"dense epoch = (n / B) x the dense step (`O(n m d)`):",
+               table(["n", "sparse ms", "full ms", "auto picks", "kernel epoch s"]
+                     + [f"dense epoch s, d = {dense[k]['d']}" for k in keys], rows),
+               "Where the dense network becomes cheaper (the kernel step, interpolated in n, costs "
+               "the dense step; by operation count, (n / B) T n row updates against 3 n m d "
+               f"multiply-adds, T = {num(cross['touched_rows_mean'], 4)} touched rows):",
+               table(["dense network", "dense step", "measured crossing", "count-model crossing"],
+                     cross_rows)]
+  loads = [f"{key} {num(data[key]['loadavg_1min_before'], 2)}-{num(data[key]['loadavg_1min_after'], 2)}"
+           for key in ("init_default_plan", "init_neurons_layout", "steps", "large", "curve")
+           if "loadavg_1min_after" in (data.get(key) or {})]
+  if loads:
+    blocks.append("1-minute load average before-after each part (2 CPUs; above 2, other processes "
+                  "shared the CPUs): " + ", ".join(loads) + ".")
+  blocks.append(provenance("pairwise_scale.json", data, script="experiments/bench_pairwise.py"))
+  return "\n\n".join(blocks)
+
+
 def runner_result(relative: str, *, keys: Sequence[str] | None = None, plot: bool = True) -> str:
   data = load(relative)
   parts = [params_line(data, keys), dict_table(data["table"])]
@@ -418,6 +515,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "checkpoint": checkpoint,
     "auto": auto,
     "init-scaling": init_scaling,
+    "pairwise-scale": pairwise_scale,
     "init-law": lambda: runner_result("init_law/results.json"),
     "quickstart": lambda: runner_result("quickstart/results.json"),
     "scaling-d": lambda: runner_result("scaling_d/results.json"),
