@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 PAGES = ("README.md", "docs/index.md", "docs/performance.md", "docs/results.md", "docs/inference.md",
-         "docs/troubleshooting.md")
+         "docs/troubleshooting.md", "docs/pairwise.md")
 FIGURE = ROOT / "docs" / "assets" / "step_time_vs_d.png"
 NOT_RECORDED = "*not recorded*"
 
@@ -504,6 +504,34 @@ def sweep_grid() -> str:
                       provenance("sweep_grid/results.json", data)])
 
 
+def kiba() -> str:
+  """The KIBA drug-target benchmark: kronjax and KronRLS on the same features, the published rows."""
+  relative = "kiba/results.json"
+  data = load(relative)
+  m = data["metrics"]
+  chosen = m["kronjax"]["chosen"]
+  rows = [[r["method"], num(r["test MSE"], 3), num(r["test CI"], 3),
+           "-" if r["train seconds"] is None else num(r["train seconds"], 3)]
+          for r in data["table"]]
+  facts = table(["measurement", "value"], [
+      ["pairs (train folds / test fold)", f"{m['n_train']} / {m['n_test']}"],
+      ["drugs x targets, feature dims", f"{m['drugs']} x {m['targets']}, "
+                                         f"{m['feature_dims'][0]} x {m['feature_dims'][1]}"],
+      ["kronjax setting chosen on the validation fold",
+       f"lr = {chosen['learning_rate']}, b = {chosen['threshold']}, weight decay = "
+       f"{chosen['weight_decay']}, {chosen['epoch']} epoch(s)"],
+      ["KronRLS ridge chosen on the validation fold", num(m["kronrls"]["lambda"])],
+      ["peak resident memory of the run, MiB", num(m["peak_rss_mib"], 4)],
+  ])
+  sweep = table(["b", "learning rate", "epoch", "validation MSE", "active neurons per point"],
+                [[r["threshold"], r["learning_rate"], r["epoch"], num(r["validation_mse"], 3),
+                  num(r["active_per_step"], 3)] for r in m["sweep"]])
+  return "\n\n".join([
+      params_line(data), table(["method", "test MSE", "test CI", "train seconds"], rows), facts,
+      "The threshold on the validation fold (the sweep that chose the setting):", sweep,
+      "![kiba](assets/results/kiba/kiba.png)", provenance(relative, data)])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "scaling-d-summary": scaling_d_summary,
     "step": step,
@@ -524,6 +552,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "sparsity": lambda: runner_result("sparsity/results.json"),
     "norms": lambda: runner_result("norms/results.json"),
     "sweep-grid": sweep_grid,
+    "kiba": kiba,
     "digit-pairs": lambda: runner_result("digit_pairs/results.json"),
     "digit-pairs-lr16": lambda: runner_result("digit_pairs/lr16/results.json"),
     "digit-pairs-three": lambda: runner_result("digit_pairs/three_images/results.json"),
