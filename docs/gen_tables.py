@@ -459,12 +459,6 @@ def pairwise_scale() -> str:
                f"multiply-adds, T = {num(cross['touched_rows_mean'], 4)} touched rows):",
                table(["dense network", "dense step", "measured crossing", "count-model crossing"],
                      cross_rows)]
-  loads = [f"{key} {num(data[key]['loadavg_1min_before'], 2)}-{num(data[key]['loadavg_1min_after'], 2)}"
-           for key in ("init_default_plan", "init_neurons_layout", "steps", "large", "curve")
-           if "loadavg_1min_after" in (data.get(key) or {})]
-  if loads:
-    blocks.append("1-minute load average before-after each part (2 CPUs; above 2, other processes "
-                  "shared the CPUs): " + ", ".join(loads) + ".")
   blocks.append(provenance("pairwise_scale.json", data, script="experiments/bench_pairwise.py"))
   return "\n\n".join(blocks)
 

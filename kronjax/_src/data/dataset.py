@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax._src.base import checks
-from kronjax._src.model import losses
 from kronjax._src.data.kron_data import KronData, check_compatible, gram_from_entity_grams
 
 GRAMS = ("auto", "precomputed", "factors", "entities")
@@ -260,7 +259,7 @@ def _check_labels(name: str, labels: Any, data: KronData) -> Any:
       raise ValueError(f"{name} must have shape ({data.n},) or ({data.n}, C) (one row per "
                        f"point), got {tuple(labels.shape)}.")
     return _label_leaf(name, labels, data.dtype)
-  tree = losses.check_label_tree(labels, data.n, name)
+  tree = checks.check_label_tree(labels, data.n, name)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   return jax.tree_util.tree_unflatten(
       treedef, [_label_leaf(name + jax.tree_util.keystr(path), leaf, data.dtype)

@@ -95,36 +95,6 @@ def is_array(labels: Any) -> bool:
   return hasattr(labels, "shape") or isinstance(labels, list)
 
 
-def check_label_tree(labels: Any, n: int, name: str = "labels") -> Any:
-  """Labels of a loss of one's own: any pytree whose leaves have leading axis ``n``.
-
-  Every leaf must be an array with ``shape[0] == n`` (one entry per point) and, if
-  float, finite; nothing else about the shapes is checked. Errors name ``name`` and
-  the leaf's path (``labels['w']``). Returns the tree with its leaves as arrays.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      labels, is_leaf=lambda x: isinstance(x, list))
-  if not leaves:
-    raise ValueError(f"{name} holds no arrays (got {labels!r}); pass an array or a pytree of "
-                     f"arrays with leading axis {n}.")
-  out = []
-  for path, leaf in leaves:
-    where = name + jax.tree_util.keystr(path)
-    if leaf is None or not (hasattr(leaf, "shape") or isinstance(leaf, (list, int, float, bool))):
-      raise TypeError(f"{where} must be an array with leading axis {n}, got "
-                      f"{type(leaf).__name__}.")
-    if not hasattr(leaf, "shape"):
-      leaf = np.asarray(leaf)
-    if leaf.ndim == 0 or leaf.shape[0] != n:
-      raise ValueError(f"{where} must have leading axis {n} (one entry per point), got shape "
-                       f"{tuple(leaf.shape)}.")
-    if np.dtype(leaf.dtype).kind not in "fiub":
-      raise TypeError(f"{where} must hold floats, integers or bools, got dtype {leaf.dtype}.")
-    checks.check_finite(where, leaf)
-    out.append(jnp.asarray(leaf))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def check_labels(kind: str | Callable, num_classes: int, labels, n: int,
                  name: str = "labels") -> Any:
   """Validates labels for ``n`` points and returns them in the step's layout.
@@ -134,7 +104,7 @@ def check_labels(kind: str | Callable, num_classes: int, labels, n: int,
   callable: any pytree of arrays with leading axis ``n``, finite if float (as is).
   """
   if not is_named(kind):
-    return check_label_tree(labels, n, name)
+    return checks.check_label_tree(labels, n, name)
   if not is_array(labels):
     raise TypeError(
         f"{name} is a {type(labels).__name__}, not an array: loss={kind!r} needs "
