@@ -225,3 +225,16 @@ def test_config_threshold_must_be_non_negative():
     kronjax.Config(threshold=-1.0, width=8)
   assert kronjax.Config(width=8).threshold is None
   assert kronjax.Config(width=8).resolve().threshold == pytest.approx(np.sqrt(0.4 * np.log(8)))
+
+
+def test_a_dataset_rebuilt_leaf_by_leaf_is_refused():
+  """``jax.tree.map(lambda x: x[idx], dataset)`` re-indexes the Gram's rows only: its
+  fingerprint leaf is mapped too, reads as malformed, and every entry point refuses it."""
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 40, dims=(4, 4))
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=16), dataset, optax.sgd(0.1))
+  shuffled = jax.tree.map(lambda x: x[jnp.arange(40)[::-1]], dataset)
+  with pytest.raises(ValueError, match="malformed"):
+    kronjax.train_step(state, shuffled, jnp.arange(4))
+  with pytest.raises(ValueError, match="malformed"):
+    kronjax.evaluate(state, shuffled)
