@@ -557,3 +557,17 @@ def test_momentum_sweep_step_does_not_copy_its_traces(layout):
   full = S * m * n * 4  # bytes of one (S, m, n) float32 array
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 2.5 * full, f"{temp / full:.2f} full-size temporaries"
+
+
+def test_sweep_train_step_checks_the_dataset_inside_the_step():
+  """No host round trip per step: another dataset of the same shapes is a no-op, flagged."""
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 40, dims=(4, 4))
+  dataset = kronjax.Dataset(data, labels)
+  other = kronjax.Dataset(data, labels + 1.0)
+  members = kronjax.sweep.grid(learning_rate=[0.1, 0.2])
+  states = kronjax.sweep.init(kronjax.Config(width=16), dataset, members)
+  before = jax.tree.map(np.array, states)   # copies: the step donates its input
+  after, metrics = kronjax.sweep.train_step(states, other, jnp.arange(4))
+  assert np.asarray(metrics["wrong_dataset"]).all() and np.asarray(metrics["skipped"]).all()
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(np.asarray, after))):
+    np.testing.assert_array_equal(x, y)

@@ -292,12 +292,14 @@ def train_step(state: TrainState, dataset: Dataset, batch_idx: Any,
 
   Every metric has shape ``(S,)``. With ``mask`` ``(S,)`` bool, members with
   ``mask[i] == False`` keep their state bit for bit (their metrics are still
-  computed).
+  computed). As ``kronjax.jit_train_step``, the dataset's fingerprint is compared
+  inside the step (no host round trip per step): another dataset of the same shapes
+  makes every member's step a no-op with ``metrics["wrong_dataset"]`` set.
   """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   size(state)
-  state.check_dataset(dataset)
+  state.check_dataset(dataset, compare_fingerprint=False)
   batch_idx = step_lib.check_batch("batch_idx", batch_idx, state.n)
   return runners.Sweep(size(state)).step(state, dataset, batch_idx,
                                          None if mask is None else jnp.asarray(mask, bool))
