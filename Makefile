@@ -58,6 +58,7 @@ bench: $(TEST) native
 	$(BIN)/python experiments/bench_sweep.py --retain-freed-memory --out experiments/results/sweep_retain.json
 	$(BIN)/python experiments/bench_sharding.py
 	$(BIN)/python experiments/bench_auto.py
+	$(BIN)/python experiments/hlo_costs.py
 	$(BIN)/python experiments/bench_drift.py
 	$(BIN)/python experiments/bench_checkpoint.py
 	$(BIN)/python experiments/bench_pairwise.py

@@ -526,6 +526,32 @@ def kiba() -> str:
       "![kiba](assets/results/kiba/kiba.png)", provenance(relative, data)])
 
 
+def hlo_costs() -> str:
+  """The XLA-path step as an accelerator runs it: kernel launches and bytes from the HLO."""
+  data = load("hlo_costs.json")
+  model = data["model"]
+  rows = []
+  for r in data["results"]:
+    plan = r["plan"]
+    top = max(r["by_category"].items(), key=lambda kv: kv[1]["bytes"])[0]
+    loops = ", ".join(str(t) for t in r["loops"]) or "none"
+    rows.append([r["case"], r["width"], r["n"], r["batch"], f"{plan['update']} / {plan['layout']}",
+                 r["kernels"], loops, num(r["bytes"] / 2**20), num(r["floor_bytes"] / 2**20),
+                 f"{r['bytes'] / r['floor_bytes']:.1f}x", top,
+                 f"{r['model_launch_ms']:.3f}", f"{r['model_memory_ms']:.3f}", r["dominant"]])
+  head = ("The training step compiled for XLA (native kernels off, state donated, as "
+          "`jit_train_step` runs it), read from its optimized HLO: kernels launched (a loop body "
+          "once per iteration), MiB moved against the step's bytes floor (the P entries it must "
+          "read and write, and the Gram rows), the category moving the most bytes, and the two "
+          f"times a model of an accelerator gives: launches at {model['launch_us']:g} us each, "
+          f"bytes at {model['bandwidth_bytes_per_s'] / 1e12:g} TB/s (an H100's HBM):")
+  return "\n\n".join([head, table(["shape", "m", "n", "B", "update / layout", "kernels",
+                                    "loop trips", "MiB moved", "MiB floor", "moved / floor",
+                                    "most bytes", "launch ms", "memory ms", "expected to dominate"],
+                                   rows),
+                       provenance("hlo_costs.json", data)])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "scaling-d-summary": scaling_d_summary,
     "step": step,
@@ -538,6 +564,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "auto": auto,
     "init-scaling": init_scaling,
     "pairwise-scale": pairwise_scale,
+    "hlo-costs": hlo_costs,
     "init-law": lambda: runner_result("init_law/results.json"),
     "quickstart": lambda: runner_result("quickstart/results.json"),
     "scaling-d": lambda: runner_result("scaling_d/results.json"),

@@ -8,6 +8,8 @@ time limit, in under 8 minutes together:
 2. ``experiments/bench_step.py --smoke`` and ``experiments/bench_sweep.py --smoke``;
 3. a bounded step-and-predict benchmark (``--bench-predict``, below): the train
    step and ``kronjax.predict`` on unseen points, kronecker init, ``d = 2**20``;
+4. ``experiments/hlo_costs.py``: the kernels and bytes of the step as compiled for
+   the accelerator (the performance page's table shows the CPU compilation);
 
 and writes JSON under ``experiments/results/accelerator/``: one file per
 benchmark and ``summary.json`` (environment, date, command, each part's exit
@@ -38,7 +40,7 @@ BUDGET_S = 480
 def plan(out: pathlib.Path, python: str = sys.executable) -> list[dict]:
   """The parts of the check: ``name``, ``cmd`` (argv, run in the repository root), ``limit_s``."""
   return [
-      {"name": "tests", "limit_s": 270,
+      {"name": "tests", "limit_s": 240,
        "cmd": [python, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
                *TEST_FILES]},
       {"name": "bench_step", "limit_s": 60,
@@ -47,6 +49,8 @@ def plan(out: pathlib.Path, python: str = sys.executable) -> list[dict]:
        "cmd": [python, "experiments/bench_sweep.py", "--smoke", "--out", str(out / "sweep.json")]},
       {"name": "bench_predict", "limit_s": 60,
        "cmd": [python, "experiments/accelerator_check.py", "--bench-predict", str(out / "predict.json")]},
+      {"name": "hlo_costs", "limit_s": 45,
+       "cmd": [python, "experiments/hlo_costs.py", "--out", str(out / "hlo_costs.json")]},
   ]
 
 

@@ -41,7 +41,8 @@ def test_cpu_only_machine_prints_one_line_and_exits_0(tmp_path):
 def test_plan_runs_the_accelerator_tests_and_benchmarks_within_budget(tmp_path):
   module = _module()
   parts = module.plan(tmp_path)
-  assert [p["name"] for p in parts] == ["tests", "bench_step", "bench_sweep", "bench_predict"]
+  assert [p["name"] for p in parts] == ["tests", "bench_step", "bench_sweep", "bench_predict",
+                                            "hlo_costs"]
   assert sum(p["limit_s"] for p in parts) <= module.BUDGET_S <= 8 * 60
   tests = parts[0]["cmd"]
   assert "not slow" in tests and all(f in tests for f in module.TEST_FILES)
