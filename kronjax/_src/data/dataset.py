@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,21 @@ class Dataset:
       norm 64 nearly half the neurons fire instead of ``m Q(b)``, and training
       diverges or loses the sparsity kronjax exists for. Left False, points whose
       squared norm is outside ``NORM_BAND`` trigger one ``NormWarning`` that
-      gives the measured range and this fix.
+      gives the measured range and this fix. The dataset records it
+      (``normalized``): ``kronjax.predict`` and a saved ``kronjax.network``
+      normalize new points the same way (per point; per entity row of each table
+      for indexed data).
+
+  Factors of any float dtype are accepted (``KronData``); bfloat16 and float16
+  factors are stored as float32, so the Gram, ``P`` and the step run in float32
+  (kronjax has no half-precision step).
+
+  Resampling: ``take(indices)`` gives the dataset of the points ``indices``
+  (bootstrap resamples, folds) with its Gram's rows *and* columns taken and its
+  own fingerprint; ``stack(datasets)`` stacks equal-shaped ones along a new
+  leading axis for ``jax.vmap``. Never rebuild a dataset leaf by leaf
+  (``jax.tree.map(lambda x: x[idx], dataset)``): that takes the Gram's rows but
+  not its columns; entry points refuse it.
 
   Attributes:
     data: the training points, as given (normalized with ``normalize=True``).
@@ -80,6 +94,7 @@ class Dataset:
     entity_grams_eval: with ``"entities"`` and eval data, the tuple of cross
       entity Grams ``(N_q, N^e_q)``; else None.
     gram_mode: ``"precomputed"``, ``"factors"`` or ``"entities"`` (never ``"auto"``).
+    normalized: whether the points were normalized (``normalize=True``; static).
     fingerprint: ``(8,)`` uint32 sha256 of the factors (tables and index) and
       labels (train and eval); all zeros (unknown) for a dataset built from traced
       arrays.
@@ -92,7 +107,7 @@ class Dataset:
   """
 
   __slots__ = ("data", "labels", "eval_data", "eval_labels", "gram", "gram_eval",
-               "entity_grams", "entity_grams_eval", "gram_mode", "fingerprint")
+               "entity_grams", "entity_grams_eval", "gram_mode", "normalized", "fingerprint")
 
   def __init__(self, data: KronData, labels: Any, *, eval_data: KronData | None = None,
                eval_labels: Any = None, gram: str = "auto", normalize: bool = False):
@@ -131,6 +146,7 @@ class Dataset:
     self.data, self.labels = data, labels
     self.eval_data, self.eval_labels = eval_data, eval_labels
     self.gram_mode = gram
+    self.normalized = normalize
     self.gram = data.gram() if gram == "precomputed" else None
     self.gram_eval = (data.gram(other=eval_data)
                       if gram == "precomputed" and eval_data is not None else None)
@@ -143,14 +159,14 @@ class Dataset:
   def tree_flatten(self):
     children = (self.data, self.labels, self.eval_data, self.eval_labels, self.gram,
                 self.gram_eval, self.entity_grams, self.entity_grams_eval, self.fingerprint)
-    return children, (self.gram_mode,)
+    return children, (self.gram_mode, self.normalized)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)
     (obj.data, obj.labels, obj.eval_data, obj.eval_labels, obj.gram, obj.gram_eval,
      obj.entity_grams, obj.entity_grams_eval, obj.fingerprint) = children
-    (obj.gram_mode,) = aux
+    obj.gram_mode, obj.normalized = aux
     return obj
 
   @property
@@ -170,6 +186,51 @@ class Dataset:
   def __repr__(self) -> str:
     return (f"Dataset(n={self.n}, n_eval={self.n_eval}, dims={self.data.dims}, "
             f"rank={self.data.rank}, dtype={self.dtype}, gram={self.gram_mode!r})")
+
+  def take(self, indices: Any, *, keep_eval: bool = True) -> "Dataset":
+    """The dataset of the training points ``indices``: a bootstrap resample, a fold.
+
+    Args:
+      indices: ``(n',)`` integer point indices in ``[0, n)``; repeats are allowed
+        (a bootstrap resample draws with replacement) and make that many points.
+      keep_eval: keep the eval split as it is (its points and labels; the cross
+        Gram's rows are taken), or drop it (False).
+
+    Returns:
+      A ``Dataset`` of ``n'`` points with everything taken consistently: the
+      points (``data.subset``: indexed data keeps its tables and takes rows of
+      the index), every leaf of the labels, the ``(n', n')`` Gram
+      ``K[indices][:, indices]`` (rows *and* columns; entity Grams are kept, the
+      tables do not change), the gram mode, ``normalized`` (the points are not
+      normalized again) and a fingerprint of its own, equal to that of
+      ``Dataset(data.subset(indices), labels[indices], ...)``. No Gram is
+      recomputed. With traced ``indices`` (inside ``jit``/``vmap``) the
+      fingerprint is unknown (all zeros) and the dataset checks are skipped:
+      build the resamples on the host and ``stack`` them instead.
+
+    Raises:
+      TypeError / ValueError: ``indices`` not a 1-D integer array in ``[0, n)``,
+      or ``keep_eval`` not a bool.
+    """
+    if not isinstance(keep_eval, bool):
+      raise TypeError(f"keep_eval must be a bool, got {keep_eval!r}.")
+    checks.check_indices("indices", indices, self.n)
+    idx = jnp.asarray(indices)
+    if idx.ndim != 1:
+      raise ValueError(f"indices must be 1-D (a list of point indices), got shape {idx.shape}.")
+    keep_eval = keep_eval and self.eval_data is not None
+    obj = object.__new__(Dataset)
+    obj.data = self.data.subset(idx)
+    obj.labels = jax.tree.map(lambda x: x[idx], self.labels)
+    obj.eval_data = self.eval_data if keep_eval else None
+    obj.eval_labels = self.eval_labels if keep_eval else None
+    obj.gram_mode, obj.normalized = self.gram_mode, self.normalized
+    obj.gram = None if self.gram is None else self.gram[idx][:, idx]
+    obj.gram_eval = self.gram_eval[idx] if keep_eval and self.gram_eval is not None else None
+    obj.entity_grams = self.entity_grams
+    obj.entity_grams_eval = self.entity_grams_eval if keep_eval else None
+    obj.fingerprint = fingerprint(obj)
+    return obj
 
   def gram_rows(self, batch_idx: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """``K[S, :]`` ``(B, n)`` and ``K[S, E]`` ``(B, n_e)`` (None without eval data).
@@ -214,6 +275,46 @@ class Dataset:
     return self.data.gram(other=self.eval_data)
 
 
+def stack(datasets: Sequence[Dataset]) -> Dataset:
+  """Stacks datasets of equal shapes along a new leading axis, for ``jax.vmap``.
+
+  Every leaf (points, labels, Grams, the fingerprint) gains a leading axis of
+  size ``S = len(datasets)``: map over it with ``jax.vmap(..., in_axes=0)``
+  (``kronjax.init``, ``kronjax.train_step`` and ``kronjax.evaluate`` accept one
+  member inside the map, and each member's state keeps that member's
+  fingerprint). For bootstrap resamples or folds of equal size, from
+  ``Dataset.take``. The stacked object itself is only for ``vmap``: entry points
+  given it on the host refuse it.
+
+  Raises:
+    TypeError: not a non-empty sequence of ``kronjax.Dataset``.
+    ValueError: datasets that differ in gram mode, ``normalized``, eval split,
+      label structure, or a leaf's shape or dtype (the message names which).
+  """
+  datasets = list(datasets) if isinstance(datasets, (list, tuple)) else datasets
+  if not isinstance(datasets, list) or not datasets or not all(
+      isinstance(d, Dataset) for d in datasets):
+    raise TypeError("datasets must be a non-empty list of kronjax.Dataset (e.g. "
+                    "[dataset.take(idx) for idx in resamples]).")
+  first = datasets[0]
+  for i, d in enumerate(datasets):
+    if np.ndim(d.fingerprint) != 1:
+      raise ValueError(f"datasets[{i}] is already stacked; stack unstacked datasets only.")
+    if jax.tree.structure(d) != jax.tree.structure(first):
+      raise ValueError(
+          f"datasets[{i}] differs from datasets[0] in structure (gram mode {d.gram_mode!r} vs "
+          f"{first.gram_mode!r}, normalized {d.normalized} vs {first.normalized}, eval split "
+          f"{d.eval_data is not None} vs {first.eval_data is not None}, or the labels' pytree); "
+          "stack datasets built the same way.")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(d), jax.tree.leaves(first)):
+      if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(
+            f"datasets[{i}] leaf {jax.tree_util.keystr(path)} has shape {a.shape} {a.dtype} but "
+            f"datasets[0] has {b.shape} {b.dtype}; stacked datasets need equal shapes (draw "
+            "resamples of one size: dataset.take(idx) with idx of one length).")
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *datasets)
+
+
 def _cross_rows(grams_eval: tuple[jax.Array, ...], left: jax.Array,
                 eval_data: KronData) -> jax.Array:
   """``(a, n_e)`` cross Gram of the training points ``left`` ``(a, p)`` to the eval points."""
@@ -227,18 +328,27 @@ def _cross_rows(grams_eval: tuple[jax.Array, ...], left: jax.Array,
 
 
 def _warn_unless_unit_norm(data: KronData, eval_data: KronData | None) -> None:
-  sets = [("data", data)] + ([] if eval_data is None else [("eval_data", eval_data)])
-  for name, points in sets:
-    if not all(checks.is_concrete(f) for f in jax.tree.leaves(points)):
+  for name, points in [("data", data)] + ([] if eval_data is None else [("eval_data", eval_data)]):
+    if warn_unless_unit_norm(name, points, stacklevel=4):
       return
-    sq = np.asarray(points.sq_norms())
-    lo, hi = float(sq.min()), float(sq.max())
-    if lo < NORM_BAND[0] or hi > NORM_BAND[1]:
-      warnings.warn(
-          f"{name} is not unit-norm: ||x||^2 ranges over [{lo:.3g}, {hi:.3g}]. The threshold b and "
-          "the capacities assume ||x|| = 1 (at init <w, x> ~ N(0, ||x||^2)), so far more neurons "
-          "fire than m Q(b) and training may diverge. Pass kronjax.Dataset(..., normalize=True) "
-          "or normalize the points yourself (KronData.normalize()).", NormWarning, stacklevel=3)
+
+
+def warn_unless_unit_norm(name: str, points: KronData, *, stacklevel: int = 3) -> bool:
+  """One ``NormWarning`` when concrete ``points`` have a squared norm outside ``NORM_BAND``;
+  returns whether it warned (traced points are not checked)."""
+  if not all(checks.is_concrete(f) for f in jax.tree.leaves(points)):
+    return False
+  sq = np.asarray(points.sq_norms())
+  lo, hi = float(sq.min()), float(sq.max())
+  if NORM_BAND[0] <= lo and hi <= NORM_BAND[1]:
+    return False
+  warnings.warn(
+      f"{name} is not unit-norm: ||x||^2 ranges over [{lo:.3g}, {hi:.3g}]. The threshold b and "
+      "the capacities assume ||x|| = 1 (at init <w, x> ~ N(0, ||x||^2)), so far more neurons "
+      "fire than m Q(b) and training may diverge. Pass kronjax.Dataset(..., normalize=True) "
+      "or normalize the points yourself (KronData.normalize()).", NormWarning,
+      stacklevel=stacklevel)
+  return True
 
 
 def _check_labels(name: str, labels: Any, data: KronData) -> Any:
@@ -321,7 +431,7 @@ def fingerprint_text(fp: Any) -> str | None:
     return None
   words = np.asarray(fp)
   if words.shape != (FINGERPRINT_WORDS,) or words.dtype != np.uint32:
-    return "malformed (the dataset was rebuilt leaf by leaf, e.g. with jax.tree.map)"
+    return "malformed (the dataset was rebuilt leaf by leaf, e.g. with jax.tree.map; use dataset.take)"
   if not words.any():
     return None
   return words.tobytes().hex()
@@ -345,6 +455,7 @@ def check_dataset(name: str, dataset: Any, *, fingerprint: Any, n: int,
   if not isinstance(dataset, Dataset):
     raise TypeError(f"{name} must be a kronjax.Dataset, got {type(dataset).__name__}; build it "
                     "with kronjax.Dataset(data, labels, eval_data=..., eval_labels=...).")
+  check_layout(name, dataset)
   if dataset.n != n or dataset.n_eval != n_eval:
     raise ValueError(
         f"{name} has n={dataset.n} training and {dataset.n_eval} eval points, but the state was "
@@ -358,3 +469,21 @@ def check_dataset(name: str, dataset: Any, *, fingerprint: Any, n: int,
         "factors, labels or eval split). Pass the dataset given to kronjax.init, or build a "
         "new state for this one.")
   return dataset
+
+
+def check_layout(name: str, dataset: Dataset) -> None:
+  """Refuses a stacked dataset on the host and one rebuilt leaf by leaf (shapes only,
+  so traced datasets are checked too; one member inside ``jax.vmap`` passes)."""
+  shape = np.shape(dataset.fingerprint)
+  if shape == (FINGERPRINT_WORDS,):
+    return
+  if len(shape) >= 2 and shape[-1] == FINGERPRINT_WORDS:
+    raise ValueError(
+        f"{name} is a stacked dataset ({shape[0]} members, from kronjax.data.stack): map over it "
+        "with jax.vmap (in_axes=0), or pass one member (dataset.take(idx)).")
+  raise ValueError(
+      f"{name} was rebuilt leaf by leaf (its fingerprint has shape {shape}, not "
+      f"({FINGERPRINT_WORDS},)): jax.tree.map(lambda x: x[idx], dataset) takes the Gram's rows "
+      "but not its columns, so its Gram no longer matches its points. Use dataset.take(idx) for "
+      "a resample or fold (rows and columns taken, a fingerprint of its own), and "
+      "kronjax.data.stack([...]) to vmap over several.")

@@ -244,18 +244,16 @@ class KronData:
       tables = []
       for q, f in enumerate(self._factors):
         norms = jnp.linalg.norm(f, axis=-1, keepdims=True)  # (N_q, 1)
-        if checks.is_concrete(norms):
-          zero = np.flatnonzero(np.asarray(norms)[:, 0] == 0)
-          if zero.size:
-            raise ValueError(
-                f"factors[{q}] row {int(zero[0])} is all zero ({zero.size} such row(s) in "
-                f"factors[{q}]): an all-zero entity cannot be normalized. Drop that entity "
-                "(and the points that use it) or give it a nonzero feature vector.")
+        _refuse_zero_rows(f"factors[{q}]", norms, "entity")
         tables.append(f / norms)
       return KronData.tree_unflatten("indexed", tuple(tables) + (self._index,))
     if self.rank == 1 and self._factors[0].ndim == 2:
-      return KronData(tuple(f / jnp.linalg.norm(f, axis=-1, keepdims=True) for f in self._factors))
+      norms = [jnp.linalg.norm(f, axis=-1, keepdims=True) for f in self._factors]  # (n, 1)
+      for q, nq in enumerate(norms):
+        _refuse_zero_rows(f"factors[{q}]", nq, "point")
+      return KronData(tuple(f / nq for f, nq in zip(self._factors, norms)))
     norms = jnp.sqrt(self.sq_norms())
+    _refuse_zero_rows("data", norms, "point")
     first = self._factors[0] / norms.reshape((-1,) + (1,) * (self._factors[0].ndim - 1))
     return KronData((first,) + self._factors[1:])
 
@@ -302,6 +300,20 @@ class KronData:
 
     out = jax.lax.map(one_point, ranked, batch_size=min(point_block, self.n))  # (n, m)
     return out.T
+
+
+def _refuse_zero_rows(name: str, norms: jax.Array, what: str) -> None:
+  """ValueError naming the first zero row of concrete ``norms`` ``(N,)`` / ``(N, 1)``: a zero
+  row has no direction, and dividing by its norm would fill it with NaN."""
+  if not checks.is_concrete(norms):
+    return
+  zero = np.flatnonzero(np.asarray(norms).reshape(-1) == 0)
+  if zero.size:
+    drop = ("that entity (and the points that use it)" if what == "entity" else "that point")
+    raise ValueError(
+        f"{name} row {int(zero[0])} is all zero (a zero row; {zero.size} such row(s) in "
+        f"{name}): an all-zero {what} cannot be normalized to unit norm. Drop {drop} or "
+        "give it a nonzero feature vector.")
 
 
 @jax.jit
@@ -478,12 +490,16 @@ def _validate_factors(factors: Any, *, indexed: bool = False) -> tuple[jax.Array
           f"factors[{q}] must be 2-D (n, d_q) for rank 1 or 3-D (n, R, d_q) for rank R, "
           f"got {f.ndim}-D with shape {tuple(f.shape)}.")
     dtype = getattr(f, "dtype", None)
-    if dtype is not None and not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
-      raise TypeError(f"factors[{q}] must be a real numeric array, got dtype {dtype}.")
-    checks.check_finite(f"factors[{q}]", f)
+    if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating)
+                                  or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"factors[{q}] must be a real numeric array (floats or integers), got "
+                      f"dtype {dtype}.")
     arr = jnp.asarray(f)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
       arr = arr.astype(jnp.result_type(float))
+    elif jnp.finfo(arr.dtype).bits < 32:
+      arr = arr.astype(jnp.float32)  # half precision: stored, and computed, in float32
+    checks.check_finite(f"factors[{q}]", arr)
     out.append(arr)
   first = out[0]
   for q, f in enumerate(out):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kronjax._src.base import checks
 from kronjax._src.model import initializers
 from kronjax._src.model import losses
 from kronjax._src.inference import network
@@ -48,10 +49,10 @@ def evaluate(state: TrainState, dataset: Dataset) -> dict[str, jax.Array]:
   split at once (for a loss that couples points, a pairwise ranking loss, that is
   every pair of the split, not a mean over batches).
 
-  Cost ``O(m (n + n_e) C)``; jit-able.
+  Cost ``O(m (n + n_e) C)``; jit-able. A stacked sweep state is evaluated member-wise
+  with ``jax.vmap(kronjax.evaluate, in_axes=(0, None))``; given one directly it is refused.
   """
-  if not isinstance(state, TrainState):
-    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  network.check_single_state(state)
   state.check_dataset(dataset)
   result = _metrics("train", state, state.P, dataset.labels)
   if state.P_eval is not None and dataset.eval_labels is not None:
@@ -86,10 +87,14 @@ def check_unsharded(state: TrainState) -> None:
 
 
 def _same_data(x: KronData, y: KronData | None) -> bool:
+  """``x`` holds the points of ``y`` (compared by value on the host; traced points are
+  other points, whose projections are computed: the same numbers, exactly)."""
   if y is None:
     return False
   if x is y:
     return True
+  if not all(checks.is_concrete(f) for f in jax.tree.leaves((x, y))):
+    return False
   if (x.dims != y.dims or x.n != y.n or x.rank != y.rank or x.is_indexed != y.is_indexed
       or x.entity_counts != y.entity_counts):
     return False
@@ -99,11 +104,11 @@ def _same_data(x: KronData, y: KronData | None) -> bool:
 
 
 def projections(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
-  """``W X'^T`` ``(m, n')`` for ``data``, with ``W = W0 + A X`` the current weights."""
-  if not isinstance(state, TrainState):
-    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  """``W X'^T`` ``(m, n')`` for ``data`` (normalized first when the dataset's points were),
+  with ``W = W0 + A X`` the current weights."""
+  network.check_single_state(state)
   state.check_dataset(dataset)
-  data = network.check_new_data("data", dataset.data, data)
+  data = network.prepare_new_data("data", dataset.data, data, dataset.normalized)
   check_unsharded(state)
   if _same_data(data, dataset.data):
     return state.P
@@ -120,8 +125,14 @@ def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
   Other points: ``W0 X'^T`` from the init (module docstring; ``implicit``
   refuses) plus the learned ``A K(X, X')``. No ``O(d)`` work for ``kronecker``.
 
+  ``data`` are raw points, prepared as the dataset's were: normalized when the
+  dataset was built with ``normalize=True`` (per point; per entity row for
+  indexed data), else taken as they are, with a ``NormWarning`` when they are not
+  unit-norm. A stacked sweep state: ``jax.vmap(kronjax.predict, in_axes=(0, None,
+  None))``; given one directly it is refused.
+
   Raises:
-    TypeError: ``data`` is not a KronData.
+    TypeError: ``data`` is not a KronData; ``state`` is a stacked sweep state.
     ValueError: another factor count or dims, NaN/inf values, a state built for
       another dataset, or ``init="implicit"`` and points outside the dataset.
   """
@@ -137,8 +148,7 @@ def dense_params(state: TrainState, dataset: Dataset, *,
   (``kronjax.dense.init(..., W0=dense_params(state0, dataset)["W"])``) starts
   from this network.
   """
-  if not isinstance(state, TrainState):
-    raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
+  network.check_single_state(state)
   state.check_dataset(dataset)
   config = state.config
   if config.init == "implicit":

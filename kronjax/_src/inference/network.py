@@ -17,9 +17,16 @@ The trained network is ``f(x) = a^T relu(W x - b) / sqrt(m) + c`` with
 back in any process: ``network.predict(data)`` equals ``kronjax.predict(state,
 dataset, data)`` bit for bit. The file holds ``m n + m C + 1`` floats of ``A``,
 ``a`` and ``b``, ``n R sum_q d_q`` floats of training factors, the key and a
-JSON manifest (the ``Config``): ``4 (m n + m C + n R sum_q d_q)`` bytes in
-float32, plus under a kilobyte. No optimizer state, no ``P``, no Gram, no
-``d``-sized array.
+JSON manifest (the ``Config``, and whether the training points were
+normalized): ``4 (m n + m C + n R sum_q d_q)`` bytes in float32, plus under a
+kilobyte. No optimizer state, no ``P``, no Gram, no ``d``-sized array.
+
+New points are prepared as the training points were: a network trained on a
+``Dataset(..., normalize=True)`` normalizes them (per point; per entity row for
+indexed data), one trained on raw points takes them as they are and warns
+(``NormWarning``) when they are not unit-norm. A network trained with a loss of
+one's own records the function's name; ``predict`` does not need it, and
+``load(path, loss=fn)`` gives it back (for ``Config.loss``).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from kronjax._src.base import checks
 from kronjax._src.model import initializers
 from kronjax._src.model import losses
 from kronjax._src.model.config import Config
-from kronjax._src.data.dataset import Dataset
+from kronjax._src.data.dataset import Dataset, warn_unless_unit_norm
 from kronjax._src.data.kron_data import KronData
 from kronjax._src.step.state import TrainState
 
@@ -62,6 +69,9 @@ class Network:
     a: ``(m, C)`` output layer.  b: ``()`` threshold.
     data: the ``n`` training points ``X`` (``KronData``).
     bias: ``(C,)`` output bias.  w0_scale: ``()`` the scale ``s`` of ``W0``.
+    normalize: whether the training points were normalized
+      (``Dataset(..., normalize=True)``): new points are then normalized the
+      same way before ``predict`` (static).
 
   A pytree: the arrays and ``data`` are leaves, ``config`` is static, so a
   network passes through ``jax.jit`` (``jax.jit(lambda net, x: net.predict(x))``)
@@ -76,15 +86,17 @@ class Network:
   data: KronData
   bias: jax.Array
   w0_scale: jax.Array
+  normalize: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   def projections(self, data: KronData) -> jax.Array:
-    """``W X'^T`` ``(m, n')`` for new points: ``W0 X'^T + A K(X, X')``, no ``O(d)`` work
-    for ``init="kronecker"``."""
+    """``W X'^T`` ``(m, n')`` for new points as given (not normalized): ``W0 X'^T + A K(X,
+    X')``, no ``O(d)`` work for ``init="kronecker"``."""
     return new_projections(self.config, self.key, self.A, self.data, data, self.w0_scale)
 
   def predict(self, data: KronData) -> jax.Array:
-    """Network outputs ``(n', C)`` on ``data`` (checked as ``kronjax.predict`` checks it)."""
-    data = check_new_data("data", self.data, data)
+    """Network outputs ``(n', C)`` on ``data`` (checked as ``kronjax.predict`` checks it,
+    and normalized first when the training points were: ``normalize``)."""
+    data = prepare_new_data("data", self.data, data, self.normalize)
     return outputs(self.config, self.a, self.b, self.bias, self.projections(data))
 
 
@@ -126,6 +138,17 @@ def check_new_data(name: str, train: KronData, data: Any) -> KronData:
   return data
 
 
+def prepare_new_data(name: str, train: KronData, data: Any, normalize: bool) -> KronData:
+  """``data`` checked (``check_new_data``) and prepared as the training points were:
+  normalized when ``normalize``; else a ``NormWarning`` when concrete points are not
+  unit-norm (the threshold and capacities assume ``||x|| = 1``)."""
+  data = check_new_data(name, train, data)
+  if normalize:
+    return data.normalize()
+  warn_unless_unit_norm(name, data, stacklevel=4)
+  return data
+
+
 def new_projections(config: Config, key: jax.Array, A: jax.Array, train: KronData,
                     data: KronData, w0_scale: Any = 1.0) -> jax.Array:
   """``(s W0 + A X) X'^T`` ``(m, n')``; ``W0 X'^T`` from the init's recipe."""
@@ -150,7 +173,8 @@ def from_state(state: TrainState, dataset: Dataset) -> Network:
     raise ValueError("state is a padded neuron-sharded state; call "
                      "kronjax.sharding.unshard_state(state) first.")
   return Network(config=state.config, key=state.key, A=state.A, a=state.a, b=state.b,
-                 data=dataset.data, bias=state.bias, w0_scale=state.w0_scale)
+                 data=dataset.data, bias=state.bias, w0_scale=state.w0_scale,
+                 normalize=dataset.normalized)
 
 
 def save(path: str | os.PathLike, state: TrainState, dataset: Dataset) -> pathlib.Path:
@@ -177,15 +201,30 @@ def save(path: str | os.PathLike, state: TrainState, dataset: Dataset) -> pathli
              for q, f in enumerate(network.data.factors)]
   if network.data.is_indexed:   # pairs of entities: the tables and the (n, p) index
     leaves["index"] = serialization.put_array(arrays, "index", network.data.index)
-  manifest = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(network.config),
-              "leaves": leaves, "factors": factors}
+  config = {f.name: getattr(network.config, f.name) for f in dataclasses.fields(Config)}
+  config["loss"] = loss_name(network.config.loss)
+  manifest = {"format": FORMAT, "version": VERSION, "config": config, "leaves": leaves,
+              "factors": factors, "normalize": network.normalize}
   arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
   serialization.write_npz_atomically(path, arrays)
   return path
 
 
-def load(path: str | os.PathLike) -> Network:
-  """Reads a network written by ``save``; raises ValueError for another or a damaged file."""
+def load(path: str | os.PathLike, *, loss: Any = None) -> Network:
+  """Reads a network written by ``save``; raises ValueError for another or a damaged file.
+
+  Args:
+    path: the ``.npz`` file.
+    loss: for a network trained with a loss of one's own (``Config(loss=fn)``),
+      that function (the file holds only its name): it becomes ``config.loss``.
+      Without it such a network still predicts; its ``config.loss`` is a
+      ``MissingLoss`` that raises when called and names this argument.
+
+  Raises:
+    ValueError: another or a damaged file; ``loss`` given for a network trained
+      with a named loss, or a function of another name than the saved one.
+    TypeError: ``loss`` not callable.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no network file at {str(path)!r}.")
@@ -202,11 +241,56 @@ def load(path: str | os.PathLike) -> Network:
                 for k, e in manifest["leaves"].items()}
       factors = tuple(jnp.asarray(serialization.get_array(npz, {**e, "name": f"factor_{q}"}))
                       for q, e in enumerate(manifest["factors"]))
-      config = Config(**manifest["config"])
+      config_values = dict(manifest["config"])
+      saved_loss = config_values.pop("loss")
+      normalize = manifest.get("normalize", False)   # absent from older v2 files
+      if not isinstance(normalize, bool):
+        raise ValueError(f"the manifest's normalize is {normalize!r}, not a bool")
   except (zipfile.BadZipFile, EOFError, KeyError, ValueError, TypeError, OSError,
           UnicodeDecodeError) as e:
     raise ValueError(f"{str(path)!r} is not a readable kronjax network file "
                      f"({type(e).__name__}: {e}).") from e
+  config = Config(**config_values, loss=_loss_for(saved_loss, loss, path))
   return Network(config=config, key=leaves["key"], A=leaves["A"], a=leaves["a"], b=leaves["b"],
                  data=KronData(factors, index=leaves.get("index")), bias=leaves["bias"],
-                 w0_scale=leaves["w0_scale"])
+                 w0_scale=leaves["w0_scale"], normalize=normalize)
+
+
+@dataclasses.dataclass(frozen=True)
+class MissingLoss:
+  """Stands for a loss of one's own that a loaded network knows only by name.
+
+  ``predict`` never calls the loss; calling this raises ValueError naming
+  ``kronjax.network.load(path, loss=...)``.
+  """
+
+  name: str
+
+  def __call__(self, outputs: Any, labels: Any) -> Any:
+    raise ValueError(
+        f"this network was trained with the loss {self.name!r}, which a network file records "
+        "by name only; predict does not need it, but evaluating does: load the network with "
+        "kronjax.network.load(path, loss=<that function>).")
+
+
+def loss_name(loss: Any) -> str:
+  """The loss as the manifest records it: a name, or a function's ``module.qualname``."""
+  return loss.name if isinstance(loss, MissingLoss) else losses.loss_name(loss)
+
+
+def _loss_for(saved: str, given: Any, path: pathlib.Path) -> Any:
+  """``Config.loss`` of a loaded network: the saved name, ``given``, or a ``MissingLoss``."""
+  if losses.is_named(saved):
+    if given is not None:
+      raise ValueError(f"{str(path)!r} was trained with loss={saved!r}; loss= is only for a "
+                       "network trained with a loss of one's own. Leave it out.")
+    return saved
+  if given is None:
+    return MissingLoss(saved)
+  if not callable(given):
+    raise TypeError(f"loss must be the function the network was trained with ({saved!r}), got "
+                    f"{type(given).__name__}.")
+  if losses.loss_name(given) != saved:
+    raise ValueError(f"loss is {losses.loss_name(given)!r}, but {str(path)!r} was trained with "
+                     f"{saved!r}; pass that function.")
+  return given
