@@ -1,4 +1,4 @@
-"""Synthetic Kronecker data, a planted-teacher task, and pairwise data (KIBA, entity features)."""
+"""Synthetic Kronecker data, a planted-teacher task, and pairwise data (KIBA, MovieLens-100k, entity features)."""
 
 from kronjax._src.data.synthetic import synthetic
 from kronjax._src.data.synthetic import planted
@@ -8,6 +8,9 @@ from kronjax._src.data.featurize import kmer_composition
 from kronjax._src.data.featurize import morgan_fingerprints
 from kronjax._src.data.kiba import KibaData
 from kronjax._src.data.kiba import fetch_kiba
+from kronjax._src.data.movielens import MovieLensData
+from kronjax._src.data.movielens import fetch_movielens
+from kronjax._src.data.movielens import split_ratings
 
 __all__ = (
     "synthetic",
@@ -18,4 +21,7 @@ __all__ = (
     "morgan_fingerprints",
     "KibaData",
     "fetch_kiba",
+    "MovieLensData",
+    "fetch_movielens",
+    "split_ratings",
 )
