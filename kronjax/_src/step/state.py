@@ -14,8 +14,10 @@ shapes share one compiled step.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Any
 
@@ -61,6 +63,15 @@ class TrainState:
     config: the network (a resolved ``Config``; static).
     plan: how the step runs (``Plan`` as given; static). ``resolved_plan`` fills it in.
     tx: the optimizer (``optim.StaticTx``: ``tx.init``, ``tx.update``; static).
+
+  Saving: ``kronjax.checkpoint.save`` (orbax; resume with ``fit``). ``pickle`` is
+  refused (TypeError): the state holds its optax transformation, whose functions
+  are closures that cannot be pickled. ``flax.serialization`` works where flax is
+  installed (it is not a kronjax dependency): ``to_bytes(state)`` /
+  ``to_state_dict(state)`` hold the array leaves, and ``from_bytes(template,
+  data)`` restores them into a ``template`` state built by ``kronjax.init`` with
+  the same config, dataset, optimizer and plan (the static fields come from it).
+  ``copy.copy`` and ``copy.deepcopy`` work.
   """
 
   projections: jax.Array
@@ -78,6 +89,19 @@ class TrainState:
   config: Config = dataclasses.field(metadata=dict(static=True))
   plan: Plan = dataclasses.field(metadata=dict(static=True))
   tx: optim.StaticTx = dataclasses.field(metadata=dict(static=True))
+
+  def __reduce__(self):
+    raise TypeError(
+        "a kronjax.TrainState cannot be pickled: it holds its optax transformation, whose "
+        "init/update functions are closures. Save it with kronjax.checkpoint.save (orbax; "
+        "kronjax.fit resumes from it), or its arrays with flax.serialization.to_bytes(state) "
+        "where flax is installed; for inference, kronjax.network.save.")
+
+  def __copy__(self) -> "TrainState":
+    return dataclasses.replace(self)
+
+  def __deepcopy__(self, memo: dict) -> "TrainState":
+    return jax.tree.map(lambda x: copy.deepcopy(x, memo), self)
 
   def replace(self, **changes: Any) -> "TrainState":
     """A copy with ``changes``; ``P=`` takes the ``(m, n)`` view and is stored in
@@ -243,8 +267,110 @@ def check_init_args(key: Any, config: Any, dataset: Any, tx: Any, threshold: Any
   return key, plan
 
 
+def memory_estimate(config: Config, dataset: Dataset, tx: optax.GradientTransformation,
+                    plan: Plan | None = None) -> dict[str, int]:
+  """Bytes ``kronjax.init(key, config, dataset, tx, plan=plan)`` allocates, by term.
+
+  From shapes only (``jax.eval_shape``: nothing is allocated), for one state:
+
+  * ``"projections"``: ``P`` ``(m, n)`` and ``P_eval`` ``(m, n_e)``;
+  * ``"coefficients"``: ``A`` ``(n, m)``;
+  * ``"optimizer"``: the optax state over them (momentum keeps one more copy of
+    each ``m x n`` term, Adam-like traces two);
+  * ``"index"``: the threshold index state;
+  * ``"init"``: the init's temporaries: the ``(m, n + n_e)`` projections before
+    they are stored, and for ``init="implicit"`` the ``(n + n_e)^2`` Gram and its
+    factorization;
+  * ``"gram"``: what the dataset already holds (the ``(n, n)`` and ``(n, n_e)``
+    Grams of ``gram="precomputed"``, the entity Grams of ``"entities"``, nothing
+    ``n x n`` for ``"factors"``): reported, not allocated by ``init``.
+
+  ``config`` and ``plan`` are resolved here; ``dataset`` may be large, nothing of
+  its size is computed.
+  """
+  config = config.resolve()
+  resolved = resolve_plan(Plan() if plan is None else plan, config)
+  m, n, n_e, C = config.width, dataset.n, dataset.n_eval, config.num_classes
+  dtype = jnp.dtype(dataset.dtype)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)   # pylint: disable=unnecessary-lambda-assignment
+  P = spec(m, n) if resolved.layout == "neurons" else spec(n, m)
+  P_eval = spec(m, n_e) if n_e else None
+  params = trainable_tree(spec(n, m), P, spec(m, C), P_eval, config, bias=spec(C),
+                          w0_scale=spec() if optim.needs_params(tx) else None)
+  opt = jax.eval_shape(tx.init, params)
+  index = jax.eval_shape(make_index(config, resolved).build, spec(m, n), spec())
+  extra = n + n_e
+  init_temp = m * extra + (2 * extra * extra if config.init == "implicit" else 0)
+  grams = [x for x in (dataset.gram, dataset.gram_eval) if x is not None]
+  grams += list(dataset.entity_grams or ()) + list(dataset.entity_grams_eval or ())
+  return {"projections": (m * n + m * n_e) * dtype.itemsize,
+          "coefficients": n * m * dtype.itemsize,
+          "optimizer": _tree_bytes(opt), "index": _tree_bytes(index),
+          "init": init_temp * dtype.itemsize, "gram": _tree_bytes(grams)}
+
+
+def _size(nbytes: int) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+    if nbytes >= scale:
+      return f"{nbytes / scale:.3g} {unit}"
+  return f"{nbytes / 2**10:.3g} KiB" if nbytes >= 2**10 else f"{nbytes} bytes"
+
+
+def _tree_bytes(tree: Any) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+             if hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def available_memory() -> tuple[int | None, str]:
+  """``(bytes, where)``: free memory on the default device (its allocator's limit minus
+  what is in use, where the backend reports it), else the host's available RAM
+  (``psutil``); None when neither is known."""
+  device = jax.devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  (backends without memory stats)
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device}"
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None, "host"
+  return int(psutil.virtual_memory().available), "host memory (available)"
+
+
+def _check_memory(config: Config, dataset: Dataset, tx: optax.GradientTransformation,
+                 plan: Plan | None) -> None:
+  """ValueError naming the bytes and the knobs when ``init``'s arrays exceed the free memory."""
+  terms = memory_estimate(config, dataset, tx, plan)
+  need = sum(v for k, v in terms.items() if k != "gram")
+  free, where = available_memory()
+  if free is None or need <= free:
+    return
+  parts = ", ".join(f"{k} {_size(v)}" for k, v in terms.items() if k != "gram" and v)
+  m, n = config.width, dataset.n
+  knobs = [f"a smaller width (m={m}: every m x n term scales with it)",
+           f"fewer points (n={n}; dataset.take(indices) takes a subset)"]
+  if jnp.dtype(dataset.dtype).itemsize > 4:
+    knobs.append("float32 factors instead of float64 (half the bytes)")
+  if terms["optimizer"]:
+    knobs.append(f"an optimizer with fewer traces (its state is {_size(terms['optimizer'])}; "
+                 "plain optax.sgd keeps none)")
+  if terms["gram"]:
+    knobs.append(f"Dataset(gram='factors') (the dataset's Grams hold {_size(terms['gram'])}, "
+                 "already allocated; 'factors' stores nothing n x n)")
+  if config.init == "implicit":
+    knobs.append("init='kronecker' (no (n + n_e)^2 temporaries)")
+  knobs.append("Plan(init_chunk=...) and Plan(layout=...) change the step's temporaries, "
+               "not these arrays")
+  raise ValueError(
+      f"kronjax.init would allocate about {_size(need)} ({parts}) but only {_size(free)} is free "
+      f"on {where}. Reduce it with: " + "; ".join(knobs) + ". Pass check_memory=False to "
+      "skip this check (kronjax.memory_estimate gives the terms).")
+
+
 def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTransformation, *,
-         threshold: Any = None, plan: Plan | None = None) -> TrainState:
+         threshold: Any = None, plan: Plan | None = None, check_memory: bool = True) -> TrainState:
   """Builds the initial ``TrainState`` for ``dataset``.
 
   Args:
@@ -262,13 +388,23 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
     plan: how the step runs (``kronjax.Plan``: capacities, index, update path,
       layout, chunk sizes); None is ``Plan()``, every field automatic. It never
       changes the numbers; ``kronjax.with_plan`` changes it later.
+    check_memory: estimate the bytes the state needs (``memory_estimate``: the
+      ``m x n`` terms, the optimizer's traces, the index, the init's temporaries)
+      from shapes and compare them with the free memory (the device's allocator
+      where it reports one, else the host's available RAM) before allocating
+      anything. False skips it (under ``jax.vmap`` it counts one member).
 
   Raises:
     TypeError: an argument of the wrong type (a key that is not a PRNG key, ...).
     ValueError: labels that do not fit the config's loss, a non-linear optimizer,
-      a non-finite threshold; raised before any work is done.
+      a non-finite threshold, a state that does not fit in memory (the message
+      names the bytes and what to change); raised before any work is done.
   """
   key, plan = check_init_args(key, config, dataset, tx, threshold, plan)
+  if not isinstance(check_memory, bool):
+    raise TypeError(f"check_memory must be a bool, got {check_memory!r}.")
+  if check_memory:
+    _check_memory(config, dataset, tx, plan)
   config = config.resolve()
   resolved = resolve_plan(plan, config)
 
@@ -386,3 +522,48 @@ def carry_rebuild_count(old, new):
   if hasattr(old, "rebuilds") and hasattr(new, "rebuilds") and hasattr(new, "_replace"):
     return new._replace(rebuilds=old.rebuilds)
   return new
+
+
+def _register_flax() -> None:
+  """``flax.serialization`` support, where flax is installed (not a kronjax dependency)."""
+  if importlib.util.find_spec("flax") is None:
+    return
+  from flax import serialization  # pylint: disable=import-outside-toplevel
+  arrays = [f.name for f in dataclasses.fields(TrainState) if not f.metadata.get("static")]
+
+  def to_state_dict(state: TrainState) -> dict[str, Any]:
+    return {name: serialization.to_state_dict(_key_data(getattr(state, name)))
+            for name in arrays}
+
+  def from_state_dict(template: TrainState, values: dict[str, Any]) -> TrainState:
+    if not isinstance(template, TrainState):
+      raise TypeError(f"the template must be a kronjax.TrainState, got {type(template).__name__}.")
+    missing = [name for name in arrays if name not in values]
+    if missing:
+      raise ValueError(f"the state dict has no {missing}: it was not written from a TrainState "
+                       "by flax.serialization.")
+    restored = {}
+    for name in arrays:
+      old = getattr(template, name)
+      new = serialization.from_state_dict(_key_data(old), values[name], name=name)
+      restored[name] = _wrap_key(old, new)
+    return dataclasses.replace(template, **restored)
+
+  serialization.register_serialization_state(TrainState, to_state_dict, from_state_dict,
+                                             override=True)
+
+
+def _key_data(x: Any) -> Any:
+  """A typed PRNG key as its raw ``uint32`` data (msgpack holds plain arrays only)."""
+  if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(x)
+  return x
+
+
+def _wrap_key(template: Any, x: Any) -> Any:
+  if isinstance(template, jax.Array) and jnp.issubdtype(template.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(template))
+  return x
+
+
+_register_flax()
