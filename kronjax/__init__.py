@@ -20,6 +20,7 @@ from kronjax._src.train.loop import StepInfo
 from kronjax._src.train.loop import batch_schedule
 from kronjax._src.train.loop import fit
 from kronjax._src.kernels.native import info as native_info
+from kronjax._src.step.optim import assume_linear
 from kronjax._src.step.plan import Plan
 from kronjax._src.step.state import TrainState
 from kronjax._src.step.state import init
@@ -43,6 +44,7 @@ __all__ = (
     "Status",
     "StepInfo",
     "TrainState",
+    "assume_linear",
     "batch_schedule",
     "check_status",
     "checkpoint",
