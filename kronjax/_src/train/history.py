@@ -34,6 +34,14 @@ class History:
       v = metrics[k].astype(np.float64)
       self.values[k].append(np.where(live, v, np.nan if k in ("loss", "active") else -1))
 
+  def add_rows(self, step_nos: np.ndarray, metrics: dict[str, np.ndarray],
+               live: np.ndarray) -> None:
+    """``add`` for several steps at once: ``step_nos`` ``(T,)``, metrics ``(T, S)``."""
+    self.step.extend(int(s) for s in step_nos)
+    for k in HISTORY_KEYS:
+      v = metrics[k].astype(np.float64)
+      self.values[k].extend(np.where(live, v, np.nan if k in ("loss", "active") else -1))
+
   def add_eval(self, step_no: int, values: dict[str, Any], live: np.ndarray) -> None:
     self.eval_step.append(step_no)
     for k, v in values.items():

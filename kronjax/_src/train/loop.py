@@ -144,6 +144,8 @@ class Options:
   callbacks: Any = ()
   callback_every: int = 1
   verify_every: int = 0
+  chunk: int | str = "auto"
+  divergence_factor: float = 1e6
 
   def __post_init__(self):
     checks.check_positive_int("batch_size", self.batch_size)
@@ -160,6 +162,12 @@ class Options:
     checks.check_positive_int("callback_every", self.callback_every)
     object.__setattr__(self, "callbacks", check_callbacks(self.callbacks))
     checks.check_positive_int("keep", self.keep)
+    if self.chunk != "auto":
+      if isinstance(self.chunk, str):
+        raise ValueError(f"chunk must be 'auto' or a positive int (the most steps per "
+                         f"dispatch; 1 steps one batch at a time), got {self.chunk!r}.")
+      checks.check_positive_int("chunk", self.chunk)
+    _check_divergence_factor(self.divergence_factor)
     for name in ("progress", "resume"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}.")
@@ -173,6 +181,15 @@ class Options:
       raise ValueError(f"batch_size must be in [1, n={n}], got {self.batch_size}.")
     return self.batch_size, (self.steps if self.epochs is None
                              else self.epochs * (n // self.batch_size))
+
+
+def _check_divergence_factor(factor: Any) -> None:
+  if isinstance(factor, bool) or not isinstance(factor, (int, float, np.integer, np.floating)):
+    raise TypeError(f"divergence_factor must be a number (0 turns the check off), got "
+                    f"{type(factor).__name__} ({factor!r}).")
+  if not (factor == 0 or 1 < factor < np.inf):
+    raise ValueError(f"divergence_factor must be 0 (no check) or a finite number > 1 (how many "
+                     f"times its early largest value the loss may grow to), got {factor!r}.")
 
 
 def check_callbacks(callbacks: Any) -> tuple[Callable[[StepInfo], Any], ...]:
@@ -327,9 +344,133 @@ def _check_finite(run: _Run, metrics: dict[str, np.ndarray], global_step: int,
   run.stop(bad, f"non-finite loss at step {global_step}")
 
 
+# ----------------------------------------------------------------------------- divergence
+
+DIVERGENCE_WINDOW = 10
+"""Steps whose largest loss is the reference of the divergence check."""
+
+
+class _Divergence:
+  """The divergence check: a member's loss past ``factor`` times its largest finite
+  loss over the first ``DIVERGENCE_WINDOW`` steps of the run (``(S,)`` reference).
+
+  ``until`` is the global step count that ends the reference window; the check
+  applies to the steps after it. The reference rides in the checkpoints, so a
+  resumed run checks against the uninterrupted run's.
+  """
+
+  def __init__(self, factor: float, members: int, start: int, saved: Any = None):
+    self.factor = float(factor)
+    self.until = start + DIVERGENCE_WINDOW
+    self.reference = np.zeros(members)
+    if saved:
+      self.until = int(np.asarray(saved["until"]))
+      self.reference = np.asarray(saved["reference"], np.float64).reshape(members)
+
+  def observe(self, counts: np.ndarray, loss: np.ndarray, live: np.ndarray) -> None:
+    """Takes in the losses ``(T, S)`` of the steps ending at ``counts`` ``(T,)``."""
+    inside = (counts <= self.until)[:, None] & live & np.isfinite(loss)
+    if inside.any():
+      self.reference = np.maximum(self.reference, np.max(np.where(inside, loss, 0.0), axis=0))
+
+  def limit(self, count: int, dtype: Any) -> np.ndarray:
+    """``(S,)``: the loss past which a member diverges at the step ending at ``count``."""
+    if not self.factor or count <= self.until:
+      return np.full(self.reference.shape, np.inf, dtype)
+    return np.where(self.reference > 0, self.factor * self.reference, np.inf).astype(dtype)
+
+  def encode(self) -> dict[str, Any]:
+    return {"until": self.until, "reference": self.reference}
+
+
+def _check_divergence(run: _Run, check: _Divergence, metrics: dict[str, np.ndarray],
+                      global_step: int, options: Options) -> None:
+  loss = metrics["loss"]
+  limit = check.limit(global_step + 1, loss.dtype)
+  bad = run.live & np.isfinite(loss) & (loss > limit)
+  if not bad.any():
+    return
+  who = np.flatnonzero(bad).tolist()
+  if options.on_nonfinite == "raise":
+    i = who[0]
+    raise FloatingPointError(
+        f"the loss grew to {loss[i]:.4g} at step {global_step}{run.members(who, ' for ')}, more "
+        f"than divergence_factor={check.factor:g} times its largest value over the first "
+        f"{DIVERGENCE_WINDOW} steps ({check.reference[i]:.4g}): training is diverging. The "
+        "learning rate is most likely too large for this width and threshold, or the inputs "
+        "are not unit-norm: build the Dataset with normalize=True, or lower the learning "
+        "rate, and start again from the state you passed in; on_nonfinite='stop' freezes "
+        "such members instead, divergence_factor=0 turns this check off.")
+  run.stop(bad, f"diverging loss at step {global_step}")
+
+
+# ----------------------------------------------------------------------------- chunks
+
+_MAX_CHUNK_INDICES = 1 << 20
+"""Cap on a chunk's stacked batch indices ``(K, B)`` (4 MiB of int32)."""
+
+
+class _Chunks:
+  """How many steps each dispatch takes: up to ``size`` (the compiled chunk's
+  static length), never past a step the host must see the state at (evaluation,
+  verification, callbacks, checkpoints, resync, the end of the divergence window),
+  so every cadence lands on the global step it lands on one step at a time."""
+
+  def __init__(self, runner: runners.Runner, options: Options, steps: int, batch_size: int,
+               until: int, checkpointing: bool):
+    most = runner.chunk_limit if options.chunk == "auto" else min(options.chunk,
+                                                                  runner.chunk_limit)
+    most = min(most, max(1, _MAX_CHUNK_INDICES // batch_size))
+    # Rounded up to a power of two so runs of other lengths share one compilation.
+    self.size = max(1, min(most, 1 << max(steps - 1, 0).bit_length()))
+    self.every = [e for e, on in ((options.eval_every, True), (options.verify_every, True),
+                                  (options.resync_every, True),
+                                  (options.checkpoint_every, checkpointing),
+                                  (options.callback_every, bool(options.callbacks))) if on and e]
+    self.until = until if options.divergence_factor else 0
+
+  def length(self, done: int, left: int) -> int:
+    """Steps in the chunk after global step count ``done`` with ``left`` steps to go."""
+    end = done + min(self.size, left)
+    for e in self.every:
+      end = min(end, (done // e + 1) * e)
+    if done < self.until:
+      end = min(end, self.until)
+    return end - done
+
+
+def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+  """``rows`` ``(k, B)`` as ``(size, B)``: the rows past ``k`` are never read."""
+  out = np.zeros((size,) + rows.shape[1:], rows.dtype)
+  out[:len(rows)] = rows
+  return out
+
+
+def _take_chunk(runner: runners.Runner, state: TrainState, dataset: Dataset,
+                batches: np.ndarray, size: int, mask: jax.Array | None, limit: np.ndarray
+                ) -> tuple[TrainState, dict[str, np.ndarray]]:
+  """Up to ``len(batches)`` steps in one dispatch; the metrics of the steps run ``(T, S)``."""
+  if len(batches) == 1:
+    state, metrics = runner.step(state, dataset, jnp.asarray(batches[0]), mask)
+    return state, {k: v[None] for k, v in _fetch(metrics).items()}
+  state, stacked, taken = runner.chunk(state, dataset, _padded(batches, size),
+                                       np.int32(len(batches)), mask, limit)
+  stacked, taken = jax.device_get((stacked, taken))
+  return state, {k: np.asarray(v)[:int(taken)].reshape(int(taken), -1)
+                 for k, v in stacked.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
 def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.Array,
           options: Options) -> tuple[TrainState, dict[str, Any]]:
-  """The loop behind ``kronjax.fit`` and ``kronjax.sweep.fit`` (see ``fit`` for the options)."""
+  """The loop behind ``kronjax.fit`` and ``kronjax.sweep.fit`` (see ``fit`` for the options).
+
+  Steps run in chunks (``options.chunk``): the steps of a chunk but its last all
+  ended ``OK`` for every live member and sit between two cadence points, so only
+  their metrics reach the history; the last step is handled as one step at a time
+  would (replay, policies, evaluation, callbacks, checkpoints).
+  """
   if not isinstance(state, TrainState):
     raise TypeError(f"state must be a kronjax.TrainState, got {type(state).__name__}.")
   state.check_dataset(dataset)
@@ -340,6 +481,7 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
   # Members behind the others stopped in an earlier run (on_*="stop"): they stay frozen.
   target = int(np.max(np.asarray(state.step))) + steps
   log = History(S)
+  saved_divergence = None
   state, dataset = runner.prepare(state, dataset)
   checkpoint_dir = None
   if options.checkpoint_dir is not None:
@@ -349,6 +491,7 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
       state, meta = checkpoint.load(checkpoint_dir, like=state)
       _check_resumable(meta, key, batch_size, checkpoint_dir)
       log = History.restore(S, meta.get("history", {}))
+      saved_divergence = meta.get("divergence")
   start = int(np.max(np.asarray(state.step)))
   if start > target:
     raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} is at step {start}, past the "
@@ -359,32 +502,50 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
   writer = None if checkpoint_dir is None else checkpoint.Manager(checkpoint_dir,
                                                                   keep=options.keep)
   run = _Run(runner, np.atleast_1d(np.asarray(state.step)), start)
+  divergence = _Divergence(options.divergence_factor, S, start, saved_divergence)
+  chunks = _Chunks(runner, options, steps, batch_size, divergence.until, writer is not None)
+  limit_dtype = np.dtype(state.a.dtype)
   bar = progress_bar(target, start, options.progress, runner.name)
   t_start = time.perf_counter()
   done = 0
+  t = 0
   try:
-    for t in range(steps):
-      global_step = start + t
-      batch = jnp.asarray(batches[t])
+    while t < steps:
+      k = chunks.length(start + t, steps - t)
       live = run.live
-      state, metrics = runner.step(state, dataset, batch, None if live.all() else jnp.asarray(live))
-      metrics = _fetch(metrics)
+      state, rows = _take_chunk(runner, state, dataset, batches[t:t + k], chunks.size,
+                                None if live.all() else jnp.asarray(live),
+                                divergence.limit(start + t + 1, limit_dtype))
+      taken = len(rows["loss"])
+      # Steps before the chunk's last: taken by every live member, no cadence among them.
+      counts = np.arange(start + t + 1, start + t + taken)
+      if taken > 1:
+        early = {name: v[:-1] for name, v in rows.items()}
+        divergence.observe(counts, early["loss"], live)
+        logged = (counts % options.log_every == 0)
+        log.add_rows(counts[logged], {name: v[logged] for name, v in early.items()}, live)
+        done += taken - 1
+      t += taken
+      global_step = start + t - 1
+      metrics = {name: v[-1] for name, v in rows.items()}
+      batch = batches[t - 1]
       if metrics["invalid_batch"].any():
-        bad = np.asarray(batches[t])
         raise ValueError(f"step {global_step}: batch holds indices outside [0, {n}): "
-                         f"{sorted(set(bad[(bad < 0) | (bad >= n)].tolist()))}.")
+                         f"{sorted(set(batch[(batch < 0) | (batch >= n)].tolist()))}.")
       if metrics["wrong_dataset"].any():
         raise ValueError(f"step {global_step}: the dataset is not the one the state was built "
                          "from (fingerprints differ); pass the dataset given to kronjax.init.")
-      state, metrics = _replay_overflow(run, state, dataset, batch, metrics, global_step,
-                                        options, log, bar)
+      state, metrics = _replay_overflow(run, state, dataset, jnp.asarray(batch), metrics,
+                                        global_step, options, log, bar)
       _check_finite(run, metrics, global_step, options)
+      _check_divergence(run, divergence, metrics, global_step, options)
+      divergence.observe(np.array([global_step + 1]), metrics["loss"][None], run.live)
       done += 1
       if options.resync_every and (global_step + 1) % options.resync_every == 0:
         state = runner.resync(state, dataset)
       # Cadences follow the global step: a resumed run logs and evaluates where
       # the uninterrupted run does.
-      last = t + 1 == steps
+      last = t == steps
       if (global_step + 1) % options.log_every == 0 or last:
         log.add(global_step + 1, metrics, run.live)
       if not run.live.any():
@@ -412,12 +573,13 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
         run.stop(run.live.copy(), f"stopped by callback at step {global_step + 1}")
       if writer is not None and (last or stop or (
           options.checkpoint_every and (global_step + 1) % options.checkpoint_every == 0)):
-        writer.save(state, {"fit_key": key, "batch_size": batch_size, "history": log.encode()})
+        writer.save(state, {"fit_key": key, "batch_size": batch_size, "history": log.encode(),
+                            "divergence": divergence.encode()})
       if stop:
         bar.write(f"{runner.name}: stopped by callback at step {global_step + 1}.")
         break
-      bar.update(1)
-      if (t + 1) % 10 == 0 or last:
+      bar.update(taken)
+      if t // 10 != (t - taken) // 10 or last:
         loss = (np.nanmin(np.where(run.live, metrics["loss"], np.nan)) if run.live.any()
                 else np.nan)
         rate = done / max(time.perf_counter() - t_start, 1e-9)
@@ -510,40 +672,53 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
         on_nonfinite: str = "raise", mesh: Any = None, checkpoint_dir: Any = None,
         checkpoint_every: int = 0, keep: int = 2, resume: bool = False,
         resync_every: int = 0, callbacks: Any = (), callback_every: int = 1,
-        verify_every: int = 0) -> tuple[TrainState, dict[str, Any]]:
+        verify_every: int = 0, chunk: int | str = "auto",
+        divergence_factor: float = 1e6) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``state`` on ``dataset`` with shuffled mini-batches; returns ``(state, history)``.
 
+  Steps run in chunks of up to 64 inside one compiled loop (``chunk``), ending
+  where evaluation, verification, callbacks, checkpoints or resyncs fall due, so
+  every cadence lands on the global step it names. The result is bit for bit
+  that of one step per dispatch (``chunk=1``).
+
   Args:
-    state: from ``kronjax.init`` for this dataset. It is not modified (the loop
+    state: From ``kronjax.init`` for this dataset. It is not modified (the loop
       trains a copy).
-    dataset: the ``kronjax.Dataset`` the state was built from.
+    dataset: The ``kronjax.Dataset`` the state was built from.
     key: PRNG key for the batch order (``batch_schedule``). Batches are indexed
       by the state's global step, so calling ``fit`` again on the returned
       state (or a restored checkpoint) with the same key continues the sequence.
-    batch_size: points per step, in ``[1, n]``.
-    steps / epochs: how many more steps to train (exactly one of them).
-    progress: show a tqdm bar with loss, active neurons and steps per second.
-    eval_every: evaluate every this many steps (and at the end); 0 disables.
-    log_every: record the metrics every this many steps (and at the end).
-    on_overflow / on_nonfinite: the policies of the module docstring
-      (defaults ``"replay"`` and ``"raise"``).
-    mesh: a ``jax.sharding.Mesh``: train with neurons sharded over its devices
-      (``kronjax.sharding``); the returned state is sharded.
-    checkpoint_dir / checkpoint_every / keep: save the state every this many
-      global steps and at the end, keeping the newest ``keep`` checkpoints
-      (``kronjax.checkpoint``); the history so far rides along. Saves run in
-      the background while training goes on (``fit`` returns once the last one
-      is committed); under a mesh every process writes its own shards.
-    resume: continue from the newest checkpoint in ``checkpoint_dir`` if there
+    batch_size: Points per step, in ``[1, n]``.
+    steps: How many more steps to train. Pass exactly one of ``steps`` and ``epochs``.
+    epochs: How many more epochs to train (an epoch is ``n // batch_size`` steps).
+    progress: Show a tqdm bar with loss, active neurons and steps per second.
+    eval_every: Evaluate every this many steps (and at the end); 0 disables.
+    log_every: Record the metrics every this many steps (and at the end).
+    on_overflow: When a point of the batch has more active neurons than the
+      capacity (the step was skipped): ``"replay"`` (grow the capacity, one
+      recompilation, and re-run the batch from the unchanged state),
+      ``"raise"`` (``CapacityError``) or ``"stop"`` (end the run there).
+    on_nonfinite: When the loss becomes NaN/inf or diverges (``divergence_factor``):
+      ``"raise"`` (``FloatingPointError``) or ``"stop"`` (end the run there).
+    mesh: A ``jax.sharding.Mesh``: train with neurons sharded over its devices
+      (``kronjax.sharding``); the returned state is sharded. Steps one batch per
+      dispatch (``chunk`` must be ``"auto"`` or 1).
+    checkpoint_dir: Directory to save checkpoints into (``kronjax.checkpoint``);
+      the history so far rides along. Saves run in the background while training
+      goes on (``fit`` returns once the last one is committed); under a mesh every
+      process writes its own shards.
+    checkpoint_every: Save the state every this many global steps (and at the end).
+    keep: How many of the newest checkpoints to keep.
+    resume: Continue from the newest checkpoint in ``checkpoint_dir`` if there
       is one (it must come from a run with this key and batch size, and
       ``state`` serves as its template): the run ends at the step it would
       have reached uninterrupted, ``state.step + steps``, bit for bit, and the
       history covers every step. A checkpoint written on another number of
       devices or processes is restored onto this run's layout.
-    resync_every: recompute ``P`` exactly from ``A`` (``kronjax.resync``) every
+    resync_every: Recompute ``P`` exactly from ``A`` (``kronjax.resync``) every
       this many global steps; 0 (default) never. Worth it only for long float32
       runs (``kronjax.resync`` says what it costs and when it helps).
-    callbacks: a tuple of callables, each called as ``cb(info)`` with a
+    callbacks: A tuple of callables, each called as ``cb(info)`` with a
       ``kronjax.StepInfo`` (``step``, ``state``, ``metrics``, ``history``) every
       ``callback_every`` global steps and after the last step. A callback returns
       None to go on, ``kronjax.STOP`` (or True) to end the run after this step
@@ -554,26 +729,39 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
       (NaN where a name was not returned). The cadence follows the global step and
       the record rides in the checkpoints, so a resumed run calls and records as
       the uninterrupted one.
-    callback_every: call the callbacks every this many global steps (default 1).
-    verify_every: check ``P`` against ``s W0 X^T + A K`` (``kronjax.verify``, 256
+    callback_every: Call the callbacks every this many global steps.
+    verify_every: Check ``P`` against ``s W0 X^T + A K`` (``kronjax.verify``, 256
       sampled points) every this many global steps and at the end; raises
       ``FloatingPointError`` naming the step when the relative error passes
       ``1e-3`` (float32) / ``1e-9`` (float64). 0 (default) never.
+    chunk: The most steps per dispatch: ``"auto"`` (up to 64, fewer where a
+      cadence above falls due or the stacked batch indices would pass 4 MiB)
+      or a positive int (1: one compiled step per Python iteration). A chunk
+      ends early after a step that overflowed, was skipped or diverged, which
+      is then handled as on its own.
+    divergence_factor: The loss may grow to at most this many times its
+      largest value over the first 10 steps of the run; past it the run is
+      diverging and ``on_nonfinite`` applies. 0 turns the check off.
 
   Returns:
-    The trained state and a history of numpy arrays: ``step``, ``loss``,
-    ``active``, ``max_active``, ``index_rebuilds`` ``(T,)``; with
-    ``eval_every``, ``eval_step`` plus one array per ``kronjax.evaluate``
-    metric; ``replays`` (list of ``(global step, changes)``), ``stopped``
-    (None, or why training stopped), ``seconds``, ``steps_per_second`` and
-    ``resumed_from``; with ``callbacks``, ``callback_step`` ``(T_c,)`` and
-    ``callback`` (``{name: (T_c, ...)}``).
+    ``(state, history)``: the trained state and a dict of numpy arrays
+      and values. ``step``, ``loss``, ``active``, ``max_active``,
+      ``index_rebuilds`` are ``(T,)``; with ``eval_every``, ``eval_step`` and one
+      array per ``kronjax.evaluate`` metric; ``replays`` is a list of
+      ``(global step, changes)``; ``stopped`` is None or why training stopped;
+      ``seconds``, ``steps_per_second`` and ``resumed_from``; with
+      ``callbacks``, ``callback_step`` ``(T_c,)`` and ``callback``
+      (``{name: (T_c, ...)}``).
 
   Raises:
-    FloatingPointError when the loss becomes non-finite (``on_nonfinite="raise"``)
-    or ``verify_every`` finds ``P`` off; CapacityError on overflow with
-    ``on_overflow="raise"``. The caller's state is untouched either way.
-    TypeError for a stacked sweep state (``kronjax.sweep.fit`` trains those).
+    FloatingPointError: The loss became non-finite or diverged
+      (``on_nonfinite="raise"``), or ``verify_every`` found ``P`` off. The
+      caller's state is untouched.
+    CapacityError: A batch overflowed with ``on_overflow="raise"``.
+    TypeError: A stacked sweep state (``kronjax.sweep.fit`` trains those), or an
+      argument of the wrong type.
+    ValueError: An argument out of range, or a checkpoint to resume from that
+      another run wrote.
   """
   network.check_single_state(state)
   options = Options(batch_size=batch_size, steps=steps, epochs=epochs, progress=progress,
@@ -581,10 +769,15 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
                     on_nonfinite=on_nonfinite, checkpoint_dir=checkpoint_dir,
                     checkpoint_every=checkpoint_every, keep=keep, resume=resume,
                     resync_every=resync_every, callbacks=callbacks,
-                    callback_every=callback_every, verify_every=verify_every)
+                    callback_every=callback_every, verify_every=verify_every, chunk=chunk,
+                    divergence_factor=divergence_factor)
   if mesh is not None and verify_every:
     raise ValueError("verify_every is not available with mesh= (the check needs the whole P on "
                      "one device); verify the result with "
                      "kronjax.verify(kronjax.sharding.unshard_state(state), dataset).")
+  if mesh is not None and chunk not in ("auto", 1):
+    raise ValueError(f"chunk={chunk!r} is not available with mesh=: a neuron-sharded run steps "
+                     "one batch per dispatch (every process must stay in lockstep); pass "
+                     "chunk='auto' or 1.")
   runner = runners.Single() if mesh is None else runners.Sharded(mesh)
   return train(runner, state, dataset, key, options)

@@ -8,6 +8,10 @@ written once and calls them by name.
   (a copy, since the compiled step donates its input; sharded: laid out on the mesh);
 * ``step(state, dataset, batch, mask)``: one compiled step (``mask`` ``(S,)``
   bool or None says which sweep members take it; the others keep their state);
+* ``chunk(state, dataset, batches, count, mask, limit)``: up to ``count`` steps
+  in one compiled loop (``run_chunk``), ending early after the first step the
+  loop must see (``chunk_limit`` says how many steps a runner may take at once:
+  1 for the sharded runner, which only has ``step``);
 * ``evaluate(state, dataset)``: ``kronjax.evaluate``, per member for a sweep;
 * ``regrow(state, plan_changes)``: the state under a changed plan (an overflow replay);
 * ``resync(state, dataset)``: ``kronjax.resync``.
@@ -19,6 +23,7 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from kronjax._src.data.dataset import Dataset
@@ -35,11 +40,15 @@ class Runner(Protocol):
 
   name: str
   members: int | None   # None: one state (scalar metrics); S: a stacked sweep ((S,) metrics)
+  chunk_limit: int      # the most steps ``chunk`` takes in one dispatch (1: no ``chunk``)
 
   def prepare(self, state: TrainState, dataset: Dataset) -> tuple[TrainState, Dataset]: ...
 
   def step(self, state: TrainState, dataset: Dataset, batch: jax.Array,
            mask: jax.Array | None) -> tuple[TrainState, Metrics]: ...
+
+  def chunk(self, state: TrainState, dataset: Dataset, batches: jax.Array, count: jax.Array,
+            mask: jax.Array | None, limit: jax.Array) -> tuple[TrainState, Metrics, jax.Array]: ...
 
   def evaluate(self, state: TrainState, dataset: Dataset) -> Metrics: ...
 
@@ -58,12 +67,68 @@ _step = jax.jit(step_lib.step, donate_argnums=0)
 _evaluate = jax.jit(evaluate)
 _resync = jax.jit(resync)
 
+CHUNK_LIMIT = 64
+"""The most steps one compiled chunk takes (``fit``'s ``chunk="auto"``)."""
+
+
+def run_chunk(step_fn, state: TrainState, dataset: Dataset, batches: jax.Array,
+              count: jax.Array, live: jax.Array, limit: jax.Array
+              ) -> tuple[TrainState, Metrics, jax.Array]:
+  """Steps ``batches[0], batches[1], ...`` ``(K, B)`` in one ``lax.while_loop``.
+
+  Runs ``count`` steps, or fewer: the loop ends after the first step where a
+  member in ``live`` was skipped (overflow, invalid batch, other dataset,
+  non-finite loss) or its loss passed ``limit``, so the state comes back as the
+  step-by-step loop has it when it must act on that step (replay, raise, stop),
+  and no later step of the chunk has run. Each step is ``step_fn`` exactly, so
+  the result is bit-identical to calling it ``count`` times.
+
+  Args:
+    step_fn: ``(state, dataset, batch) -> (state, metrics)``.
+    batches: ``(K, B)`` int32; only the first ``count`` rows are read.
+    count: () int32, in ``[1, K]``.
+    live: ``(S,)`` or () bool: the members whose failures end the chunk.
+    limit: ``(S,)`` or () float: the loss past which a member diverges (inf: no limit).
+
+  Returns:
+    ``(state, metrics, taken)``: every metric stacked ``(K, ...)`` (rows from
+    ``taken`` on are zeros) and ``taken`` () int32, the steps run.
+  """
+  size = batches.shape[0]
+  shapes = jax.eval_shape(step_fn, state, dataset, batches[0])[1]
+  stacked = jax.tree.map(lambda s: jnp.zeros((size,) + s.shape, s.dtype), shapes)
+
+  def cond(carry):
+    i, _, _, halt = carry
+    return (i < count) & ~halt
+
+  def body(carry):
+    i, state, stacked, _ = carry
+    state, metrics = step_fn(state, dataset, batches[i])
+    stacked = jax.tree.map(lambda rows, v: rows.at[i].set(v), stacked, metrics)
+    # loss > limit is False for NaN: a skipped step is caught by its status.
+    halt = (metrics["status"] != step_lib.Status.OK) | (metrics["loss"] > limit)
+    return i + 1, state, stacked, jnp.any(live & halt)
+
+  start = (jnp.zeros((), jnp.int32), state, stacked, jnp.zeros((), bool))
+  taken, state, stacked, _ = jax.lax.while_loop(cond, body, start)
+  return state, stacked, taken
+
+
+def _chunk_of(step_fn):
+  return jax.jit(lambda state, dataset, batches, count, live, limit: run_chunk(
+      step_fn, state, dataset, batches, count, live, limit), donate_argnums=0)
+
+
+_chunk = _chunk_of(step_lib.step)
+
 
 class Single:
   """One state on one device: ``kronjax.fit``."""
 
   name = "kronjax.fit"
   members = None
+  chunk_limit = CHUNK_LIMIT
 
   def prepare(self, state, dataset):
     return fresh_copy(state), dataset
@@ -71,6 +136,10 @@ class Single:
   def step(self, state, dataset, batch, mask):
     del mask  # one member: the loop only steps it while it trains
     return _step(state, dataset, batch)
+
+  def chunk(self, state, dataset, batches, count, mask, limit):
+    del mask
+    return _chunk(state, dataset, batches, count, np.ones((), bool), limit[0])
 
   def evaluate(self, state, dataset):
     return _evaluate(state, dataset)
@@ -91,6 +160,12 @@ sweep_step = jax.jit(jax.vmap(step_lib.step, in_axes=(0, None, None)), donate_ar
 masked_sweep_step = jax.jit(jax.vmap(_masked_step, in_axes=(0, None, None, 0)),
                             donate_argnums=0)
 _evaluate_sweep = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
+_sweep_chunk = _chunk_of(jax.vmap(step_lib.step, in_axes=(0, None, None)))
+# Some members stopped: each step keeps their state (the mask is the chunk's live set).
+_masked_sweep_chunk = jax.jit(
+    lambda state, dataset, batches, count, mask, limit: run_chunk(
+        lambda s, d, b: jax.vmap(_masked_step, in_axes=(0, None, None, 0))(s, d, b, mask),
+        state, dataset, batches, count, mask, limit), donate_argnums=0)
 _resync_sweep = jax.jit(jax.vmap(resync, in_axes=(0, None)))
 
 
@@ -105,10 +180,18 @@ class Sweep:
   def prepare(self, state, dataset):
     return fresh_copy(state), dataset
 
+  chunk_limit = CHUNK_LIMIT
+
   def step(self, state, dataset, batch, mask):
     if mask is None:
       return sweep_step(state, dataset, batch)
     return masked_sweep_step(state, dataset, batch, mask)
+
+  def chunk(self, state, dataset, batches, count, mask, limit):
+    # All members live: the unmasked step, as ``step`` (no O(S m n) select per step).
+    if mask is None:
+      return _sweep_chunk(state, dataset, batches, count, np.ones((self.members,), bool), limit)
+    return _masked_sweep_chunk(state, dataset, batches, count, mask, limit)
 
   def evaluate(self, state, dataset):
     return _evaluate_sweep(state, dataset)
@@ -125,10 +208,16 @@ class Sharded:
 
   Checkpoints are written shard by shard, each process its own (nothing is
   gathered), and ``kronjax.checkpoint.load`` restores them onto any layout.
+
+  Steps one batch per dispatch (``chunk_limit = 1``): every process must issue
+  the same collectives in the same order, and a compiled loop whose trip count
+  depends on per-step results (a chunk ends at the first overflow) is not
+  checked to stay in lockstep across processes, so the loop is left on the host.
   """
 
   name = "kronjax.fit"
   members = None
+  chunk_limit = 1
 
   def __init__(self, mesh: Mesh, axis_name: str | None = None):
     self.mesh, self.axis_name = mesh, axis_name
