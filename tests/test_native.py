@@ -11,6 +11,7 @@ again (``monkeypatch`` puts the real one back); they use fake compilers (shell
 scripts), so nothing here compiles the sources.
 """
 
+import ctypes
 import os
 import pathlib
 import subprocess
@@ -18,6 +19,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kronjax._src.kernels import dispatch
@@ -320,3 +322,83 @@ def test_every_kernel_at_sizes_that_split_over_threads(tmp_path, threads):
   errors = {l.split()[1]: float(l.split()[2]) for l in lines if l.startswith("ERR ")}
   assert len(errors) == 3 + 2 * 6
   assert max(errors.values()) < 1e-12, errors
+
+
+# ----------------------------------------------------------------------------- add_product's split
+
+# add_product.cc cuts X along its longer side into blocks of 16 lines, taken one
+# at a time by XLA's threads, each a single-threaded gemm (BLAS set to one thread
+# while the kernel runs), or the zero-skipping loop on a mostly-zero G.
+
+def _add_product_cases(rng, dtype):
+  """(X, G, R, transpose_g) at shapes that split over threads: X taller than wide
+  and wider than tall, one and three members, R broadcast, G dense and mostly zero."""
+  for S, r, c, k, RS in ((1, 1030, 77, 40, 1), (3, 66, 1037, 32, 3), (2, 300, 400, 24, 1)):
+    X = rng.normal(size=(S, r, c)).astype(dtype)
+    G = rng.normal(size=(S, r, k)).astype(dtype)
+    R = rng.normal(size=(RS, k, c)).astype(dtype)
+    sparse = np.where(rng.random(G.shape) < 0.04, G, 0.0).astype(dtype)
+    for g in (G, sparse):
+      yield X, g, R, False
+      yield X, np.ascontiguousarray(np.swapaxes(g, 1, 2)), R, True
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_add_product_split_is_exact_float64(x64, threads):
+  _real_library()
+  rng = np.random.default_rng(3)
+  with native.max_threads(threads):
+    for X, G, R, transposed in _add_product_cases(rng, np.float64):
+      got = jax.jit(lambda X, G, R, t=transposed: native.add_product(X, G, R, transpose_g=t))(X, G, R)
+      want = X + (np.swapaxes(G, 1, 2) if transposed else G) @ R
+      assert got.dtype == jnp.float64
+      assert np.max(np.abs(np.asarray(got) - want)) < 1e-9, (X.shape, G.shape, transposed)
+
+
+def test_add_product_leaves_the_blas_thread_count_as_it_was():
+  """The kernel sets BLAS to one thread only while it runs."""
+  _real_library()
+  assert native.blas_split()  # scipy's OpenBLAS has the thread-count functions
+  from scipy.linalg import cython_blas
+  wrapper = ctypes.CDLL(cython_blas.__file__)
+  get = wrapper.scipy_openblas_get_num_threads
+  before = get()
+  X = jnp.ones((512, 640), jnp.float32)
+  jax.block_until_ready(jax.jit(native.add_product)(X, jnp.ones((512, 32)), jnp.ones((32, 640))))
+  assert get() == before
+
+
+def test_max_threads_rejects_bad_values_and_restores():
+  _real_library()
+  for bad in (-1, 1.5, True, "2"):
+    with pytest.raises(ValueError, match=r"threads must be an int >= 0"):
+      native.set_max_threads(bad)
+  previous = native.set_max_threads(0)
+  with native.max_threads(1):
+    assert native.set_max_threads(1) == 1
+  assert native.set_max_threads(previous) == 0
+
+
+NO_BLAS_THREADS_SCRIPT = """
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+from scipy.linalg import cython_blas
+from kronjax._src.kernels import native
+# The BLAS without thread-count functions: each member's gemm is one BLAS call.
+handle = native._library()
+handle.kronjax_set_blas(native._capsule_pointer(cython_blas.__pyx_capi__["sgemm"]),
+                        native._capsule_pointer(cython_blas.__pyx_capi__["dgemm"]), None, None)
+assert not native.blas_split()
+rng = np.random.default_rng(0)
+X, G, R = rng.normal(size=(2, 300, 400)), rng.normal(size=(2, 300, 24)), rng.normal(size=(1, 24, 400))
+print("ERR", float(np.max(np.abs(np.asarray(jax.jit(native.add_product)(X, G, R)) - (X + G @ R)))))
+"""
+
+
+def test_add_product_without_blas_thread_control_is_exact():
+  library = _real_library()
+  env = dict(ENV, KRONJAX_CACHE_DIR=str(library.parent), KRONJAX_NATIVE="require")
+  proc = subprocess.run([sys.executable, "-c", NO_BLAS_THREADS_SCRIPT], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert float(proc.stdout.split("ERR")[1]) < 1e-9

@@ -51,6 +51,7 @@ The library is loaded once per process, at the first import: set the variables b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -63,7 +64,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -193,14 +194,41 @@ def _capsule_pointer(capsule: Any) -> int:
   return pointer(capsule, name(capsule))
 
 
+# The thread-count setter and getter of the BLAS behind scipy's gemm: scipy's
+# wheels ship OpenBLAS with its symbols prefixed ``scipy_``; other builds, plain.
+BLAS_THREADS = (("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                ("openblas_set_num_threads", "openblas_get_num_threads"))
+
+
+def _blas_threads(cython_blas: Any) -> tuple[int | None, int | None]:
+  """Addresses of the thread-count functions of the BLAS scipy's gemm calls, or
+  ``(None, None)``: looked up from scipy's BLAS wrapper module, whose dependencies
+  include the BLAS library."""
+  try:
+    wrapper = ctypes.CDLL(cython_blas.__file__)
+  except OSError:
+    return None, None
+  for setter, getter in BLAS_THREADS:
+    try:
+      return (ctypes.cast(getattr(wrapper, setter), ctypes.c_void_p).value,
+              ctypes.cast(getattr(wrapper, getter), ctypes.c_void_p).value)
+    except AttributeError:
+      continue
+  return None, None
+
+
 def _register(library: pathlib.Path) -> None:
-  """Loads the library, hands it scipy's gemm and registers its FFI targets with XLA."""
+  """Loads the library, hands it scipy's gemm (and its BLAS's thread-count functions)
+  and registers its FFI targets with XLA."""
   from scipy.linalg import cython_blas  # pylint: disable=import-outside-toplevel
   handle = ctypes.CDLL(str(library))
   _handles.append(handle)
-  handle.kronjax_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+  handle.kronjax_set_blas.argtypes = [ctypes.c_void_p] * 4
   handle.kronjax_set_blas(_capsule_pointer(cython_blas.__pyx_capi__["sgemm"]),
-                          _capsule_pointer(cython_blas.__pyx_capi__["dgemm"]))
+                          _capsule_pointer(cython_blas.__pyx_capi__["dgemm"]),
+                          *_blas_threads(cython_blas))
+  handle.kronjax_set_max_threads.argtypes = [ctypes.c_int]
+  handle.kronjax_set_max_threads.restype = ctypes.c_int
   for target in (*_targets(), POOL_THREADS):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
 
@@ -271,6 +299,39 @@ def pool_threads() -> int:
   intra-op pool, the caller included; ``PJRT_NPROC`` sets it). Needs ``available()``."""
   call = jax.ffi.ffi_call(POOL_THREADS, jax.ShapeDtypeStruct((), np.int32))
   return int(jax.jit(call)())
+
+
+def _library() -> ctypes.CDLL:
+  if not _handles:
+    raise RuntimeError("the native kernels are not loaded: check native.available() first")
+  return _handles[-1]
+
+
+def set_max_threads(threads: int) -> int:
+  """Caps the threads every kernel call splits its work over (the caller included)
+  at ``threads``; 0 lifts the cap (XLA's intra-op pool size, ``pool_threads``).
+  Returns the previous cap. Process-wide and read when a kernel runs, so compiled
+  steps pick it up without retracing (for benchmarks comparing thread counts)."""
+  if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+    raise ValueError(f"threads must be an int >= 0 (0: XLA's pool size), got {threads!r}.")
+  return int(_library().kronjax_set_max_threads(threads))
+
+
+@contextlib.contextmanager
+def max_threads(threads: int) -> Iterator[None]:
+  """``set_max_threads(threads)`` inside the block, the previous cap after it."""
+  previous = set_max_threads(threads)
+  try:
+    yield
+  finally:
+    set_max_threads(previous)
+
+
+def blas_split() -> bool:
+  """Whether ``add_product`` splits its gemm over XLA's threads itself (single-threaded
+  BLAS calls on pieces taken one at a time), which needs the BLAS's thread-count
+  functions; else each member's gemm is one call that BLAS threads on its own."""
+  return bool(_library().kronjax_blas_split())
 
 
 def _targets() -> list[str]:
