@@ -306,10 +306,13 @@ def stack(datasets: Sequence[Dataset]) -> Dataset:
           f"{first.gram_mode!r}, normalized {d.normalized} vs {first.normalized}, eval split "
           f"{d.eval_data is not None} vs {first.eval_data is not None}, or the labels' pytree); "
           "stack datasets built the same way.")
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(d), jax.tree.leaves(first)):
-      if a.shape != b.shape or a.dtype != b.dtype:
+    for field in ("data", "labels", "eval_data", "eval_labels", "gram", "gram_eval", "entity_grams",
+                  "entity_grams_eval"):
+      for a, b in zip(jax.tree.leaves(getattr(d, field)), jax.tree.leaves(getattr(first, field))):
+        if a.shape == b.shape and a.dtype == b.dtype:
+          continue
         raise ValueError(
-            f"datasets[{i}] leaf {jax.tree_util.keystr(path)} has shape {a.shape} {a.dtype} but "
+            f"datasets[{i}].{field} has a leaf of shape {a.shape} {a.dtype} but "
             f"datasets[0] has {b.shape} {b.dtype}; stacked datasets need equal shapes (draw "
             "resamples of one size: dataset.take(idx) with idx of one length).")
   return jax.tree.map(lambda *xs: jnp.stack(xs), *datasets)

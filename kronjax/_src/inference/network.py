@@ -48,7 +48,7 @@ from kronjax._src.base import serialization
 from kronjax._src.base import checks
 from kronjax._src.model import initializers
 from kronjax._src.model import losses
-from kronjax._src.model.config import Config
+from kronjax._src.model.config import LOSSES, Config
 from kronjax._src.data.dataset import Dataset, warn_unless_unit_norm
 from kronjax._src.data.kron_data import KronData
 from kronjax._src.step.state import TrainState
@@ -280,7 +280,7 @@ def loss_name(loss: Any) -> str:
 
 def _loss_for(saved: str, given: Any, path: pathlib.Path) -> Any:
   """``Config.loss`` of a loaded network: the saved name, ``given``, or a ``MissingLoss``."""
-  if losses.is_named(saved):
+  if saved in LOSSES:
     if given is not None:
       raise ValueError(f"{str(path)!r} was trained with loss={saved!r}; loss= is only for a "
                        "network trained with a loss of one's own. Leave it out.")
