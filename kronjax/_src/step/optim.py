@@ -91,7 +91,8 @@ def check_linear(tx: optax.GradientTransformation, keys=("A", "P", "a"), *, step
       if refusal.unknown:  # say what a probe sees, so the user knows where to look
         failure = _probe(tx, keys, with_params, steps=steps, rtol=rtol)
         why += f"; a probe finds that {failure}" if failure else ""
-      raise ValueError(_nonlinear_message(why)) from None
+      raise ValueError(_nonlinear_message(why) if refusal.linearity
+                       else f"tx cannot be used by kronjax: {why}.") from None
     if walk.assumed:
       failure = _probe(tx, keys, with_params, steps=steps, rtol=rtol)
       if failure:
@@ -164,11 +165,12 @@ def _nonlinear_message(why: str) -> str:
 class _Refused(Exception):
   """A part of the transformation that is not (known to be) linear."""
 
-  def __init__(self, part: str, reason: str, *, unknown: bool = False):
+  def __init__(self, part: str, reason: str, *, unknown: bool = False, linearity: bool = True):
     super().__init__(part)
     self.path = [part]      # innermost first; each enclosing combinator appends itself
     self.reason = reason
     self.unknown = unknown  # not known to optax's vocabulary: a probe may say more
+    self.linearity = linearity  # a question of linearity (else the message needs no lecture)
 
   def describe(self) -> str:
     return f"{' inside '.join(self.path)} {self.reason}"
@@ -316,6 +318,11 @@ def _stand_in(keys) -> dict:
 
 def _scalar(name: str, value: Any, what: str) -> None:
   """``value`` must be one number per step: a scalar, or a schedule returning one."""
+  if isinstance(value, jax.core.Tracer):
+    raise _Refused(name, f"holds a traced {what} (it was built inside jit or vmap); the "
+                   "optimizer is static data of the state, so build it outside and vary the "
+                   "value as a hyperparameter in its state: optax.inject_hyperparams("
+                   "optax.sgd)(learning_rate=...) (kronjax.sweep does that)", linearity=False)
   if callable(value):
     try:
       shape = jax.eval_shape(value, jax.ShapeDtypeStruct((), jnp.int32)).shape
@@ -432,12 +439,20 @@ def _inject(tx, cells, tree, walk, name):
   # The inner transformation is rebuilt on every update from the hyperparameters in the
   # state: build it once from the initial ones, as update does.
   try:
-    hyperparams = tx.init(tree).hyperparams
+    hyperparams = {k: _stand_in_value(v) for k, v in tx.init(tree).hyperparams.items()}
     inner = cells["inner_factory"](**cells["other_hps"], **hyperparams)
   except Exception as e:  # noqa: BLE001 -- the user's factory
     raise _Refused(name, f"cannot build its inner transformation "
                    f"({type(e).__name__}: {e})", unknown=True) from e
   _inner(name, inner, tree, walk)
+
+
+def _stand_in_value(value):
+  """A hyperparameter of the state as the walk sees it: itself, or for a traced one
+  (``jax.vmap`` over learning rates) a concrete array of its shape and dtype."""
+  if isinstance(value, jax.core.Tracer):
+    return jnp.ones(jnp.shape(value), jnp.result_type(value))
+  return value
 
 
 _DEFAULT_SKIP = "MultiSteps.__init__.<locals>.should_skip_update_fn"
@@ -516,6 +531,7 @@ def _probe(tx, keys, with_params, *, steps, rtol) -> str | None:
     # constant ones, (g, 0) and (0, p), whose updates must be parallel to g and p.
     n_seq = 3 + len(scales) + 2
     states = [tx.init(zeros) for _ in range(n_seq)]
+    update = jax.jit(tx.update)  # compiled once: op by op, a lax.cond costs seconds a call
     key, k0, k1 = jax.random.split(jax.random.PRNGKey(1234), 3)
     constant, constant_p = probe(k0, 1.0), probe(k1, 1.0)
     for t in range(steps):
@@ -525,8 +541,7 @@ def _probe(tx, keys, with_params, *, steps, rtol) -> str | None:
       inputs = [(ga, pa), (gb, pb), (jax.tree.map(jnp.add, ga, gb), jax.tree.map(jnp.add, pa, pb))]
       inputs += [(scaled(c, ga), scaled(c, pa)) for c in scales]
       inputs += [(constant, zeros), (zeros, constant_p if with_params else zeros)]
-      outs = [tx.update(g, st, p if with_params else None)
-              for st, (g, p) in zip(states, inputs)]
+      outs = [update(g, st, p if with_params else None) for st, (g, p) in zip(states, inputs)]
       states = [st for _, st in outs]
       ua, ub, usum, *rest = (flat(u) for u, _ in outs)
       scaled_u = rest[:len(scales)]
