@@ -334,6 +334,15 @@ def blas_split() -> bool:
   return bool(_library().kronjax_blas_split())
 
 
+def set_blas_split(flag: bool) -> bool:
+  """Turns ``add_product``'s own split off (``False``: each member's gemm is one BLAS
+  call on BLAS's threads; for benchmarks) or back on; returns the previous setting.
+  Process-wide, read when a kernel runs (no retrace)."""
+  if not isinstance(flag, bool):
+    raise TypeError(f"flag must be a bool, got {type(flag).__name__} {flag!r}.")
+  return bool(_library().kronjax_set_blas_split(int(flag)))
+
+
 def _targets() -> list[str]:
   return [f"kronjax_{kernel}_{suffix}" for kernel in KERNELS for suffix in _SUFFIX.values()]
 

@@ -32,6 +32,7 @@
 // the BLAS behind them: no link-time BLAS dependency.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -81,7 +82,13 @@ class SerialBlas {
   SerialBlas(const SerialBlas&) = delete;
   SerialBlas& operator=(const SerialBlas&) = delete;
 
-  static bool Possible() { return blas_set_threads != nullptr && blas_get_threads != nullptr; }
+  // Whether the kernels split gemm themselves: the BLAS's thread count can be set,
+  // and kronjax_set_blas_split has not turned it off.
+  static bool Possible() {
+    return blas_set_threads != nullptr && blas_get_threads != nullptr &&
+           enabled.load(std::memory_order_relaxed);
+  }
+  static inline std::atomic<bool> enabled{true};
 
  private:
   static inline std::mutex mu_;
@@ -283,6 +290,12 @@ extern "C" int kronjax_set_max_threads(int threads) {
 
 // Whether the kernels split gemm over XLA's threads (BLAS's thread count can be set).
 extern "C" int kronjax_blas_split() { return SerialBlas::Possible() ? 1 : 0; }
+
+// Turns the split off (0: each member's gemm is one call that BLAS threads itself,
+// for benchmarks) or back on; returns the previous setting.
+extern "C" int kronjax_set_blas_split(int enable) {
+  return SerialBlas::enabled.exchange(enable != 0) ? 1 : 0;
+}
 
 // One handler per dtype and G layout: the thread pool, X, G, R in, the result
 // (aliased to X) out.
