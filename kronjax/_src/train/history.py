@@ -15,7 +15,11 @@ HISTORY_KEYS = ("loss", "active", "max_active", "index_rebuilds")
 
 
 class History:
-  """Per-step metrics ``(S, T)`` and eval metrics ``(S, T_e)``; NaN / -1 for stopped members."""
+  """Per-step metrics ``(S, T)`` and eval metrics ``(S, T_e)``; NaN / -1 for stopped members.
+
+  The per-step values are kept as blocks of rows ``(T_i, S)`` (a chunk of steps
+  adds one block), joined when read.
+  """
 
   def __init__(self, members: int):
     self.members = members
@@ -29,18 +33,25 @@ class History:
     self.callback_values: dict[str, list[np.ndarray | None]] = {}
 
   def add(self, step_no: int, metrics: dict[str, np.ndarray], live: np.ndarray) -> None:
-    self.step.append(step_no)
+    """Records the metrics ``(S,)`` of the step ending at ``step_no``."""
+    self.add_rows(np.array([step_no]), {k: metrics[k][None] for k in HISTORY_KEYS}, live)
+
+  def add_rows(self, step_nos: np.ndarray, metrics: dict[str, np.ndarray],
+               live: np.ndarray) -> None:
+    """Records several steps at once: ``step_nos`` ``(T,)``, metrics ``(T, S)``."""
+    if not len(step_nos):
+      return
+    self.step.extend(step_nos.tolist())
     for k in HISTORY_KEYS:
       v = metrics[k].astype(np.float64)
       self.values[k].append(np.where(live, v, np.nan if k in ("loss", "active") else -1))
 
-  def add_rows(self, step_nos: np.ndarray, metrics: dict[str, np.ndarray],
-               live: np.ndarray) -> None:
-    """``add`` for several steps at once: ``step_nos`` ``(T,)``, metrics ``(T, S)``."""
-    self.step.extend(int(s) for s in step_nos)
-    for k in HISTORY_KEYS:
-      v = metrics[k].astype(np.float64)
-      self.values[k].extend(np.where(live, v, np.nan if k in ("loss", "active") else -1))
+  def rows(self, k: str) -> np.ndarray:
+    """The per-step values of metric ``k`` so far, ``(T, S)`` float64."""
+    blocks = self.values[k]
+    if len(blocks) > 1:   # joined once: later reads find one block
+      blocks[:] = [np.concatenate(blocks)]
+    return blocks[0] if blocks else np.zeros((0, self.members))
 
   def add_eval(self, step_no: int, values: dict[str, Any], live: np.ndarray) -> None:
     self.eval_step.append(step_no)
@@ -81,7 +92,7 @@ class History:
     t, t_e, r, t_c = marks
     out = History(self.members)
     out.step = self.step[:t]
-    out.values = {k: v[:t] for k, v in self.values.items()}
+    out.values = {k: [self.rows(k)[:t]] for k in self.values}
     out.eval_step = self.eval_step[:t_e]
     out.eval_values = {k: v[:t_e] for k, v in self.eval_values.items() if t_e}
     out.replays = self.replays[:r]
@@ -97,7 +108,7 @@ class History:
 
     out: dict[str, Any] = {"step": np.asarray(self.step, np.int64)}
     for k in HISTORY_KEYS:
-      out[k] = stacked(self.values[k])
+      out[k] = np.array(self.rows(k).T[0] if squeeze else self.rows(k).T)   # a copy, (S, T)
       if k in ("max_active", "index_rebuilds") and squeeze:
         out[k] = out[k].astype(np.int64)
     if self.eval_step:
@@ -112,8 +123,8 @@ class History:
   def encode(self) -> dict[str, Any]:
     """The history so far as checkpoint metadata (arrays and JSON values)."""
     return {"step": np.asarray(self.step, np.int64),
-            "values": {k: np.asarray(v).reshape(len(self.step), self.members)
-                       for k, v in self.values.items()},
+            "values": {k: self.rows(k).reshape(len(self.step), self.members)
+                       for k in self.values},
             "eval_step": np.asarray(self.eval_step, np.int64),
             "eval_values": {k: np.asarray(v).reshape(len(self.eval_step), self.members)
                             for k, v in self.eval_values.items()},
@@ -127,7 +138,8 @@ class History:
     if not saved:
       return out
     out.step = [int(s) for s in np.asarray(saved["step"])]
-    out.values = {k: list(np.asarray(v)) for k, v in saved["values"].items()}
+    out.values = {k: [np.asarray(v).reshape(len(out.step), members)]
+                  for k, v in saved["values"].items()}
     out.eval_step = [int(s) for s in np.asarray(saved["eval_step"])]
     out.eval_values = {k: list(np.asarray(v)) for k, v in saved["eval_values"].items()}
     out.replays = [tuple(r) for r in saved["replays"]]

@@ -33,6 +33,7 @@ that step, one returning a dict has it recorded in ``history["callback"]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from collections.abc import Mapping
@@ -227,10 +228,17 @@ def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *,
   first, last = start // per_epoch, (start + steps - 1) // per_epoch
   out = []
   for e in range(first, last + 1):
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
+    perm = np.asarray(_permutation(key, e, n))
     out.append(perm[: per_epoch * batch_size].reshape(per_epoch, batch_size))
   offset = start - first * per_epoch
   return np.concatenate(out)[offset:offset + steps].astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _permutation(key: jax.Array, epoch: int, n: int) -> jax.Array:
+  """Epoch ``epoch``'s order ``(n,)``: one dispatch (eagerly, the permutation's sort
+  rounds are a dispatch each)."""
+  return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
 # ----------------------------------------------------------------------------- overflow
@@ -406,8 +414,8 @@ def _check_divergence(run: _Run, check: _Divergence, metrics: dict[str, np.ndarr
 
 # ----------------------------------------------------------------------------- chunks
 
-_MAX_CHUNK_INDICES = 1 << 20
-"""Cap on a chunk's stacked batch indices ``(K, B)`` (4 MiB of int32)."""
+_MAX_CHUNK_INDICES = 1 << 16
+"""Cap on a chunk's stacked batch indices ``(K, B)`` (256 KiB of int32)."""
 
 
 class _Chunks:
@@ -676,7 +684,7 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
         divergence_factor: float = 1e6) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``state`` on ``dataset`` with shuffled mini-batches; returns ``(state, history)``.
 
-  Steps run in chunks of up to 64 inside one compiled loop (``chunk``), ending
+  Steps run in chunks of up to 256 inside one compiled loop (``chunk``), ending
   where evaluation, verification, callbacks, checkpoints or resyncs fall due, so
   every cadence lands on the global step it names. The result is bit for bit
   that of one step per dispatch (``chunk=1``).
@@ -734,7 +742,7 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
       sampled points) every this many global steps and at the end; raises
       ``FloatingPointError`` naming the step when the relative error passes
       ``1e-3`` (float32) / ``1e-9`` (float64). 0 (default) never.
-    chunk: The most steps per dispatch: ``"auto"`` (up to 64, fewer where a
+    chunk: The most steps per dispatch: ``"auto"`` (up to 256, fewer where a
       cadence above falls due or the stacked batch indices would pass 4 MiB)
       or a positive int (1: one compiled step per Python iteration). A chunk
       ends early after a step that overflowed, was skipped or diverged, which

@@ -67,7 +67,7 @@ _step = jax.jit(step_lib.step, donate_argnums=0)
 _evaluate = jax.jit(evaluate)
 _resync = jax.jit(resync)
 
-CHUNK_LIMIT = 64
+CHUNK_LIMIT = 256
 """The most steps one compiled chunk takes (``fit``'s ``chunk="auto"``)."""
 
 

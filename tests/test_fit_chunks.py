@@ -1,0 +1,373 @@
+"""kronjax.fit(..., chunk=...): many steps per dispatch, bit for bit the one-step-at-a-time run.
+
+``chunk="auto"`` runs up to 64 steps in one compiled ``lax.while_loop``; a chunk
+ends where a cadence (evaluation, verification, callbacks, checkpoints, resync,
+the divergence window) falls due and after the first step that overflowed, was
+skipped or diverged. Every comparison with ``chunk=1`` is exact
+(``np.testing.assert_array_equal``); the dense comparison is float64.
+"""
+
+import functools
+import shutil
+import subprocess
+import sys
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kronjax
+from kronjax import checkpoint
+from kronjax import dense
+from kronjax import sweep as sw
+from kronjax._src.train import loop
+from kronjax._src.train import runners
+
+N, M, DIMS = 48, 64, (4, 5)
+TIMING = {"seconds", "steps_per_second", "resumed_from"}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _dataset(scale=1.0):
+  """48 training points (factors times ``scale``: 3 makes them far from unit norm), 16 held out."""
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), N + 16, DIMS, task="regression")
+  data = kronjax.KronData([f * scale for f in data.factors])
+  held = jnp.arange(N, N + 16)
+  return kronjax.Dataset(data.subset(jnp.arange(N)), labels[:N], eval_data=data.subset(held),
+                         eval_labels=labels[held])
+
+
+def _init(lr=1.0, plan=None, **config):
+  config = kronjax.Config(**{"width": M, "threshold": 0.3, **config})
+  return kronjax.init(jax.random.PRNGKey(3), config, _dataset(), optax.sgd(lr), plan=plan)
+
+
+def _fit(state, dataset=None, **options):
+  options = {"batch_size": 4, "progress": False, **options}
+  return kronjax.fit(state, dataset or _dataset(), jax.random.PRNGKey(1), **options)
+
+
+def _assert_same_state(x, y):
+  lx, tx = jax.tree.flatten(x)
+  ly, ty = jax.tree.flatten(y)
+  assert tx == ty
+  for a, b in zip(lx, ly):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _assert_same_history(got, want):
+  assert set(got) == set(want)
+  for k in set(want) - TIMING:
+    if isinstance(want[k], np.ndarray):
+      assert got[k].dtype == want[k].dtype, k
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    elif isinstance(want[k], dict):
+      assert set(got[k]) == set(want[k]), k
+      for name in want[k]:
+        np.testing.assert_array_equal(got[k][name], want[k][name], err_msg=f"{k}[{name}]")
+    else:
+      assert got[k] == want[k], k
+
+
+@pytest.fixture
+def dispatches(monkeypatch):
+  """The steps each dispatch of ``fit`` asked for, in order (1: a single compiled step)."""
+  asked = []
+  for cls in (runners.Single, runners.Sweep):
+    step, chunk = cls.step, cls.chunk
+
+    def spy_step(self, *args, _step=step):
+      asked.append(1)
+      return _step(self, *args)
+
+    def spy_chunk(self, state, dataset, batches, count, *rest, _chunk=chunk):
+      asked.append(int(count))
+      return _chunk(self, state, dataset, batches, count, *rest)
+
+    monkeypatch.setattr(cls, "step", spy_step)
+    monkeypatch.setattr(cls, "chunk", spy_chunk)
+  return asked
+
+
+# ----------------------------------------------------------------------------- bit for bit
+
+@pytest.mark.parametrize("update", ["sparse", "full"])
+def test_chunked_fit_is_bit_identical_to_one_step_per_dispatch(update, dispatches):
+  options = dict(steps=37, eval_every=10, log_every=3)
+  plan = kronjax.Plan(update=update)
+  one, h_one = _fit(_init(plan=plan), chunk=1, **options)
+  assert dispatches == [1] * 37
+  dispatches.clear()
+  many, h_many = _fit(_init(plan=plan), **options)
+  # Chunks end at the evaluations (10, 20, 30), at the divergence window (10) and at the end.
+  assert dispatches == [10, 10, 10, 7]
+  _assert_same_state(many, one)
+  _assert_same_history(h_many, h_one)
+  assert list(h_many["step"]) == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 37]
+
+
+def test_chunk_size_caps_the_steps_per_dispatch(dispatches):
+  one, h_one = _fit(_init(), steps=30, chunk=1)
+  dispatches.clear()
+  many, h_many = _fit(_init(), steps=30, chunk=4)
+  assert dispatches == [4, 4, 2, 4, 4, 4, 4, 4]   # the divergence window ends at step 10
+  _assert_same_state(many, one)
+  _assert_same_history(h_many, h_one)
+
+
+def test_chunks_end_on_every_cadence():
+  options = loop.Options(batch_size=4, steps=100, eval_every=7, verify_every=9, resync_every=11,
+                         checkpoint_every=13, checkpoint_dir="unused", callbacks=(print,),
+                         callback_every=17, divergence_factor=0)
+  chunks = loop._Chunks(runners.Single(), options, 100, 4, until=10, checkpointing=True)
+  assert chunks.size == 128   # a power of two: runs of 65 to 128 steps share one compilation
+  done, ends = 0, []
+  while done < 100:
+    done += chunks.length(done, 100 - done)
+    ends.append(done)
+  cadences = {s for e in (7, 9, 11, 13, 17) for s in range(e, 100, e)} | {100}
+  assert ends == sorted(cadences)
+  # Without a checkpoint directory or callbacks their cadences do not split chunks; the
+  # divergence window does while the check is on.
+  options = loop.Options(batch_size=4, steps=1000, checkpoint_every=0, callback_every=3)
+  chunks = loop._Chunks(runners.Single(), options, 1000, 4, until=10, checkpointing=False)
+  assert chunks.size == runners.CHUNK_LIMIT == 256
+  assert [chunks.length(0, 1000), chunks.length(10, 990), chunks.length(974, 26)] == [10, 256, 26]
+  # The stacked batch indices stay small.
+  assert loop._Chunks(runners.Single(), options, 5, 4, 0, False).size == 8
+  assert loop._Chunks(runners.Single(), options, 1000, 2**15, 0, False).size == 2
+
+
+def test_chunked_fit_equals_dense_sgd_float64(x64):
+  """The chunked loop against the plain dense network on the same batches (fit's schedule)."""
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), N, DIMS, task="regression",
+                                      dtype=jnp.float64)
+  dataset = kronjax.Dataset(data, labels)
+  config = kronjax.Config(width=M, threshold=0.3, init="kronecker")
+  tx = optax.sgd(1.0)
+  state = kronjax.init(jax.random.PRNGKey(3), config, dataset, tx)
+  trained, history = kronjax.fit(state, dataset, jax.random.PRNGKey(1), batch_size=4, steps=40,
+                                 progress=False)
+  assert not history["replays"]
+  W0 = kronjax.dense_params(state, dataset)["W"]
+  dstate = dense.init(jax.random.PRNGKey(3), config, DIMS, tx, dtype=jnp.float64)
+  np.testing.assert_array_equal(np.asarray(dstate.params["W"]), np.asarray(W0))
+  dstep = dense.make_step(config, tx, donate=False)
+  X = data.materialize()
+  losses = []
+  for batch in loop.batch_schedule(jax.random.PRNGKey(1), N, 4, 40):
+    dstate, dm = dstep(dstate, X[batch], labels[batch])
+    losses.append(float(dm["loss"]))
+  W = kronjax.dense_params(trained, dataset)["W"]
+  err = float(jnp.max(jnp.abs(W - dstate.params["W"])) / jnp.max(jnp.abs(dstate.params["W"])))
+  assert err < 1e-9
+  np.testing.assert_allclose(history["loss"], losses, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_overflow_in_a_chunk_replays_exactly_that_step(dispatches):
+  """A tiny capacity overflows at several steps: the chunk ends at each, the replay re-runs
+  that step only, and the run equals the step-by-step one (replays at the same steps)."""
+  plan = kronjax.Plan(active_capacity=8, update="sparse")
+  one, h_one = _fit(_init(plan=plan), steps=40, chunk=1)
+  assert h_one["replays"], "the tiny capacity should have overflowed"
+  dispatches.clear()
+  many, h_many = _fit(_init(plan=plan), steps=40)
+  _assert_same_state(many, one)
+  _assert_same_history(h_many, h_one)
+  assert max(dispatches) > 1 and len(dispatches) < 40
+
+
+def test_a_chunk_stops_after_the_first_skipped_step():
+  """``run_chunk`` directly: the steps after an overflow do not run; the state is the
+  step-by-step state after that (skipped) step."""
+  state = _init(plan=kronjax.Plan(active_capacity=8, update="sparse"))
+  batches = loop.batch_schedule(jax.random.PRNGKey(1), N, 4, 16)
+  by_step, statuses = runners.fresh_copy(state), []
+  for batch in batches:
+    by_step, metrics = runners._step(by_step, _dataset(), jnp.asarray(batch))
+    statuses.append(int(metrics["status"]))
+    if statuses[-1]:
+      break
+  assert statuses[-1] == 1 and len(statuses) < 16   # an overflow, not the last step
+  chunked, stacked, taken = runners._chunk(runners.fresh_copy(state), _dataset(), batches,
+                                           np.int32(16), np.ones((), bool),
+                                           np.asarray(np.inf, np.float32))
+  assert int(taken) == len(statuses)
+  np.testing.assert_array_equal(np.asarray(stacked["status"][:len(statuses)]), statuses)
+  assert not np.any(np.asarray(stacked["step"][len(statuses):]))   # rows never written
+  _assert_same_state(chunked, by_step)
+
+
+def test_non_finite_loss_raises_at_the_same_step():
+  dataset = _dataset(scale=3.0)
+  state = kronjax.init(jax.random.PRNGKey(3), kronjax.Config(width=M), dataset, optax.sgd(0.6))
+  messages = []
+  for chunk in (1, "auto"):
+    with pytest.raises(FloatingPointError, match="non-finite") as e:
+      _fit(state, dataset, steps=60, chunk=chunk, divergence_factor=0)
+    messages.append(str(e.value))
+  assert messages[0] == messages[1]
+
+
+def test_callback_stop_and_checkpoint_match_one_step_per_dispatch(tmp_path, dispatches):
+  def stop_at_15(info):
+    return kronjax.STOP if info.step == 15 else {"loss": info.metrics["loss"]}
+
+  options = dict(steps=40, callbacks=(stop_at_15,), callback_every=5, checkpoint_every=6)
+  one, h_one = _fit(_init(), chunk=1, checkpoint_dir=tmp_path / "one", **options)
+  dispatches.clear()
+  many, h_many = _fit(_init(), checkpoint_dir=tmp_path / "many", **options)
+  assert dispatches == [5, 1, 4, 2, 3]   # ends at the cadences 5, 6, 10, 12 and 15 (the stop)
+  _assert_same_state(many, one)
+  _assert_same_history(h_many, h_one)
+  assert h_many["stopped"] == "stopped by callback at step 15"
+  assert checkpoint.steps(tmp_path / "many") == checkpoint.steps(tmp_path / "one") == [12, 15]
+
+
+def test_resume_from_a_checkpoint_inside_a_chunk_is_bit_identical(tmp_path):
+  """Without checkpoints the run is one chunk of 10 then one of 20; the checkpoint at step
+  16 falls inside the second. Killed after it, resumed, the run equals the uninterrupted
+  one (and the one-step-at-a-time one)."""
+  options = dict(steps=30, eval_every=0, log_every=2)
+  full, h_full = _fit(_init(), **options)
+  one, h_one = _fit(_init(), chunk=1, **options)
+  _assert_same_state(full, one)
+  _assert_same_history(h_full, h_one)
+  _fit(_init(), **{**options, "steps": 20}, checkpoint_dir=tmp_path, checkpoint_every=16)
+  assert checkpoint.steps(tmp_path) == [16, 20]
+  shutil.rmtree(checkpoint.checkpoint_path(tmp_path, 20))
+  resumed, h = _fit(_init(), **options, checkpoint_dir=tmp_path, checkpoint_every=16,
+                    resume=True)
+  assert h["resumed_from"] == 16
+  _assert_same_state(resumed, full)
+  _assert_same_history(h, h_full)
+
+
+# ----------------------------------------------------------------------------- runners
+
+def _sweep_states(lrs, dataset):
+  members = sw.grid(learning_rate=lrs)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  return sw.init(kronjax.Config(width=M), dataset, members, tx=tx)
+
+
+def test_sweep_fit_chunks_bit_identical_with_a_member_stopped(dispatches):
+  """Member 2 diverges (un-normalized data, a large learning rate) and is frozen there; the
+  others train on in masked chunks. Equal to the step-by-step sweep, bit for bit."""
+  dataset = _dataset(scale=3.0)
+  states = _sweep_states([0.05, 0.1, 0.3], dataset)
+  options = dict(batch_size=4, steps=60, progress=False, on_nonfinite="stop", eval_every=20)
+  one, h_one = sw.fit(states, dataset, jax.random.PRNGKey(1), chunk=1, **options)
+  assert h_one["stopped"][:2] == [None, None]
+  assert h_one["stopped"][2].startswith("diverging loss at step")
+  dispatches.clear()
+  many, h_many = sw.fit(states, dataset, jax.random.PRNGKey(1), **options)
+  assert max(dispatches) > 1 and len(dispatches) < 30
+  _assert_same_state(many, one)
+  _assert_same_history(h_many, h_one)
+
+
+def test_sharded_runner_steps_one_batch_per_dispatch():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("neurons",))
+  runner = runners.Sharded(mesh)
+  assert runner.chunk_limit == 1
+  for chunk in ("auto", 64):
+    options = loop.Options(batch_size=4, steps=100, chunk=chunk)
+    assert loop._Chunks(runner, options, 100, 4, until=10, checkpointing=False).size == 1
+  with pytest.raises(ValueError, match=r"chunk=8 is not available with mesh=.*chunk='auto' or 1"):
+    _fit(_init(), steps=4, mesh=mesh, chunk=8)
+
+
+# ----------------------------------------------------------------------------- divergence
+
+def test_diverging_run_raises_naming_normalize_and_the_learning_rate():
+  """Un-normalized inputs and a large learning rate: the loss climbs past 1e14 and stays
+  finite. The default divergence check raises; divergence_factor=0 lets it run."""
+  dataset = _dataset(scale=3.0)
+  state = kronjax.init(jax.random.PRNGKey(3), kronjax.Config(width=M), dataset, optax.sgd(0.3))
+  _, h = _fit(state, dataset, steps=60, divergence_factor=0)
+  assert np.all(np.isfinite(h["loss"])) and h["loss"].max() > 1e12
+  for chunk in (1, "auto"):
+    with pytest.raises(FloatingPointError, match=r"(?s)divergence_factor=1e\+06.*learning rate.*"
+                       r"normalize=True.*divergence_factor=0") as e:
+      _fit(state, dataset, steps=60, chunk=chunk)
+    step = int(str(e.value).split(" at step ")[1].split(",")[0])
+    first = np.flatnonzero(h["loss"][10:] > 1e6 * h["loss"][:10].max())[0] + 10
+    assert step == first
+  # A tighter factor fires earlier; a healthy run never fires.
+  with pytest.raises(FloatingPointError, match="divergence_factor=100"):
+    _fit(state, dataset, steps=60, divergence_factor=100)
+  _, h = _fit(_init(), steps=60)
+  assert h["stopped"] is None
+
+
+def test_divergence_reference_rides_in_the_checkpoint(tmp_path):
+  """Resumed after the reference window, the run checks against the same reference: the
+  resumed run raises at the step the uninterrupted one does."""
+  dataset = _dataset(scale=3.0)
+  state = kronjax.init(jax.random.PRNGKey(3), kronjax.Config(width=M), dataset, optax.sgd(0.3))
+  with pytest.raises(FloatingPointError) as uninterrupted:
+    _fit(state, dataset, steps=60)
+  _fit(state, dataset, steps=12, checkpoint_dir=tmp_path, checkpoint_every=12)
+  _, meta = checkpoint.load(tmp_path, like=state)
+  assert meta["divergence"]["until"] == 10 and meta["divergence"]["reference"].shape == (1,)
+  with pytest.raises(FloatingPointError) as resumed:
+    _fit(state, dataset, steps=60, checkpoint_dir=tmp_path, checkpoint_every=12, resume=True)
+  assert str(resumed.value) == str(uninterrupted.value)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"chunk": "fast"}, ValueError, "chunk must be 'auto' or a positive int"),
+    ({"chunk": 0}, ValueError, "chunk must be >= 1"),
+    ({"chunk": 2.0}, TypeError, "chunk must be an int"),
+    ({"divergence_factor": 0.5}, ValueError, "divergence_factor must be 0 .* > 1"),
+    ({"divergence_factor": float("inf")}, ValueError, "divergence_factor must be 0"),
+    ({"divergence_factor": "big"}, TypeError, "divergence_factor must be a number"),
+])
+def test_bad_chunk_and_divergence_arguments_raise_naming_them(kwargs, error, match):
+  state = _init()
+  with pytest.raises(error, match=match):
+    _fit(state, steps=4, **kwargs)
+  assert int(state.step) == 0
+
+
+def test_fit_docstring_renders_every_argument_and_one_return():
+  """Google style as mkdocstrings parses it: one entry per argument, with its default, one
+  return value, and typed Raises items."""
+  griffe = pytest.importorskip("griffe")
+  from griffe import Docstring
+  doc = Docstring(kronjax.fit.__doc__, parser="google",
+                  parser_options={"warn_unknown_params": False})
+  sections = {s.kind.value: s.value for s in doc.parse()}
+  documented = [p.name for p in sections["parameters"]]
+  import inspect
+  assert documented == list(inspect.signature(kronjax.fit).parameters)
+  assert len(sections["returns"]) == 1
+  assert {r.annotation for r in sections["raises"]} == {
+      "FloatingPointError", "CapacityError", "TypeError", "ValueError"}
+  del griffe
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def test_dispatch_benchmark_smoke(tmp_path):
+  out = tmp_path / "dispatch.json"
+  proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_dispatch.py"),
+                         "--smoke", "--out", str(out)], capture_output=True, text=True,
+                        cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  result = json.loads(out.read_text())
+  assert result["provenance"] and result["rows"]
+  for row in result["rows"]:
+    assert row["fit_ms_per_step"] > 0 and row["scan_ms_per_step"] > 0
