@@ -20,7 +20,6 @@ import pytest
 import kronjax
 from kronjax import dense
 from kronjax import sweep
-from kronjax._src.data.dataset import stack
 from kronjax._src.inference import network as network_lib
 from kronjax._src.step import state as state_lib
 
@@ -107,7 +106,7 @@ def test_vmapped_bootstrap_equals_separate_runs(x64):
   ds = kronjax.Dataset(data, y, eval_data=held, eval_labels=y_held)
   rng = np.random.default_rng(5)
   resamples = [ds.take(rng.integers(0, 40, 40)) for _ in range(3)]
-  stacked = stack(resamples)
+  stacked = kronjax.Dataset.stack(resamples)
   config, tx = kronjax.Config(width=48, threshold=0.5), optax.sgd(0.5)
   schedule = jnp.asarray(np.stack(batches(40, 5, 12)))
 
@@ -147,20 +146,21 @@ def test_stack_refuses_datasets_that_differ():
   data, y = _task()
   ds = kronjax.Dataset(data, y)
   with pytest.raises(TypeError, match="non-empty list of kronjax.Dataset"):
-    stack([])
+    kronjax.Dataset.stack([])
   with pytest.raises(ValueError, match=r"datasets\[1\].data has a leaf of shape \(5, 4\).*length"):
-    stack([ds.take(np.arange(4)), ds.take(np.arange(5))])
+    kronjax.Dataset.stack([ds.take(np.arange(4)), ds.take(np.arange(5))])
   with pytest.raises(ValueError, match="differs from datasets\\[0\\] in structure"):
-    stack([ds.take(np.arange(4)), kronjax.Dataset(data, y, gram="factors").take(np.arange(4))])
-  two = stack([ds.take(np.arange(4)), ds.take(np.arange(1, 5))])
+    kronjax.Dataset.stack([ds.take(np.arange(4)),
+                           kronjax.Dataset(data, y, gram="factors").take(np.arange(4))])
+  two = kronjax.Dataset.stack([ds.take(np.arange(4)), ds.take(np.arange(1, 5))])
   with pytest.raises(ValueError, match="already stacked"):
-    stack([two, two])
+    kronjax.Dataset.stack([two, two])
 
 
 def test_a_stacked_dataset_on_the_host_is_refused():
   data, y = _task()
   ds = kronjax.Dataset(data, y)
-  two = stack([ds.take(np.arange(40)), ds.take(np.arange(40)[::-1])])
+  two = kronjax.Dataset.stack([ds.take(np.arange(40)), ds.take(np.arange(40)[::-1])])
   state = kronjax.init(KEY, kronjax.Config(width=16), ds, optax.sgd(0.1))
   for call in (lambda: kronjax.train_step(state, two, jnp.arange(4)),
                lambda: kronjax.evaluate(state, two)):
@@ -211,6 +211,10 @@ def test_predict_and_a_saved_network_normalize_new_points_as_the_training_data(x
   # The training points given raw read the maintained projections.
   assert rel_err(kronjax.predict(state, ds, raw.subset(np.arange(40))),
                  network_lib.outputs(config.resolve(), state.a, state.b, state.bias, state.P)) < 1e-12
+  net = kronjax.network.from_state(state, ds)
+  H = net.hidden(new)                                       # (20, m), from normalized points
+  assert H.shape == (20, 64) and rel_err(H, jax.nn.relu(net.projections(new.normalize()) - state.b).T) < 1e-12
+  assert rel_err(H @ state.a / 8.0 + state.bias[None, :], expected) < 1e-9
   path = kronjax.network.save(tmp_path / "net.npz", state, ds)
   net = kronjax.network.load(path)
   assert net.normalize

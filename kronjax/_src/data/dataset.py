@@ -76,8 +76,8 @@ class Dataset:
 
   Resampling: ``take(indices)`` gives the dataset of the points ``indices``
   (bootstrap resamples, folds) with its Gram's rows *and* columns taken and its
-  own fingerprint; ``stack(datasets)`` stacks equal-shaped ones along a new
-  leading axis for ``jax.vmap``. Never rebuild a dataset leaf by leaf
+  own fingerprint; ``Dataset.stack(datasets)`` stacks equal-shaped ones along a
+  new leading axis for ``jax.vmap``. Never rebuild a dataset leaf by leaf
   (``jax.tree.map(lambda x: x[idx], dataset)``): that takes the Gram's rows but
   not its columns; entry points refuse it.
 
@@ -231,6 +231,12 @@ class Dataset:
     obj.entity_grams_eval = self.entity_grams_eval if keep_eval else None
     obj.fingerprint = fingerprint(obj)
     return obj
+
+  @staticmethod
+  def stack(datasets: Sequence["Dataset"]) -> "Dataset":
+    """Datasets of equal shapes stacked along a new leading axis, for ``jax.vmap``
+    (bootstrap resamples or folds from ``take``); see the module function ``stack``."""
+    return stack(datasets)
 
   def gram_rows(self, batch_idx: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """``K[S, :]`` ``(B, n)`` and ``K[S, E]`` ``(B, n_e)`` (None without eval data).
@@ -482,11 +488,11 @@ def check_layout(name: str, dataset: Dataset) -> None:
     return
   if len(shape) >= 2 and shape[-1] == FINGERPRINT_WORDS:
     raise ValueError(
-        f"{name} is a stacked dataset ({shape[0]} members, from kronjax.data.stack): map over it "
+        f"{name} is a stacked dataset ({shape[0]} members, from kronjax.Dataset.stack): map over it "
         "with jax.vmap (in_axes=0), or pass one member (dataset.take(idx)).")
   raise ValueError(
       f"{name} was rebuilt leaf by leaf (its fingerprint has shape {shape}, not "
       f"({FINGERPRINT_WORDS},)): jax.tree.map(lambda x: x[idx], dataset) takes the Gram's rows "
       "but not its columns, so its Gram no longer matches its points. Use dataset.take(idx) for "
       "a resample or fold (rows and columns taken, a fingerprint of its own), and "
-      "kronjax.data.stack([...]) to vmap over several.")
+      "kronjax.Dataset.stack([...]) to vmap over several.")

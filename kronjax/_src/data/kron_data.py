@@ -44,6 +44,12 @@ class KronData:
       ``factors[0][index[i, 0]] ⊗ ... ⊗ factors[p-1][index[i, p-1]]`` (entity-indexed
       or pairwise data: entities shared by many points are stored once).
 
+  Dtypes: float32 and float64 factors are kept as they are (mixed ones are
+  promoted to the wider); integer factors become the default float; bfloat16 and
+  float16 factors are accepted and stored as float32, so the Gram, ``P`` and the
+  step run in float32 (kronjax has no half-precision step: the Gram's products of
+  ``p`` inner products would lose most of bfloat16's 8 bits).
+
   Raises:
     TypeError: ``factors`` is not a sequence of real arrays; ``index`` is not an
       integer array.

@@ -121,7 +121,9 @@ def projections(state: TrainState, dataset: Dataset, data: KronData) -> jax.Arra
 def predict(state: TrainState, dataset: Dataset, data: KronData) -> jax.Array:
   """Network outputs ``(n', C)`` on the points ``data`` (any ``KronData`` in the dataset's space).
 
-  The dataset's training and eval points come from the maintained projections.
+  The dataset's training and eval points come from the maintained projections
+  (recognized by value on the host; under ``jax.jit`` every point is computed from
+  the weights, which gives the same numbers up to rounding).
   Other points: ``W0 X'^T`` from the init (module docstring; ``implicit``
   refuses) plus the learned ``A K(X, X')``. No ``O(d)`` work for ``kronecker``.
 

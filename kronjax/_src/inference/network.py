@@ -93,6 +93,12 @@ class Network:
     X')``, no ``O(d)`` work for ``init="kronecker"``."""
     return new_projections(self.config, self.key, self.A, self.data, data, self.w0_scale)
 
+  def hidden(self, data: KronData) -> jax.Array:
+    """The hidden features ``relu(W x' - b)`` ``(n', m)`` of the points ``data`` (prepared
+    as ``predict`` prepares them): the input of a head of one's own (any pytree model)."""
+    data = prepare_new_data("data", self.data, data, self.normalize)
+    return losses.hidden(self.projections(data), self.b).T
+
   def predict(self, data: KronData) -> jax.Array:
     """Network outputs ``(n', C)`` on ``data`` (checked as ``kronjax.predict`` checks it,
     and normalized first when the training points were: ``normalize``)."""
