@@ -103,6 +103,45 @@ def test_masks_that_separate_A_P_P_eval_and_W0_are_refused(dataset, tx, part):
     _init(dataset, tx)
 
 
+def _failing_factory(learning_rate):
+  raise RuntimeError("no inner transformation")
+
+
+def _update_of_another_optax():
+  def update_fn(updates, state, params=None):
+    return updates, state
+  update_fn.__module__, update_fn.__qualname__ = "optax.future", "chain.<locals>.update_fn"
+  return optax.GradientTransformation(lambda params: (), update_fn)
+
+
+@pytest.mark.parametrize("tx, match", [
+    (optax.multi_transform({"x": optax.sgd(0.1)}, {"A": "x"}),
+     r"optax.multi_transform fails: its labels cannot be read on the trainable tree "
+     r"\['A', 'P', 'P_eval'\] \(KeyError: 'P'\)\.$"),
+    (optax.masked(optax.sgd(0.1), lambda p: {k: jnp.ones(2, bool) if k == "A" else True
+                                             for k in p}),
+     r"optax.masked gives 'A' a mask entry of shape \(2,\); optax and kronjax need one per leaf"),
+    (optax.sgd(lambda count: 0.1 * jnp.ones(3)),
+     r"optax.scale_by_schedule inside optax.chain is not a scalar map: its step size has shape "
+     r"\(3,\)"),
+    (optax.sgd(lambda count: count.no_such_attribute),
+     r"optax.scale_by_schedule inside optax.chain has a step size schedule that cannot be "
+     r"evaluated at step 0 \(AttributeError"),
+    (optax.chain(optax.trace(jnp.full(2, 0.9)), optax.scale(-0.1)),
+     r"optax.trace inside optax.chain is not a scalar map: its decay has shape \(2,\)"),
+    (optax.inject_hyperparams(_failing_factory)(learning_rate=0.1),
+     r"optax.inject_hyperparams\(.*_failing_factory\) cannot build its inner transformation "
+     r"\(RuntimeError: no inner transformation\)"),
+    (_update_of_another_optax(),
+     r"optax.chain could not be read by kronjax \(KeyError: 'update_fns'\); this version of "
+     r"optax may lay it out differently"),
+], ids=["labels", "mask_entry", "vector_schedule", "failing_schedule", "vector_decay",
+        "failing_factory", "other_layout"])
+def test_parts_that_cannot_be_read_are_refused_saying_why(dataset, tx, match):
+  with pytest.raises(ValueError, match=match):
+    _init(dataset, tx)
+
+
 def test_a_transformation_of_ones_own_is_refused_pointing_to_assume_linear(dataset):
   half = optax.GradientTransformation(lambda params: optax.EmptyState(),
                                       lambda u, state, params=None: (

@@ -388,8 +388,8 @@ def _per_key(name: str, what: str, value: Any, tree: dict) -> dict:
       continue
     entry = value[k]
     if np.ndim(entry) != 0:
-      raise _Refused(name, f"has a {what} whose entry for {k!r} has shape {np.shape(entry)}; "
-                     "kronjax needs one per leaf")
+      raise _Refused(name, f"gives {k!r} a {what} entry of shape {np.shape(entry)}; optax "
+                     "and kronjax need one per leaf", linearity=False)
     out[k] = entry.item() if hasattr(entry, "item") else entry
   return out
 
@@ -401,8 +401,8 @@ def _read(name: str, what: str, fn_or_tree: Any, tree: dict) -> dict:
   except _Refused:
     raise
   except Exception as e:  # noqa: BLE001 -- the user's mask function
-    raise _Refused(name, f"has a {what} that cannot be read on the trainable tree {list(tree)} "
-                   f"({type(e).__name__}: {e})") from e
+    raise _Refused(name, f"fails: its {what} cannot be read on the trainable tree "
+                   f"{list(tree)} ({type(e).__name__}: {e})", linearity=False) from e
 
 
 def _tied(name: str, per_key: dict, what: str) -> None:
