@@ -368,6 +368,6 @@ def test_dispatch_benchmark_smoke(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json
   result = json.loads(out.read_text())
-  assert result["provenance"] and result["rows"]
+  assert result["date"] and result["command"] and result["environment"] and result["rows"]
   for row in result["rows"]:
     assert row["fit_ms_per_step"] > 0 and row["scan_ms_per_step"] > 0
