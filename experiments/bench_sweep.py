@@ -14,6 +14,8 @@ Also measured: the update floor (every member's ``P + G @ K_rows``, nothing else
 no schedule of the members can go below it); the fully stacked variant
 ``jax.vmap(kronjax.train_step, in_axes=(0, 0, None))`` (the dataset and its Gram
 copied per member); the memory of the stacked state and of the shared dataset;
+the minor page faults per sweep step and XLA's temporaries per step (the sweep's
+and one member's: a momentum sweep's full-shape gradients are ``(S, m, n)``);
 and the sequential runs, the sweep and the floor once more with XLA's product
 and add instead of the native CPU kernel (the default), compiled in the same
 process (``*_xla``). The floor's kernel and the native switch are internals with
@@ -41,6 +43,7 @@ from kronjax import sweep as sw
 from kronjax._src.kernels import dispatch  # the floor's kernel and the native switch
 from kronjax._src.kernels import native  # the floor's kernel and the native switch
 from kronjax._src.kernels import products  # the floor's kernel and the native switch
+from kronjax._src.train import runners  # the sweep's jitted step, for its temporaries
 from kronjax.experiments import heap
 from kronjax.experiments import timing as bench
 
@@ -155,6 +158,8 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
   # Both layouts end in the same place (same batches, same members).
   agree = float(jnp.max(jnp.abs(state.P - jnp.stack([s.P for s in states]))))
   faults = _minor_faults_per_step(step, state, batches)
+  temps = {"sweep": _temp_bytes(runners.sweep_step, state, dataset, batches[0]),
+           "member": _temp_bytes(single, states[0], dataset, batches[0])}
 
   runs = _time_runs(sweep, dataset, key, batch, run_steps, rounds)
   return {
@@ -187,6 +192,8 @@ def run(m: int, n: int, dims: tuple[int, ...], batch: int, steps: int, optimizer
       "max_abs_diff_sweep_vs_sequential_P": agree,
       "runs": runs,
       "sweep_minor_page_faults_per_step": faults,
+      # XLA's temporaries per step (memory_analysis): the sweep's against 16 x one member's.
+      "temp_bytes_sweep_step": temps["sweep"], "temp_bytes_member_step": temps["member"],
       "loadavg_1min": os.getloadavg()[0],
   }
 
@@ -226,6 +233,12 @@ def _time_runs(sweep, dataset, key, batch: int, steps: int, rounds: int) -> dict
           "ratio_per_round": ratios,
           "max_abs_diff_P": float(jnp.max(jnp.abs(finals["sweep_fit"]
                                                   - jnp.stack(finals["sequential_fits"]))))}
+
+
+def _temp_bytes(jitted, *args) -> int | None:
+  """Bytes of temporaries XLA allocates per call of ``jitted(*args)`` (None if not reported)."""
+  analysis = jitted.lower(*args).compile().memory_analysis()
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 def _minor_faults_per_step(step, state, batches) -> float:
@@ -277,7 +290,9 @@ def main(argv=None):
           f"{1e3 * r['update_floor']['median_s']:.2f} ms (ratio {r['ratio_update_floor_vs_sequential']:.3f}); "
           f"compilations {r['sweep_compilations']}; "
           f"path {r['update_path']}, layout {r['layout']}, active {r['mean_active']:.1f}; "
-          f"sweep page faults/step {r['sweep_minor_page_faults_per_step']:.0f}")
+          f"sweep page faults/step {r['sweep_minor_page_faults_per_step']:.0f}, temporaries "
+          f"{(r['temp_bytes_sweep_step'] or 0) / 2**20:.1f} MiB (one member "
+          f"{(r['temp_bytes_member_step'] or 0) / 2**20:.1f} MiB)")
     w = r["runs"]
     print(f"    runs ({w['steps']} steps): sweep.fit {1e3 * w['sweep_fit']['median_s']:.2f} ms/step, "
           f"16 x kronjax.fit {1e3 * w['sequential_fits']['median_s']:.2f} ms/step "
