@@ -236,8 +236,7 @@ def _cells(fn) -> dict:
   """The closure variables of ``fn`` by name (a method: its instance as ``self``)."""
   code = getattr(fn, "__code__", None)
   cells = dict(zip(code.co_freevars, fn.__closure__ or ())) if code is not None else {}
-  out = {name: c.cell_contents for name, c in cells.items() if _filled(c)}
-  return out
+  return {name: c.cell_contents for name, c in cells.items() if _filled(c)}
 
 
 def _tx_name(tx) -> str:
@@ -300,14 +299,6 @@ def _unknown(fn, block: str) -> _Refused:
                   "be linear with one scalar per step", unknown=True)
 
 
-def _filled(cell) -> bool:
-  try:
-    cell.cell_contents  # pylint: disable=pointless-statement
-    return True
-  except ValueError:
-    return False
-
-
 def _stand_in(keys) -> dict:
   """A small tree with the trainable keys, each of its leaf's rank."""
   return {k: jnp.zeros(_STAND_IN_SHAPES.get(k, (3, 5)), jnp.float32) for k in keys}
@@ -340,24 +331,12 @@ def _linear(tx, cells, tree, walk, name):
   del tx, cells, tree, walk, name
 
 
-def _scale(tx, cells, tree, walk, name):
-  del tx, tree, walk
-  _scalar(name, cells["step_size"], "step size")
-
-
-def _schedule(tx, cells, tree, walk, name):
-  del tx, tree, walk
-  _scalar(name, cells["step_size_fn"], "step size")
-
-
-def _trace(tx, cells, tree, walk, name):
-  del tx, tree, walk
-  _scalar(name, cells["decay"], "decay")
-
-
-def _decay(tx, cells, tree, walk, name):
-  del tx, tree, walk
-  _scalar(name, cells["weight_decay"], "weight decay")
+def _scalar_block(cell: str, what: str) -> Callable:
+  """The handler of a block that is linear with the one scalar (or schedule) in ``cell``."""
+  def handler(tx, cells, tree, walk, name):
+    del tx, tree, walk
+    _scalar(name, cells[cell], what)
+  return handler
 
 
 def _with_extra_args(tx, cells, tree, walk, name):
@@ -474,10 +453,10 @@ def _multi_steps(tx, cells, tree, walk, name):
 _HANDLERS: dict[str, Callable] = {
     "identity": _linear,
     "set_to_zero": _linear,
-    "scale": _scale,
-    "scale_by_schedule": _schedule,
-    "trace": _trace,
-    "add_decayed_weights": _decay,
+    "scale": _scalar_block("step_size", "step size"),
+    "scale_by_schedule": _scalar_block("step_size_fn", "step size"),
+    "trace": _scalar_block("decay", "decay"),
+    "add_decayed_weights": _scalar_block("weight_decay", "weight decay"),
     "with_extra_args_support": _with_extra_args,
     "chain": _chain,
     "named_chain": _named_chain,
