@@ -270,7 +270,7 @@ class _Half(optax.GradientTransformation):
     ("multisteps_momentum", ACCEPTED["multisteps_sgd"], None),
     ("multisteps_decay", lambda: optax.MultiSteps(
         optax.chain(optax.add_decayed_weights(0.05), optax.sgd(0.4)), 2).gradient_transformation(),
-     None),
+     kronjax.Plan(update="sparse")),
     ("adam_on_the_output_layer", lambda: optax.multi_transform(
         {"hidden": optax.sgd(0.4, momentum=0.5), "out": optax.adam(1e-2)}, _by_key(("a", "bias"))),
      kronjax.Plan(update="sparse")),
