@@ -101,14 +101,15 @@ def test_training_on_take_equals_the_rebuilt_dataset_and_dense_sgd(x64):
   kronjax.evaluate(state, built)                # same fingerprint: the rebuilt one is accepted
 
 
+@pytest.mark.slow   # compiles the vmapped scan and the single step: ~15 s on 2 cores
 def test_vmapped_bootstrap_equals_separate_runs(x64):
   data, y, held, y_held = _task(n_eval=8)
   ds = kronjax.Dataset(data, y, eval_data=held, eval_labels=y_held)
   rng = np.random.default_rng(5)
   resamples = [ds.take(rng.integers(0, 40, 40)) for _ in range(3)]
   stacked = kronjax.Dataset.stack(resamples)
-  config, tx = kronjax.Config(width=48, threshold=0.5), optax.sgd(0.5)
-  schedule = jnp.asarray(np.stack(batches(40, 5, 12)))
+  config, tx = kronjax.Config(width=32, threshold=0.5), optax.sgd(0.5)
+  schedule = jnp.asarray(np.stack(batches(40, 5, 8)))
 
   def run(dataset):
     state = kronjax.init(KEY, config, dataset, tx)
