@@ -324,7 +324,7 @@ def _tree_bytes(tree: Any) -> int:
 def available_memory() -> tuple[int | None, str]:
   """``(bytes, where)``: free memory on the default device (its allocator's limit minus
   what is in use, where the backend reports it), else the host's available RAM
-  (``psutil``); None when neither is known."""
+  (``psutil``, which orbax-checkpoint requires); None when neither is known."""
   device = jax.devices()[0]
   try:
     stats = device.memory_stats()
@@ -366,7 +366,7 @@ def _check_memory(config: Config, dataset: Dataset, tx: optax.GradientTransforma
   raise ValueError(
       f"kronjax.init would allocate about {_size(need)} ({parts}) but only {_size(free)} is free "
       f"on {where}. Reduce it with: " + "; ".join(knobs) + ". Pass check_memory=False to "
-      "skip this check (kronjax.memory_estimate gives the terms).")
+      "skip this check.")
 
 
 def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTransformation, *,
@@ -392,7 +392,8 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
       ``m x n`` terms, the optimizer's traces, the index, the init's temporaries)
       from shapes and compare them with the free memory (the device's allocator
       where it reports one, else the host's available RAM) before allocating
-      anything. False skips it (under ``jax.vmap`` it counts one member).
+      anything. False skips it (under ``jax.vmap`` it counts one member; with
+      the free memory unknown it is skipped).
 
   Raises:
     TypeError: an argument of the wrong type (a key that is not a PRNG key, ...).
