@@ -202,8 +202,9 @@ def _walk(tx, tree: dict, walk: _Walk) -> None:
     return
   if handler is None:
     raise _unknown(fn, block)
-  name = _combinator_name(block, tx)
+  name = f"optax.{block}"
   try:
+    name = _combinator_name(block, tx)
     handler(tx, _cells(fn), tree, walk, name)
   except (KeyError, AttributeError, TypeError) as e:  # an optax of another layout
     raise _Refused(name, f"could not be read by kronjax ({type(e).__name__}: {e}); this "
@@ -233,7 +234,7 @@ def _block_name(fn) -> str:
 
 
 def _cells(fn) -> dict:
-  """The closure variables of ``fn`` by name (a method: its instance as ``self``)."""
+  """The closure variables of ``fn`` by name (none for a method or a callable object)."""
   code = getattr(fn, "__code__", None)
   cells = dict(zip(code.co_freevars, fn.__closure__ or ())) if code is not None else {}
   return {name: c.cell_contents for name, c in cells.items() if _filled(c)}
@@ -254,7 +255,7 @@ def _user_name(fn) -> str:
 def _combinator_name(block: str, tx) -> str:
   if block == "inject_hyperparams":
     factory = _cells(tx.update)["inner_factory"]
-    inner = (f"optax.{factory.__name__}" if _is_optax(factory)
+    inner = (f"optax.{getattr(factory, '__name__', '?')}" if _is_optax(factory)
              else _user_name(factory))
     return f"optax.inject_hyperparams({inner})"
   if block == "partition":
