@@ -68,10 +68,10 @@ def test_feature_blocks():
   d = fetch("grouplens")
   names = d.user_feature_names
   F = d.user_features
-  # Four one-hot blocks (age, gender, occupation, zip region), each of weight 1/4.
-  for block in ("age", "gender", "occupation", "zip"):
-    cols = [k for k, n in enumerate(names) if n.startswith(block + ":")]
-    np.testing.assert_allclose(np.sum(F[:, cols] ** 2, axis=1), 0.25, rtol=1e-12)
+  # Five one-hot blocks (a constant, age, gender, occupation, zip region), each of weight 1/5.
+  for block in ("const", "age:", "gender:", "occupation:", "zip:"):
+    cols = [k for k, n in enumerate(names) if n.startswith(block)]
+    np.testing.assert_allclose(np.sum(F[:, cols] ** 2, axis=1), 0.2, rtol=1e-12)
   assert "zip:other" in names     # the fixture's Canadian code
   movies = d.movie_feature_names
   assert {n for n in movies if n.startswith("genre:")} <= {f"genre:{g}" for g in ml.GROUPLENS_GENRES}
@@ -84,7 +84,7 @@ def test_identity_weight_mixes_a_delta_into_the_kernel():
   mixed = fetch("grouplens", identity_weight=w).user_features
   K0, Kw = plain @ plain.T, mixed @ mixed.T
   off = ~np.eye(len(K0), dtype=bool)
-  np.testing.assert_allclose(Kw[off], K0[off] * 4 / (4 + w), rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(Kw[off], K0[off] * 5 / (5 + w), rtol=1e-12, atol=1e-15)
   np.testing.assert_allclose(np.diag(Kw), 1.0, rtol=1e-12)
 
 
@@ -199,3 +199,51 @@ def test_argument_errors():
     fetch(identity_weight=-1.0)
   with pytest.raises(ValueError, match="kg_min_count"):
     fetch(kg_min_count=0)
+
+
+@pytest.mark.slow
+def test_experiment_smoke(tmp_path, monkeypatch):
+  """`kronjax run configs/movielens.toml --smoke`: every row in both regimes, finite, chosen on
+  validation, and the threshold curve over the configured thresholds."""
+  pytest.importorskip("sklearn")
+  from kronjax.experiments import runner as experiment  # pylint: disable=import-outside-toplevel
+  root = FIXTURE.parents[2]
+  monkeypatch.chdir(root)   # the smoke config names the fixture relative to the checkout
+  experiment.run_config(root / "configs" / "movielens.toml", smoke=True, out_dir=tmp_path,
+                        progress=False, echo=False)
+  result = json.loads((tmp_path / "results.json").read_text())
+  methods = [row["method"] for row in result["table"]]
+  assert methods[:4] == ["global mean", "user + item biases", "KronRLS (same entity kernels)",
+                         "gradient-boosted trees (side features)"]
+  assert sum(m.startswith("kronjax") for m in methods) == 6
+  for row in result["table"]:
+    for key in ("warm test RMSE", "cold test RMSE", "warm validation RMSE"):
+      assert np.isfinite(row[key]) and row[key] > 0, (row["method"], key)
+  params = result["config"]["params"]
+  for regime in ("warm", "cold"):
+    m = result["metrics"]["regimes"][regime]
+    assert [c["threshold"] for c in m["threshold_curve"]] == sorted(params["thresholds"])
+    ridge = m["methods"]["KronRLS (same entity kernels)"]
+    best = [r for r in ridge["tuning"] if r["lambda"] == ridge["chosen"]["lambda"]][0]
+    assert best["score"] == ridge["val_rmse"] and not best["at_edge"]
+    name = next(k for k in m["methods"] if k.endswith("(best of the curve)"))
+    rows = [r for r in m["sweep"] if r["variant"] == "centered"]
+    assert m["methods"][name]["val_rmse"] == min(r["validation_rmse"] for r in rows)
+  assert (tmp_path / result["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tune_lambda_extends_the_grid_past_its_edges():
+  from kronjax.experiments import kronrls  # pylint: disable=import-outside-toplevel
+  score = lambda lam: (np.log(lam) - np.log(0.01)) ** 2  # pylint: disable=unnecessary-lambda-assignment
+  best, rows = kronrls.tune_lambda(score, [10.0, 1.0, 3.0])
+  tried = sorted(r["lambda"] for r in rows)
+  assert tried[0] < best < tried[-1] and abs(np.log(best / 0.01)) <= np.log(3) / 2 + 1e-12
+  assert [r["at_edge"] for r in rows if r["lambda"] == best] == [False]
+  up, rows = kronrls.tune_lambda(lambda lam: (-lam, {"note": 1}), [1.0, 2.0], max_extensions=2)
+  assert up == 18.0 and [r for r in rows if r["lambda"] == up][0]["at_edge"]
+  assert all(r["note"] == 1 for r in rows)
+  for bad, match in (([], "non-empty"), ([0.0, 1.0], "ridges > 0"), ([np.inf], "finite")):
+    with pytest.raises(ValueError, match=match):
+      kronrls.tune_lambda(score, bad)
+  with pytest.raises(ValueError, match="step must be a finite factor > 1"):
+    kronrls.tune_lambda(score, [1.0], step=1.0)

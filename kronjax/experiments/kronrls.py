@@ -290,3 +290,55 @@ def concordance_index(y_true: Any, y_pred: Any) -> float:
   concordant = _increasing_pairs(ranks.reshape(-1))
   pred_ties = _tied_pairs(yp) - _tied_pairs(yt, yp)
   return (concordant + 0.5 * pred_ties) / comparable
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+def tune_lambda(score, lambdas, *, step: float = 3.0, max_extensions: int = 6
+                ) -> tuple[float, list[dict]]:
+  """The ridge with the lowest validation score, the grid extended past its edges.
+
+  Scores every ``lambdas`` (sorted), then, while the best is the smallest (largest)
+  tried, scores ``best / step`` (``best * step``), at most ``max_extensions``
+  times: the returned optimum is then bracketed by tried values on both sides
+  unless the extensions ran out (its row then says ``"at_edge": True``).
+
+  Args:
+    score: ``lam -> float`` (lower is better), or ``lam -> (float, dict)`` whose
+      dict is added to that lambda's row.
+    lambdas: a non-empty sequence of ridges ``> 0``.
+    step: factor between an edge and the next value tried, ``> 1``.
+    max_extensions: most values tried beyond the grid.
+
+  Returns:
+    ``(best lambda, rows)``, one row ``{"lambda", "score", ...}`` per value tried,
+    in the order tried.
+  """
+  lams = sorted(float(lam) for lam in lambdas)
+  if not lams or lams[0] <= 0 or not all(np.isfinite(lams)):
+    raise ValueError(f"lambdas must be a non-empty list of finite ridges > 0, got {lambdas!r}.")
+  if not np.isfinite(step) or step <= 1:
+    raise ValueError(f"step must be a finite factor > 1, got {step!r}.")
+  rows: dict[float, dict] = {}
+
+  def run(lam: float) -> None:
+    out = score(lam)
+    value, extra = out if isinstance(out, tuple) else (out, {})
+    rows[lam] = {"lambda": lam, "score": float(value), **extra}
+
+  for lam in lams:
+    run(lam)
+  for _ in range(max_extensions):
+    tried = sorted(rows)
+    best = min(tried, key=lambda lam: rows[lam]["score"])
+    if best == tried[0]:
+      run(best / step)
+    elif best == tried[-1]:
+      run(best * step)
+    else:
+      break
+  tried = sorted(rows)
+  best = min(tried, key=lambda lam: rows[lam]["score"])
+  rows[best]["at_edge"] = best in (tried[0], tried[-1])
+  return best, list(rows.values())

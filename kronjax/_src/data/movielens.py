@@ -286,9 +286,9 @@ def user_table(raw: _Raw, ids: Sequence[str], identity_weight: float
   tokens = []
   for u in ids:
     age, gender, occupation, zipcode = raw.users[u]
-    tokens.append(([f"age:{_bucket(age, AGE_EDGES, _range)}"], [f"gender:{gender}"],
+    tokens.append((["const"], [f"age:{_bucket(age, AGE_EDGES, _range)}"], [f"gender:{gender}"],
                    [f"occupation:{occupation}"], [f"zip:{_zip_region(zipcode)}"], [f"id:{u}"]))
-  return _table(tokens, (1.0, 1.0, 1.0, 1.0, identity_weight))
+  return _table(tokens, (1.0, 1.0, 1.0, 1.0, 1.0, identity_weight))
 
 
 def movie_table(raw: _Raw, ids: Sequence[str], identity_weight: float, kg_min_count: int
@@ -299,10 +299,10 @@ def movie_table(raw: _Raw, ids: Sequence[str], identity_weight: float, kg_min_co
   for i in ids:
     _, year, genres = raw.movies[i]
     facts = [f"kg:{f}" for f in raw.facts.get(i, ()) if counts[f] >= kg_min_count]
-    tokens.append(([f"genre:{g}" for g in genres],
+    tokens.append((["const"], [f"genre:{g}" for g in genres],
                    [f"year:{_bucket(year, YEAR_EDGES, _range)}"], facts, [f"id:{i}"]))
   kg_weight = 1.0 if raw.facts else 0.0
-  return _table(tokens, (1.0, 1.0, kg_weight, identity_weight))
+  return _table(tokens, (1.0, 1.0, 1.0, kg_weight, identity_weight))
 
 
 def _sorted_ids(ids) -> list[str]:
