@@ -81,7 +81,8 @@ def make_step(config: Config, tx: optax.GradientTransformation, *, donate: bool 
   """
   # Same contract as kronjax, so comparisons are apples to apples.
   config = config.resolve()
-  optim.check_linear(tx, keys=("W", "a") if config.train_output else ("W",))
+  keys = ("W",) + (("a",) if config.train_output else ()) + (("bias",) if config.output_bias else ())
+  optim.check_linear(tx, keys=keys)
 
   def loss_fn(params, a, bias, b, X, y):
     a = params.get("a", a)
