@@ -183,6 +183,25 @@ def test_a_dataset_rebuilt_leaf_by_leaf_is_refused_naming_take():
       call()
 
 
+@pytest.mark.parametrize("gram", ["precomputed", "entities"])
+def test_a_leaf_by_leaf_rebuild_that_kept_the_fingerprint_is_refused(gram):
+  data, y, held, y_held = _task(n_eval=10)
+  if gram == "entities":
+    data = kronjax.KronData(data.factors, index=np.stack([np.arange(40)] * 2, axis=1))
+  ds = kronjax.Dataset(data, y, eval_data=held, eval_labels=y_held, gram=gram)
+  state = kronjax.init(KEY, kronjax.Config(width=16), ds, optax.sgd(0.1))
+  idx = jnp.arange(40)[::-1]
+  mapped = jax.tree.map(lambda x: x[idx] if x.ndim and x.shape[0] == 40 else x, ds)
+  np.testing.assert_array_equal(mapped.fingerprint, ds.fingerprint)     # the old one, kept
+  for call in (lambda: kronjax.evaluate(state, mapped),
+               lambda: kronjax.jit_train_step(state, mapped, jnp.arange(4)),
+               lambda: kronjax.predict(state, mapped, held)):
+    with pytest.raises(ValueError, match=r"fingerprint is not that of its own points.*"
+                                         r"rebuilt leaf by leaf.*dataset\.take\(idx\)"):
+      call()
+  kronjax.evaluate(state, ds)                               # the dataset itself passes
+
+
 # ----------------------------------------------------------------------------- new points
 
 def _digits_like(n, seed):

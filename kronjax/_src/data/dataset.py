@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -107,7 +108,8 @@ class Dataset:
   """
 
   __slots__ = ("data", "labels", "eval_data", "eval_labels", "gram", "gram_eval",
-               "entity_grams", "entity_grams_eval", "gram_mode", "normalized", "fingerprint")
+               "entity_grams", "entity_grams_eval", "gram_mode", "normalized", "fingerprint",
+               "__weakref__")
 
   def __init__(self, data: KronData, labels: Any, *, eval_data: KronData | None = None,
                eval_labels: Any = None, gram: str = "auto", normalize: bool = False):
@@ -469,6 +471,7 @@ def check_dataset(name: str, dataset: Any, *, fingerprint: Any, n: int,
     raise ValueError(
         f"{name} has n={dataset.n} training and {dataset.n_eval} eval points, but the state was "
         f"built for n={n} and {n_eval}; pass the dataset given to kronjax.init.")
+  check_consistent(name, dataset)
   mine = None if fingerprint is None else fingerprint_text(fingerprint)
   theirs = fingerprint_text(dataset.fingerprint)
   if mine is not None and theirs is not None and mine != theirs:
@@ -496,3 +499,29 @@ def check_layout(name: str, dataset: Dataset) -> None:
       "but not its columns, so its Gram no longer matches its points. Use dataset.take(idx) for "
       "a resample or fold (rows and columns taken, a fingerprint of its own), and "
       "kronjax.Dataset.stack([...]) to vmap over several.")
+
+
+_CONSISTENT = weakref.WeakSet()   # datasets whose fingerprint was recomputed and matched
+
+
+def check_consistent(name: str, dataset: Dataset) -> None:
+  """Refuses a dataset whose fingerprint is not that of its own points and labels: one
+  rebuilt leaf by leaf (``jax.tree.map(lambda x: x[idx], dataset)`` on every leaf but the
+  fingerprint) or edited by hand, whose Gram may disagree with its points and which a state
+  would otherwise take for its own dataset. Recomputes the fingerprint (a host pass over the
+  factors and labels, never the Gram) once per dataset object; traced datasets and arrays
+  spread over several processes are not checked."""
+  if dataset in _CONSISTENT:
+    return
+  leaves = jax.tree.leaves(dataset)
+  if not all(checks.is_concrete(x) and getattr(x, "is_fully_addressable", True) for x in leaves):
+    return
+  stored = fingerprint_text(dataset.fingerprint)
+  if stored is not None and fingerprint_text(fingerprint(dataset)) != stored:
+    raise ValueError(
+        f"{name}'s fingerprint is not that of its own points and labels: the dataset was rebuilt "
+        "leaf by leaf (jax.tree.map(lambda x: x[idx], dataset) takes the Gram's rows but not its "
+        "columns, and keeps the old fingerprint) or edited by hand. Use dataset.take(idx) for a "
+        "resample or fold (rows and columns taken, a fingerprint of its own), or build a new "
+        "kronjax.Dataset.")
+  _CONSISTENT.add(dataset)
