@@ -26,8 +26,8 @@ validation RMSE, and reports the test RMSE of that choice.
   setting, validation and test RMSE read from the maintained eval projections every epoch):
   the defaults (kronecker init, ``b = sqrt(0.4 ln m)``); ``b = 0``; ``b = 0`` with the
   mirrored start (``centered``); the threshold curve ``b`` in ``thresholds`` with the mirrored
-  start; weight decay at the best ``b``; an output bias on the raw labels with its own
-  learning rate.
+  start; then, at the best ``b`` and learning rate of the curve, weight decay, and an output
+  bias on the raw labels with its own learning rate.
 
     kronjax run configs/movielens.toml [--smoke]
 """
@@ -64,9 +64,9 @@ class Params:
   n_eval: int = 5000               # validation and test ratings drawn, each
   split_seed: int = 0
   width: int = 1024
-  learning_rates: tuple[float, ...] = (8.0, 32.0)
+  learning_rates: tuple[float, ...] = (32.0, 96.0)
   thresholds: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
-  weight_decays: tuple[float, ...] = (1e-4, 1e-3)
+  weight_decays: tuple[float, ...] = (1e-5, 1e-4)
   bias_learning_rate: float = 0.02
   batch_size: int = 64
   epochs: int = 3
@@ -74,7 +74,7 @@ class Params:
   bias_lambdas: tuple[float, ...] = (1.0, 3.0, 10.0)
   gbt_learning_rates: tuple[float, ...] = (0.1,)
   gbt_max_leaf_nodes: tuple[int, ...] = (15, 63)
-  gbt_max_iter: int = 300
+  gbt_max_iter: int = 200
   seed: int = 0
 
   def __post_init__(self):
@@ -216,6 +216,7 @@ class Variant:
   thresholds: tuple[float | None, ...]
   weight_decays: tuple[float, ...] = (0.0,)
   output_bias: bool = False
+  learning_rates: tuple[float, ...] | None = None   # None: the params' grid
 
 
 def sweep_run(p: Params, variant: Variant, data, s, tables, progress: bool,
@@ -231,7 +232,8 @@ def sweep_run(p: Params, variant: Variant, data, s, tables, progress: bool,
                             eval_labels=y[evaluated] - shift)
   default_b = math.sqrt(0.4 * math.log(p.width))
   thresholds = [default_b if b is None else b for b in variant.thresholds]
-  axes = {"learning_rate": list(p.learning_rates), "threshold": thresholds}
+  axes = {"learning_rate": list(variant.learning_rates or p.learning_rates),
+          "threshold": thresholds}
   if variant.output_bias:
     tx = optax.inject_hyperparams(_sgd_with_bias)(learning_rate=1.0,
                                                   bias_learning_rate=p.bias_learning_rate)
@@ -285,12 +287,14 @@ def kronjax_runs(p: Params, data, s, tables, progress, plan) -> tuple[list[dict]
   default_b = math.sqrt(0.4 * math.log(p.width))
   centered_b0 = _best(rows, variant="centered", threshold=0.0)
   best_curve = _best(rows, variant="centered")
-  b = best_curve["threshold"]
-  rows += sweep_run(p, Variant("decay", centered=True, thresholds=(b,),
+  # Decay and the bias build on the best of the curve: its threshold and learning rate.
+  b, lr = best_curve["threshold"], (best_curve["learning_rate"],)
+  rows += sweep_run(p, Variant("decay", centered=True, thresholds=(b,), learning_rates=lr,
                                weight_decays=tuple(p.weight_decays)),
                     data, s, tables, progress, plan)
   decay = _best(rows, variant="decay")
-  rows += sweep_run(p, Variant("bias", centered=True, thresholds=(b,), output_bias=True),
+  rows += sweep_run(p, Variant("bias", centered=True, thresholds=(b,), learning_rates=lr,
+                               output_bias=True),
                     data, s, tables, progress, plan)
   bias = _best(rows, variant="bias")
   options = [
