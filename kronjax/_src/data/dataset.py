@@ -407,6 +407,13 @@ def fingerprint(dataset: Dataset) -> jax.Array:
   """``(8,)`` uint32: sha256 over the training and eval factors (the tables and index of
   indexed data) and labels (shapes, dtypes, bytes); all zeros ("unknown") when any of them
   is traced (a dataset built inside ``jit``), whose checks are then skipped."""
+  words = fingerprint_words(dataset)
+  return (jnp.zeros((FINGERPRINT_WORDS,), jnp.uint32) if words is None
+          else jnp.asarray(words))
+
+
+def fingerprint_words(dataset: Dataset) -> np.ndarray | None:
+  """``fingerprint`` as a host ``(8,)`` uint32 array; None when any input is traced."""
   parts = [("data", dataset.data.factors), _labels_part("labels", dataset.labels)]
   if dataset.data.is_indexed:  # per-point data hashes as it always did
     parts.append(("data_index", (dataset.data.index,)))
@@ -417,7 +424,7 @@ def fingerprint(dataset: Dataset) -> jax.Array:
   if dataset.eval_labels is not None:
     parts.append(_labels_part("eval_labels", dataset.eval_labels))
   if not all(checks.is_concrete(x) for _, arrays in parts for x in arrays):
-    return jnp.zeros((FINGERPRINT_WORDS,), jnp.uint32)
+    return None
   h = hashlib.sha256()
   for name, arrays in parts:
     h.update(name.encode())
@@ -425,7 +432,7 @@ def fingerprint(dataset: Dataset) -> jax.Array:
       arr = np.ascontiguousarray(jax.device_get(x))
       h.update(f"{arr.dtype.name}{arr.shape}".encode())
       h.update(arr.tobytes())
-  return jnp.asarray(np.frombuffer(h.digest(), np.uint32))
+  return np.frombuffer(h.digest(), np.uint32)
 
 
 def _labels_part(name: str, labels: Any) -> tuple[str, tuple]:
@@ -517,7 +524,7 @@ def check_consistent(name: str, dataset: Dataset) -> None:
   if not all(checks.is_concrete(x) and getattr(x, "is_fully_addressable", True) for x in leaves):
     return
   stored = fingerprint_text(dataset.fingerprint)
-  if stored is not None and fingerprint_text(fingerprint(dataset)) != stored:
+  if stored is not None and fingerprint_words(dataset).tobytes().hex() != stored:
     raise ValueError(
         f"{name}'s fingerprint is not that of its own points and labels: the dataset was rebuilt "
         "leaf by leaf (jax.tree.map(lambda x: x[idx], dataset) takes the Gram's rows but not its "

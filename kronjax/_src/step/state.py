@@ -529,7 +529,10 @@ def _register_flax() -> None:
   """``flax.serialization`` support, where flax is installed (not a kronjax dependency)."""
   if importlib.util.find_spec("flax") is None:
     return
-  from flax import serialization  # pylint: disable=import-outside-toplevel
+  try:
+    from flax import serialization  # pylint: disable=import-outside-toplevel
+  except ImportError:   # a flax that does not import with this jax: kronjax works without it
+    return
   arrays = [f.name for f in dataclasses.fields(TrainState) if not f.metadata.get("static")]
 
   def to_state_dict(state: TrainState) -> dict[str, Any]:
