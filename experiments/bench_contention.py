@@ -6,13 +6,15 @@ it), in interleaved rounds: in every round each condition runs every setting
 once, so the machine's drift hits all of them alike. Medians after compilation.
 
 Settings, at the full update path (``kronjax.jit_train_step``, plain SGD):
-  * ``auto``: ``Plan()`` and the native kernels' default threads (XLA's intra-op pool);
+  * ``auto``: ``Plan()`` and the native kernels' default threads (XLA's intra-op pool;
+    at the default shape ``Plan()`` stores ``P`` point-major);
   * ``points/T``, ``neurons/T``: ``Plan(layout=...)`` with the kernels capped at
     ``T`` threads (``native.set_max_threads``; the internal knob, read per call);
-  * ``points/blas``: ``auto`` with the kernel's own split off (``native.set_blas_split``):
-    the gemm is one BLAS call on BLAS's own threads.
+  * ``points/blas``: ``Plan(layout="points")`` with the kernel's own split off
+    (``native.set_blas_split``): the gemm is one BLAS call on BLAS's own threads.
 
-Reported per condition and setting: the median step; per setting ``busy / quiet``
+Reported per condition and setting: the median step and this process's CPU time per
+step (its threads' work, spinning included, whatever the load); per setting ``busy / quiet``
 (at most 2 for a step that gets its fair share of two cores); per condition
 ``auto / best`` (the best explicit setting under the same load).
 
@@ -113,6 +115,7 @@ def run(m: int, n: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
     states[name] = jax.block_until_ready(state)
 
   times = {c: {k: [] for k in settings} for c in ("quiet", "busy")}
+  cpu = {c: {k: [] for k in settings} for c in ("quiet", "busy")}
   with busy_process() as proc:
     try:
       for r in range(rounds):
@@ -122,11 +125,13 @@ def run(m: int, n: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
           for name, s in settings.items():
             state = states[name]
             with _kernel_knobs(s["threads"], s["split"], native_on):
+              c0 = time.process_time()
               for b in batches[3:]:
                 t0 = time.perf_counter()
                 state, metrics = kronjax.jit_train_step(state, dataset, b)
                 jax.block_until_ready((state, metrics))
                 times[condition][name].append(time.perf_counter() - t0)
+              cpu[condition][name].append((time.process_time() - c0) / len(batches[3:]))
             states[name] = state
           _set_busy(proc, False)
     finally:
@@ -143,6 +148,9 @@ def run(m: int, n: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
       "timings": {c: {k: bench.summarize(v) | {"times_s": None} for k, v in t.items()}
                   for c, t in times.items()},
       "median_s": med,
+      # This process's CPU time per step (all its threads, spinning included): the work a
+      # setting asks of the machine, whatever the load.
+      "cpu_s_per_step": {c: {k: float(np.median(v)) for k, v in t.items()} for c, t in cpu.items()},
       "busy_over_quiet": {k: med["busy"][k] / med["quiet"][k] for k in settings},
       "best_explicit": best,
       "auto_over_best": {c: med[c]["auto"] / med[c][best[c]] for c in med},
@@ -168,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for condition in ("quiet", "busy"):
     row = "  ".join(f"{k} {v * 1e3:.2f}" for k, v in result["median_s"][condition].items())
     print(f"{condition:5s} ms: {row}")
+  print("cpu ms/step (quiet): " + "  ".join(
+      f"{k} {v * 1e3:.2f}" for k, v in result["cpu_s_per_step"]["quiet"].items()))
   print("busy/quiet: " + "  ".join(f"{k} {v:.2f}" for k, v in result["busy_over_quiet"].items()))
   print("auto/best:  " + "  ".join(f"{c} {v:.2f} ({result['best_explicit'][c]})"
                                     for c, v in result["auto_over_best"].items()))

@@ -37,6 +37,7 @@ def test_bench_contention_smoke_writes_every_setting(tmp_path):
   for condition in ("quiet", "busy"):
     assert set(res["median_s"][condition]) == settings
     assert all(t > 0 for t in res["median_s"][condition].values())
+    assert set(res["cpu_s_per_step"][condition]) == settings
     assert res["best_explicit"][condition] in settings - {"auto"}
     assert res["auto_over_best"][condition] > 0
   assert set(res["busy_over_quiet"]) == settings

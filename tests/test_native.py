@@ -368,6 +368,27 @@ def test_add_product_leaves_the_blas_thread_count_as_it_was():
   assert get() == before
 
 
+def test_blas_split_switch_is_exact_both_ways_and_refuses_non_bools(x64):
+  """With the kernel's own split off each member's gemm is one BLAS call (on BLAS's
+  threads); the result is the same sum either way."""
+  _real_library()
+  rng = np.random.default_rng(4)
+  X, G, R = rng.normal(size=(2, 300, 400)), rng.normal(size=(2, 300, 24)), rng.normal(size=(1, 24, 400))
+  want = X + G @ R
+  for split in (False, True):
+    previous = native.set_blas_split(split)
+    try:
+      assert native.blas_split() == split
+      got = jax.jit(native.add_product)(X, G, R)
+      assert np.max(np.abs(np.asarray(got) - want)) < 1e-9
+    finally:
+      native.set_blas_split(previous)
+  assert native.blas_split()
+  for bad in (1, "yes", None):
+    with pytest.raises(TypeError, match=r"flag must be a bool"):
+      native.set_blas_split(bad)
+
+
 def test_max_threads_rejects_bad_values_and_restores():
   _real_library()
   for bad in (-1, 1.5, True, "2"):
