@@ -20,8 +20,20 @@ Policies:
     ``FloatingPointError`` naming the step and members; ``"stop"`` freezes
     those members (an explicit choice for sweeps where some learning rates
     diverge) and trains the others on.
+  * divergence (``divergence_factor``, default 1e6): a finite loss past that
+    many times its largest value over the run's first ``DIVERGENCE_WINDOW``
+    steps is treated as ``on_nonfinite`` says (the step was taken).
   * a member that stopped is frozen (masked steps) and reported in
     ``history["stopped"]``; when every member has stopped the loop ends early.
+
+Chunks: the runner's ``chunk`` takes up to ``chunk`` steps (default ``"auto"``:
+``runners.CHUNK_LIMIT``) in one compiled ``lax.while_loop``. A chunk never
+crosses a step the host must see the state at (``_Chunks``: evaluation,
+verification, callbacks, checkpoints, resync, the end of the divergence window),
+and the loop inside ends after the first step a live member skipped or diverged
+at, so the host handles that step exactly as one step per dispatch would. Each
+step in the loop is the same compiled step, so the run is bit-identical to
+``chunk=1``. The sharded runner steps one batch per dispatch.
 
 Hooks: ``callbacks`` are called every ``callback_every`` global steps (and at
 the end) with a ``StepInfo``; one returning ``STOP`` (or True) ends the run after
@@ -426,8 +438,8 @@ class _Chunks:
 
   def __init__(self, runner: runners.Runner, options: Options, steps: int, batch_size: int,
                until: int, checkpointing: bool):
-    most = runner.chunk_limit if options.chunk == "auto" else min(options.chunk,
-                                                                  runner.chunk_limit)
+    most = min(runners.CHUNK_LIMIT if options.chunk == "auto" else options.chunk,
+               runner.chunk_limit)
     most = min(most, max(1, _MAX_CHUNK_INDICES // batch_size))
     # Rounded up to a power of two so runs of other lengths share one compilation.
     self.size = max(1, min(most, 1 << max(steps - 1, 0).bit_length()))
@@ -684,7 +696,7 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
         divergence_factor: float = 1e6) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``state`` on ``dataset`` with shuffled mini-batches; returns ``(state, history)``.
 
-  Steps run in chunks of up to 256 inside one compiled loop (``chunk``), ending
+  Steps run in chunks of up to 1024 inside one compiled loop (``chunk``), ending
   where evaluation, verification, callbacks, checkpoints or resyncs fall due, so
   every cadence lands on the global step it names. The result is bit for bit
   that of one step per dispatch (``chunk=1``).
@@ -742,8 +754,8 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
       sampled points) every this many global steps and at the end; raises
       ``FloatingPointError`` naming the step when the relative error passes
       ``1e-3`` (float32) / ``1e-9`` (float64). 0 (default) never.
-    chunk: The most steps per dispatch: ``"auto"`` (up to 256, fewer where a
-      cadence above falls due or the stacked batch indices would pass 4 MiB)
+    chunk: The most steps per dispatch: ``"auto"`` (up to 1024, fewer where a
+      cadence above falls due or the stacked batch indices would pass 256 KiB)
       or a positive int (1: one compiled step per Python iteration). A chunk
       ends early after a step that overflowed, was skipped or diverged, which
       is then handled as on its own.

@@ -40,7 +40,7 @@ class Runner(Protocol):
 
   name: str
   members: int | None   # None: one state (scalar metrics); S: a stacked sweep ((S,) metrics)
-  chunk_limit: int      # the most steps ``chunk`` takes in one dispatch (1: no ``chunk``)
+  chunk_limit: int      # the most steps one dispatch may take (1: ``chunk`` is never called)
 
   def prepare(self, state: TrainState, dataset: Dataset) -> tuple[TrainState, Dataset]: ...
 
@@ -67,8 +67,8 @@ _step = jax.jit(step_lib.step, donate_argnums=0)
 _evaluate = jax.jit(evaluate)
 _resync = jax.jit(resync)
 
-CHUNK_LIMIT = 256
-"""The most steps one compiled chunk takes (``fit``'s ``chunk="auto"``)."""
+CHUNK_LIMIT = 1024
+"""The most steps ``fit``'s ``chunk="auto"`` takes in one compiled chunk."""
 
 
 def run_chunk(step_fn, state: TrainState, dataset: Dataset, batches: jax.Array,
@@ -128,7 +128,7 @@ class Single:
 
   name = "kronjax.fit"
   members = None
-  chunk_limit = CHUNK_LIMIT
+  chunk_limit = 1 << 30
 
   def prepare(self, state, dataset):
     return fresh_copy(state), dataset
@@ -180,7 +180,7 @@ class Sweep:
   def prepare(self, state, dataset):
     return fresh_copy(state), dataset
 
-  chunk_limit = CHUNK_LIMIT
+  chunk_limit = 1 << 30
 
   def step(self, state, dataset, batch, mask):
     if mask is None:
