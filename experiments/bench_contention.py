@@ -122,7 +122,10 @@ def run(m: int, n: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
         # Alternate which condition goes first, so neither always follows the other.
         for condition in (("quiet", "busy") if r % 2 == 0 else ("busy", "quiet")):
           _set_busy(proc, condition == "busy")
-          for name, s in settings.items():
+          # Rotate which setting goes first (the first after a switch meets a colder cache).
+          names = list(settings)
+          for name in names[r % len(names):] + names[:r % len(names)]:
+            s = settings[name]
             state = states[name]
             with _kernel_knobs(s["threads"], s["split"], native_on):
               c0 = time.process_time()
