@@ -19,6 +19,15 @@ gemm in one call, reading and writing each member's ``X`` once. When under
 10 % of ``G``'s entries are nonzero (the coefficients of inactive neurons are
 exact zeros) it skips them instead: one axpy per nonzero, exact for finite ``R``.
 
+Threads: every kernel splits its work over XLA's intra-op pool size (the caller
+included; ``pool_threads``), in chunks taken one at a time, waiting without
+spinning (``csrc/parallel.h``). ``add_product`` cuts ``X`` into pieces along its
+longer side, each a single-threaded gemm, with BLAS set to one thread while it
+runs: BLAS's own threads split a gemm statically and spin while they wait for
+each other, which beside one busy process made a 1.5 ms step take 16-32 ms
+(``experiments/bench_contention.py``). ``set_max_threads`` caps the threads and
+``set_blas_split(False)`` hands the gemm back to BLAS's threads, for benchmarks.
+
 Building: ``make native`` (``native.main()``; also ``python -m kronjax._src.kernels.native``)
 compiles the sources (~13 s) against jaxlib's FFI headers
 (``jax.ffi.include_dir``) into a cache directory, keyed by the sources, the
