@@ -238,10 +238,10 @@ def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *,
   """
   per_epoch = n // batch_size
   first, last = start // per_epoch, (start + steps - 1) // per_epoch
-  out = []
-  for e in range(first, last + 1):
-    perm = np.asarray(_permutation(key, e, n))
-    out.append(perm[: per_epoch * batch_size].reshape(per_epoch, batch_size))
+  # Every epoch's order dispatched before the first is read: one wait, not one per epoch.
+  perms = [_permutation(key, e, n) for e in range(first, last + 1)]
+  out = [np.asarray(perm)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+         for perm in perms]
   offset = start - first * per_epoch
   return np.concatenate(out)[offset:offset + steps].astype(np.int32)
 
