@@ -207,6 +207,7 @@ def test_a_chunk_stops_after_the_first_skipped_step():
                                            np.int32(16), np.ones((), bool),
                                            np.asarray(np.inf, np.float32))
   assert int(taken) == len(statuses)
+  stacked = runners.unpack(jax.device_get(stacked))
   np.testing.assert_array_equal(np.asarray(stacked["status"][:len(statuses)]), statuses)
   assert not np.any(np.asarray(stacked["step"][len(statuses):]))   # rows never written
   _assert_same_state(chunked, by_step)

@@ -476,8 +476,8 @@ def _take_chunk(runner: runners.Runner, state: TrainState, dataset: Dataset,
   state, stacked, taken = runner.chunk(state, dataset, _padded(batches, size),
                                        np.int32(len(batches)), mask, limit)
   stacked, taken = jax.device_get((stacked, taken))
-  return state, {k: np.asarray(v)[:int(taken)].reshape(int(taken), -1)
-                 for k, v in stacked.items()}
+  return state, {k: v[:int(taken)].reshape(int(taken), -1)
+                 for k, v in runners.unpack(stacked).items()}
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -73,7 +73,7 @@ CHUNK_LIMIT = 1024
 
 def run_chunk(step_fn, state: TrainState, dataset: Dataset, batches: jax.Array,
               count: jax.Array, live: jax.Array, limit: jax.Array
-              ) -> tuple[TrainState, Metrics, jax.Array]:
+              ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
   """Steps ``batches[0], batches[1], ...`` ``(K, B)`` in one ``lax.while_loop``.
 
   Runs ``count`` steps, or fewer: the loop ends after the first step where a
@@ -91,28 +91,41 @@ def run_chunk(step_fn, state: TrainState, dataset: Dataset, batches: jax.Array,
     limit: ``(S,)`` or () float: the loss past which a member diverges (inf: no limit).
 
   Returns:
-    ``(state, metrics, taken)``: every metric stacked ``(K, ...)`` (rows from
-    ``taken`` on are zeros) and ``taken`` () int32, the steps run.
+    ``(state, packed, taken)``: ``taken`` () int32 is the steps run; ``packed``
+    holds every metric stacked ``(K, ...)`` (rows from ``taken`` on are zeros),
+    the metrics of one dtype and shape side by side in one array (one transfer
+    each, not one per metric): ``unpack`` names them again.
   """
   size = batches.shape[0]
   shapes = jax.eval_shape(step_fn, state, dataset, batches[0])[1]
-  stacked = jax.tree.map(lambda s: jnp.zeros((size,) + s.shape, s.dtype), shapes)
+  groups: dict[tuple, list[str]] = {}
+  for name, s in shapes.items():
+    groups.setdefault((s.shape, jnp.dtype(s.dtype)), []).append(name)
+  packed = {",".join(names): jnp.zeros((size,) + shape + (len(names),), dtype)
+            for (shape, dtype), names in groups.items()}
 
   def cond(carry):
     i, _, _, halt = carry
     return (i < count) & ~halt
 
   def body(carry):
-    i, state, stacked, _ = carry
+    i, state, packed, _ = carry
     state, metrics = step_fn(state, dataset, batches[i])
-    stacked = jax.tree.map(lambda rows, v: rows.at[i].set(v), stacked, metrics)
+    packed = {key: rows.at[i].set(jnp.stack([metrics[n] for n in key.split(",")], axis=-1))
+              for key, rows in packed.items()}
     # loss > limit is False for NaN: a skipped step is caught by its status.
     halt = (metrics["status"] != step_lib.Status.OK) | (metrics["loss"] > limit)
-    return i + 1, state, stacked, jnp.any(live & halt)
+    return i + 1, state, packed, jnp.any(live & halt)
 
-  start = (jnp.zeros((), jnp.int32), state, stacked, jnp.zeros((), bool))
-  taken, state, stacked, _ = jax.lax.while_loop(cond, body, start)
-  return state, stacked, taken
+  start = (jnp.zeros((), jnp.int32), state, packed, jnp.zeros((), bool))
+  taken, state, packed, _ = jax.lax.while_loop(cond, body, start)
+  return state, packed, taken
+
+
+def unpack(packed: dict[str, Any]) -> dict[str, Any]:
+  """``run_chunk``'s packed metrics as ``{name: (K, ...)}`` (views, no copies)."""
+  return {name: rows[..., j] for key, rows in packed.items()
+          for j, name in enumerate(key.split(","))}
 
 
 def _chunk_of(step_fn):
