@@ -9,7 +9,8 @@ Settings, at the full update path (``kronjax.jit_train_step``, plain SGD):
   * ``auto``: ``Plan()`` and the native kernels' default threads (XLA's intra-op pool;
     at the default shape ``Plan()`` stores ``P`` point-major);
   * ``points/T``, ``neurons/T``: ``Plan(layout=...)`` with the kernels capped at
-    ``T`` threads (``native.set_max_threads``; the internal knob, read per call);
+    ``T`` threads, ``T`` the pool's size and 1 (``native.set_max_threads``; the
+    internal knob, read per call);
   * ``points/blas``: ``Plan(layout="points")`` with the kernel's own split off
     (``native.set_blas_split``): the gemm is one BLAS call on BLAS's own threads.
 
@@ -42,6 +43,10 @@ import kronjax
 from kronjax._src.kernels import native  # the thread cap and the split switch: internal knobs
 from kronjax.experiments import timing as bench
 
+# OpenBLAS's threads spin for up to 2**28 cycles after a gemm before they sleep (its
+# THREAD_TIMEOUT): left to run into the next setting they took its CPU time.
+BLAS_SETTLE_S = 0.3
+
 # Spins on one core until killed, or until its parent is gone (no orphan spinner).
 SPIN = """
 import os
@@ -70,11 +75,13 @@ def _set_busy(proc: subprocess.Popen, busy: bool) -> None:
     time.sleep(0.05)  # let it take its core
 
 
-def _settings(native_on: bool) -> dict[str, dict[str, Any]]:
-  """name -> {layout, threads (0: the pool's), split (the kernel's own gemm split)}."""
+def _settings(pool: int | None) -> dict[str, dict[str, Any]]:
+  """name -> {layout, threads (0: the pool's), split (the kernel's own gemm split)}; ``pool``:
+  XLA's intra-op pool size, None without the native kernels."""
+  native_on = pool is not None
   settings = {"auto": dict(layout="auto", threads=0, split=True)}
   for layout in ("points", "neurons"):
-    for threads in ((2, 1) if native_on else (0,)):
+    for threads in (sorted({pool, 1}, reverse=True) if native_on else (0,)):
       settings[f"{layout}/{threads}" if native_on else layout] = dict(
           layout=layout, threads=threads, split=True)
   if native_on:
@@ -104,7 +111,8 @@ def run(m: int, n: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
   batches = [jnp.asarray(rng.choice(n, batch, replace=False).astype(np.int32))
              for _ in range(steps)]
   native_on = native.available(warn=False)
-  settings = _settings(native_on)
+  pool = native.pool_threads() if native_on else None
+  settings = _settings(pool)
   states, paths, layouts = {}, {}, {}
   for name, s in settings.items():
     state = kronjax.init(key, config, dataset, optax.sgd(0.5), plan=kronjax.Plan(layout=s["layout"]))
@@ -136,17 +144,23 @@ def run(m: int, n: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
                 times[condition][name].append(time.perf_counter() - t0)
               cpu[condition][name].append((time.process_time() - c0) / len(batches[3:]))
             states[name] = state
+            if not s["split"]:  # BLAS's threads spin on after a gemm: not into the next setting
+              time.sleep(BLAS_SETTLE_S)
           _set_busy(proc, False)
     finally:
       _set_busy(proc, False)
 
   med = {c: {k: float(np.median(v)) for k, v in t.items()} for c, t in times.items()}
+  # The explicit setting that runs auto's program (same layout, the pool's threads): their
+  # difference is this benchmark's own spread (the arrays are separate allocations).
+  twin = f"{layouts['auto']}/{pool}" if native_on else layouts["auto"]
   explicit = [k for k in settings if k != "auto"]
   best = {c: min(explicit, key=med[c].__getitem__) for c in med}
   return {
       "m": m, "n": n, "batch": batch, "steps_per_round": steps - 3, "rounds": rounds,
       "update_path": paths, "layout": layouts, "settings": settings,
-      "pool_threads": native.pool_threads() if native_on else None,
+      "pool_threads": pool,
+      "auto_runs_as": twin if twin in settings else None,
       "blas_split": native.blas_split() if native_on else None,
       "timings": {c: {k: bench.summarize(v) | {"times_s": None} for k, v in t.items()}
                   for c, t in times.items()},

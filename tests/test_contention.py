@@ -32,8 +32,12 @@ def test_bench_contention_smoke_writes_every_setting(tmp_path):
   settings = set(res["settings"])
   assert "auto" in settings
   if native.available(warn=False):
-    assert settings == {"auto", "points/2", "points/1", "neurons/2", "neurons/1", "points/blas"}
+    threads = {res["pool_threads"], 1}
+    assert settings == {"auto", "points/blas"} | {f"{layout}/{t}" for layout in ("points", "neurons")
+                                                  for t in threads}
+    assert res["auto_runs_as"] == f"points/{res['pool_threads']}"  # Plan() at these shapes
     assert res["blas_split"] is True
+    assert res["layout"]["neurons/1"] == "neurons" and res["layout"]["points/1"] == "points"
   for condition in ("quiet", "busy"):
     assert set(res["median_s"][condition]) == settings
     assert all(t > 0 for t in res["median_s"][condition].values())
@@ -41,5 +45,5 @@ def test_bench_contention_smoke_writes_every_setting(tmp_path):
     assert res["best_explicit"][condition] in settings - {"auto"}
     assert res["auto_over_best"][condition] > 0
   assert set(res["busy_over_quiet"]) == settings
-  assert res["layout"]["neurons/1"] == "neurons" and res["layout"]["points/1"] == "points"
+  assert res["auto_runs_as"] in settings | {None}
   assert set(res["update_path"].values()) == {"full"}
