@@ -313,7 +313,7 @@ def _fetch(metrics: dict[str, Any]) -> dict[str, np.ndarray]:
   return {k: np.atleast_1d(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
-def _replay_overflow(run: _Run, state: TrainState, dataset: Dataset, batch: jax.Array,
+def _replay_overflow(run: _Run, state: TrainState, dataset: Dataset, batch: np.ndarray,
                      metrics: dict[str, np.ndarray], global_step: int, options: Options,
                      log: History, bar: Any) -> tuple[TrainState, dict[str, np.ndarray]]:
   """Handles the members whose step overflowed (they skipped it; the others took it):
@@ -340,7 +340,7 @@ def _replay_overflow(run: _Run, state: TrainState, dataset: Dataset, batch: jax.
     bar.write(f"{runner.name}: overflow at step {global_step}{run.members(who, ' of ')}; "
               f"replaying with {changes}")
     state = runner.regrow(state, changes)
-    state, again = runner.step(state, dataset, batch,
+    state, again = runner.step(state, dataset, jnp.asarray(batch),
                                None if pending.all() else jnp.asarray(pending))
     again = _fetch(again)
     metrics = {k: np.where(pending, again[k], v) for k, v in metrics.items()}
@@ -555,8 +555,8 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
       if metrics["wrong_dataset"].any():
         raise ValueError(f"step {global_step}: the dataset is not the one the state was built "
                          "from (fingerprints differ); pass the dataset given to kronjax.init.")
-      state, metrics = _replay_overflow(run, state, dataset, jnp.asarray(batch), metrics,
-                                        global_step, options, log, bar)
+      state, metrics = _replay_overflow(run, state, dataset, batch, metrics, global_step,
+                                        options, log, bar)
       _check_finite(run, metrics, global_step, options)
       _check_divergence(run, divergence, metrics, global_step, options)
       divergence.observe(np.array([global_step + 1]), metrics["loss"][None], run.live)
