@@ -526,6 +526,104 @@ def kiba() -> str:
       "![kiba](assets/results/kiba/kiba.png)", provenance(relative, data)])
 
 
+def dispatch() -> str:
+  data = load("dispatch.json")
+  rows = [[r["batch"], f"{r['m']} / {r['n']}", r["update_path"], r["steps"],
+           num(r["scan_ms_per_step"], 3),
+           f"{num(r['fit_ms_per_step'], 3)} ({ratio(r['fit_over_scan'])})",
+           f"{num(r['fit_chunk1_ms_per_step'], 3)} ({ratio(r['fit_chunk1_over_scan'])})"]
+          for r in data["rows"]]
+  head = ("Milliseconds per training step: a bare `jax.jit(lax.scan(kronjax.train_step))` over "
+          "the batches against `kronjax.fit` (`chunk=\"auto\"`, everything it does included) and "
+          f"`fit(chunk=1)` (one compiled step per Python iteration); medians of {data['rounds']} "
+          "interleaved rounds after compilation:")
+  return "\n\n".join([head, table(["B", "m / n", "update path", "steps", "bare scan",
+                                   "fit (ratio)", "fit, chunk=1 (ratio)"], rows),
+                      provenance("dispatch.json", data, script="experiments/bench_dispatch.py")])
+
+
+def contention() -> str:
+  """The step beside a busy process: each setting quiet and busy, busy / quiet, auto / best."""
+  data = load("contention.json")
+  quiet, busy = data["median_s"]["quiet"], data["median_s"]["busy"]
+  described = {
+      "auto": "`Plan()`, kernel threads: XLA's pool",
+      "points/blas": "point-major, gemm on BLAS's own threads (the kernel's split off)",
+  }
+  rows = []
+  for name, s in data["settings"].items():
+    what = described.get(name) or (
+        f"`Plan(layout=\"{s['layout']}\")`, kernels capped at {s['threads']} thread"
+        f"{'s' if s['threads'] != 1 else ''}")
+    cpu = data.get("cpu_s_per_step", {}).get("quiet", {}).get(name)
+    rows.append([name, what, data["layout"][name], ms(quiet[name]), ms(busy[name]),
+                 ratio(data["busy_over_quiet"][name]), ms(cpu) if cpu is not None else "-"])
+  head = (f"m = {data['m']}, n = {data['n']}, batch {data['batch']}, update path "
+          f"`{data['update_path']['auto']}`, plain SGD, float32; milliseconds per "
+          f"`jit_train_step` (medians of {data['rounds']} interleaved rounds of "
+          f"{data['steps_per_round']} steps per setting and condition); busy: beside one process "
+          f"spinning on one core. XLA's intra-op pool: {data['pool_threads']} threads.")
+  best = data["best_explicit"]
+  twin = data.get("auto_runs_as")
+  summary = table(["condition", "auto / best explicit setting", "best explicit setting",
+                   f"auto / {twin or '-'} (the same program: the benchmark's own spread)"], [
+      [c, ratio(data["auto_over_best"][c]), best[c],
+       ratio(quiet["auto"] / quiet[twin]) if twin and c == "quiet" else
+       ratio(busy["auto"] / busy[twin]) if twin else "-"] for c in ("quiet", "busy")])
+  return "\n\n".join([head, table(["setting", "what", "`P` stored", "quiet ms", "busy ms",
+                                   "busy / quiet", "CPU ms per step (quiet)"], rows), summary,
+                      provenance("contention.json", data,
+                                 script="experiments/bench_contention.py")])
+
+
+def movielens() -> str:
+  """MovieLens-100k: each kronjax option beside the baselines, warm pairs and unseen movies."""
+  relative = "movielens/results.json"
+  data = load(relative)
+  m = data["metrics"]
+  regimes = m["regimes"]
+  rows = [[r["method"], num(r["warm test RMSE"], 4), num(r["cold test RMSE"], 4),
+           num(r["warm validation RMSE"], 4), num(r["cold validation RMSE"], 4)]
+          for r in data["table"]]
+
+  def chosen(regime: str, method: str) -> str:
+    c = regimes[regime]["methods"][method].get("chosen") or {}
+    if "learning_rate" in c:
+      return (f"lr = {c['learning_rate']}, b = {num(c['threshold'], 3)}, decay = "
+              f"{c['weight_decay']}, {c['epoch']} epoch(s)")
+    if "lambda" in c:
+      return f"lambda = {num(c['lambda'], 3)}"
+    if "trees" in c:
+      return f"{c['trees']} trees of {c['max_leaf_nodes']} leaves, lr = {c['learning_rate']}"
+    return "-"
+
+  settings = table(["method", "chosen on validation (warm)", "chosen on validation (cold)"],
+                   [[r["method"], chosen("warm", r["method"]), chosen("cold", r["method"])]
+                    for r in data["table"]])
+  facts = table(["measurement", "value"], [
+      ["users x movies, ratings", f"{m['users']} x {m['movies']}, {m['ratings']}"],
+      ["feature dims (user x movie)", f"{m['feature_dims'][0]} x {m['feature_dims'][1]}"],
+      ["ratings train / validation / test (warm)",
+       f"{regimes['warm']['n_train']} / {regimes['warm']['n_val']} / {regimes['warm']['n_test']}"],
+      ["ratings train / validation / test (cold)",
+       f"{regimes['cold']['n_train']} / {regimes['cold']['n_val']} / {regimes['cold']['n_test']}"],
+      ["peak resident memory of the run, MiB", num(m["peak_rss_mib"], 4)],
+  ])
+  curve = table(["regime", "b", "learning rate", "epoch", "validation RMSE", "test RMSE",
+                 "active neurons per point"],
+                [[regime, num(c["threshold"], 3), c["learning_rate"], c["epoch"],
+                  num(c["validation_rmse"], 4), num(c["test_rmse"], 4),
+                  num(c["active_per_step"], 3)]
+                 for regime in ("warm", "cold") for c in regimes[regime]["threshold_curve"]])
+  return "\n\n".join([
+      params_line(data), table(["method", "warm test RMSE", "cold test RMSE",
+                                "warm validation RMSE", "cold validation RMSE"], rows),
+      settings, facts,
+      "The threshold curve (mirrored start; per `b` the learning rate and epoch chosen on "
+      "validation):", curve,
+      "![movielens](assets/results/movielens/movielens.png)", provenance(relative, data)])
+
+
 def hlo_costs() -> str:
   """The XLA-path step as an accelerator runs it: kernel launches and bytes from the HLO."""
   data = load("hlo_costs.json")
@@ -565,6 +663,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "init-scaling": init_scaling,
     "pairwise-scale": pairwise_scale,
     "hlo-costs": hlo_costs,
+    "dispatch": dispatch,
+    "contention": contention,
+    "movielens": movielens,
     "init-law": lambda: runner_result("init_law/results.json"),
     "quickstart": lambda: runner_result("quickstart/results.json"),
     "scaling-d": lambda: runner_result("scaling_d/results.json"),

@@ -24,6 +24,7 @@ from kronjax._src.step.optim import assume_linear
 from kronjax._src.step.plan import Plan
 from kronjax._src.step.state import TrainState
 from kronjax._src.step.state import init
+from kronjax._src.step.state import memory_estimate
 from kronjax._src.step.state import resync
 from kronjax._src.step.state import with_plan
 from kronjax._src.step.step import Status
@@ -55,6 +56,7 @@ __all__ = (
     "fit",
     "init",
     "jit_train_step",
+    "memory_estimate",
     "native_info",
     "network",
     "predict",

@@ -15,7 +15,7 @@ PUBLIC = {
     "CapacityError", "Config", "Dataset", "KronData", "NormWarning", "Plan", "TrainState", "batch_schedule", "checkpoint", "data",
     "dense", "dense_params", "evaluate", "fit", "init", "jit_train_step", "native_info", "network", "predict", "resync", "sharding",
     "sweep", "train_step", "with_plan", "STOP", "StepInfo", "verify", "Status", "check_status",
-    "assume_linear",
+    "assume_linear", "memory_estimate",
 }
 
 

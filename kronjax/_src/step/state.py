@@ -381,8 +381,10 @@ def init(key: jax.Array, config: Config, dataset: Dataset, tx: optax.GradientTra
     config: static settings (``kronjax.Config``).
     dataset: the ``kronjax.Dataset`` to train on; its eval points' projections
       are initialized consistently with ``W0`` and maintained every step.
-    tx: an optax transformation that is linear in the gradient (sgd, momentum,
-      nesterov, schedules, ``inject_hyperparams``); others raise ValueError.
+    tx: an optax transformation linear in the gradient history (sgd, momentum, nesterov,
+      schedules, ``inject_hyperparams``, ``MultiSteps``, weight decay; any optimizer on the
+      output layer); others raise ValueError naming the part; ``kronjax.assume_linear``
+      vouches for one's own.
     threshold: optional ``b`` overriding ``config.threshold``; may be a traced
       scalar (sweeps over ``b``).
     plan: how the step runs (``kronjax.Plan``: capacities, index, update path,
