@@ -238,19 +238,30 @@ def batch_schedule(key: jax.Array, n: int, batch_size: int, steps: int, *,
   """
   per_epoch = n // batch_size
   first, last = start // per_epoch, (start + steps - 1) // per_epoch
-  # Every epoch's order dispatched before the first is read: one wait, not one per epoch.
-  perms = [_permutation(key, e, n) for e in range(first, last + 1)]
-  out = [np.asarray(perm)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-         for perm in perms]
+  orders = _epoch_orders(key, np.arange(first, last + 1), n)
+  out = orders[:, :per_epoch * batch_size].reshape(-1, batch_size)
   offset = start - first * per_epoch
-  return np.concatenate(out)[offset:offset + steps].astype(np.int32)
+  return out[offset:offset + steps].astype(np.int32)
+
+
+_ORDERS_PER_DISPATCH = 64
+
+
+def _epoch_orders(key: jax.Array, epochs: np.ndarray, n: int) -> np.ndarray:
+  """``(E, n)``: epoch ``e``'s order is ``permutation(fold_in(key, e), n)``. Up to 64 epochs
+  per dispatch, padded to a power of two (one compilation per size and ``n``): eagerly,
+  each epoch's sort rounds would be a dispatch and a wait each."""
+  parts = []
+  for lo in range(0, len(epochs), _ORDERS_PER_DISPATCH):
+    part = epochs[lo:lo + _ORDERS_PER_DISPATCH]
+    padded = np.resize(part, 1 << (len(part) - 1).bit_length())
+    parts.append(_permutations(key, padded.astype(np.int32), n)[:len(part)])
+  return np.concatenate([np.asarray(p) for p in parts])
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _permutation(key: jax.Array, epoch: int, n: int) -> jax.Array:
-  """Epoch ``epoch``'s order ``(n,)``: one dispatch (eagerly, the permutation's sort
-  rounds are a dispatch each)."""
-  return jax.random.permutation(jax.random.fold_in(key, epoch), n)
+def _permutations(key: jax.Array, epochs: jax.Array, n: int) -> jax.Array:
+  return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(epochs)
 
 
 # ----------------------------------------------------------------------------- overflow
