@@ -214,6 +214,19 @@ def test_a_chunk_stops_after_the_first_skipped_step():
 
 
 @UNNORMALIZED
+def test_a_chunk_that_ran_past_a_failure_is_reported():
+  """The host checks the chunk's invariant: no step before its last failed or diverged."""
+  live, limit = np.array([True, False]), np.array([10.0, 10.0], np.float32)
+  ok = {"status": np.zeros((3, 2), np.int32), "loss": np.ones((3, 2), np.float32)}
+  loop._check_early_rows(ok, live, limit)
+  stopped_member = {**ok, "status": np.array([[0, 1], [0, 0], [0, 0]], np.int32)}
+  loop._check_early_rows(stopped_member, live, limit)       # member 1 is not live
+  for rows in ({**ok, "status": np.array([[0, 0], [1, 0], [0, 0]], np.int32)},
+               {**ok, "loss": np.array([[1, 1], [1, 1], [11, 1]], np.float32)}):
+    with pytest.raises(RuntimeError, match="chunk=1"):
+      loop._check_early_rows(rows, live, limit)
+
+
 def test_non_finite_loss_raises_at_the_same_step():
   dataset = _dataset(scale=3.0)
   state = kronjax.init(jax.random.PRNGKey(3), kronjax.Config(width=M), dataset, optax.sgd(0.6))

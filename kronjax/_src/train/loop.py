@@ -415,9 +415,9 @@ class _Divergence:
 
 
 def _check_divergence(run: _Run, check: _Divergence, metrics: dict[str, np.ndarray],
-                      global_step: int, options: Options) -> None:
+                      global_step: int, options: Options, dtype: Any) -> None:
   loss = metrics["loss"]
-  limit = check.limit(global_step + 1, loss.dtype)
+  limit = check.limit(global_step + 1, dtype)   # the chunk's own limit, compared alike
   bad = run.live & np.isfinite(loss) & (loss > limit)
   if not bad.any():
     return
@@ -491,6 +491,16 @@ def _take_chunk(runner: runners.Runner, state: TrainState, dataset: Dataset,
                  for k, v in runners.unpack(stacked).items()}
 
 
+def _check_early_rows(rows: dict[str, np.ndarray], live: np.ndarray, limit: np.ndarray) -> None:
+  """The chunk's steps before its last ended OK for every live member (the compiled loop
+  ends after the first that did not): else the loop's invariant is broken, say so."""
+  bad = live & ((rows["status"] != 0) | (rows["loss"] > limit))
+  if bad.any():
+    raise RuntimeError("kronjax internal error: a chunk of steps ran on past a step that "
+                       f"needed the host (step {int(np.argwhere(bad)[0, 0])} of the chunk); "
+                       "train with chunk=1 and report this.")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.Array,
@@ -544,14 +554,15 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
     while t < steps:
       k = chunks.length(start + t, steps - t)
       live = run.live
+      limit = divergence.limit(start + t + 1, limit_dtype)
       state, rows = _take_chunk(runner, state, dataset, batches[t:t + k], chunks.size,
-                                None if live.all() else jnp.asarray(live),
-                                divergence.limit(start + t + 1, limit_dtype))
+                                None if live.all() else jnp.asarray(live), limit)
       taken = len(rows["loss"])
       # Steps before the chunk's last: taken by every live member, no cadence among them.
       counts = np.arange(start + t + 1, start + t + taken)
       if taken > 1:
         early = {name: v[:-1] for name, v in rows.items()}
+        _check_early_rows(early, live, limit)
         divergence.observe(counts, early["loss"], live)
         logged = (counts % options.log_every == 0)
         log.add_rows(counts[logged], {name: v[logged] for name, v in early.items()}, live)
@@ -569,7 +580,7 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
       state, metrics = _replay_overflow(run, state, dataset, batch, metrics, global_step,
                                         options, log, bar)
       _check_finite(run, metrics, global_step, options)
-      _check_divergence(run, divergence, metrics, global_step, options)
+      _check_divergence(run, divergence, metrics, global_step, options, limit_dtype)
       divergence.observe(np.array([global_step + 1]), metrics["loss"][None], run.live)
       done += 1
       if options.resync_every and (global_step + 1) % options.resync_every == 0:
