@@ -410,17 +410,18 @@ def pairwise_scale() -> str:
              r["auto_path"], ms(r["median_s"], 4), f"{ms(r['p10_s'], 4)}-{ms(r['p90_s'], 4)}",
              num(r["touched_rows_mean"], 4), num(r["floor_bytes"] / 2**20, 4),
              ms(r.get("bytes_floor_s", r["floor_s"])),
-             ms(r["product"]["median_s"]) if "product" in r else "-", ms(r["floor_s"]),
+             ms(r["flops_floor_s"]) if "flops_floor_s" in r else "-", ms(r["floor_s"]),
              ratio(r["over_floor"])] for r in steps["rows"]]
     blocks += [f"`kronjax.jit_train_step`, n = {steps['n']}, m = {steps['m']}, medians over "
                f"{steps['rounds']} interleaved rounds after compilation. The floor: the `P` rows the "
                f"step reads and writes (touched rows on the sparse path, all m on the full path) "
                f"plus its `B x n` Gram rows, at the {num(bw['bytes_per_s'] / 1e9, 3)} GB/s of a numpy "
-               f"copy of {bw['array_mib']} MiB (read plus written) in the same process, or the bare "
-               f"in-place product of those rows (`C += U @ K_rows` by BLAS `sgemm`, timed in the "
-               f"same process) where that takes longer:",
+               f"copy of {bw['array_mib']} MiB (read plus written) in the same process, or the "
+               f"product's `2 x rows x B x n` flops at the "
+               f"{num(steps['gemm']['flops_per_s'] / 1e9, 3) if 'gemm' in steps else '-'} GFLOP/s "
+               f"of a compute-bound `sgemm` in the same process, where that takes longer:",
                table(["B", "plan", "path", "`Plan()` picks", "ms", "p10-p90 ms", "touched rows",
-                      "floor MiB", "bytes ms", "product ms", "floor ms", "step / floor"], rows)]
+                      "floor MiB", "bytes ms", "flops ms", "floor ms", "step / floor"], rows)]
   large = data.get("large") or {}
   if large.get("completed"):
     blocks += [f"n = {large['n']} pairs, m = {large['m']}, `Plan(update=\"sparse\")`, "

@@ -20,11 +20,11 @@ float32 targets; ``kronjax.Config(width=m)`` (the kronecker init), ``optax.sgd``
    (sparse: the touched rows ``T``, the union of the batch's active sets; full:
    all ``m``), ``2 x rows x n x 4`` bytes, plus the ``B x n`` Gram rows it gathers
    (``B x n x 4``), divided by the memory bandwidth of a numpy copy of a 256 MiB
-   array in the same process (bytes read plus written per second); and the bare
-   product ``C (rows, n) += U (rows, B) @ K (B, n)`` in place by BLAS ``sgemm``, timed in
-   the same process (at B = 64 on the full path the step is bound by arithmetic, not
-   bytes). The floor time is the larger of the two; the step's median over it says how
-   far the step is from its floor.
+   array in the same process (bytes read plus written per second); and the product's
+   ``2 x rows x B x n`` flops at the rate of a compute-bound ``sgemm`` (1024 cubed) in the
+   same process (at B = 64 on the full path the step is bound by arithmetic, not bytes).
+   The floor time is the larger of the two; the step's median over it says how far the
+   step is from its floor.
 3. ``large``: n = 10^6, m = 1024 (``P`` and ``A_T`` 4 GiB each), ``Plan(update="sparse")``:
    ``Dataset`` + ``init``, then 1,000 sparse-path steps at B = 1; init seconds,
    ms per step, peak resident memory and the epoch time they imply (n steps).
@@ -157,24 +157,22 @@ def bandwidth(mib: int, repeats: int = 7) -> dict:
           "times_s": times}
 
 
-def product_time(rows: int, batch: int, n: int, repeats: int = 5) -> dict:
-  """Median seconds of the step's bare product, ``C (rows, n) += U (rows, B) @ K (B, n)`` in
-  place (BLAS ``sgemm`` with ``beta = 1``, BLAS's own threads): the floor when the step is
-  bound by arithmetic rather than bytes (the full path at large ``B``)."""
+def gemm_rate(size: int = 1024, repeats: int = 5) -> dict:
+  """Flops per second of a compute-bound BLAS ``sgemm`` (``size`` cubed, BLAS's own threads)
+  in this process: what the step's arithmetic could run at, at best."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from scipy.linalg import blas  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  C = np.asfortranarray(np.zeros((rows, n), np.float32))
-  U = np.asfortranarray(rng.normal(size=(rows, batch)).astype(np.float32))
-  K = np.asfortranarray(rng.normal(size=(batch, n)).astype(np.float32))
-  C = blas.sgemm(1.0, U, K, beta=1.0, c=C, overwrite_c=True)   # touch the pages
+  a = np.asfortranarray(rng.normal(size=(size, size)).astype(np.float32))
+  b = np.asfortranarray(rng.normal(size=(size, size)).astype(np.float32))
+  blas.sgemm(1.0, a, b)
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    C = blas.sgemm(1.0, U, K, beta=1.0, c=C, overwrite_c=True)
+    blas.sgemm(1.0, a, b)
     times.append(time.perf_counter() - t0)
-  return {"rows": rows, "batch": batch, "n": n, "median_s": statistics.median(times),
-          "times_s": times}
+  t = statistics.median(times)
+  return {"size": size, "median_s": t, "flops_per_s": 2 * size**3 / t, "times_s": times}
 
 
 def _touched(state, batches) -> float:
@@ -273,6 +271,7 @@ def worker_steps(sizes: dict) -> dict:
       times[B].extend(this)
       round_medians[B].append(statistics.median(this))
   bw_end = bandwidth(sizes["bandwidth_mib"])
+  rate = gemm_rate()
   bw = statistics.median(bw_start["times_s"] + bw_end["times_s"])
   bytes_per_s = 2 * sizes["bandwidth_mib"] * 2**20 / bw
   rows = []
@@ -281,7 +280,7 @@ def worker_steps(sizes: dict) -> dict:
     path = st.update_path(B)
     touched = _touched(st, batches[B][warmup:]) if path == "sparse" else float(m)
     floor_bytes = 2 * touched * n * F32 + B * n * F32
-    product = product_time(int(round(touched)), B, n)
+    flops = 2.0 * touched * B * n   # the product K_rows^T U over the rows the step writes
     med = statistics.median(times[B])
     row = {"batch": B, "plan": {"update": "sparse"} if which[B] == "sparse" else {},
            "path": path, "layout": st.layout,
@@ -290,19 +289,21 @@ def worker_steps(sizes: dict) -> dict:
            "active_mean": float(statistics.mean(float(o["active"]) for o in metrics[B])),
            "overflow_steps": int(sum(bool(o["overflow"]) for o in metrics[B])),
            "touched_rows_mean": touched, "floor_bytes": floor_bytes,
-           "bytes_floor_s": floor_bytes / bytes_per_s, "product": product,
-           "floor_s": max(floor_bytes / bytes_per_s, product["median_s"])}
-    row["floor_kind"] = "bytes" if row["floor_s"] == row["bytes_floor_s"] else "product"
+           "bytes_floor_s": floor_bytes / bytes_per_s, "flops": flops,
+           "flops_floor_s": flops / rate["flops_per_s"],
+           "floor_s": max(floor_bytes / bytes_per_s, flops / rate["flops_per_s"])}
+    row["floor_kind"] = "bytes" if row["floor_s"] == row["bytes_floor_s"] else "flops"
     row["over_floor"] = med / row["floor_s"]
     rows.append(row)
   return {"n": n, "m": m, "rounds": rounds, "steps_per_round": {str(b): k[b] for b in Bs},
           "warmup_steps": warmup,
           "bandwidth": {"array_mib": sizes["bandwidth_mib"], "copy_median_s": bw,
                         "bytes_per_s": bytes_per_s, "start": bw_start, "end": bw_end},
+          "gemm": rate,
           "floor_bytes_formula": "2 x rows x n x 4 (P rows read and written; rows = touched rows "
                                  "on the sparse path, m on the full path) + B x n x 4 (Gram rows)",
-          "floor_formula": "max(floor bytes / copy bandwidth, the bare in-place product "
-                           "C (rows, n) += U (rows, B) @ K (B, n) by BLAS sgemm)",
+          "floor_formula": "max(floor bytes / copy bandwidth, 2 x rows x B x n flops / the flop "
+                           "rate of a compute-bound sgemm)",
           "rows": rows, "peak_rss_bytes": _peak_rss()}
 
 
