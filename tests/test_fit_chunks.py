@@ -213,7 +213,6 @@ def test_a_chunk_stops_after_the_first_skipped_step():
   _assert_same_state(chunked, by_step)
 
 
-@UNNORMALIZED
 def test_a_chunk_that_ran_past_a_failure_is_reported():
   """The host checks the chunk's invariant: no step before its last failed or diverged."""
   live, limit = np.array([True, False]), np.array([10.0, 10.0], np.float32)
@@ -227,6 +226,7 @@ def test_a_chunk_that_ran_past_a_failure_is_reported():
       loop._check_early_rows(rows, live, limit)
 
 
+@UNNORMALIZED
 def test_non_finite_loss_raises_at_the_same_step():
   dataset = _dataset(scale=3.0)
   state = kronjax.init(jax.random.PRNGKey(3), kronjax.Config(width=M), dataset, optax.sgd(0.6))
