@@ -117,6 +117,20 @@ def test_batch_schedule_is_a_pure_function_of_key_and_step():
   assert len(set(epoch.tolist())) == 48  # each epoch is a permutation (remainder dropped)
 
 
+@pytest.mark.parametrize("key", [jax.random.PRNGKey(3), jax.random.key(3)])
+def test_batch_schedule_is_each_epochs_permutation_of_fold_in(key):
+  """The definition, one epoch at a time: checkpoints written by any version resume on the
+  same batches (the schedule computes up to 64 epochs per dispatch, padded, vmapped)."""
+  n, batch, start, steps = 50, 8, 13, 6 * 70   # 70 epochs: two dispatches, one padded
+  got = batch_schedule(key, n, batch, steps, start=start)
+  per_epoch = n // batch
+  epochs = range(start // per_epoch, (start + steps) // per_epoch + 1)
+  orders = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n)) for e in epochs]
+  rows = np.concatenate([o[:per_epoch * batch].reshape(per_epoch, batch) for o in orders])
+  offset = start % per_epoch
+  np.testing.assert_array_equal(got, rows[offset:offset + steps])
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"batch_size": 0, "steps": 1}, "batch_size"),
     ({"batch_size": 10**6, "steps": 1}, "batch_size"),
