@@ -18,7 +18,7 @@ variants run in interleaved rounds (the order rotates each round); the JSON keep
 every round and the medians.
 
     .venv/bin/python experiments/bench_dispatch.py          # -> experiments/results/dispatch.json
-    .venv/bin/python experiments/bench_dispatch.py --smoke  # tiny sizes -> experiments/results/dispatch_smoke.json
+    .venv/bin/python experiments/bench_dispatch.py --smoke  # -> experiments/results/dispatch_smoke.json
 """
 
 from __future__ import annotations

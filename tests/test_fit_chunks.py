@@ -142,10 +142,11 @@ def test_chunks_end_on_every_cadence():
   options = loop.Options(batch_size=4, steps=5000, checkpoint_every=0, callback_every=3)
   chunks = loop._Chunks(runners.Single(), options, 5000, 4, until=10, checkpointing=False)
   assert chunks.size == runners.CHUNK_LIMIT == 1024
-  assert [chunks.length(0, 5000), chunks.length(10, 4990), chunks.length(4974, 26)] == [10, 1024,
-                                                                                       26]
+  lengths = [chunks.length(0, 5000), chunks.length(10, 4990), chunks.length(4974, 26)]
+  assert lengths == [10, 1024, 26]
   # An explicit chunk may pass the automatic limit; the stacked batch indices stay small.
-  assert loop._Chunks(runners.Single(), dataclasses.replace(options, chunk=4096), 5000, 4, 0, False).size == 4096
+  explicit = dataclasses.replace(options, chunk=4096)
+  assert loop._Chunks(runners.Single(), explicit, 5000, 4, 0, False).size == 4096
   assert loop._Chunks(runners.Single(), options, 5, 4, 0, False).size == 8
   assert loop._Chunks(runners.Single(), options, 5000, 2**15, 0, False).size == 2
 
