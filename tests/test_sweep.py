@@ -123,9 +123,10 @@ def test_sweep_equals_separate_runs(x64, optimizer, kind):
   assert not hasattr(states, "gram") and dataset.gram.shape == (N, N)
   for i in (0, 13):                                # b = 0.5 / 0.8, seeds 0 / 1, two learning rates
     _assert_initial_state_is_init(states, dataset, i, members[i])
-  before = runners.sweep_step._cache_size()
+  before = runners.sweep_step._cache_size(), runners._sweep_chunk._cache_size()
   trained, history = sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False)
-  assert runners.sweep_step._cache_size() - before <= 1   # one compilation for all members
+  assert runners.sweep_step._cache_size() - before[0] <= 1   # one compilation for all members
+  assert runners._sweep_chunk._cache_size() - before[1] <= 1
   assert history["loss"].shape == (16, STEPS) and not history["replays"]
   assert history["stopped"] == [None] * 16
   _assert_equals_separate_runs(states, trained, history, dataset, members, key)

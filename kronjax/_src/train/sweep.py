@@ -314,11 +314,33 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
   Takes ``kronjax.fit``'s arguments and policies (not ``mesh``): an overflow
   is replayed for the overflowing members only; ``on_overflow="stop"`` and
   ``on_nonfinite="stop"`` freeze the members concerned and train the others on.
+  Steps run in chunks of many steps per dispatch as in ``kronjax.fit``
+  (``chunk``), bit-identical to one step per dispatch.
+
+  Args:
+    state: A stacked sweep state (``kronjax.sweep.init`` or ``kronjax.sweep.stack``).
+    dataset: The ``kronjax.Dataset`` the members were built from.
+    key: PRNG key for the batch order, as ``kronjax.fit``'s.
+    batch_size: Points per step, in ``[1, n]``.
+    steps: How many more steps to train. Pass exactly one of ``steps`` and ``epochs``.
+    epochs: How many more epochs to train (an epoch is ``n // batch_size`` steps).
+    **options: ``kronjax.fit``'s other keyword arguments (``progress``,
+      ``eval_every``, ``log_every``, ``on_overflow``, ``on_nonfinite``,
+      ``checkpoint_dir``, ``checkpoint_every``, ``keep``, ``resume``,
+      ``resync_every``, ``callbacks``, ``callback_every``, ``verify_every``,
+      ``chunk``, ``divergence_factor``), not ``mesh``.
 
   Returns:
-    The trained sweep state and ``kronjax.fit``'s history with ``(S, T)``
-    arrays (NaN / -1 for stopped members), ``replays`` as ``(step, changes,
-    members)`` and ``stopped`` (one entry per member: None, or why it stopped).
+    ``(state, history)``: the trained sweep state and ``kronjax.fit``'s history
+      with ``(S, T)`` arrays (NaN / -1 for stopped members), ``replays`` as
+      ``(step, changes, members)`` and ``stopped`` (one entry per member: None,
+      or why it stopped).
+
+  Raises:
+    ValueError: ``mesh`` was given, or an option is out of range.
+    TypeError: An option of the wrong type.
+    FloatingPointError: A member's loss became non-finite or diverged (``on_nonfinite="raise"``).
+    CapacityError: A member overflowed with ``on_overflow="raise"``.
   """
   if "mesh" in options:
     raise ValueError("kronjax.sweep.fit takes no mesh: a sweep is vmapped over its members, not "
