@@ -49,3 +49,16 @@ def run_pair(key, config, tx, data, labels, *, plan=None, steps=50, batch=8, see
 def rel_err(x, y) -> float:
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
+
+
+def assert_same_tree(x, y) -> None:
+  """Bit-identical pytrees: the same structure, and every leaf of the same dtype, shape and
+  bits (typed PRNG keys compared by their key data)."""
+  lx, tx = jax.tree.flatten(x)
+  ly, ty = jax.tree.flatten(y)
+  assert tx == ty
+  for a, b in zip(lx, ly):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

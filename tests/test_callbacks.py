@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import kronjax
+from reference import assert_same_tree
 from kronjax import checkpoint
 
 N, M, DIMS = 32, 96, (4, 5)
@@ -31,13 +32,6 @@ def _init():
 def _fit(state, **options):
   return kronjax.fit(state, _dataset(), jax.random.PRNGKey(1), batch_size=4, progress=False,
                      **options)
-
-
-def _assert_same_state(x, y):
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 MIN_DELTA = 5e-4
@@ -87,7 +81,7 @@ def test_early_stopping_on_held_out_loss_stops_at_the_expected_step():
   np.testing.assert_array_equal(h["loss"], full["loss"][:expected])
   # The state is the one of that step: the run that was asked for exactly that many steps.
   exact, _ = _fit(_init(), steps=expected)
-  _assert_same_state(state, exact)
+  assert_same_tree(state, exact)
   # The metrics returned before the stop were recorded; the stopping call reported none (NaN).
   assert list(h["callback_step"]) == list(range(1, expected + 1))
   np.testing.assert_allclose(h["callback"]["eval_loss"][:-1], full["eval_loss"][:expected - 1],
@@ -160,7 +154,7 @@ def test_resume_keeps_the_callback_history_and_cadence(tmp_path):
   # The killed run called at 3 and 6; the resumed one from step 4 on: at 6, 9 and 10.
   assert calls == [3, 6, 6, 9, 10]
   assert h["resumed_from"] == 4
-  _assert_same_state(resumed, full)
+  assert_same_tree(resumed, full)
   assert list(h["callback_step"]) == list(h_full["callback_step"]) == [3, 6, 9, 10]
   assert set(h["callback"]) == set(h_full["callback"]) == {"loss", "step_sq"}
   for name in h_full["callback"]:

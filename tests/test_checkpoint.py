@@ -22,6 +22,7 @@ import optax
 import pytest
 
 import kronjax
+from reference import assert_same_tree
 from kronjax import checkpoint
 from kronjax._src.data.dataset import fingerprint_text
 
@@ -51,17 +52,6 @@ def _fit(state, key=1, **options):
                      **options)
 
 
-def _assert_same(x, y):
-  lx, tx_ = jax.tree.flatten(x)
-  ly, ty = jax.tree.flatten(y)
-  assert tx_ == ty
-  for a, b in zip(lx, ly):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 STATE_FIELDS = {".projections", ".A_T", ".a", ".b", ".opt_state", ".step", ".key", ".index",
                 ".P_eval", ".bias", ".w0_scale",
                 ".fingerprint"}   # the dataset's (8,) uint32 fingerprint, not its data
@@ -81,7 +71,7 @@ def test_roundtrip_is_exact_with_metadata(tmp_path):
   assert path.name == "ckpt_0000000005" and path.is_dir()
   assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directory left
   restored, got = checkpoint.load(tmp_path, like=_init(jax.random.key(3)))
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   assert restored.config == state.config and restored.index_kind == state.index_kind
   assert restored.plan == state.plan
   assert np.array_equal(restored.fingerprint, state.fingerprint)
@@ -122,13 +112,13 @@ def test_point_major_momentum_state_roundtrips(tmp_path):
   assert state.layout == "points" and state.projections.shape == (N, M)
   checkpoint.save(tmp_path, state, {})
   restored, _ = checkpoint.load(tmp_path, like=_init(config=config, tx=tx, plan=plan))
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   # Like capacities, the layout is not part of the network: a neuron-major `like` gets the
   # saved plan back, and with it the saved layout (never a transposed misreading).
   other, _ = checkpoint.load(tmp_path, like=_init(config=config, tx=tx,
                                                   plan=plan.replace(layout="neurons")))
   assert other.config == state.config and other.plan == state.plan and other.layout == "points"
-  _assert_same(other, state)
+  assert_same_tree(other, state)
 
 
 def test_checkpoint_of_an_earlier_kronjax_is_refused(tmp_path):
@@ -174,11 +164,11 @@ def test_restores_grown_capacity_plan(tmp_path):
   restored, _ = checkpoint.load(tmp_path, like=like)
   assert restored.config == grown.config == like.config
   assert restored.plan == grown.plan != like.plan
-  _assert_same(restored, grown)
+  assert_same_tree(restored, grown)
   # It keeps training exactly like the original.
   a, _ = _fit(grown, steps=2)
   b, _ = _fit(restored, steps=2)
-  _assert_same(a, b)
+  assert_same_tree(a, b)
 
 
 def test_relative_directory(tmp_path, monkeypatch):
@@ -187,7 +177,7 @@ def test_relative_directory(tmp_path, monkeypatch):
   path = checkpoint.save("mine", state, {"x": 1})
   assert path == pathlib.Path("mine").absolute() / "ckpt_0000000002"
   restored, meta = checkpoint.load("mine", like=_init())
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   assert meta == {"x": 1}
   _fit(_init(), steps=2, checkpoint_dir="run")
   _, h = _fit(_init(), steps=4, checkpoint_dir="run", resume=True)
@@ -220,7 +210,7 @@ def test_resuming_from_an_older_step_drops_the_abandoned_later_ones(tmp_path):
   checkpoint.save(tmp_path, state, keep=3)
   assert checkpoint.steps(tmp_path) == [1, 2]
   restored, _ = checkpoint.load(tmp_path, like=_init())
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   assert not np.allclose(np.asarray(restored.P), np.asarray(saved[2].P))
 
 
@@ -250,19 +240,19 @@ def test_fit_checkpoints_resume_bit_for_bit(tmp_path):
   assert list(h_full["step"]) == list(range(1, 11)) and list(h_full["eval_step"]) == [2, 4, 6, 8, 10]
   resumed, h = _interrupted_and_resumed(tmp_path, **options)
   assert h["resumed_from"] == 4
-  _assert_same(resumed, full)
+  assert_same_tree(resumed, full)
   _assert_same_history(h, h_full)               # every step, the ones before the restart too
   assert checkpoint.steps(tmp_path) == [8, 10]
   # Resuming a run that has finished trains nothing and returns its state and history (the
   # history's float64 arrays come back float32: see the metadata test below).
   again, h_again = _fit(_init(), checkpoint_dir=tmp_path, resume=True, **options)
   assert h_again["resumed_from"] == 10
-  _assert_same(again, full)
+  assert_same_tree(again, full)
   _assert_same_history(h_again, h_full, dtypes=False)
   # Without a checkpoint, resume=True starts afresh (and equals the uninterrupted run).
   fresh, h_fresh = _fit(_init(), checkpoint_dir=tmp_path / "new", resume=True, **options)
   assert h_fresh["resumed_from"] == 0 and checkpoint.latest_step(tmp_path / "new") == 10
-  _assert_same(fresh, full)
+  assert_same_tree(fresh, full)
   _assert_same_history(h_fresh, h_full)
 
 
@@ -271,7 +261,7 @@ def test_resumed_history_keeps_the_cadence_of_the_uninterrupted_run(tmp_path, ev
   options = {"steps": 10, every: 3}   # 3 does not divide the restart step 4
   full, h_full = _fit(_init(), **options)
   resumed, h = _interrupted_and_resumed(tmp_path, **options)
-  _assert_same(resumed, full)
+  assert_same_tree(resumed, full)
   _assert_same_history(h, h_full)
 
 
@@ -296,7 +286,7 @@ def test_checkpoint_resumes_by_hand_bit_for_bit(tmp_path):
   assert meta["batch_size"] == 4 and list(meta["history"]["step"]) == [1, 2, 3, 4]
   resumed, _ = kronjax.fit(restored, _dataset(), meta["fit_key"], batch_size=4, steps=6,
                            progress=False)
-  _assert_same(resumed, full)
+  assert_same_tree(resumed, full)
 
 
 def test_resume_refuses_another_key_or_batch_size(tmp_path):
@@ -376,7 +366,7 @@ def test_torn_write_never_shadows_the_last_good_checkpoint(tmp_path):
   shutil.rmtree(torn / "state")
   assert checkpoint.steps(tmp_path) == [3]
   restored, _ = checkpoint.load(tmp_path, like=_init())
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   with checkpoint.Manager(tmp_path):
     pass
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000000003"]
@@ -392,7 +382,7 @@ def test_manager_saves_asynchronously_and_commits_before_close(tmp_path):
   restored, meta = checkpoint.load(tmp_path, like=_init(), step=2)
   assert meta == {"x": 1.5}
   again, _ = _fit(_init(), steps=2)
-  _assert_same(restored, again)
+  assert_same_tree(restored, again)
 
 
 SIGKILL_SCRIPT = r"""
@@ -431,7 +421,7 @@ def test_sigkill_during_an_asynchronous_save_resumes_bit_for_bit(tmp_path):
   resumed, h = _fit(_init(), steps=12, eval_every=2, checkpoint_dir=tmp_path,
                     checkpoint_every=4, resume=True)
   assert h["resumed_from"] in (4, 8)
-  _assert_same(resumed, full)
+  assert_same_tree(resumed, full)
   _assert_same_history(h, h_full)
   assert checkpoint.steps(tmp_path) == [8, 12]
   assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]   # the torn save was removed

@@ -22,6 +22,7 @@ import optax
 import pytest
 
 import kronjax
+from reference import assert_same_tree
 from kronjax import checkpoint
 from kronjax import dense
 from kronjax import sweep as sw
@@ -53,16 +54,6 @@ def _init(lr=1.0, plan=None, **config):
 def _fit(state, dataset=None, **options):
   options = {"batch_size": 4, "progress": False, **options}
   return kronjax.fit(state, dataset or _dataset(), jax.random.PRNGKey(1), **options)
-
-
-def _assert_same_state(x, y):
-  lx, tx = jax.tree.flatten(x)
-  ly, ty = jax.tree.flatten(y)
-  assert tx == ty
-  for a, b in zip(lx, ly):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _assert_same_history(got, want):
@@ -111,7 +102,7 @@ def test_chunked_fit_is_bit_identical_to_one_step_per_dispatch(update, dispatche
   many, h_many = _fit(_init(plan=plan), **options)
   # Chunks end at the evaluations (10, 20, 30), at the divergence window (10) and at the end.
   assert dispatches == [10, 10, 10, 7]
-  _assert_same_state(many, one)
+  assert_same_tree(many, one)
   _assert_same_history(h_many, h_one)
   assert list(h_many["step"]) == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 37]
 
@@ -121,7 +112,7 @@ def test_chunk_size_caps_the_steps_per_dispatch(dispatches):
   dispatches.clear()
   many, h_many = _fit(_init(), steps=30, chunk=4)
   assert dispatches == [4, 4, 2, 4, 4, 4, 4, 4]   # the divergence window ends at step 10
-  _assert_same_state(many, one)
+  assert_same_tree(many, one)
   _assert_same_history(h_many, h_one)
 
 
@@ -187,7 +178,7 @@ def test_overflow_in_a_chunk_replays_exactly_that_step(dispatches):
   assert h_one["replays"], "the tiny capacity should have overflowed"
   dispatches.clear()
   many, h_many = _fit(_init(plan=plan), steps=40)
-  _assert_same_state(many, one)
+  assert_same_tree(many, one)
   _assert_same_history(h_many, h_one)
   assert max(dispatches) > 1 and len(dispatches) < 40
 
@@ -211,7 +202,7 @@ def test_a_chunk_stops_after_the_first_skipped_step():
   stacked = runners.unpack(jax.device_get(stacked))
   np.testing.assert_array_equal(np.asarray(stacked["status"][:len(statuses)]), statuses)
   assert not np.any(np.asarray(stacked["step"][len(statuses):]))   # rows never written
-  _assert_same_state(chunked, by_step)
+  assert_same_tree(chunked, by_step)
 
 
 def test_a_chunk_that_ran_past_a_failure_is_reported():
@@ -248,7 +239,7 @@ def test_callback_stop_and_checkpoint_match_one_step_per_dispatch(tmp_path, disp
   dispatches.clear()
   many, h_many = _fit(_init(), checkpoint_dir=tmp_path / "many", **options)
   assert dispatches == [5, 1, 4, 2, 3]   # ends at the cadences 5, 6, 10, 12 and 15 (the stop)
-  _assert_same_state(many, one)
+  assert_same_tree(many, one)
   _assert_same_history(h_many, h_one)
   assert h_many["stopped"] == "stopped by callback at step 15"
   assert checkpoint.steps(tmp_path / "many") == checkpoint.steps(tmp_path / "one") == [12, 15]
@@ -261,7 +252,7 @@ def test_resume_from_a_checkpoint_inside_a_chunk_is_bit_identical(tmp_path):
   options = dict(steps=30, eval_every=0, log_every=2)
   full, h_full = _fit(_init(), **options)
   one, h_one = _fit(_init(), chunk=1, **options)
-  _assert_same_state(full, one)
+  assert_same_tree(full, one)
   _assert_same_history(h_full, h_one)
   _fit(_init(), **{**options, "steps": 20}, checkpoint_dir=tmp_path, checkpoint_every=16)
   assert checkpoint.steps(tmp_path) == [16, 20]
@@ -269,7 +260,7 @@ def test_resume_from_a_checkpoint_inside_a_chunk_is_bit_identical(tmp_path):
   resumed, h = _fit(_init(), **options, checkpoint_dir=tmp_path, checkpoint_every=16,
                     resume=True)
   assert h["resumed_from"] == 16
-  _assert_same_state(resumed, full)
+  assert_same_tree(resumed, full)
   _assert_same_history(h, h_full)
 
 
@@ -294,7 +285,7 @@ def test_sweep_fit_chunks_bit_identical_with_a_member_stopped(dispatches):
   dispatches.clear()
   many, h_many = sw.fit(states, dataset, jax.random.PRNGKey(1), **options)
   assert max(dispatches) > 1 and len(dispatches) < 30
-  _assert_same_state(many, one)
+  assert_same_tree(many, one)
   _assert_same_history(h_many, h_one)
 
 

@@ -18,7 +18,7 @@ from kronjax._src.kernels import native
 from kronjax._src.kernels import products
 from kronjax._src.step import index as index_lib
 from kronjax._src.train import runners
-from reference import rel_err
+from reference import rel_err, assert_same_tree
 
 N, BATCH, STEPS = 32, 8, 8
 INDEX_KINDS = [k for k in ("scan", "bucketed") if k in index_lib.KINDS]
@@ -62,14 +62,7 @@ def _assert_initial_state_is_init(states, dataset, i, member):
   hp = {k: v for k, v in member.items() if k in ("learning_rate", "momentum")}
   if hp:
     alone = alone.replace(opt_state=sw.set_hyperparams(alone.opt_state, **hp))
-  _assert_same(sw.member(states, i), alone)
-
-
-def _assert_same(x, y):
-  """Same pytree (static metadata included), every leaf bit for bit."""
-  assert jax.tree.structure(x) == jax.tree.structure(y)
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_tree(sw.member(states, i), alone)
 
 
 def _assert_member_equals(states, i, ref, tol=1e-10):
@@ -178,8 +171,8 @@ def test_init_vmaps_over_key_and_train_step_over_stacked_state(x64):
   assert all(x.shape[0] == 8 for x in jax.tree.leaves(stacked))   # everything stacked
   starts = [kronjax.init(k, config, dataset, tx, plan=plan) for k in keys]
   for i, start in enumerate(starts):
-    _assert_same(sw.member(stacked, i), start)
-  _assert_same(sw.stack(starts), stacked)
+    assert_same_tree(sw.member(stacked, i), start)
+  assert_same_tree(sw.stack(starts), stacked)
   key = jax.random.PRNGKey(0)
   for bi in kronjax.batch_schedule(key, N, BATCH, 3):
     stacked, m = _vmapped_step(stacked, dataset, jnp.asarray(bi))
@@ -206,7 +199,7 @@ def test_vmapped_train_step_over_a_sweep_state_equals_separate_runs(x64):
     assert m["loss"].shape == (len(members),)
     np.testing.assert_array_equal(m["loss"], m_sweep["loss"])
     losses.append(np.asarray(m["loss"]))
-  _assert_same(vmapped, stepped)
+  assert_same_tree(vmapped, stepped)
   losses = np.stack(losses, axis=1)
   for i, member in enumerate(members):
     ref, ref_losses = _separate(sw.member(start, i), dataset, member, key)
@@ -227,7 +220,7 @@ def test_masked_members_keep_their_state_bit_for_bit(x64):
   assert bool(metrics["overflow"][2]) and not bool(metrics["overflow"][0])
   everyone, _ = sw.train_step(jax.tree.map(jnp.copy, start), dataset, batch)
   for i in range(4):
-    _assert_same(sw.member(out, i), sw.member(everyone if mask[i] else start, i))
+    assert_same_tree(sw.member(out, i), sw.member(everyone if mask[i] else start, i))
 
 
 @pytest.mark.parametrize("axis", ["seed", "threshold"])
@@ -299,7 +292,7 @@ def test_overflowing_member_stopped_or_raised(x64):
                             on_overflow="stop")
   assert history["stopped"] == [None, None, "overflow at step 0", None]
   assert np.all(np.isnan(history["loss"][2])) and not np.isnan(history["loss"][[0, 1, 3]]).any()
-  _assert_same(sw.member(trained, 2), sw.member(states, 2))   # frozen at its init
+  assert_same_tree(sw.member(trained, 2), sw.member(states, 2))   # frozen at its init
   for i in (0, 1, 3):
     ref, _ = _reference(states, dataset, i, big, members, key)
     _assert_member_equals(trained, i, ref)
@@ -308,7 +301,7 @@ def test_overflowing_member_stopped_or_raised(x64):
                          on_overflow="stop")
   assert int(sw.member(more, 2).step) == 0 and int(sw.member(more, 0).step) == STEPS + 2
   assert history["stopped"][2] == "stopped earlier, at step 0" and history["stopped"][0] is None
-  _assert_same(sw.member(more, 2), sw.member(states, 2))
+  assert_same_tree(sw.member(more, 2), sw.member(states, 2))
 
 
 def _diverging_sweep():
@@ -327,7 +320,7 @@ def test_diverging_member_raises_by_default(x64):
     with pytest.raises(FloatingPointError,
                        match=r"non-finite \(inf\) at step 1 for sweep member\(s\) \[1\]"):
       sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False, **options)
-  _assert_same(states, before)   # the caller's state is untouched
+  assert_same_tree(states, before)   # the caller's state is untouched
 
 
 def test_diverging_member_is_frozen_at_its_last_finite_state(x64):
@@ -347,7 +340,7 @@ def test_diverging_member_is_frozen_at_its_last_finite_state(x64):
                                jnp.asarray(kronjax.batch_schedule(key, N, BATCH, 1)[0]))
   frozen = sw.member(trained, 1)
   assert int(frozen.step) == 1 and np.all(np.isfinite(np.asarray(frozen.P)))
-  _assert_same(frozen, sw.member(after_one, 1))
+  assert_same_tree(frozen, sw.member(after_one, 1))
   # Alone, the same member's second step is skipped as well: the same state.
   start = kronjax.with_plan(sw.member(states, 1), active_capacity=big.active_capacity)
   alone = start
@@ -388,8 +381,8 @@ def test_stack_accepts_equal_optimizers_built_separately():
   assert a.tx == b.tx
   stacked = sw.stack([a, b])
   assert sw.size(stacked) == 2
-  _assert_same(sw.member(stacked, 0), a)
-  _assert_same(sw.member(stacked, 1), b)
+  assert_same_tree(sw.member(stacked, 0), a)
+  assert_same_tree(sw.member(stacked, 1), b)
   for other in (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
                 optax.inject_hyperparams(optax.sgd)(learning_rate=0.2), optax.sgd(0.1)):
     c = kronjax.init(jax.random.PRNGKey(1), config, dataset, other, plan=plan)
