@@ -73,7 +73,7 @@ class Params:
   ridge_lambdas: tuple[float, ...] = (0.3, 1.0, 3.0)
   bias_lambdas: tuple[float, ...] = (1.0, 3.0, 10.0)
   gbt_learning_rates: tuple[float, ...] = (0.1,)
-  gbt_max_leaf_nodes: tuple[int, ...] = (15, 63)
+  gbt_max_leaf_nodes: tuple[int, ...] = (31,)
   gbt_max_iter: int = 200
   seed: int = 0
 
@@ -302,9 +302,9 @@ def kronjax_runs(p: Params, data, s, tables, progress, plan) -> tuple[list[dict]
        _best(rows, variant="defaults", threshold=default_b)),
       ("kronjax b = 0", _best(rows, variant="defaults", threshold=0.0)),
       ("kronjax b = 0, centered", centered_b0),
-      (f"kronjax centered, b = {b:g} (best of the curve)", best_curve),
-      (f"kronjax centered, b = {b:g}, + weight decay", decay),
-      (f"kronjax centered, b = {b:g}, + output bias (raw labels)", bias),
+      ("kronjax centered, best b of the curve", best_curve),
+      ("kronjax centered, best b, + weight decay", decay),
+      ("kronjax centered, best b, + output bias (raw labels)", bias),
   ]
   chosen = [{"method": name, **row} for name, row in options]
   return chosen, rows
@@ -334,7 +334,7 @@ def plot(curves: dict[str, list[dict]], out_dir: pathlib.Path) -> str:
             label=f"{regime}: validation")
     ax2.plot(b, [c["active_per_step"] for c in curve], "o-", color=f"C{k}", label=regime)
   ax.set(xlabel="threshold b", ylabel="RMSE", title="held-out error")
-  ax2.set(xlabel="threshold b", ylabel="active neurons per step", title="sparsity")
+  ax2.set(xlabel="threshold b", ylabel="active neurons per point", title="sparsity")
   for a in (ax, ax2):
     a.grid(True, alpha=0.3)
     a.legend(fontsize=7)

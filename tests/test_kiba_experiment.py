@@ -33,4 +33,9 @@ def test_kiba_smoke(tmp_path, monkeypatch):
   members = len(params["learning_rates"]) * len(params["thresholds"])
   assert len(m["sweep"]) == members * params["tune_epochs"]
   assert m["kronjax"]["chosen"] in m["sweep"]
+  # The ridge grid is extended until the chosen lambda has a tried value on either side.
+  lams = sorted(r["lambda"] for r in m["ridge_tuning"])
+  chosen = [r for r in m["ridge_tuning"] if r["lambda"] == m["kronrls"]["lambda"]]
+  assert len(chosen) == 1 and chosen[0]["at_edge"] == (chosen[0]["lambda"] in (lams[0], lams[-1]))
+  assert chosen[0]["at_edge"] or lams[0] < chosen[0]["lambda"] < lams[-1]
   assert (tmp_path / result["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

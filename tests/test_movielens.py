@@ -226,7 +226,7 @@ def test_experiment_smoke(tmp_path, monkeypatch):
     ridge = m["methods"]["KronRLS (same entity kernels)"]
     best = [r for r in ridge["tuning"] if r["lambda"] == ridge["chosen"]["lambda"]][0]
     assert best["score"] == ridge["val_rmse"] and not best["at_edge"]
-    name = next(k for k in m["methods"] if k.endswith("(best of the curve)"))
+    name = "kronjax centered, best b of the curve"
     rows = [r for r in m["sweep"] if r["variant"] == "centered"]
     assert m["methods"][name]["val_rmse"] == min(r["validation_rmse"] for r in rows)
   assert (tmp_path / result["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
