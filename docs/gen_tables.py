@@ -593,13 +593,13 @@ def movielens() -> str:
 
   def chosen(regime: str, method: str) -> str:
     c = regimes[regime]["methods"][method].get("chosen") or {}
-    if "learning_rate" in c:
+    if "trees" in c:
+      return f"{c['trees']} trees of {c['max_leaf_nodes']} leaves, lr = {c['learning_rate']}"
+    if "threshold" in c:
       return (f"lr = {c['learning_rate']}, b = {num(c['threshold'], 3)}, decay = "
               f"{c['weight_decay']}, {c['epoch']} epoch(s)")
     if "lambda" in c:
       return f"lambda = {num(c['lambda'], 3)}"
-    if "trees" in c:
-      return f"{c['trees']} trees of {c['max_leaf_nodes']} leaves, lr = {c['learning_rate']}"
     return "-"
 
   settings = table(["method", "chosen on validation (warm)", "chosen on validation (cold)"],
