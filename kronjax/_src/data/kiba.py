@@ -21,21 +21,18 @@ checks each file's checksum before reading it, and parses them:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import os
 import pathlib
 import pickle
-import tempfile
 import urllib.error
-import urllib.request
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from kronjax._src.base import checks
+from kronjax._src.data import cache
 
 BASE_URL = "https://raw.githubusercontent.com/hkmztrk/DeepDTA/master/data/kiba/"
 """Where the files are downloaded from: ``BASE_URL + <file name>``."""
@@ -68,8 +65,6 @@ AFFINITY_FILE = "Y"
 TRAIN_FOLDS_FILE = "folds/train_fold_setting1.txt"
 TEST_FOLD_FILE = "folds/test_fold_setting1.txt"
 SIMILARITY_FILES = {"drug": "kiba_drug_sim.txt", "target": "kiba_target_sim.txt"}
-
-_CHUNK = 1 << 20
 
 
 class KibaData(NamedTuple):
@@ -252,26 +247,13 @@ def kiba_home(data_home: str | os.PathLike | None = None) -> pathlib.Path:
 
 def file_checksum(path: str | os.PathLike, algorithm: str) -> str:
   """Hex digest of a file: ``sha256``, or ``git-blob`` (git's blob object id)."""
-  path = pathlib.Path(path)
-  if algorithm == "sha256":
-    h = hashlib.sha256()
-  elif algorithm == "git-blob":
-    h = hashlib.sha1()
-    h.update(b"blob %d\0" % path.stat().st_size)
-  else:
+  if algorithm not in ("sha256", "git-blob"):
     raise ValueError(f"algorithm must be 'sha256' or 'git-blob', got {algorithm!r}.")
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  return cache.file_checksum(path, algorithm)
 
 
 def _split_checksum(file: str, checksum: str) -> tuple[str, str]:
-  algorithm, sep, digest = checksum.partition(":")
-  if not sep or algorithm not in ("sha256", "git-blob") or not digest:
-    raise ValueError(
-        f"checksums[{file!r}] must read 'sha256:<hex>' or 'git-blob:<hex>', got {checksum!r}.")
-  return algorithm, digest.lower()
+  return cache.split_checksum(file, checksum, ("sha256", "git-blob"))
 
 
 def _verify(path: pathlib.Path, file: str, checksum: str, *, downloaded_from: str | None) -> None:
@@ -291,19 +273,8 @@ def _verify(path: pathlib.Path, file: str, checksum: str, *, downloaded_from: st
 
 
 def _download(url: str, dest: pathlib.Path, file: str, checksum: str) -> None:
-  """Downloads ``url`` to a temporary file beside ``dest``, verifies it, renames it."""
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-      for chunk in iter(lambda: response.read(_CHUNK), b""):
-        out.write(chunk)
-    _verify(pathlib.Path(tmp), file, checksum, downloaded_from=url)
-    os.replace(tmp, dest)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+  """Downloads ``url`` to ``dest``, saved only once its checksum matched."""
+  cache.download(url, dest, lambda tmp: _verify(tmp, file, checksum, downloaded_from=url))
 
 
 def _how_to_place(home: pathlib.Path, files: Iterable[str], base_url: str) -> str:

@@ -32,20 +32,18 @@ row normalized, so the blocks weigh alike and every pair ``u ⊗ v`` is unit-nor
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import io
 import os
 import pathlib
-import tempfile
 import urllib.error
-import urllib.request
 import zipfile
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from kronjax._src.base import checks
+from kronjax._src.data import cache
 
 ENV_DATA_HOME = "KRONJAX_DATA"
 """Environment variable naming the data home when ``data_home`` is not given."""
@@ -100,8 +98,6 @@ GROUPLENS_GENRES = (
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
     "Sci-Fi", "Thriller", "War", "Western")
 """The 19 genre flags of ``u.item``, in column order."""
-
-_CHUNK = 1 << 20
 
 
 class MovieLensData(NamedTuple):
@@ -381,19 +377,7 @@ def movielens_home(data_home: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def _split_checksum(file: str, checksum: str) -> tuple[str, str]:
-  algorithm, sep, digest = str(checksum).partition(":")
-  if not sep or algorithm not in ("sha256", "md5") or not digest:
-    raise ValueError(f"checksums[{file!r}] must read 'sha256:<hex>' or 'md5:<hex>', got "
-                     f"{checksum!r}.")
-  return algorithm, digest.lower()
-
-
-def _file_digest(path: pathlib.Path, algorithm: str) -> str:
-  h = hashlib.new(algorithm)
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  return cache.split_checksum(file, checksum, ("sha256", "md5"))
 
 
 def _how_to_place(path: pathlib.Path, url: str) -> str:
@@ -403,25 +387,18 @@ def _how_to_place(path: pathlib.Path, url: str) -> str:
 
 
 def _download(url: str, dest: pathlib.Path, checksum: str) -> None:
-  """Downloads ``url`` beside ``dest``, verifies it, renames it into place."""
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-      for chunk in iter(lambda: response.read(_CHUNK), b""):
-        out.write(chunk)
+  """Downloads ``url`` to ``dest``, saved only once its checksum matched."""
+
+  def verify(tmp: pathlib.Path) -> None:
     algorithm, expected = _split_checksum(dest.name, checksum)
-    got = _file_digest(pathlib.Path(tmp), algorithm)
+    got = cache.file_checksum(tmp, algorithm)
     if got != expected:
       raise ValueError(f"{dest.name} downloaded from {url} has {algorithm} {got}, expected "
                        f"{expected}; the download was corrupted or the file changed upstream. "
                        "Nothing was saved; try again, or place a file with the expected "
                        "checksum by hand.")
-    os.replace(tmp, dest)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+
+  cache.download(url, dest, verify)
 
 
 def ensure_archive(source: str = "recbole", *, data_home: str | os.PathLike | None = None,
@@ -452,7 +429,7 @@ def ensure_archive(source: str = "recbole", *, data_home: str | os.PathLike | No
     except (urllib.error.URLError, OSError) as e:
       raise OSError(f"Could not download {url} ({e}). " + _how_to_place(path, url)) from e
     return path
-  got = _file_digest(path, algorithm)
+  got = cache.file_checksum(path, algorithm)
   if got != expected:
     raise ValueError(f"{name} in {path.parent} has {algorithm} {got}, expected {expected}: the "
                      f"file is corrupted or another release. Delete it ({path}) and call "
