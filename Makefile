@@ -62,6 +62,8 @@ bench: $(TEST) native
 	$(BIN)/python experiments/bench_drift.py
 	$(BIN)/python experiments/bench_checkpoint.py
 	$(BIN)/python experiments/bench_pairwise.py
+	$(BIN)/python experiments/bench_dispatch.py
+	$(BIN)/python experiments/bench_contention.py
 	$(BIN)/python docs/gen_tables.py --figure
 
 # Every experiment behind the results page, written into experiments/results/, then the tables
