@@ -479,8 +479,9 @@ def check_dataset(name: str, dataset: Any, *, fingerprint: Any, n: int,
         f"{name} has n={dataset.n} training and {dataset.n_eval} eval points, but the state was "
         f"built for n={n} and {n_eval}; pass the dataset given to kronjax.init.")
   check_consistent(name, dataset)
-  mine = None if fingerprint is None else fingerprint_text(fingerprint)
-  theirs = fingerprint_text(dataset.fingerprint)
+  if fingerprint is None:  # the jitted step compares fingerprints itself: no device read here
+    return dataset
+  mine, theirs = fingerprint_text(fingerprint), fingerprint_text(dataset.fingerprint)
   if mine is not None and theirs is not None and mine != theirs:
     raise ValueError(
         f"{name} is not the dataset this state was built from (its fingerprint "
