@@ -1,0 +1,238 @@
+"""KIBA drug-target affinity: kronjax option by option against KronRLS on the same features, on
+warm pairs and on drugs never seen in training.
+
+Shapes: N_d drugs, N_t targets, N measured pairs, m neurons.
+
+Data and features as ``kiba.py`` (its ``entity_features``, imported): every measured pair is
+``x = f_drug ⊗ f_target`` with drug features from the Tanimoto similarity of Morgan
+fingerprints and target features from the shipped Smith-Waterman similarity (or the
+fingerprint bits / 3-mer composition), the same tables for kronjax and KronRLS's kernels. The
+feature maps are computed from all ``N_d`` drugs' fingerprints (no labels are involved), so an
+unseen drug has features as any other.
+
+Regimes (``splits``), each subsampled to at most ``n_train`` training and ``n_eval``
+validation and test pairs:
+
+* ``"warm"``: DeepDTA setting 1: train on the training folds but ``validation_fold``, validate
+  on that fold, test on the test fold (random pairs: the same drugs and targets on both sides);
+* ``"cold"``: the drugs split at random (80/10/10, ``split_seed``) and every pair goes with its
+  drug, so no validation or test drug has a pair in training (unseen drugs).
+
+Every method fits on the training pairs only, chooses its hyperparameters (kronjax also its
+epoch) by validation MSE, and reports test MSE and the concordance index (CI) of that choice:
+the training mean; KronRLS (Kronecker kernel ridge on the drug and target Grams, its ridge
+tuned by ``kronrls.tune_lambda``); and kronjax option by option
+(``kronjax.experiments.ablation.option_runs``): the defaults (kronecker init,
+``b = sqrt(0.4 ln m)``), ``b = 0``, the mirrored start (``centered``), the threshold curve
+(held-out error and active neurons per point against ``b``), then at the best ``b`` of the
+curve weight decay and an output bias.
+
+    kronjax run configs/kiba_ablation.toml [--smoke]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import resource
+import time
+
+import numpy as np
+
+import kronjax
+from kronjax.experiments import ablation
+from kronjax.experiments import kronrls
+from kronjax.experiments import runner as experiment
+
+REGIMES = ("warm", "cold")
+METRICS = {"mse": kronrls.mse, "ci": kronrls.concordance_index}
+"""Scored on validation and test after every epoch; the first (MSE) chooses."""
+
+# kiba.py's feature code, by import: experiments are scripts, loaded from their files.
+kiba_experiment = experiment.load_module(pathlib.Path(__file__).with_name("kiba.py"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """The data, the splits and both learners' search grids."""
+  data_home: str = ""              # "" : $KRONJAX_DATA or ~/.cache/kronjax/datasets
+  checksums_file: str = ""         # "" : the published files' checksums; else a JSON {file: "sha256:..."}
+  drug_features: str = "tanimoto"   # "tanimoto" | "morgan"
+  target_features: str = "sw"       # "sw" | "kmer"
+  morgan_bits: int = 1024
+  validation_fold: int = 4
+  split_seed: int = 0
+  n_train: int = 20000
+  n_eval: int = 5000               # validation and test pairs drawn, each
+  width: int = 512
+  learning_rates: tuple[float, ...] = (32.0, 96.0)
+  thresholds: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+  weight_decays: tuple[float, ...] = (1e-5, 1e-4)
+  bias_learning_rate: float = 0.02
+  batch_size: int = 64
+  epochs: int = 4
+  ridge_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
+  seed: int = 0
+
+  def __post_init__(self):
+    experiment.require_positive(self, "width", "batch_size", "epochs", "n_train", "n_eval",
+                                "morgan_bits")
+    # The feature choices and the fold are checked where kiba.py checks them.
+    kiba_experiment.Params(drug_features=self.drug_features,
+                           target_features=self.target_features,
+                           validation_fold=self.validation_fold)
+    for name in ("learning_rates", "thresholds", "weight_decays", "ridge_lambdas"):
+      if not getattr(self, name):
+        raise ValueError(f"params.{name} must list at least one value.")
+    if not self.bias_learning_rate > 0:
+      raise ValueError(f"params.bias_learning_rate must be > 0, got {self.bias_learning_rate}.")
+
+
+def _peak_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cold_drug_split(pairs: np.ndarray, n_drugs: int, seed: int,
+                    fractions=(0.8, 0.1, 0.1)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(train, validation, test)`` indices into ``pairs (N, 2)``: the drugs permuted at random and
+  cut by ``fractions`` (at least one drug in each part), every pair going with its drug
+  (``pairs[:, 0]``)."""
+  if n_drugs < 3:
+    raise ValueError(f"n_drugs must be at least 3 to hold out validation and test drugs, got "
+                     f"{n_drugs}.")
+  order = np.random.default_rng(seed).permutation(n_drugs)
+  first, second = np.round(np.cumsum(fractions)[:2] * n_drugs).astype(int)
+  first = min(max(first, 1), n_drugs - 2)
+  cut = (first, min(max(second, first + 1), n_drugs - 1))
+  part = np.empty(n_drugs, np.int64)
+  part[order[:cut[0]]], part[order[cut[0]:cut[1]]], part[order[cut[1]:]] = 0, 1, 2
+  of_pair = part[pairs[:, 0]]
+  return tuple(np.flatnonzero(of_pair == k) for k in range(3))
+
+
+def splits(p: Params, data) -> dict[str, dict[str, np.ndarray]]:
+  """``{regime: {"train", "val", "test"}}`` pair indices, subsampled to the params' sizes."""
+  folds = [np.asarray(f, np.int64) for f in data.train_folds]
+  warm = (np.concatenate([f for i, f in enumerate(folds) if i != p.validation_fold]),
+          folds[p.validation_fold], np.asarray(data.test_fold, np.int64))
+  cold = cold_drug_split(data.pairs, len(data.smiles), p.split_seed)
+  rng = np.random.default_rng(p.split_seed + 1)
+  caps = (p.n_train, p.n_eval, p.n_eval)
+  return {regime: {name: np.sort(rng.choice(idx, min(cap, len(idx)), replace=False))
+                   for name, idx, cap in zip(("train", "val", "test"), parts, caps)}
+          for regime, parts in zip(REGIMES, (warm, cold))}
+
+
+def _scored(y: np.ndarray, s: dict, pred_val: np.ndarray, pred_test: np.ndarray) -> dict:
+  return {"validation_mse": kronrls.mse(y[s["val"]], pred_val),
+          "validation_ci": kronrls.concordance_index(y[s["val"]], pred_val),
+          "test_mse": kronrls.mse(y[s["test"]], pred_test),
+          "test_ci": kronrls.concordance_index(y[s["test"]], pred_test)}
+
+
+def mean_run(y: np.ndarray, s: dict) -> dict:
+  """The training mean for every pair (its CI is 0.5: every comparable pair ties)."""
+  mu = float(np.mean(y[s["train"]]))
+  return _scored(y, s, np.full(len(s["val"]), mu), np.full(len(s["test"]), mu))
+
+
+def kronrls_run(p: Params, data, s: dict, grams) -> dict:
+  """KronRLS on the training pairs, its ridge tuned by validation MSE."""
+  Kd, Kt = grams
+  y, pairs = data.labels, data.pairs
+  mu = float(np.mean(y[s["train"]]))
+  models = {}
+
+  def score(lam):
+    model = kronrls.fit_kronrls(Kd, Kt, pairs[s["train"]], y[s["train"]] - mu, lam)
+    models[lam] = model
+    pred = np.asarray(kronrls.predict_kronrls(model, Kd, Kt, pairs[s["val"]])) + mu
+    return kronrls.mse(y[s["val"]], pred), {"iterations": int(model.iterations),
+                                            "converged": bool(model.converged)}
+
+  t0 = time.perf_counter()
+  lam, rows = kronrls.tune_lambda(score, p.ridge_lambdas)
+  seconds = time.perf_counter() - t0
+  predict = lambda idx: np.asarray(kronrls.predict_kronrls(models[lam], Kd, Kt, pairs[idx])) + mu  # pylint: disable=unnecessary-lambda-assignment
+  return {**_scored(y, s, predict(s["val"]), predict(s["test"])), "chosen": {"lambda": lam},
+          "tuning": rows, "seconds": seconds}
+
+
+def _grid(p: Params) -> ablation.Grid:
+  return ablation.Grid(width=p.width, learning_rates=p.learning_rates, thresholds=p.thresholds,
+                       weight_decays=p.weight_decays, bias_learning_rate=p.bias_learning_rate,
+                       batch_size=p.batch_size, epochs=p.epochs, seed=p.seed)
+
+
+def plot(curves: dict[str, list[dict]], ridge: dict[str, float], out_dir: pathlib.Path) -> str:
+  plt = experiment.pyplot()
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.4))
+  for k, (regime, curve) in enumerate(curves.items()):
+    b = [c["threshold"] for c in curve]
+    ax.plot(b, [c["test_mse"] for c in curve], "o-", color=f"C{k}", label=f"{regime}: test")
+    ax.plot(b, [c["validation_mse"] for c in curve], "o--", color=f"C{k}", alpha=0.5,
+            label=f"{regime}: validation")
+    ax.axhline(ridge[regime], color=f"C{k}", lw=0.8, ls=":", label=f"{regime}: KronRLS test")
+    ax2.plot(b, [c["active_per_step"] for c in curve], "o-", color=f"C{k}", label=regime)
+  ax.set(xlabel="threshold b", ylabel="MSE", title="held-out error (centered start)")
+  ax2.set(xlabel="threshold b", ylabel="active neurons per point", title="sparsity")
+  for a in (ax, ax2):
+    a.grid(True, alpha=0.3)
+    a.legend(fontsize=6)
+  fig.tight_layout()
+  return experiment.save_figure(fig, out_dir, "kiba_ablation.png", dpi=80)
+
+
+def regime_run(p: Params, data, s: dict, tables, grams, progress: bool,
+               plan: kronjax.Plan | None) -> dict:
+  """Every method on one regime: ``{"methods", "sweep", "threshold_curve", sizes}``."""
+  y = data.labels
+  methods = {"training mean": mean_run(y, s),
+             "KronRLS (same features)": kronrls_run(p, data, s, grams)}
+  split = ablation.Split(tables=tables, pairs=data.pairs, labels=y, train=s["train"],
+                         val=s["val"], test=s["test"])
+  options, rows = ablation.option_runs(_grid(p), split, METRICS, progress=progress, plan=plan)
+  for option in options:
+    scores = {k: option.get(k, float("nan")) for k in ("validation_mse", "validation_ci",
+                                                       "test_mse", "test_ci")}
+    chosen = {k: option[k] for k in ("learning_rate", "threshold", "weight_decay", "epoch")
+              if k in option}
+    methods[option["method"]] = {**scores, "chosen": chosen}
+  return {"n_train": len(s["train"]), "n_val": len(s["val"]), "n_test": len(s["test"]),
+          "drugs_in_train": int(len(np.unique(data.pairs[s["train"], 0]))),
+          "methods": methods, "sweep": rows,
+          "threshold_curve": ablation.threshold_curve(rows, list(METRICS))}
+
+
+def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
+        plan: kronjax.Plan | None = None) -> dict:
+  p = params
+  out_dir = pathlib.Path(out_dir)
+  checksums = (json.loads(pathlib.Path(p.checksums_file).read_text()) if p.checksums_file
+               else None)
+  data = kronjax.data.fetch_kiba(p.data_home or None, similarities=("target",),
+                                 checksums=checksums)
+  t0 = time.perf_counter()
+  tables = kiba_experiment.entity_features(
+      kiba_experiment.Params(drug_features=p.drug_features, target_features=p.target_features,
+                             morgan_bits=p.morgan_bits), data)
+  feature_seconds = time.perf_counter() - t0
+  grams = tuple(t.astype(np.float64) @ t.T.astype(np.float64) for t in tables)
+  regimes = {regime: regime_run(p, data, s, tables, grams, progress, plan)
+             for regime, s in splits(p, data).items()}
+  table = []
+  for name in regimes["warm"]["methods"]:
+    row = {"method": name}
+    for regime in REGIMES:
+      m = regimes[regime]["methods"][name]
+      row[f"{regime} test MSE"], row[f"{regime} test CI"] = m["test_mse"], m["test_ci"]
+    for regime in REGIMES:
+      row[f"{regime} validation MSE"] = regimes[regime]["methods"][name]["validation_mse"]
+    table.append(row)
+  ridge = {r: regimes[r]["methods"]["KronRLS (same features)"]["test_mse"] for r in REGIMES}
+  metrics = {"regimes": regimes, "pairs": int(len(data.pairs)), "drugs": len(data.smiles),
+             "targets": len(data.sequences), "feature_dims": [int(t.shape[1]) for t in tables],
+             "feature_seconds": feature_seconds, "peak_rss_mib": _peak_mib()}
+  curves = {r: regimes[r]["threshold_curve"] for r in REGIMES}
+  return {"metrics": metrics, "table": table, "plots": [plot(curves, ridge, out_dir)]}

@@ -1,0 +1,217 @@
+"""kronjax option by option on pairwise data: the sweeps, the choice on validation, the threshold
+curve.
+
+Shapes: N pairs in all (train, validation and test are index sets into them), m neurons.
+
+An ablation trains one vmapped ``kronjax.sweep`` per ``Variant`` (a static setting: the start,
+an output bias, a weight-decay axis) over its learning rates and thresholds, and scores every
+member on the validation and the test pairs after every epoch with the given metric functions.
+Each option's row is the (member, epoch) with the best validation score of the first metric;
+test scores are recorded beside it and never used to choose. The options
+(``option_runs``):
+
+* the defaults (kronecker init, ``b = sqrt(0.4 ln m)``) and ``b = 0``, labels centered on the
+  training mean;
+* ``b = 0`` with the mirrored start (``Config(centered=True)``), and the threshold curve: every
+  ``b`` of the grid with the mirrored start;
+* at the best ``b`` and learning rate of the curve: weight decay (``optax.add_decayed_weights``),
+  and an output bias (``Config(output_bias=True)``) on the raw labels with its own learning
+  rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+
+import kronjax
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+"""``(y_true (k,), y_pred (k,)) -> score``, lower is better for the first metric of a run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """The network and the search grids every variant draws from."""
+  width: int
+  learning_rates: tuple[float, ...]
+  thresholds: tuple[float, ...]
+  weight_decays: tuple[float, ...]
+  bias_learning_rate: float
+  batch_size: int
+  epochs: int
+  seed: int = 0
+
+  @property
+  def default_threshold(self) -> float:
+    """``Config``'s default ``b = sqrt(0.4 ln m)``."""
+    return math.sqrt(0.4 * math.log(self.width))
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One regime's data: entity tables, every pair and label, and the three index sets."""
+  tables: tuple[np.ndarray, ...]   # entity features, one (N_q, r_q) table per factor
+  pairs: np.ndarray                # (N, p) entity indices of every pair
+  labels: np.ndarray               # (N,)
+  train: np.ndarray                # (n,) indices into pairs
+  val: np.ndarray                  # (n_v,)
+  test: np.ndarray                 # (n_t,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One kronjax sweep: a static setting and the members it varies."""
+  name: str
+  centered: bool
+  thresholds: tuple[float | None, ...]      # None: the default b
+  weight_decays: tuple[float, ...] = (0.0,)
+  output_bias: bool = False
+  learning_rates: tuple[float, ...] | None = None   # None: the grid's
+
+
+def _sgd(learning_rate, weight_decay):
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+
+
+def _sgd_with_bias(learning_rate, bias_learning_rate):
+  """sgd at ``learning_rate`` on the network, at ``bias_learning_rate`` on the output bias:
+  the bias's curvature is 1 whatever the width, the hidden layer's is ``O(1/m)``."""
+  labels = lambda tree: {k: "bias" if k == "bias" else "net" for k in tree}  # pylint: disable=unnecessary-lambda-assignment
+  return optax.multi_transform({"net": optax.sgd(learning_rate),
+                                "bias": optax.sgd(bias_learning_rate)}, labels)
+
+
+def _members(grid: Grid, variant: Variant):
+  """``(tx, members)``: the injected-hyperparameter optimizer and the sweep's member dicts."""
+  thresholds = [grid.default_threshold if b is None else b for b in variant.thresholds]
+  axes = {"learning_rate": list(variant.learning_rates or grid.learning_rates),
+          "threshold": thresholds}
+  if variant.output_bias:
+    tx = optax.inject_hyperparams(_sgd_with_bias)(learning_rate=1.0,
+                                                  bias_learning_rate=grid.bias_learning_rate)
+  elif any(variant.weight_decays):
+    # Decay reads the parameters, so every step is O(m n): only when the variant asks for it.
+    tx = optax.inject_hyperparams(_sgd)(learning_rate=1.0, weight_decay=0.0)
+    axes["weight_decay"] = list(variant.weight_decays)
+  else:
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  members = kronjax.sweep.grid(**axes)
+  for member in members:
+    member["seed"] = grid.seed
+  return tx, members
+
+
+def _scores(metrics: Mapping[str, Metric], y: np.ndarray, pred: np.ndarray, prefix: str
+            ) -> dict[str, float]:
+  if not np.all(np.isfinite(pred)):
+    return {f"{prefix}_{name}": math.nan for name in metrics}
+  return {f"{prefix}_{name}": float(fn(y, pred)) for name, fn in metrics.items()}
+
+
+def sweep_run(grid: Grid, variant: Variant, split: Split, metrics: Mapping[str, Metric], *,
+              progress: bool = False, plan: kronjax.Plan | None = None) -> list[dict]:
+  """Trains the variant's members; one row per (member, epoch).
+
+  A row holds the member's hyperparameters, ``epoch``, ``validation_<metric>`` and
+  ``test_<metric>`` for every metric, ``active_per_step`` (mean active neurons per point of
+  the epoch's last batch) and ``sweep_seconds``. Labels are centered on the training mean,
+  except with an output bias (raw labels: the bias learns the mean).
+  """
+  y = np.asarray(split.labels, np.float32)
+  shift = 0.0 if variant.output_bias else float(np.mean(y[split.train]))
+  evaluated = np.concatenate([split.val, split.test])
+  dataset = kronjax.Dataset(kronjax.KronData(split.tables, index=split.pairs[split.train]),
+                            y[split.train] - shift,
+                            eval_data=kronjax.KronData(split.tables, index=split.pairs[evaluated]),
+                            eval_labels=y[evaluated] - shift)
+  tx, members = _members(grid, variant)
+  config = kronjax.Config(width=grid.width, centered=variant.centered,
+                          output_bias=variant.output_bias)
+  states = kronjax.sweep.init(config, dataset, members, tx=tx, plan=plan)
+  per_epoch = dataset.n // grid.batch_size
+  n_val = len(split.val)
+  y_val, y_test = y[split.val], y[split.test]
+  rows = []
+
+  def score(info):
+    epoch = int(np.max(np.asarray(info.state.step))) // per_epoch
+    active = np.asarray(info.metrics["active"])
+    for i, member in enumerate(members):
+      state = kronjax.sweep.member(info.state, i)
+      pred = np.asarray(kronjax.predict(state, dataset, dataset.eval_data))[:, 0] + shift
+      rows.append({"variant": variant.name, "weight_decay": 0.0, **member, "epoch": epoch,
+                   **_scores(metrics, y_val, pred[:n_val], "validation"),
+                   **_scores(metrics, y_test, pred[n_val:], "test"),
+                   "active_per_step": float(active[i])})
+
+  t0 = time.perf_counter()
+  kronjax.sweep.fit(states, dataset, jax.random.PRNGKey(grid.seed + 1),
+                    batch_size=grid.batch_size, epochs=grid.epochs, progress=progress,
+                    on_nonfinite="stop", callbacks=(score,), callback_every=per_epoch)
+  seconds = time.perf_counter() - t0
+  for row in rows:
+    row["sweep_seconds"] = seconds
+  return rows
+
+
+def best(rows: Sequence[dict], key: str, **match) -> dict | None:
+  """The row with the lowest finite ``rows[key]`` among those matching ``match``; None if none."""
+  chosen = [r for r in rows if all(r[k] == v for k, v in match.items())
+            and np.isfinite(r[key])]
+  return min(chosen, key=lambda r: r[key]) if chosen else None
+
+
+def option_runs(grid: Grid, split: Split, metrics: Mapping[str, Metric], *,
+                progress: bool = False, plan: kronjax.Plan | None = None
+                ) -> tuple[list[dict], list[dict]]:
+  """``(options, rows)``: one row per option (``{"method", ...}``, each the best (member,
+  epoch) by validation of the first metric, None where every member diverged) and every sweep
+  row."""
+  key = "validation_" + next(iter(metrics))
+  run = lambda variant: sweep_run(grid, variant, split, metrics, progress=progress, plan=plan)  # pylint: disable=unnecessary-lambda-assignment
+  rows = run(Variant("defaults", centered=False, thresholds=(None, 0.0)))
+  rows += run(Variant("centered", centered=True, thresholds=tuple(grid.thresholds)))
+  curve = best(rows, key, variant="centered")
+  options = [
+      (f"kronjax defaults (kronecker init, b = {grid.default_threshold:.2f})",
+       best(rows, key, variant="defaults", threshold=grid.default_threshold)),
+      ("kronjax b = 0", best(rows, key, variant="defaults", threshold=0.0)),
+      ("kronjax b = 0, centered", best(rows, key, variant="centered", threshold=0.0)),
+      ("kronjax centered, best b of the curve", curve),
+  ]
+  decay = bias = None
+  if curve is not None:
+    # Decay and the bias build on the best of the curve: its threshold and learning rate.
+    b, lr = (curve["threshold"],), (curve["learning_rate"],)
+    rows += run(Variant("decay", centered=True, thresholds=b, learning_rates=lr,
+                        weight_decays=tuple(grid.weight_decays)))
+    decay = best(rows, key, variant="decay")
+    rows += run(Variant("bias", centered=True, thresholds=b, learning_rates=lr,
+                        output_bias=True))
+    bias = best(rows, key, variant="bias")
+  options += [("kronjax centered, best b, + weight decay", decay),
+              ("kronjax centered, best b, + output bias (raw labels)", bias)]
+  return [{"method": name, **(row or {})} for name, row in options], rows
+
+
+def threshold_curve(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
+  """Per threshold of the centered sweep: its best validation row (the first metric's), with
+  the validation and test scores of every metric and the active neurons per point."""
+  key = "validation_" + metrics[0]
+  out = []
+  for b in sorted({r["threshold"] for r in rows if r["variant"] == "centered"}):
+    row = best(rows, key, variant="centered", threshold=b)
+    if row is None:
+      continue
+    out.append({"threshold": b, "learning_rate": row["learning_rate"], "epoch": row["epoch"],
+                **{f"{part}_{name}": row[f"{part}_{name}"]
+                   for name in metrics for part in ("validation", "test")},
+                "active_per_step": row["active_per_step"]})
+  return out
