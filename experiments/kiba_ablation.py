@@ -66,12 +66,12 @@ class Params:
   n_train: int = 20000
   n_eval: int = 5000               # validation and test pairs drawn, each
   width: int = 512
-  learning_rates: tuple[float, ...] = (32.0, 96.0)
+  learning_rates: tuple[float, ...] = (64.0, 160.0)
   thresholds: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
-  weight_decays: tuple[float, ...] = (1e-5, 1e-4)
+  weight_decays: tuple[float, ...] = (1e-6, 1e-5)
   bias_learning_rate: float = 0.02
   batch_size: int = 64
-  epochs: int = 4
+  epochs: int = 6
   ridge_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
   seed: int = 0
 
