@@ -124,7 +124,8 @@ def sweep_run(grid: Grid, variant: Variant, split: Split, metrics: Mapping[str, 
   the epoch's last batch) and ``sweep_seconds``. Labels are centered on the training mean,
   except with an output bias (raw labels: the bias learns the mean).
   """
-  y = np.asarray(split.labels, np.float32)
+  # The labels in the tables' precision: float32 features train in float32, float64 in float64.
+  y = np.asarray(split.labels, split.tables[0].dtype)
   shift = 0.0 if variant.output_bias else float(np.mean(y[split.train]))
   evaluated = np.concatenate([split.val, split.test])
   dataset = kronjax.Dataset(kronjax.KronData(split.tables, index=split.pairs[split.train]),

@@ -1,0 +1,212 @@
+"""The KIBA ablation and the shared option-by-option code (kronjax.experiments.ablation).
+
+* every sweep row's validation and test scores equal, in float64, those of dense SGD from the
+  same start on the same batches (each variant: the kronecker and the mirrored start, weight
+  decay, the output bias on raw labels);
+* the choice on validation, the threshold curve and the unseen-drug split;
+* the experiment at smoke scale on the DeepDTA-format fixture, and its parameter errors.
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kronjax
+from kronjax import dense
+from kronjax.experiments import ablation
+from kronjax.experiments import runner as experiment
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _module():
+  return experiment.load_module(ROOT / "experiments" / "kiba_ablation.py")
+
+
+def _split(seed=0) -> ablation.Split:
+  """4 drugs (dim 3) x 5 targets (dim 4), float64 unit rows; 14 train, 3 + 3 held-out pairs."""
+  rng = np.random.default_rng(seed)
+  tables = tuple(t / np.linalg.norm(t, axis=1, keepdims=True)
+                 for t in (rng.normal(size=(4, 3)), rng.normal(size=(5, 4))))
+  pairs = np.array([(d, t) for d in range(4) for t in range(5)], np.int32)
+  labels = 3.0 + rng.normal(size=len(pairs))
+  order = rng.permutation(len(pairs))
+  return ablation.Split(tables, pairs, labels, np.sort(order[:14]), order[14:17], order[17:])
+
+
+GRID = ablation.Grid(width=8, learning_rates=(0.5, 2.0), thresholds=(0.0, 0.4),
+                     weight_decays=(1e-3,), bias_learning_rate=0.1, batch_size=4, epochs=2)
+METRICS = {"mse": lambda y, p: float(np.mean((y - p) ** 2)),
+           "mae": lambda y, p: float(np.mean(np.abs(y - p)))}
+
+
+def _dense_tx(variant, row):
+  if variant.output_bias:
+    return ablation._sgd_with_bias(row["learning_rate"], GRID.bias_learning_rate)  # pylint: disable=protected-access
+  if any(variant.weight_decays):
+    return ablation._sgd(row["learning_rate"], row["weight_decay"])  # pylint: disable=protected-access
+  return optax.sgd(row["learning_rate"])
+
+
+def _dense_scores(split, variant, row):
+  """``{epoch: scores}``: the row's member trained by dense SGD (``kronjax.dense``) on
+  ``kronjax.fit``'s batches, scored after every epoch."""
+  X = np.stack([np.kron(*(t[p] for t, p in zip(split.tables, pair))) for pair in split.pairs])
+  shift = 0.0 if variant.output_bias else float(np.mean(split.labels[split.train]))
+  y = jnp.asarray(split.labels - shift)[:, None]
+  config = kronjax.Config(width=GRID.width, centered=variant.centered,
+                          output_bias=variant.output_bias)
+  tx = _dense_tx(variant, row)
+  state = dense.init(jax.random.PRNGKey(row["seed"]), config, (3, 4), tx, dtype=jnp.float64,
+                     threshold=row["threshold"])
+  step = dense.make_step(config, tx, donate=False)
+  n = len(split.train)
+  per_epoch = n // GRID.batch_size
+  batches = kronjax.batch_schedule(jax.random.PRNGKey(GRID.seed + 1), n, GRID.batch_size,
+                                   GRID.epochs * per_epoch)
+  out = {}
+  for t, batch in enumerate(batches, start=1):
+    idx = split.train[np.asarray(batch)]
+    state, _ = step(state, jnp.asarray(X[idx]), y[idx])
+    if t % per_epoch:
+      continue
+    scores = out.setdefault(t // per_epoch, {})
+    for part, held in (("validation", split.val), ("test", split.test)):
+      pred = np.asarray(dense.forward(state.params["W"], state.a, state.b, jnp.asarray(X[held]),
+                                      state.bias))[:, 0] + shift
+      scores.update({f"{part}_{k}": fn(split.labels[held], pred) for k, fn in METRICS.items()})
+  return out
+
+
+VARIANTS = [
+    ablation.Variant("defaults", centered=False, thresholds=(None, 0.0), learning_rates=(2.0,)),
+    ablation.Variant("centered", centered=True, thresholds=(0.4,), learning_rates=(2.0,)),
+    ablation.Variant("decay", centered=True, thresholds=(0.0,), learning_rates=(0.5,),
+                     weight_decays=(1e-3, 1e-2)),
+    ablation.Variant("bias", centered=True, thresholds=(0.0,), learning_rates=(0.5,),
+                     output_bias=True),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_sweep_rows_match_dense_sgd(x64, variant):
+  del x64
+  split = _split()
+  rows = ablation.sweep_run(GRID, variant, split, METRICS)
+  members = (len(variant.learning_rates or GRID.learning_rates) * len(variant.thresholds)
+             * len(variant.weight_decays))
+  assert len(rows) == members * GRID.epochs
+  assert sorted({r["epoch"] for r in rows}) == [1, 2]
+  if variant.name == "defaults":
+    assert {r["threshold"] for r in rows} == {GRID.default_threshold, 0.0}
+  dense_runs = {}
+  for row in rows:
+    member = (row["learning_rate"], row["threshold"], row["weight_decay"])
+    if member not in dense_runs:
+      dense_runs[member] = _dense_scores(split, variant, row)
+    for key, value in dense_runs[member][row["epoch"]].items():
+      assert abs(row[key] - value) <= 1e-9 * max(abs(value), 1.0), (key, row, value)
+    assert row["active_per_step"] >= 0 and row["variant"] == variant.name
+
+
+def _rows():
+  rows = []
+  for variant, b, lr, val in [("centered", 0.0, 1.0, 0.5), ("centered", 0.0, 2.0, 0.3),
+                              ("centered", 1.0, 1.0, math.nan), ("centered", 1.0, 2.0, 0.4),
+                              ("defaults", 0.0, 1.0, 0.2)]:
+    rows.append({"variant": variant, "threshold": b, "learning_rate": lr, "epoch": 1,
+                 "validation_mse": val, "test_mse": 10 * val, "validation_ci": 0.6,
+                 "test_ci": 0.7, "active_per_step": 5.0 - b})
+  return rows
+
+
+def test_best_skips_non_finite_rows_and_reports_none():
+  rows = _rows()
+  assert ablation.best(rows, "validation_mse", variant="centered")["validation_mse"] == 0.3
+  assert ablation.best(rows, "validation_mse", variant="centered", threshold=1.0)[
+      "learning_rate"] == 2.0
+  assert ablation.best(rows, "validation_mse", variant="decay") is None
+
+
+def test_threshold_curve_is_chosen_on_validation():
+  curve = ablation.threshold_curve(_rows(), ["mse", "ci"])
+  assert [c["threshold"] for c in curve] == [0.0, 1.0]
+  assert [c["learning_rate"] for c in curve] == [2.0, 2.0]
+  assert curve[0]["test_mse"] == 3.0 and curve[1]["active_per_step"] == 4.0
+  assert set(curve[0]) == {"threshold", "learning_rate", "epoch", "validation_mse", "test_mse",
+                           "validation_ci", "test_ci", "active_per_step"}
+
+
+@pytest.mark.slow
+def test_options_build_on_the_best_of_the_curve(x64):
+  del x64
+  options, rows = ablation.option_runs(GRID, _split(), METRICS)
+  assert [o["method"] for o in options] == [
+      f"kronjax defaults (kronecker init, b = {GRID.default_threshold:.2f})", "kronjax b = 0",
+      "kronjax b = 0, centered", "kronjax centered, best b of the curve",
+      "kronjax centered, best b, + weight decay",
+      "kronjax centered, best b, + output bias (raw labels)"]
+  curve = options[3]
+  assert curve["validation_mse"] == min(r["validation_mse"] for r in rows
+                                        if r["variant"] == "centered")
+  for option in options[4:]:
+    assert (option["threshold"], option["learning_rate"]) == (curve["threshold"],
+                                                               curve["learning_rate"])
+  assert {r["variant"] for r in rows} == {"defaults", "centered", "decay", "bias"}
+
+
+def test_cold_split_holds_out_whole_drugs():
+  mod = _module()
+  pairs = np.array([(d, t) for d in range(10) for t in range(3)] + [(9, 0)], np.int32)
+  train, val, test = mod.cold_drug_split(pairs, 10, seed=3)
+  assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(pairs)))
+  drugs = [set(pairs[i, 0].tolist()) for i in (train, val, test)]
+  assert [len(d) for d in drugs] == [8, 1, 1]
+  assert not (drugs[0] & drugs[1]) and not (drugs[0] & drugs[2]) and not (drugs[1] & drugs[2])
+  # A handful of drugs still gives every part one.
+  assert all(len(part) for part in mod.cold_drug_split(pairs[:9], 3, seed=0))
+  with pytest.raises(ValueError, match="n_drugs must be at least 3"):
+    mod.cold_drug_split(pairs[:6], 2, seed=0)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("drug_features", "ecfp", "drug_features must be 'tanimoto' or 'morgan'"),
+    ("validation_fold", 5, "validation_fold must be in"),
+    ("learning_rates", (), "learning_rates must list at least one value"),
+    ("n_train", 0, "n_train"),
+    ("bias_learning_rate", 0.0, "bias_learning_rate must be > 0"),
+])
+def test_bad_params(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    _module().Params(**{field: value})
+
+
+@pytest.mark.slow
+def test_kiba_ablation_smoke(tmp_path, monkeypatch):
+  pytest.importorskip("rdkit")
+  monkeypatch.chdir(ROOT)   # the smoke config names the fixture relative to the checkout
+  experiment.run_config(ROOT / "configs" / "kiba_ablation.toml", smoke=True, out_dir=tmp_path,
+                        progress=False, echo=False)
+  result = json.loads((tmp_path / "results.json").read_text())
+  methods = [row["method"] for row in result["table"]]
+  assert methods[:2] == ["training mean", "KronRLS (same features)"]
+  assert len(methods) == 8 and all(m.startswith("kronjax") for m in methods[2:])
+  params = result["config"]["params"]
+  for regime, r in result["metrics"]["regimes"].items():
+    assert r["n_train"] <= params["n_train"] and r["n_val"] <= params["n_eval"]
+    for name, m in r["methods"].items():
+      assert set(m) >= {"validation_mse", "validation_ci", "test_mse", "test_ci"}, name
+    kron = r["methods"]["KronRLS (same features)"]
+    assert math.isfinite(kron["test_mse"]) and 0.0 <= kron["test_ci"] <= 1.0
+    curve = r["threshold_curve"]
+    assert [c["threshold"] for c in curve] == sorted(params["thresholds"]), regime
+    chosen = r["methods"]["kronjax centered, best b of the curve"]["chosen"]
+    assert any(all(s[k] == v for k, v in chosen.items()) and s["variant"] == "centered"
+               for s in r["sweep"])
+  assert (tmp_path / result["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
