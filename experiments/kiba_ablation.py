@@ -124,41 +124,6 @@ def splits(p: Params, data) -> dict[str, dict[str, np.ndarray]]:
           for regime, parts in zip(REGIMES, (warm, cold))}
 
 
-def _scored(y: np.ndarray, s: dict, pred_val: np.ndarray, pred_test: np.ndarray) -> dict:
-  return {"validation_mse": kronrls.mse(y[s["val"]], pred_val),
-          "validation_ci": kronrls.concordance_index(y[s["val"]], pred_val),
-          "test_mse": kronrls.mse(y[s["test"]], pred_test),
-          "test_ci": kronrls.concordance_index(y[s["test"]], pred_test)}
-
-
-def mean_run(y: np.ndarray, s: dict) -> dict:
-  """The training mean for every pair (its CI is 0.5: every comparable pair ties)."""
-  mu = float(np.mean(y[s["train"]]))
-  return _scored(y, s, np.full(len(s["val"]), mu), np.full(len(s["test"]), mu))
-
-
-def kronrls_run(p: Params, data, s: dict, grams) -> dict:
-  """KronRLS on the training pairs, its ridge tuned by validation MSE."""
-  Kd, Kt = grams
-  y, pairs = data.labels, data.pairs
-  mu = float(np.mean(y[s["train"]]))
-  models = {}
-
-  def score(lam):
-    model = kronrls.fit_kronrls(Kd, Kt, pairs[s["train"]], y[s["train"]] - mu, lam)
-    models[lam] = model
-    pred = np.asarray(kronrls.predict_kronrls(model, Kd, Kt, pairs[s["val"]])) + mu
-    return kronrls.mse(y[s["val"]], pred), {"iterations": int(model.iterations),
-                                            "converged": bool(model.converged)}
-
-  t0 = time.perf_counter()
-  lam, rows = kronrls.tune_lambda(score, p.ridge_lambdas)
-  seconds = time.perf_counter() - t0
-  predict = lambda idx: np.asarray(kronrls.predict_kronrls(models[lam], Kd, Kt, pairs[idx])) + mu  # pylint: disable=unnecessary-lambda-assignment
-  return {**_scored(y, s, predict(s["val"]), predict(s["test"])), "chosen": {"lambda": lam},
-          "tuning": rows, "seconds": seconds}
-
-
 def _grid(p: Params) -> ablation.Grid:
   return ablation.Grid(width=p.width, learning_rates=p.learning_rates, thresholds=p.thresholds,
                        weight_decays=p.weight_decays, bias_learning_rate=p.bias_learning_rate,
@@ -184,14 +149,14 @@ def plot(curves: dict[str, list[dict]], ridge: dict[str, float], out_dir: pathli
   return experiment.save_figure(fig, out_dir, "kiba_ablation.png", dpi=80)
 
 
-def regime_run(p: Params, data, s: dict, tables, grams, progress: bool,
+def regime_run(p: Params, data, s: dict, tables, progress: bool,
                plan: kronjax.Plan | None) -> dict:
   """Every method on one regime: ``{"methods", "sweep", "threshold_curve", sizes}``."""
-  y = data.labels
-  methods = {"training mean": mean_run(y, s),
-             "KronRLS (same features)": kronrls_run(p, data, s, grams)}
-  split = ablation.Split(tables=tables, pairs=data.pairs, labels=y, train=s["train"],
+  split = ablation.Split(tables=tables, pairs=data.pairs, labels=data.labels, train=s["train"],
                          val=s["val"], test=s["test"])
+  methods = {"training mean": ablation.mean_baseline(split, METRICS),
+             "KronRLS (same features)": ablation.kronrls_baseline(split, METRICS,
+                                                                  p.ridge_lambdas)}
   options, rows = ablation.option_runs(_grid(p), split, METRICS, progress=progress, plan=plan)
   for option in options:
     scores = {k: option.get(k, float("nan")) for k in ("validation_mse", "validation_ci",
@@ -218,8 +183,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
       kiba_experiment.Params(drug_features=p.drug_features, target_features=p.target_features,
                              morgan_bits=p.morgan_bits), data)
   feature_seconds = time.perf_counter() - t0
-  grams = tuple(t.astype(np.float64) @ t.T.astype(np.float64) for t in tables)
-  regimes = {regime: regime_run(p, data, s, tables, grams, progress, plan)
+  regimes = {regime: regime_run(p, data, s, tables, progress, plan)
              for regime, s in splits(p, data).items()}
   table = []
   for name in regimes["warm"]["methods"]:

@@ -30,12 +30,15 @@ def _module():
 
 
 def _split(seed=0) -> ablation.Split:
-  """4 drugs (dim 3) x 5 targets (dim 4), float64 unit rows; 14 train, 3 + 3 held-out pairs."""
+  """4 drugs (dim 3) x 5 targets (dim 4), float64 unit rows, all 20 pairs; 14 train, 3 + 3
+  held-out."""
   rng = np.random.default_rng(seed)
   tables = tuple(t / np.linalg.norm(t, axis=1, keepdims=True)
                  for t in (rng.normal(size=(4, 3)), rng.normal(size=(5, 4))))
   pairs = np.array([(d, t) for d in range(4) for t in range(5)], np.int32)
-  labels = 3.0 + rng.normal(size=len(pairs))
+  # A planted linear signal in x = f_drug ⊗ f_target, and noise: the ridge's optimum is inside.
+  X = np.stack([np.kron(tables[0][d], tables[1][t]) for d, t in pairs])
+  labels = 3.0 + 2.0 * X @ rng.normal(size=12) + 0.3 * rng.normal(size=len(pairs))
   order = rng.permutation(len(pairs))
   return ablation.Split(tables, pairs, labels, np.sort(order[:14]), order[14:17], order[17:])
 
@@ -113,6 +116,31 @@ def test_sweep_rows_match_dense_sgd(x64, variant):
     for key, value in dense_runs[member][row["epoch"]].items():
       assert abs(row[key] - value) <= 1e-9 * max(abs(value), 1.0), (key, row, value)
     assert row["active_per_step"] >= 0 and row["variant"] == variant.name
+
+
+def test_baselines_match_a_dense_ridge_solve(x64):
+  del x64
+  split = _split()
+  y = split.labels
+  mu = float(np.mean(y[split.train]))
+  mean = ablation.mean_baseline(split, METRICS)
+  assert mean["test_mse"] == pytest.approx(np.mean((y[split.test] - mu) ** 2), rel=1e-12)
+  ridge = ablation.kronrls_baseline(split, METRICS, (0.1, 1.0))
+  lams = sorted(r["lambda"] for r in ridge["tuning"])
+  lam = ridge["chosen"]["lambda"]
+  assert lams[0] < lam < lams[-1]   # the grid is extended until the optimum is inside it
+  # The same ridge by a dense solve over the pairs' kernel K[i, j] = Kd[d_i, d_j] Kt[t_i, t_j].
+  Kd, Kt = (t @ t.T for t in split.tables)
+  pair_kernel = lambda a, b: Kd[np.ix_(a[:, 0], b[:, 0])] * Kt[np.ix_(a[:, 1], b[:, 1])]  # pylint: disable=unnecessary-lambda-assignment
+  train = split.pairs[split.train]
+  alpha = np.linalg.solve(pair_kernel(train, train) + lam * np.eye(len(train)),
+                          y[split.train] - mu)
+  for part, idx in (("validation", split.val), ("test", split.test)):
+    pred = pair_kernel(split.pairs[idx], train) @ alpha + mu
+    for name, fn in METRICS.items():
+      assert ridge[f"{part}_{name}"] == pytest.approx(fn(y[idx], pred), rel=1e-5)
+  chosen = [r for r in ridge["tuning"] if r["lambda"] == lam]
+  assert chosen[0]["validation_mse"] == ridge["validation_mse"]
 
 
 def _rows():
