@@ -130,25 +130,6 @@ def _grid(p: Params) -> ablation.Grid:
                        batch_size=p.batch_size, epochs=p.epochs, seed=p.seed)
 
 
-def plot(curves: dict[str, list[dict]], ridge: dict[str, float], out_dir: pathlib.Path) -> str:
-  plt = experiment.pyplot()
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.4))
-  for k, (regime, curve) in enumerate(curves.items()):
-    b = [c["threshold"] for c in curve]
-    ax.plot(b, [c["test_mse"] for c in curve], "o-", color=f"C{k}", label=f"{regime}: test")
-    ax.plot(b, [c["validation_mse"] for c in curve], "o--", color=f"C{k}", alpha=0.5,
-            label=f"{regime}: validation")
-    ax.axhline(ridge[regime], color=f"C{k}", lw=0.8, ls=":", label=f"{regime}: KronRLS test")
-    ax2.plot(b, [c["active_per_step"] for c in curve], "o-", color=f"C{k}", label=regime)
-  ax.set(xlabel="threshold b", ylabel="MSE", title="held-out error (centered start)")
-  ax2.set(xlabel="threshold b", ylabel="active neurons per point", title="sparsity")
-  for a in (ax, ax2):
-    a.grid(True, alpha=0.3)
-    a.legend(fontsize=6)
-  fig.tight_layout()
-  return experiment.save_figure(fig, out_dir, "kiba_ablation.png", dpi=80)
-
-
 def regime_run(p: Params, data, s: dict, tables, progress: bool,
                plan: kronjax.Plan | None) -> dict:
   """Every method on one regime: ``{"methods", "sweep", "threshold_curve", sizes}``."""
@@ -199,4 +180,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
              "targets": len(data.sequences), "feature_dims": [int(t.shape[1]) for t in tables],
              "feature_seconds": feature_seconds, "peak_rss_mib": _peak_mib()}
   curves = {r: regimes[r]["threshold_curve"] for r in REGIMES}
-  return {"metrics": metrics, "table": table, "plots": [plot(curves, ridge, out_dir)]}
+  figure = ablation.plot_threshold_curves(curves, "mse", out_dir, "kiba_ablation.png",
+                                          references={f"{r}: KronRLS test": ridge[r]
+                                                      for r in REGIMES})
+  return {"metrics": metrics, "table": table, "plots": [figure]}

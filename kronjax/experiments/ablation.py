@@ -32,6 +32,7 @@ import optax
 
 import kronjax
 from kronjax.experiments import kronrls
+from kronjax.experiments import runner as experiment
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 """``(y_true (k,), y_pred (k,)) -> score``, lower is better for the first metric of a run."""
@@ -261,3 +262,30 @@ def threshold_curve(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
                    for name in metrics for part in ("validation", "test")},
                 "active_per_step": row["active_per_step"]})
   return out
+
+
+def plot_threshold_curves(curves: Mapping[str, Sequence[dict]], metric: str, out_dir,
+                          name: str, *, references: Mapping[str, float] | None = None) -> str:
+  """Held-out ``metric`` and active neurons per point against ``b``, one colour per regime
+  (``{regime: threshold_curve(...)}``), with horizontal ``references`` (``{label: value}``,
+  coloured as the regime their label starts with); writes ``out_dir/name``, returns ``name``."""
+  plt = experiment.pyplot()
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.4))
+  colour = {regime: f"C{k}" for k, regime in enumerate(curves)}
+  for regime, curve in curves.items():
+    b = [c["threshold"] for c in curve]
+    ax.plot(b, [c[f"test_{metric}"] for c in curve], "o-", color=colour[regime],
+            label=f"{regime}: test")
+    ax.plot(b, [c[f"validation_{metric}"] for c in curve], "o--", color=colour[regime],
+            alpha=0.5, label=f"{regime}: validation")
+    ax2.plot(b, [c["active_per_step"] for c in curve], "o-", color=colour[regime], label=regime)
+  for label, value in (references or {}).items():
+    regime = next((r for r in curves if label.startswith(r)), None)
+    ax.axhline(value, color=colour.get(regime, "k"), lw=0.8, ls=":", label=label)
+  ax.set(xlabel="threshold b", ylabel=metric.upper(), title="held-out error (mirrored start)")
+  ax2.set(xlabel="threshold b", ylabel="active neurons per point", title="sparsity")
+  for a in (ax, ax2):
+    a.grid(True, alpha=0.3)
+    a.legend(fontsize=6)
+  fig.tight_layout()
+  return experiment.save_figure(fig, out_dir, name, dpi=80)
