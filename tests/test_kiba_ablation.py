@@ -140,7 +140,7 @@ def test_baselines_match_a_dense_ridge_solve(x64):
     for name, fn in METRICS.items():
       assert ridge[f"{part}_{name}"] == pytest.approx(fn(y[idx], pred), rel=1e-5)
   chosen = [r for r in ridge["tuning"] if r["lambda"] == lam]
-  assert chosen[0]["validation_mse"] == ridge["validation_mse"]
+  assert chosen[0]["score"] == ridge["validation_mse"]
 
 
 def _rows():

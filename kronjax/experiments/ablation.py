@@ -138,12 +138,13 @@ def kronrls_baseline(split: Split, metrics: Mapping[str, Metric], lambdas: Seque
   (``kronrls.tune_lambda``: the grid extended until the optimum lies inside it).
 
   Returns the scores as ``scored``'s, ``chosen`` ``{"lambda"}``, ``tuning`` (a row per ridge
-  tried) and ``seconds`` (the tuning's fits).
+  tried: ``tune_lambda``'s, its ``score`` the validation first metric) and ``seconds`` (the
+  tuning's fits).
   """
   Kd, Kt = (np.asarray(t, np.float64) @ np.asarray(t, np.float64).T for t in split.tables)
   y, pairs = np.asarray(split.labels), split.pairs
   mu = float(np.mean(y[split.train]))
-  first, fn = next(iter(metrics.items()))
+  fn = next(iter(metrics.values()))
   models = {}
   predict = lambda lam, idx: np.asarray(kronrls.predict_kronrls(models[lam], Kd, Kt, pairs[idx])) + mu  # pylint: disable=unnecessary-lambda-assignment
 
@@ -155,8 +156,6 @@ def kronrls_baseline(split: Split, metrics: Mapping[str, Metric], lambdas: Seque
   t0 = time.perf_counter()
   lam, rows = kronrls.tune_lambda(score, lambdas)
   seconds = time.perf_counter() - t0
-  for row in rows:
-    row[f"validation_{first}"] = row.pop("score")
   return {**scored(split, metrics, predict(lam, split.val), predict(lam, split.test)),
           "chosen": {"lambda": lam}, "tuning": rows, "seconds": seconds}
 
