@@ -268,13 +268,17 @@ def sweep() -> str:
           (f"{ms(runs['sweep_fit']['median_s'])} vs {ms(runs['sequential_fits']['median_s'])} "
            f"({ratio(runs['ratio_sweep_fit_vs_sequential_fits'])})" if runs else "-"),
           num(r.get("sweep_minor_page_faults_per_step"), 3),
+          (f"{num(r['temp_bytes_sweep_step'] / 2**20, 3)} / {num(r['temp_bytes_member_step'] / 2**20, 3)}"
+           if r.get("temp_bytes_sweep_step") is not None else "-"),
+          num(r["max_abs_diff_sweep_vs_sequential_P"], 2),
       ])
     head = (f"`{name}` (`retain_freed_memory` {'on' if data.get('retain_freed_memory') else 'off'}); "
             "milliseconds per step of all members:")
     blocks += [head, table(["optimizer", "m / n / B", "members", "separate jitted steps",
                             "sweep, data shared (ratio)", "vmap, data stacked (ratio)",
                             "update floor", "XLA only: sweep vs separate",
-                            "sweep.fit vs separate fits (ratio)", "page faults per sweep step"],
+                            "sweep.fit vs separate fits (ratio)", "page faults per sweep step",
+                            "XLA temporaries MiB: sweep / member", "max abs P difference"],
                            rows),
                provenance(name, data, script="experiments/bench_sweep.py")]
   return "\n\n".join(blocks)

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import types
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +180,8 @@ class _Refused(Exception):
 class _Walk:
   assumed: list = dataclasses.field(default_factory=list)   # assume_linear parts, by name
   masks: list = dataclasses.field(default_factory=list)     # per-key flags of each mask/label
+  blocks: list = dataclasses.field(default_factory=list)    # (name, cells) of each leaf block
+  combinators: list = dataclasses.field(default_factory=list)  # MultiSteps and co, by name
 
 
 def _walk_tree(tx, tree: dict) -> _Walk:
@@ -329,14 +331,16 @@ def _scalar(name: str, value: Any, what: str) -> None:
 
 
 def _linear(tx, cells, tree, walk, name):
-  del tx, cells, tree, walk, name
+  del tx, tree
+  walk.blocks.append((name, cells))
 
 
 def _scalar_block(cell: str, what: str) -> Callable:
   """The handler of a block that is linear with the one scalar (or schedule) in ``cell``."""
   def handler(tx, cells, tree, walk, name):
-    del tx, tree, walk
+    del tx, tree
     _scalar(name, cells[cell], what)
+    walk.blocks.append((name, cells))
   return handler
 
 
@@ -448,6 +452,7 @@ def _multi_steps(tx, cells, tree, walk, name):
     raise _Refused(f"{name} with should_skip_update_fn={_user_name(skip)}",
                    "is not linear in the gradient: it skips steps by the values of A, P and "
                    "P_eval's gradients, not of W's; leave should_skip_update_fn at its default")
+  walk.combinators.append(name)
   _inner(name, multi._opt, tree, walk)  # pylint: disable=protected-access
 
 
@@ -567,6 +572,52 @@ def is_shape_free(tx: optax.GradientTransformation, params: Any) -> bool:
           and _masks_read_alike(tx, params))
 
 
+# Blocks that multiply by one scalar per step (the trace form's before and after).
+_SCALAR_BLOCKS = ("optax.identity", "optax.scale", "optax.scale_by_schedule")
+
+
+def is_trace_form(tx: optax.GradientTransformation) -> bool:
+  """True when ``tx`` is, on every key, scalars, one ``optax.trace`` (not Nesterov), scalars.
+
+  That is heavy-ball momentum (``optax.sgd(lr, momentum)``, with schedules, under
+  ``inject_hyperparams``): for each leaf one trace ``s``, and per step scalars
+  ``mu``, ``beta``, ``c`` with ``s' = mu s + beta g`` and ``update = c s'``. The step
+  then updates the traces of ``A``, ``P`` and ``P_eval`` in place from the gradient's
+  factors (``K_rows^T G`` by one product, ``G``'s rows by a scatter), with no
+  full-shape gradient (``step._apply_trace``). Masks, ``multi_transform``, ``MultiSteps``,
+  weight decay, Nesterov and transformations of one's own keep the general path.
+  """
+  with jax.ensure_compile_time_eval():
+    try:
+      walk = _walk_tree(tx, _stand_in(("A", "P", "a")))
+    except _Refused:
+      return False
+  if walk.assumed or walk.masks or walk.combinators:
+    return False
+  names = [name for name, _ in walk.blocks]
+  if names.count("optax.trace") != 1 or any(
+      n not in _SCALAR_BLOCKS + ("optax.trace",) for n in names):
+    return False
+  cells = walk.blocks[names.index("optax.trace")][1]
+  return cells.get("nesterov") is False
+
+
+def tied_leaf_paths(opt_state: Any, keys: Sequence[str]) -> dict[str, tuple]:
+  """``{key: path}`` of the one full-shape state leaf of each tied ``key`` (the trace of a
+  trace-form optimizer, ``is_trace_form``), found by the key in its tree path."""
+  out = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    for k in keys:
+      if any(isinstance(e, jax.tree_util.DictKey) and e.key == k for e in path):
+        if k in out:
+          raise ValueError(f"the optimizer state holds more than one array for {k!r}")
+        out[k] = path
+  missing = [k for k in keys if k not in out]
+  if missing:
+    raise ValueError(f"the optimizer state holds no array for {missing}")
+  return out
+
+
 def _masks_read_alike(tx, params: Any) -> bool:
   """Whether ``tx``'s masks and labels give each key the same entry on ``params`` and on
   the shape-free step's tree (``A``, ``P``, ``P_eval`` as scalars)."""
@@ -596,15 +647,18 @@ class StaticTx:
       does not read the parameters: the sparse update path may apply it to compact
       gradients (``is_shape_free``).
     needs_params: ``update`` reads the parameters (weight decay, ``needs_params``).
+    trace_form: heavy-ball momentum and schedules (``is_trace_form``): the step updates
+      the traces in place from the gradient's factors.
   """
 
-  __slots__ = ("tx", "shape_free", "needs_params", "_key")
+  __slots__ = ("tx", "shape_free", "needs_params", "trace_form", "_key")
 
   def __init__(self, tx: optax.GradientTransformation, shape_free: bool):
     self.tx = tx
     self.needs_params = needs_params(tx)
     # An optimizer that reads the parameters needs the full-shape tree: never shape-free.
     self.shape_free = bool(shape_free) and not self.needs_params
+    self.trace_form = not self.shape_free and not self.needs_params and is_trace_form(tx)
     self._key = (structure_key(tx), self.shape_free)
 
   @property

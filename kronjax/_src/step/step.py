@@ -47,6 +47,7 @@ from kronjax._src.model import losses
 from kronjax._src.kernels import products
 from kronjax._src.kernels import rows
 from kronjax._src.data.dataset import Dataset, same_fingerprint
+from kronjax._src.step import optim
 from kronjax._src.step.state import TrainState, threshold_index, trainable_tree
 
 
@@ -262,7 +263,13 @@ def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
 
   if state.tx.shape_free:  # the only path with no O(m n) pass
     new = _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok)
-  else:  # momentum & co: full-shape gradients, P's built from the touched rows only
+  elif state.tx.trace_form:  # momentum: traces updated in place from G's factors
+    B, n_rows = batch.idx.shape[0], state.P.shape[0]
+    G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
+    ga = (jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
+          if config.train_output else None)
+    new = _apply_trace(state, batch, G_T, ga, grad_bias, ok)
+  else:  # other stateful optimizers: full-shape gradients, P's from the touched rows only
     new = _apply_full_shape(state, _sparse_full_shape_grads(state, batch, idx, c, grad_a_rows,
                                                             grad_bias), ok)
   new_state = _finish(state, index, new, ok)
@@ -486,6 +493,8 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
                           bias=grad_bias)
     updates, opt_state = _optimize(state, unit, ok)
     new = _apply_scalar(state, batch, coefficients(g * updates["P"]), updates, opt_state)
+  elif state.tx.trace_form:  # momentum: traces updated in place from G's factors
+    new = _apply_trace(state, batch, coefficients(g), ga, grad_bias, ok)
   else:
     G_T = coefficients(g)                                           # (B, m)
     K_rows, K_rows_eval = batch.K_rows, batch.K_rows_eval
@@ -555,3 +564,88 @@ def _apply_full_shape(state: TrainState, grads: dict, ok: jax.Array) -> Updated:
   w0_scale = state.w0_scale + updates["W0"] if "W0" in updates else state.w0_scale
   return Updated(A_T, P, a, P_eval, _new_bias(state, updates), w0_scale,
                  _ordered_after(opt_state, (A_T, P, P_eval)), None, row_change)
+
+
+def _trace_coefficients(state: TrainState, ga: jax.Array | None, grad_bias: jax.Array,
+                        ok: jax.Array, keys: tuple[str, ...]):
+  """One optax update of a trace-form optimizer (``optim.is_trace_form``) with the tied
+  leaves (``keys``) replaced by two-entry probes.
+
+  Each tied trace enters as ``[1, 0]`` and its gradient as ``[0, 1]``: being linear with
+  ``s' = mu s + beta g`` and ``update = c s'``, the optimizer returns ``s' = [mu, beta]``
+  and ``update = [c mu, c beta]``, with its real step count and hyperparameters. The
+  output layer's leaves (``"a"``, ``"bias"``) go through with their real gradients.
+
+  Returns:
+    ``(mu, beta, c, updates, opt_state, paths)``: scalars (``mu = 1``, ``beta = c = 0``
+    when ``ok`` is False: a skipped step keeps every trace), the masked updates of the
+    output layer, the new optimizer state with the probes still in the tied leaves'
+    places, and those places (``optim.tied_leaf_paths``).
+  """
+  paths = optim.tied_leaf_paths(state.opt_state, keys)
+  dtype = state.projections.dtype
+  s_probe = jnp.array([1, 0], dtype)
+  g_probe = jnp.array([0, 1], dtype)
+  leaves = dict(jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
+  probe_state = jax.tree_util.tree_map_with_path(
+      lambda path, x: s_probe if path in paths.values() else x, state.opt_state)
+  grads = {k: g_probe for k in keys}
+  if ga is not None:
+    grads["a"] = ga
+  if state.config.output_bias:
+    grads["bias"] = grad_bias
+  updates, opt_state = state.tx.update(grads, probe_state, None)
+  new_leaves = dict(jax.tree_util.tree_flatten_with_path(opt_state)[0])
+  s_new, u = new_leaves[paths["P"]], updates["P"]
+  mu, beta = s_new[0], s_new[1]
+  # c from the larger of mu and beta (both are exact multiples of it); c = 0 when both
+  # are zero, where s' = 0 whatever c.
+  big = jnp.abs(beta) >= jnp.abs(mu)
+  den = jnp.where(big, beta, mu)
+  c = jnp.where(den != 0, jnp.where(big, u[1], u[0]) / jnp.where(den != 0, den, 1), 0)
+  mu, beta, c = (jnp.where(ok, mu, 1).astype(dtype), jnp.where(ok, beta, 0).astype(dtype),
+                 jnp.where(ok, c, 0).astype(dtype))
+  out = {k: jnp.where(ok, v, jnp.zeros_like(v)).astype(grads[k].dtype)
+         for k, v in updates.items() if k not in keys}
+  opt_state = jax.tree_util.tree_map_with_path(
+      lambda path, new: new if path in paths.values()
+      else jnp.where(ok, new, leaves[path]), opt_state)
+  return mu, beta, c, out, opt_state, paths
+
+
+def _apply_trace(state: TrainState, batch: Batch, G_T: jax.Array, ga: jax.Array | None,
+                 grad_bias: jax.Array, ok: jax.Array) -> Updated:
+  """A trace-form optimizer's step (heavy-ball momentum, ``optim.is_trace_form``) from the
+  gradient's factors: ``G_T (B, m)`` (the coefficients of the batch's points).
+
+  With one trace ``s`` per tied leaf, ``s' = mu s + beta g`` and ``update = c s'``
+  (``_trace_coefficients``), the gradients are never formed: ``P``'s trace gets
+  ``beta K_rows^T G_T`` added in place by one product (``products.add_product``),
+  ``A``'s trace ``beta G_T`` on the batch's rows (``rows.add_rows``), and each array
+  ``c s'`` in one elementwise pass. No ``(m, n)`` temporary: a vmapped momentum sweep
+  allocated two per member (the gradients of ``A`` and ``P``), mapped fresh every step.
+  """
+  keys = ("A", "P") + (("P_eval",) if state.P_eval is not None else ())
+  mu, beta, c, updates, opt_state, paths = _trace_coefficients(state, ga, grad_bias, ok, keys)
+  leaves = dict(jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
+  dtype = state.projections.dtype
+  U = (beta * G_T).astype(dtype)                                    # (B, m)
+  K_rows, K_rows_eval = batch.K_rows, batch.K_rows_eval
+  s_P = mu * leaves[paths["P"]]
+  if state.layout == "points":   # (n, m) + (B, n)^T @ (B, m)
+    s_P = products.add_product_t(s_P, K_rows, U)
+  else:                          # (m, n) + (m, B) @ (B, n)
+    s_P = products.add_product(s_P, U.T, K_rows)
+  s_A = rows.add_rows(mu * leaves[paths["A"]], batch.idx, U)       # (n, m)
+  traces = {"A": s_A, "P": s_P}
+  P_eval = None
+  if state.P_eval is not None:
+    traces["P_eval"] = products.add_product(mu * leaves[paths["P_eval"]], U.T, K_rows_eval)
+    P_eval = state.P_eval + c * traces["P_eval"]
+  opt_state = jax.tree_util.tree_map_with_path(
+      lambda path, x: next((traces[k] for k, p in paths.items() if p == path), x), opt_state)
+  P = state.projections + c * s_P
+  row_change = jnp.abs(c) * jnp.max(jnp.abs(s_P), axis=0 if state.layout == "points" else 1)
+  a = state.a + updates["a"] if state.config.train_output else state.a
+  return Updated(state.A_T + c * s_A, P, a, P_eval, _new_bias(state, updates), state.w0_scale,
+                 opt_state, None, row_change)
