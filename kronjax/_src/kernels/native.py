@@ -85,7 +85,8 @@ HEADERS = (_CSRC / "parallel.h",)
 # jaxlib's headers come in with -isystem: -Wall reports warnings in kronjax's own code only.
 FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-Wall")
 MODES = ("auto", "off", "require")
-KERNELS = ("add_product", "add_product_t", "take_rows", "add_rows", "relu_rows", "relu_rows_grad")
+KERNELS = ("add_product", "add_product_t", "trace_product", "trace_product_t", "take_rows",
+           "add_rows", "relu_rows", "relu_rows_grad")
 POOL_THREADS = "kronjax_pool_threads"  # a probe: the threads the row kernels split over
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
@@ -393,6 +394,29 @@ def add_product(X: jax.Array, G: jax.Array, R: jax.Array, *, transpose_g: bool =
   call = jax.ffi.ffi_call(_target(kernel, X.dtype), jax.ShapeDtypeStruct(X.shape, X.dtype),
                           input_output_aliases={0: 0}, vmap_method="broadcast_all")
   return call(X, G, R)
+
+
+def trace_product(X: jax.Array, Y: jax.Array, G: jax.Array, R: jax.Array, coef: jax.Array, *,
+                  transpose_g: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The momentum step in place on CPU: ``X' = mu X + nu Y + G @ R``, ``Y' = Y + c X'``.
+
+  ``X``, ``Y`` ``(..., r, c)`` (a trace and its array), ``G (..., r, k)`` (``(..., k, r)``
+  with ``transpose_g``), ``R (..., k, c)``, ``coef (..., 3)`` the scalars ``(mu, nu, c)``;
+  leading dimensions of ``G``, ``R`` and ``coef`` equal ``X``'s or are 1. Each piece of
+  ``X`` and ``Y`` is scaled, multiplied into and read back while in cache. The results
+  alias ``X`` and ``Y``. CPU only, as ``add_product``.
+  """
+  if not supports(X, G, R) or not supports(Y, coef, coef) or Y.shape != X.shape \
+      or X.ndim < 2 or G.ndim != X.ndim or R.ndim != X.ndim or coef.ndim != X.ndim - 1 \
+      or coef.shape[-1] != 3:
+    raise TypeError(f"native.trace_product needs one float32/float64 dtype, Y of X's shape and "
+                    f"coef (..., 3), got X {X.dtype}{X.shape}, Y {Y.dtype}{Y.shape}, G "
+                    f"{G.dtype}{G.shape}, R {R.dtype}{R.shape}, coef {coef.dtype}{coef.shape}.")
+  kernel = "trace_product_t" if transpose_g else "trace_product"
+  out = jax.ShapeDtypeStruct(X.shape, X.dtype)
+  call = jax.ffi.ffi_call(_target(kernel, X.dtype), (out, out),
+                          input_output_aliases={0: 0, 1: 1}, vmap_method="broadcast_all")
+  return call(X, Y, G, R, coef)
 
 
 def take_rows(X: jax.Array, idx: jax.Array) -> jax.Array:

@@ -20,6 +20,9 @@ On the dense path every step adds ``G (m, B) @ K[S, :] (B, n)`` to ``P (m, n)``.
 * GPU and TPU: the plain expression and JAX's batched product (one member's
   product leaves the device idle; XLA fuses the add into the gemm there).
 
+``trace_product`` is the momentum step built on the same kernel: a trace ``X`` and its array
+``Y`` updated piece by piece (``X = mu X + nu Y + G @ R``, ``Y += c X``), each piece in cache.
+
 Every variant is exactly ``X + G @ R`` up to float rounding order. The choice,
 the switch and the custom_jvp / custom_vmap wrapping are ``kronjax._src.kernels.dispatch``'s;
 here: the expression, the kernel call and the batching rule.
@@ -116,3 +119,64 @@ def add_product_t(X: jax.Array, Gt: jax.Array, R: jax.Array) -> jax.Array:
   gather-and-transpose that cost ~60-90 us per step at n = 512, B = 32).
   """
   return _add_product_t(X, Gt, R)
+
+
+def _make_trace_product(transposed: bool) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """``(X', Y')``, ``X' = mu X + nu Y + op(G) @ R`` and ``Y' = Y + c X'``, with
+  ``(mu, nu, c) = coef[..., 0], coef[..., 1], coef[..., 2]``."""
+
+  def plain(X, Y, G, R, coef):
+    mu, nu, c = (coef[..., i, None, None].astype(X.dtype) for i in range(3))
+    X = mu * X + nu * Y + (jnp.swapaxes(G, -1, -2) if transposed else G) @ R
+    return X, Y + c * X
+
+  def kernel(X, Y, G, R, coef):
+    return native.trace_product(X, Y, G, R, coef, transpose_g=transposed)
+
+  def supports(X, Y, G, R, coef):
+    return native.supports(X, G, R) and native.supports(Y, coef, coef)
+
+  def vmap_rule(op, axis_size, in_batched, X, Y, G, R, coef):
+    del op  # the rule runs the members itself
+    in_axes = tuple(0 if b else None for b in in_batched)
+
+    def batched(*args):
+      return jax.vmap(plain, in_axes=in_axes)(*args)
+
+    def cpu(X, Y, G, R, coef):
+      if not dispatch.native_ok(supports(X, Y, G, R, coef)):
+        return batched(X, Y, G, R, coef)
+      # Unbatched operands get a leading axis of 1 (the kernel broadcasts it); the two
+      # arrays written in place are materialized per member.
+      lead = lambda v, b: v if b else v[None]  # noqa: E731
+      full = lambda v, b: v if b else jnp.broadcast_to(v, (axis_size, *v.shape))  # noqa: E731
+      bx, by, bg, br, bc = in_batched
+      return kernel(full(X, bx), full(Y, by), lead(G, bg), lead(R, br), lead(coef, bc))
+
+    return dispatch.by_platform(X, Y, G, R, coef, cpu=cpu, default=batched)
+
+  return dispatch.op(plain, kernel, supports, vmap_rule)
+
+
+_trace_product = _make_trace_product(transposed=False)
+_trace_product_t = _make_trace_product(transposed=True)
+
+
+def trace_product(X: jax.Array, Y: jax.Array, G: jax.Array, R: jax.Array,
+                  coef: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A momentum step on ``Y (m, n)`` with trace ``X (m, n)``: ``G (m, B)``, ``R (B, n)``,
+  ``coef (3,)`` the scalars ``(mu, nu, c)``.
+
+  Returns ``(X', Y')`` with ``X' = mu X + nu Y + G @ R`` and ``Y' = Y + c X'`` up to float
+  rounding order. On CPU the native kernel does it piece by piece in place: ``X`` and ``Y``
+  cross memory once, where the plain expression's passes cross them three times (a
+  vmapped sweep cannot keep a member in cache between two of XLA's passes).
+  """
+  return _trace_product(X, Y, G, R, coef)
+
+
+def trace_product_t(X: jax.Array, Y: jax.Array, Gt: jax.Array, R: jax.Array,
+                    coef: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``trace_product`` with the left factor given transposed: ``X``, ``Y`` ``(n, m)``,
+  ``Gt (B, n)``, ``R (B, m)``: ``X' = mu X + nu Y + Gt^T @ R``, ``Y' = Y + c X'``."""
+  return _trace_product_t(X, Y, Gt, R, coef)

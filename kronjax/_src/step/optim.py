@@ -572,39 +572,50 @@ def is_shape_free(tx: optax.GradientTransformation, params: Any) -> bool:
           and _masks_read_alike(tx, params))
 
 
-# Blocks that multiply by one scalar per step (the trace form's before and after).
+# Blocks that multiply by one scalar per step (the factored forms' scalars).
 _SCALAR_BLOCKS = ("optax.identity", "optax.scale", "optax.scale_by_schedule")
+_DECAY = "optax.add_decayed_weights"
 
 
-def is_trace_form(tx: optax.GradientTransformation) -> bool:
-  """True when ``tx`` is, on every key, scalars, one ``optax.trace`` (not Nesterov), scalars.
+def update_form(tx: optax.GradientTransformation) -> str | None:
+  """``"trace"``, ``"decay"`` or None: whether the step may apply ``tx`` from the gradient's
+  factors (``step._apply_factored``), without forming any full-shape gradient.
 
-  That is heavy-ball momentum (``optax.sgd(lr, momentum)``, with schedules, under
-  ``inject_hyperparams``): for each leaf one trace ``s``, and per step scalars
-  ``mu``, ``beta``, ``c`` with ``s' = mu s + beta g`` and ``update = c s'``. The step
-  then updates the traces of ``A``, ``P`` and ``P_eval`` in place from the gradient's
-  factors (``K_rows^T G`` by one product, ``G``'s rows by a scatter), with no
-  full-shape gradient (``step._apply_trace``). Masks, ``multi_transform``, ``MultiSteps``,
-  weight decay, Nesterov and transformations of one's own keep the general path.
+  ``"trace"``: on every key, scalars and at most one ``optax.add_decayed_weights``, then one
+  ``optax.trace`` (not Nesterov), then scalars: heavy-ball momentum (``optax.sgd(lr,
+  momentum)``, with schedules, under ``inject_hyperparams``), with or without decay before
+  it. Per leaf one trace ``s`` and per step scalars with ``s' = mu s + beta g + nu w`` and
+  ``update = c s'``.
+
+  ``"decay"``: scalars and at least one ``optax.add_decayed_weights``, no state:
+  ``update = beta g + nu w`` (sgd with weight decay).
+
+  None: anything else (shape-free sgd has its own path; masks, ``multi_transform``,
+  ``MultiSteps``, Nesterov, two traces and transformations of one's own get the full-shape
+  gradient tree).
   """
   with jax.ensure_compile_time_eval():
     try:
       walk = _walk_tree(tx, _stand_in(("A", "P", "a")))
     except _Refused:
-      return False
+      return None
   if walk.assumed or walk.masks or walk.combinators:
-    return False
+    return None
   names = [name for name, _ in walk.blocks]
-  if names.count("optax.trace") != 1 or any(
-      n not in _SCALAR_BLOCKS + ("optax.trace",) for n in names):
-    return False
-  cells = walk.blocks[names.index("optax.trace")][1]
-  return cells.get("nesterov") is False
+  if any(n not in _SCALAR_BLOCKS + (_DECAY, "optax.trace") for n in names):
+    return None
+  if "optax.trace" not in names:
+    return "decay" if _DECAY in names else None
+  at = names.index("optax.trace")
+  after = names[at + 1:]
+  if any(n not in _SCALAR_BLOCKS for n in after) or names[:at].count(_DECAY) > 1:
+    return None
+  return "trace" if walk.blocks[at][1].get("nesterov") is False else None
 
 
 def tied_leaf_paths(opt_state: Any, keys: Sequence[str]) -> dict[str, tuple]:
-  """``{key: path}`` of the one full-shape state leaf of each tied ``key`` (the trace of a
-  trace-form optimizer, ``is_trace_form``), found by the key in its tree path."""
+  """``{key: path}`` of the one state leaf of each tied ``key`` (the trace of a
+  ``"trace"``-form optimizer, ``update_form``), found by the key in its tree path."""
   out = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
     for k in keys:
@@ -647,18 +658,18 @@ class StaticTx:
       does not read the parameters: the sparse update path may apply it to compact
       gradients (``is_shape_free``).
     needs_params: ``update`` reads the parameters (weight decay, ``needs_params``).
-    trace_form: heavy-ball momentum and schedules (``is_trace_form``): the step updates
-      the traces in place from the gradient's factors.
+    form: ``"trace"`` (momentum), ``"decay"`` (sgd with weight decay) or None
+      (``update_form``): the step applies the first two from the gradient's factors.
   """
 
-  __slots__ = ("tx", "shape_free", "needs_params", "trace_form", "_key")
+  __slots__ = ("tx", "shape_free", "needs_params", "form", "_key")
 
   def __init__(self, tx: optax.GradientTransformation, shape_free: bool):
     self.tx = tx
     self.needs_params = needs_params(tx)
     # An optimizer that reads the parameters needs the full-shape tree: never shape-free.
     self.shape_free = bool(shape_free) and not self.needs_params
-    self.trace_form = not self.shape_free and not self.needs_params and is_trace_form(tx)
+    self.form = None if self.shape_free else update_form(tx)
     self._key = (structure_key(tx), self.shape_free)
 
   @property

@@ -263,12 +263,12 @@ def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
 
   if state.tx.shape_free:  # the only path with no O(m n) pass
     new = _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok)
-  elif state.tx.trace_form:  # momentum: traces updated in place from G's factors
+  elif state.tx.form:  # momentum, weight decay: applied from G's factors, in place
     B, n_rows = batch.idx.shape[0], state.P.shape[0]
     G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
     ga = (jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
           if config.train_output else None)
-    new = _apply_trace(state, batch, G_T, ga, grad_bias, ok)
+    new = _apply_factored(state, batch, G_T, ga, grad_bias, ok)
   else:  # other stateful optimizers: full-shape gradients, P's from the touched rows only
     new = _apply_full_shape(state, _sparse_full_shape_grads(state, batch, idx, c, grad_a_rows,
                                                             grad_bias), ok)
@@ -493,8 +493,8 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
                           bias=grad_bias)
     updates, opt_state = _optimize(state, unit, ok)
     new = _apply_scalar(state, batch, coefficients(g * updates["P"]), updates, opt_state)
-  elif state.tx.trace_form:  # momentum: traces updated in place from G's factors
-    new = _apply_trace(state, batch, coefficients(g), ga, grad_bias, ok)
+  elif state.tx.form:  # momentum, weight decay: applied from G's factors, in place
+    new = _apply_factored(state, batch, coefficients(g), ga, grad_bias, ok)
   else:
     G_T = coefficients(g)                                           # (B, m)
     K_rows, K_rows_eval = batch.K_rows, batch.K_rows_eval
@@ -566,86 +566,133 @@ def _apply_full_shape(state: TrainState, grads: dict, ok: jax.Array) -> Updated:
                  _ordered_after(opt_state, (A_T, P, P_eval)), None, row_change)
 
 
-def _trace_coefficients(state: TrainState, ga: jax.Array | None, grad_bias: jax.Array,
-                        ok: jax.Array, keys: tuple[str, ...]):
-  """One optax update of a trace-form optimizer (``optim.is_trace_form``) with the tied
-  leaves (``keys``) replaced by two-entry probes.
 
-  Each tied trace enters as ``[1, 0]`` and its gradient as ``[0, 1]``: being linear with
-  ``s' = mu s + beta g`` and ``update = c s'``, the optimizer returns ``s' = [mu, beta]``
-  and ``update = [c mu, c beta]``, with its real step count and hyperparameters. The
-  output layer's leaves (``"a"``, ``"bias"``) go through with their real gradients.
+class Factored(NamedTuple):
+  """The scalars of a factored-form step (``_factored_coefficients``), masked by ``ok``."""
+  mu: jax.Array      # () trace decay: s' = mu s + beta g + nu w   ("trace" form)
+  beta: jax.Array    # () gradient coefficient
+  nu: jax.Array      # () parameter (weight decay) coefficient
+  c: jax.Array       # () update = c s' ("trace"); unused for "decay" (update = beta g + nu w)
+
+
+def _factored_coefficients(state: TrainState, ga: jax.Array | None, grad_bias: jax.Array,
+                           ok: jax.Array, keys: tuple[str, ...]):
+  """One optax update of a factored-form optimizer (``optim.update_form``) with the tied
+  leaves (``keys``) replaced by three-entry probes.
+
+  Each tied trace enters as ``[1, 0, 0]``, its gradient as ``[0, 1, 0]`` and its parameter as
+  ``[0, 0, 1]``. The optimizer being linear, a ``"trace"`` form returns ``s' = [mu, beta, nu]``
+  and ``update = c s'``, a ``"decay"`` form ``update = [0, beta, nu]``, with its real step
+  count and hyperparameters (schedules, swept momenta). The output layer's leaves
+  (``"a"``, ``"bias"``) go through with their real gradients and parameters.
 
   Returns:
-    ``(mu, beta, c, updates, opt_state, paths)``: scalars (``mu = 1``, ``beta = c = 0``
-    when ``ok`` is False: a skipped step keeps every trace), the masked updates of the
-    output layer, the new optimizer state with the probes still in the tied leaves'
-    places, and those places (``optim.tied_leaf_paths``).
+    ``(coefficients, updates, opt_state, paths)``: the ``Factored`` scalars (a skipped step,
+    ``ok`` False, gets ``mu = 1`` and zeros: every array and trace kept), the masked updates
+    of the output layer, the new optimizer state with the probes still in the tied traces'
+    places, and those places (``optim.tied_leaf_paths``; empty for ``"decay"``).
   """
-  paths = optim.tied_leaf_paths(state.opt_state, keys)
+  traced = state.tx.form == "trace"
+  paths = optim.tied_leaf_paths(state.opt_state, keys) if traced else {}
   dtype = state.projections.dtype
-  s_probe = jnp.array([1, 0], dtype)
-  g_probe = jnp.array([0, 1], dtype)
+  probe = lambda k: jnp.zeros((3,), dtype).at[k].set(1)  # noqa: E731
   leaves = dict(jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
   probe_state = jax.tree_util.tree_map_with_path(
-      lambda path, x: s_probe if path in paths.values() else x, state.opt_state)
-  grads = {k: g_probe for k in keys}
+      lambda path, x: probe(0) if path in paths.values() else x, state.opt_state)
+  grads = {k: probe(1) for k in keys}
+  params = {k: probe(2) for k in keys}
   if ga is not None:
-    grads["a"] = ga
+    grads["a"], params["a"] = ga, state.a
   if state.config.output_bias:
-    grads["bias"] = grad_bias
-  updates, opt_state = state.tx.update(grads, probe_state, None)
-  new_leaves = dict(jax.tree_util.tree_flatten_with_path(opt_state)[0])
-  s_new, u = new_leaves[paths["P"]], updates["P"]
-  mu, beta = s_new[0], s_new[1]
-  # c from the larger of mu and beta (both are exact multiples of it); c = 0 when both
-  # are zero, where s' = 0 whatever c.
-  big = jnp.abs(beta) >= jnp.abs(mu)
-  den = jnp.where(big, beta, mu)
-  c = jnp.where(den != 0, jnp.where(big, u[1], u[0]) / jnp.where(den != 0, den, 1), 0)
-  mu, beta, c = (jnp.where(ok, mu, 1).astype(dtype), jnp.where(ok, beta, 0).astype(dtype),
-                 jnp.where(ok, c, 0).astype(dtype))
+    grads["bias"], params["bias"] = grad_bias, state.bias
+  updates, opt_state = state.tx.update(grads, probe_state,
+                                       params if state.tx.needs_params else None)
+  zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
+  if traced:
+    s_new, u = dict(jax.tree_util.tree_flatten_with_path(opt_state)[0])[paths["P"]], updates["P"]
+    # c from the largest entry of s' (each entry of update is c times it); c = 0 when s' = 0.
+    k = jnp.argmax(jnp.abs(s_new))
+    c = jnp.where(s_new[k] != 0, u[k] / jnp.where(s_new[k] != 0, s_new[k], 1), 0)
+    mu, beta, nu = s_new[0], s_new[1], s_new[2]
+  else:
+    mu, beta, nu, c = one, updates["P"][1], updates["P"][2], zero
+  coefficients = Factored(*(jnp.where(ok, x, default).astype(dtype) for x, default in
+                            ((mu, one), (beta, zero), (nu, zero), (c, zero))))
   out = {k: jnp.where(ok, v, jnp.zeros_like(v)).astype(grads[k].dtype)
          for k, v in updates.items() if k not in keys}
   opt_state = jax.tree_util.tree_map_with_path(
       lambda path, new: new if path in paths.values()
       else jnp.where(ok, new, leaves[path]), opt_state)
-  return mu, beta, c, out, opt_state, paths
+  return coefficients, out, opt_state, paths
 
 
-def _apply_trace(state: TrainState, batch: Batch, G_T: jax.Array, ga: jax.Array | None,
-                 grad_bias: jax.Array, ok: jax.Array) -> Updated:
-  """A trace-form optimizer's step (heavy-ball momentum, ``optim.is_trace_form``) from the
-  gradient's factors: ``G_T (B, m)`` (the coefficients of the batch's points).
+def _apply_factored(state: TrainState, batch: Batch, G_T: jax.Array, ga: jax.Array | None,
+                    grad_bias: jax.Array, ok: jax.Array) -> Updated:
+  """A factored-form optimizer's step (momentum, weight decay; ``optim.update_form``) from
+  the gradient's factors: ``G_T (B, m)``, the coefficients of the batch's points.
 
-  With one trace ``s`` per tied leaf, ``s' = mu s + beta g`` and ``update = c s'``
-  (``_trace_coefficients``), the gradients are never formed: ``P``'s trace gets
-  ``beta K_rows^T G_T`` added in place by one product (``products.add_product``),
-  ``A``'s trace ``beta G_T`` on the batch's rows (``rows.add_rows``), and each array
-  ``c s'`` in one elementwise pass. No ``(m, n)`` temporary: a vmapped momentum sweep
-  allocated two per member (the gradients of ``A`` and ``P``), mapped fresh every step.
+  The gradients are never formed. With the scalars of ``_factored_coefficients``, each tied
+  array ``X`` (``A``, ``P``, ``P_eval``; the init's scale ``s`` has no gradient) and its
+  trace ``t`` become
+
+  * ``"trace"``: ``t' = (mu t + nu X) + beta g``, ``X' = X + c t'``;
+  * ``"decay"``: ``X' = (X + nu X) + beta g``;
+
+  where ``+ beta g`` is one product in place for ``P`` and ``P_eval`` (``K_rows^T (beta G)``;
+  with a trace, ``products.trace_product`` does all three piece by piece, so ``t`` and ``X``
+  cross memory once) and a scatter into the batch's rows for ``A`` (``rows.add_rows``). No
+  ``(m, n)`` temporary: a vmapped momentum sweep otherwise allocates two per member (the
+  gradients of ``A`` and ``P``), mapped fresh every step.
   """
-  keys = ("A", "P") + (("P_eval",) if state.P_eval is not None else ())
-  mu, beta, c, updates, opt_state, paths = _trace_coefficients(state, ga, grad_bias, ok, keys)
+  keys = (("A", "P") + (("P_eval",) if state.P_eval is not None else ())
+          + (("W0",) if state.tx.needs_params else ()))
+  f, updates, opt_state, paths = _factored_coefficients(state, ga, grad_bias, ok, keys)
   leaves = dict(jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
   dtype = state.projections.dtype
-  U = (beta * G_T).astype(dtype)                                    # (B, m)
+  U = (f.beta * G_T).astype(dtype)                                  # (B, m)
   K_rows, K_rows_eval = batch.K_rows, batch.K_rows_eval
-  s_P = mu * leaves[paths["P"]]
-  if state.layout == "points":   # (n, m) + (B, n)^T @ (B, m)
-    s_P = products.add_product_t(s_P, K_rows, U)
-  else:                          # (m, n) + (m, B) @ (B, n)
-    s_P = products.add_product(s_P, U.T, K_rows)
-  s_A = rows.add_rows(mu * leaves[paths["A"]], batch.idx, U)       # (n, m)
-  traces = {"A": s_A, "P": s_P}
-  P_eval = None
-  if state.P_eval is not None:
-    traces["P_eval"] = products.add_product(mu * leaves[paths["P_eval"]], U.T, K_rows_eval)
-    P_eval = state.P_eval + c * traces["P_eval"]
-  opt_state = jax.tree_util.tree_map_with_path(
-      lambda path, x: next((traces[k] for k, p in paths.items() if p == path), x), opt_state)
-  P = state.projections + c * s_P
-  row_change = jnp.abs(c) * jnp.max(jnp.abs(s_P), axis=0 if state.layout == "points" else 1)
+
+  def add_gradient(key, X):
+    if key == "P" and state.layout == "points":   # (n, m) + (B, n)^T @ (B, m)
+      return products.add_product_t(X, K_rows, U)
+    if key == "P":                                 # (m, n) + (m, B) @ (B, n)
+      return products.add_product(X, U.T, K_rows)
+    if key == "P_eval":
+      return products.add_product(X, U.T, K_rows_eval)
+    if key == "A":
+      return rows.add_rows(X, batch.idx, U)        # (n, m): the batch's rows
+    return X                                       # W0: no gradient
+
+  arrays = {"A": state.A_T, "P": state.projections, "P_eval": state.P_eval,
+            "W0": state.w0_scale}
+  coef = jnp.stack([f.mu, f.nu, f.c])                               # (3,)
+
+  def trace_step(key, t, X):  # (t', X'): one crossing of both (products.trace_product)
+    if key == "P" and state.layout == "points":
+      return products.trace_product_t(t, X, K_rows, U, coef)
+    if key in ("P", "P_eval"):
+      return products.trace_product(t, X, U.T, K_rows if key == "P" else K_rows_eval, coef)
+    t = add_gradient(key, f.mu * t + f.nu * X)     # A: beta G into the batch's rows
+    return t, X + f.c * t
+
+  new, traces = {}, {}
+  for k in keys:
+    X = arrays[k]
+    if paths:
+      traces[k], new[k] = trace_step(k, leaves[paths[k]], X)
+    else:
+      new[k] = add_gradient(k, X + f.nu * X)
+  if paths:
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, x: next((traces[k] for k, p in paths.items() if p == path), x), opt_state)
+    change = jnp.abs(f.c) * jnp.abs(traces["P"])
+  else:  # a bound: |nu X| plus the product's (as in _apply_scalar)
+    eps = jnp.finfo(K_rows.dtype).eps
+    product = (jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(U)) * (1 + 4 * (K_rows.shape[0] + 1) * eps)
+    axis = 0 if state.layout == "points" else 1
+    change = jnp.abs(f.nu) * jnp.max(jnp.abs(state.projections), axis=axis) + product
+  row_change = (jnp.max(change, axis=0 if state.layout == "points" else 1)
+                if change.ndim == 2 else change)
   a = state.a + updates["a"] if state.config.train_output else state.a
-  return Updated(state.A_T + c * s_A, P, a, P_eval, _new_bias(state, updates), state.w0_scale,
-                 opt_state, None, row_change)
+  return Updated(new["A"], new["P"], a, new.get("P_eval"), _new_bias(state, updates),
+                 new.get("W0", state.w0_scale), opt_state, None, row_change)

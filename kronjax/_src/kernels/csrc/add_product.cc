@@ -175,13 +175,49 @@ struct Operands {
   const char* sparse;    // per member: G mostly zero
   int64_t rows, cols, k;
   bool transposed;
+  // The trace form (TraceProduct), else null: Y (batch, rows, cols) in place, and per
+  // member three scalars (mu, nu, c): X = mu X + nu Y before the product, Y += c X after.
+  T* y = nullptr;
+  const T* const* coef = nullptr;
 
-  // Whether member s is split by rows of X (else by columns): the longer side.
-  bool ByRows(int64_t s) const { return sparse[s] || rows >= cols; }
+  // Whether member s is split by rows of X (else by columns): the longer side; always rows
+  // in the trace form, whose elementwise passes want contiguous pieces.
+  bool ByRows(int64_t s) const { return sparse[s] || y != nullptr || rows >= cols; }
   int64_t Lines(int64_t s) const { return ByRows(s) ? rows : cols; }
+
+  // f(x_row, y_row, n) over the piece [lo, hi) of member s: rows, or a block of columns.
+  template <typename F>
+  void EachRun(int64_t s, int64_t lo, int64_t hi, F f) const {
+    T* x = o + s * rows * cols;
+    T* ys = y + s * rows * cols;
+    if (ByRows(s)) {
+      f(x + lo * cols, ys + lo * cols, (hi - lo) * cols);
+    } else {
+      for (int64_t j = 0; j < rows; ++j) f(x + j * cols + lo, ys + j * cols + lo, hi - lo);
+    }
+  }
 
   void Run(int64_t s, int64_t lo, int64_t hi) const {
     if (hi <= lo) return;
+    if (y == nullptr) return Product(s, lo, hi);
+    const T mu = coef[s][0], nu = coef[s][1], c = coef[s][2];
+    // Each piece is scaled, multiplied into and read back while it is in cache: X and Y
+    // cross memory once (a sweep of separate passes crossed it three times).
+    EachRun(s, lo, hi, [&](T* __restrict__ xs, const T* __restrict__ ys, int64_t n) {
+      if (nu != T(0)) {
+        for (int64_t i = 0; i < n; ++i) xs[i] = mu * xs[i] + nu * ys[i];
+      } else if (mu != T(1)) {
+        for (int64_t i = 0; i < n; ++i) xs[i] = mu * xs[i];
+      }
+    });
+    Product(s, lo, hi);
+    if (c == T(0)) return;
+    EachRun(s, lo, hi, [&](const T* __restrict__ xs, T* __restrict__ ys, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) ys[i] += c * xs[i];
+    });
+  }
+
+  void Product(int64_t s, int64_t lo, int64_t hi) const {
     T* x = o + s * rows * cols;
     const T *gs = g[s], *rs = r[s];
     // G's entry (j, b): gs[j * g_row + b * g_col].
@@ -209,8 +245,10 @@ struct Operands {
 // product is X + G^T @ R (the point-major P's Gram rows, K[S, :] (B, n), need no
 // transposed copy: BLAS reads them transposed).
 template <ffi::DataType DT, bool kTransposedG>
-ffi::Error AddProduct(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<DT> g, ffi::Buffer<DT> r,
-                      ffi::Result<ffi::Buffer<DT>> out) {
+ffi::Error AddProductCore(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<DT> g,
+                          ffi::Buffer<DT> r, ffi::Result<ffi::Buffer<DT>> out,
+                          const ffi::Buffer<DT>* y_buf, const ffi::Buffer<DT>* coef_buf,
+                          ffi::Result<ffi::Buffer<DT>>* y_out) {
   using T = ffi::NativeType<DT>;
   const GemmFn<T> fn = gemm<T>();
   if (fn == nullptr) return ffi::Error::Internal("kronjax add_product: BLAS gemm was never set");
@@ -232,10 +270,29 @@ ffi::Error AddProduct(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<D
   if (rows > big || cols > big || k > big)
     return ffi::Error::InvalidArgument("kronjax add_product: a dimension exceeds the BLAS int range");
 
+  std::vector<const T*> coefs(batch);
+  T* y = nullptr;
+  if (y_buf != nullptr) {
+    const auto yd = y_buf->dimensions(), cd = coef_buf->dimensions();
+    if (yd.size() != rank || cd.size() != rank - 1 || cd[rank - 2] != 3)
+      return ffi::Error::InvalidArgument("kronjax trace_product: Y must be X's shape, coef (..., 3)");
+    for (size_t i = 0; i < rank; ++i)
+      if (yd[i] != xd[i]) return ffi::Error::InvalidArgument("kronjax trace_product: Y must be X's shape");
+    for (size_t i = 0; i + 2 < rank; ++i)
+      if (cd[i] != 1 && cd[i] != xd[i])
+        return ffi::Error::InvalidArgument("kronjax trace_product: coef's leading dimensions must match X's or be 1");
+    std::vector<int64_t> lead(cd.begin(), cd.end());
+    lead.push_back(1);  // coef (..., 3) read as (..., 3, 1) for BroadcastOffset
+    for (int64_t s = 0; s < batch; ++s)
+      coefs[s] = coef_buf->typed_data() + BroadcastOffset(s, xd, lead) * 3;
+    y = (*y_out)->typed_data();
+    if (y != y_buf->typed_data()) std::memcpy(y, y_buf->typed_data(), sizeof(T) * batch * rows * cols);
+  }
   const T* x = x_buf.typed_data();
   T* o = out->typed_data();
   if (o != x) std::memcpy(o, x, sizeof(T) * batch * rows * cols);  // XLA could not alias
-  if (k == 0 || rows == 0 || cols == 0) return ffi::Error::Success();
+  if (rows == 0 || cols == 0) return ffi::Error::Success();
+  if (k == 0 && y == nullptr) return ffi::Error::Success();
 
   std::vector<const T*> gs(batch), rs(batch);
   std::vector<char> sparse(batch);
@@ -244,7 +301,9 @@ ffi::Error AddProduct(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<D
     rs[s] = r.typed_data() + BroadcastOffset(s, xd, rd) * k * cols;
     sparse[s] = MostlyZero(gs[s], rows * k);
   }
-  const Operands<T> ops{o, gs.data(), rs.data(), sparse.data(), rows, cols, k, kTransposedG};
+  Operands<T> ops{o, gs.data(), rs.data(), sparse.data(), rows, cols, k, kTransposedG};
+  ops.y = y;
+  ops.coef = coefs.data();
   if (!SerialBlas::Possible()) {  // BLAS threads each gemm itself: one call per member
     for (int64_t s = 0; s < batch; ++s) ops.Run(s, 0, ops.Lines(s));
     return ffi::Error::Success();
@@ -268,6 +327,21 @@ ffi::Error AddProduct(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<D
     }
   });
   return ffi::Error::Success();
+}
+
+template <ffi::DataType DT, bool kTransposedG>
+ffi::Error AddProduct(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g, ffi::Buffer<DT> r,
+                      ffi::Result<ffi::Buffer<DT>> out) {
+  return AddProductCore<DT, kTransposedG>(pool, x, g, r, out, nullptr, nullptr, nullptr);
+}
+
+// The trace form: X = mu X + nu Y; X += G @ R (or G^T @ R); Y += c X, piece by piece.
+// X is a momentum trace, Y its array (P), coef (..., 3) the step's (mu, nu, c).
+template <ffi::DataType DT, bool kTransposedG>
+ffi::Error TraceProduct(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> y,
+                        ffi::Buffer<DT> g, ffi::Buffer<DT> r, ffi::Buffer<DT> coef,
+                        ffi::Result<ffi::Buffer<DT>> x_out, ffi::Result<ffi::Buffer<DT>> y_out) {
+  return AddProductCore<DT, kTransposedG>(pool, x, g, r, x_out, &y, &coef, &y_out);
 }
 
 }  // namespace
@@ -312,3 +386,22 @@ KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f32, ffi::DataType::F32, false)
 KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_f64, ffi::DataType::F64, false)
 KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_t_f32, ffi::DataType::F32, true)
 KRONJAX_ADD_PRODUCT_HANDLER(kronjax_add_product_t_f64, ffi::DataType::F64, true)
+
+// The trace form: the thread pool, X (the trace), Y (the array), G, R, coef in; X and Y
+// (aliased) out.
+#define KRONJAX_TRACE_PRODUCT_HANDLER(name, DT, transposed)                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (TraceProduct<DT, transposed>),         \
+                                ffi::Ffi::Bind()                              \
+                                    .Ctx<ffi::ThreadPool>()                   \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Ret<ffi::Buffer<DT>>()                   \
+                                    .Ret<ffi::Buffer<DT>>());
+
+KRONJAX_TRACE_PRODUCT_HANDLER(kronjax_trace_product_f32, ffi::DataType::F32, false)
+KRONJAX_TRACE_PRODUCT_HANDLER(kronjax_trace_product_f64, ffi::DataType::F64, false)
+KRONJAX_TRACE_PRODUCT_HANDLER(kronjax_trace_product_t_f32, ffi::DataType::F32, true)
+KRONJAX_TRACE_PRODUCT_HANDLER(kronjax_trace_product_t_f64, ffi::DataType::F64, true)
