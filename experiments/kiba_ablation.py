@@ -66,10 +66,10 @@ class Params:
   n_train: int = 20000
   n_eval: int = 5000               # validation and test pairs drawn, each
   width: int = 512
-  learning_rates: tuple[float, ...] = (64.0, 160.0)
+  learning_rates: tuple[float, ...] = (160.0, 400.0)
   thresholds: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
   weight_decays: tuple[float, ...] = (1e-6, 1e-5)
-  bias_learning_rate: float = 0.02
+  bias_learning_rates: tuple[float, ...] = (0.05, 0.5)
   batch_size: int = 64
   epochs: int = 6
   ridge_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
@@ -82,11 +82,13 @@ class Params:
     kiba_experiment.Params(drug_features=self.drug_features,
                            target_features=self.target_features,
                            validation_fold=self.validation_fold)
-    for name in ("learning_rates", "thresholds", "weight_decays", "ridge_lambdas"):
+    for name in ("learning_rates", "thresholds", "weight_decays", "bias_learning_rates",
+                 "ridge_lambdas"):
       if not getattr(self, name):
         raise ValueError(f"params.{name} must list at least one value.")
-    if not self.bias_learning_rate > 0:
-      raise ValueError(f"params.bias_learning_rate must be > 0, got {self.bias_learning_rate}.")
+    if not all(lr > 0 for lr in self.bias_learning_rates):
+      raise ValueError(f"params.bias_learning_rates must all be > 0, got "
+                       f"{self.bias_learning_rates}.")
 
 
 def _peak_mib() -> float:
@@ -126,7 +128,7 @@ def splits(p: Params, data) -> dict[str, dict[str, np.ndarray]]:
 
 def _grid(p: Params) -> ablation.Grid:
   return ablation.Grid(width=p.width, learning_rates=p.learning_rates, thresholds=p.thresholds,
-                       weight_decays=p.weight_decays, bias_learning_rate=p.bias_learning_rate,
+                       weight_decays=p.weight_decays, bias_learning_rates=p.bias_learning_rates,
                        batch_size=p.batch_size, epochs=p.epochs, seed=p.seed)
 
 
@@ -142,8 +144,8 @@ def regime_run(p: Params, data, s: dict, tables, progress: bool,
   for option in options:
     scores = {k: option.get(k, float("nan")) for k in ("validation_mse", "validation_ci",
                                                        "test_mse", "test_ci")}
-    chosen = {k: option[k] for k in ("learning_rate", "threshold", "weight_decay", "epoch")
-              if k in option}
+    chosen = {k: option[k] for k in ("learning_rate", "threshold", "weight_decay",
+                                     "bias_learning_rate", "epoch") if k in option}
     methods[option["method"]] = {**scores, "chosen": chosen}
   return {"n_train": len(s["train"]), "n_val": len(s["val"]), "n_test": len(s["test"]),
           "drugs_in_train": int(len(np.unique(data.pairs[s["train"], 0]))),

@@ -44,14 +44,14 @@ def _split(seed=0) -> ablation.Split:
 
 
 GRID = ablation.Grid(width=8, learning_rates=(0.5, 2.0), thresholds=(0.0, 0.4),
-                     weight_decays=(1e-3,), bias_learning_rate=0.1, batch_size=4, epochs=2)
+                     weight_decays=(1e-3,), bias_learning_rates=(0.1, 0.5), batch_size=4, epochs=2)
 METRICS = {"mse": lambda y, p: float(np.mean((y - p) ** 2)),
            "mae": lambda y, p: float(np.mean(np.abs(y - p)))}
 
 
 def _dense_tx(variant, row):
   if variant.output_bias:
-    return ablation._sgd_with_bias(row["learning_rate"], GRID.bias_learning_rate)  # pylint: disable=protected-access
+    return ablation._sgd_with_bias(row["learning_rate"], row["bias_learning_rate"])  # pylint: disable=protected-access
   if any(variant.weight_decays):
     return ablation._sgd(row["learning_rate"], row["weight_decay"])  # pylint: disable=protected-access
   return optax.sgd(row["learning_rate"])
@@ -103,14 +103,16 @@ def test_sweep_rows_match_dense_sgd(x64, variant):
   split = _split()
   rows = ablation.sweep_run(GRID, variant, split, METRICS)
   members = (len(variant.learning_rates or GRID.learning_rates) * len(variant.thresholds)
-             * len(variant.weight_decays))
+             * len(variant.weight_decays)
+             * (len(GRID.bias_learning_rates) if variant.output_bias else 1))
   assert len(rows) == members * GRID.epochs
   assert sorted({r["epoch"] for r in rows}) == [1, 2]
   if variant.name == "defaults":
     assert {r["threshold"] for r in rows} == {GRID.default_threshold, 0.0}
   dense_runs = {}
   for row in rows:
-    member = (row["learning_rate"], row["threshold"], row["weight_decay"])
+    member = (row["learning_rate"], row["threshold"], row["weight_decay"],
+              row.get("bias_learning_rate"))
     if member not in dense_runs:
       dense_runs[member] = _dense_scores(split, variant, row)
     for key, value in dense_runs[member][row["epoch"]].items():
@@ -208,7 +210,8 @@ def test_cold_split_holds_out_whole_drugs():
     ("validation_fold", 5, "validation_fold must be in"),
     ("learning_rates", (), "learning_rates must list at least one value"),
     ("n_train", 0, "n_train"),
-    ("bias_learning_rate", 0.0, "bias_learning_rate must be > 0"),
+    ("bias_learning_rates", (0.1, 0.0), "bias_learning_rates must all be > 0"),
+    ("bias_learning_rates", (), "bias_learning_rates must list at least one value"),
 ])
 def test_bad_params(field, value, match):
   with pytest.raises(ValueError, match=match):

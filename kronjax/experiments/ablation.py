@@ -16,7 +16,7 @@ test scores are recorded beside it and never used to choose. The options
   ``b`` of the grid with the mirrored start;
 * at the best ``b`` and learning rate of the curve: weight decay (``optax.add_decayed_weights``),
   and an output bias (``Config(output_bias=True)``) on the raw labels with its own learning
-  rate.
+  rates (a member each).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Grid:
   learning_rates: tuple[float, ...]
   thresholds: tuple[float, ...]
   weight_decays: tuple[float, ...]
-  bias_learning_rate: float
+  bias_learning_rates: tuple[float, ...]   # the output bias's own, one member each
   batch_size: int
   epochs: int
   seed: int = 0
@@ -96,8 +96,8 @@ def _members(grid: Grid, variant: Variant):
   axes = {"learning_rate": list(variant.learning_rates or grid.learning_rates),
           "threshold": thresholds}
   if variant.output_bias:
-    tx = optax.inject_hyperparams(_sgd_with_bias)(learning_rate=1.0,
-                                                  bias_learning_rate=grid.bias_learning_rate)
+    tx = optax.inject_hyperparams(_sgd_with_bias)(learning_rate=1.0, bias_learning_rate=1.0)
+    axes["bias_learning_rate"] = list(grid.bias_learning_rates)
   elif any(variant.weight_decays):
     # Decay reads the parameters, so every step is O(m n): only when the variant asks for it.
     tx = optax.inject_hyperparams(_sgd)(learning_rate=1.0, weight_decay=0.0)
