@@ -215,7 +215,7 @@ def test_experiment_smoke(tmp_path, monkeypatch):
   methods = [row["method"] for row in result["table"]]
   assert methods[:4] == ["global mean", "user + item biases", "KronRLS (same entity kernels)",
                          "gradient-boosted trees (side features)"]
-  assert sum(m.startswith("kronjax") for m in methods) == 6
+  assert sum(m.startswith("kronjax") for m in methods) == 7
   for row in result["table"]:
     for key in ("warm test RMSE", "cold test RMSE", "warm validation RMSE"):
       assert np.isfinite(row[key]) and row[key] > 0, (row["method"], key)
@@ -229,6 +229,9 @@ def test_experiment_smoke(tmp_path, monkeypatch):
     name = "kronjax centered, best b of the curve"
     rows = [r for r in m["sweep"] if r["variant"] == "centered"]
     assert m["methods"][name]["val_rmse"] == min(r["validation_rmse"] for r in rows)
+    kron = [v for k, v in m["methods"].items() if k.startswith("kronjax")]
+    assert m["methods"]["kronjax, the best of the above on validation"] == min(
+        kron[:-1], key=lambda v: v["val_rmse"])
   assert (tmp_path / result["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
