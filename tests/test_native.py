@@ -264,7 +264,9 @@ f = lambda *shape: rng.normal(size=shape)
 G = f(S, K, n)
 ops = dict(X=f(S, n, m), U=f(S, len(idx), m), b=f(S) * 0.3, a=f(S, m, C), g=f(S, len(idx), C),
            P=f(S, K, m), G=G, Gs=np.where(rng.random(G.shape) < 0.03, G, 0.0), Gt=f(S, n, K),
-           R=f(1, n, m), Y=f(S, K, m), coef=f(S, 3))
+           R=f(1, n, m), Y=f(S, K, m), coef=f(S, 3),
+           Tr=np.stack([np.concatenate([rng.permutation(K)[:40], K + np.arange(2)])
+                        for _ in range(S)]).astype(np.int32), Ur=f(S, 42, 3), R3=f(1, 3, m))
 
 def relu_rows(X, b, a):
   Z, b = X[:, read], b[:, None, None]
@@ -275,7 +277,7 @@ def traced(t, y, product, coef):  # the trace form's expression: (mu t + nu y + 
   t = mu * t + nu * y + product
   return t, y + c * t
 
-def cases(X, U, b, a, g, P, G, Gs, Gt, R, Y, coef):  # name: (kernel's result, the jnp expression's)
+def cases(X, U, b, a, g, P, G, Gs, Gt, R, Y, coef, Tr, Ur, R3):  # name: (kernel's, jnp's)
   i = jnp.asarray(idx)
   Gt_T = jnp.swapaxes(Gt, 1, 2)
   out = dict(add_product=(native.add_product(P, G, R), P + G @ R),
@@ -285,7 +287,10 @@ def cases(X, U, b, a, g, P, G, Gs, Gt, R, Y, coef):  # name: (kernel's result, t
              trace_product_sparse=(native.trace_product(P, Y, Gs, R, coef[:1]),
                                    traced(P, Y, Gs @ R, jnp.broadcast_to(coef[:1], coef.shape))),
              trace_product_t=(native.trace_product(P, Y, Gt, R, coef, transpose_g=True),
-                              traced(P, Y, Gt_T @ R, coef)))
+                              traced(P, Y, Gt_T @ R, coef)),
+             add_rows_product=(native.add_rows_product(P, Tr, Ur, R3),
+                               jax.vmap(lambda p, t, u: p.at[t].add(u @ R3[0], mode="drop"))(
+                                   P, Tr, Ur)))
   for s in (S, 1):  # two members, one member
     x, u, b_, a_, g_ = X[:s], U[:s], b[:s], a[:s], g[:s]
     out[f"take_rows {{s}}"] = native.take_rows(x, i), x[:, read]
@@ -330,7 +335,7 @@ def test_every_kernel_at_sizes_that_split_over_threads(tmp_path, threads):
   lines = proc.stdout.splitlines()
   assert f"THREADS {threads}" in lines
   errors = {l.split()[1]: float(l.split()[2]) for l in lines if l.startswith("ERR ")}
-  assert len(errors) == 6 + 2 * 6
+  assert len(errors) == 7 + 2 * 6
   assert max(errors.values()) < 1e-12, errors
 
 

@@ -1,9 +1,10 @@
-"""The sparse path's touched-row update in blocks (``step.add_touched_rows_product``).
+"""The sparse path's touched-row update (``rows.add_rows_product``): the native kernel row by
+row, and XLA's expression in blocks of rows.
 
-At large n the whole ``(T, n)`` update would be mapped fresh every step, so the step forms
-it a block of rows at a time. The blocks must change nothing: float64 against dense SGD with
-blocks of a few rows (the block size patched down), the bucketed index (which reads each
-row's change), eval points, schedules and sweeps.
+At large n the whole ``(T, n)`` update would be mapped fresh every step, so neither forms it
+whole. Neither may change anything: float64 against dense SGD with the native kernel and with
+XLA's blocks of a few rows (the block size patched down), the bucketed index (which reads each
+row's change), eval points and schedules.
 """
 
 import jax
@@ -13,7 +14,9 @@ import optax
 import pytest
 
 import kronjax
-from kronjax._src.step import step as step_lib
+from kronjax._src.kernels import dispatch
+from kronjax._src.kernels import native
+from kronjax._src.kernels import rows
 from reference import rel_err, run_pair
 
 
@@ -23,9 +26,9 @@ def _blocked(block_bytes: int) -> bool:
   X, K = jnp.zeros((11, 40)), jnp.zeros((3, 40))
   T, U = jnp.arange(9, dtype=jnp.int32), jnp.zeros((9, 3))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(step_lib, "_BLOCK_BYTES", block_bytes)
+    mp.setattr(rows, "_BLOCK_BYTES", block_bytes)
     jax.clear_caches()
-    text = jax.jit(step_lib.add_touched_rows_product).lower(X, T, U, K).as_text()
+    text = jax.jit(rows._rows_product_of).lower(X, T, U, K).as_text()
   jax.clear_caches()
   return "while" in text
 
@@ -33,13 +36,13 @@ def _blocked(block_bytes: int) -> bool:
 @pytest.fixture
 def tiny_blocks(monkeypatch):
   """Blocks of three rows for the n = 40 points of these tests (float64)."""
-  monkeypatch.setattr(step_lib, "_BLOCK_BYTES", 3 * 40 * 8)
+  monkeypatch.setattr(rows, "_BLOCK_BYTES", 3 * 40 * 8)
   jax.clear_caches()   # traces from earlier tests were made with the real block size
   yield
   jax.clear_caches()
 
 
-def test_blocks_equal_one_product():
+def test_blocks_equal_one_product(x64):
   rng = np.random.default_rng(0)
   m, n, B, cap = 11, 40, 3, 9
   X = jnp.asarray(rng.normal(size=(m, n)))
@@ -47,21 +50,36 @@ def test_blocks_equal_one_product():
   U = jnp.asarray(rng.normal(size=(cap, B))).at[5:].set(0.0)
   K = jnp.asarray(rng.normal(size=(B, n)))
   want_X = X.at[T[:5]].add(U[:5] @ K)
-  want_change = jnp.concatenate([jnp.max(jnp.abs(U[:5] @ K), axis=1), jnp.zeros(4)])
+  exact_change = jnp.concatenate([jnp.max(jnp.abs(U[:5] @ K), axis=1), jnp.zeros(4)])
+  bound = jnp.abs(U) @ jnp.max(jnp.abs(K), axis=1)
+
+  def check(got_X, got_change):
+    np.testing.assert_allclose(got_X, want_X, rtol=1e-14, atol=1e-14)
+    assert np.all(np.asarray(got_change) >= np.asarray(exact_change))   # a bound on the change
+    np.testing.assert_allclose(got_change, bound, rtol=1e-12)
+
+  check(*jax.jit(rows.add_rows_product)(X, T, U, K))                  # the native kernel on CPU
   for block_bytes in (1, 2 * n * 8, 4 * n * 8, 10**9):  # one row, two, four, one block
     assert _blocked(block_bytes) == (block_bytes < cap * n * 8)
-    with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(step_lib, "_BLOCK_BYTES", block_bytes)
+    with pytest.MonkeyPatch.context() as mp, dispatch.disabled():
+      mp.setattr(rows, "_BLOCK_BYTES", block_bytes)
       jax.clear_caches()
-      got_X, got_change = jax.jit(step_lib.add_touched_rows_product)(X, T, U, K)
+      got = jax.jit(rows.add_rows_product)(X, T, U, K)
     jax.clear_caches()
-    np.testing.assert_allclose(got_X, want_X, rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(got_change, want_change, rtol=1e-14, atol=1e-14)
+    check(*got)
 
 
 @pytest.mark.parametrize("index", ["scan", "bucketed"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_sparse_steps_in_blocks_match_dense_sgd(x64, tiny_blocks, index, batch):
+@pytest.mark.parametrize("use_native", [True, False])
+def test_sparse_steps_match_dense_sgd(x64, tiny_blocks, index, batch, use_native):
+  if use_native and not native.available():
+    pytest.skip(f"native kernel unavailable: {native.info()['reason']}")
+  with dispatch.using(use_native):
+    _check_sparse_steps(index, batch)
+
+
+def _check_sparse_steps(index, batch):
   key = jax.random.PRNGKey(0)
   data, labels = kronjax.data.planted(key, 60, (4, 6), task="regression", rank=1)
   train, held = data.subset(np.arange(40)), data.subset(np.arange(40, 60))
@@ -76,3 +94,24 @@ def test_sparse_steps_in_blocks_match_dense_sgd(x64, tiny_blocks, index, batch):
   held_W = dstate.params["W"] @ held.materialize().T                 # (m, n_e)
   assert rel_err(state.P_eval, held_W) < 1e-9
   assert float(jnp.max(jnp.abs(state.A))) > 1e-3
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("in_axes", [(0, 0, 0, None), (0, 0, 0, 0), (None, 0, 0, None),
+                                     (0, None, 0, None)])
+def test_vmapped_members_each_update_their_own_rows(x64, use_native, in_axes):
+  """A sweep's members: their own touched rows and coefficients, the Gram rows shared."""
+  if use_native and not native.available():
+    pytest.skip(f"native kernel unavailable: {native.info()['reason']}")
+  rng = np.random.default_rng(1)
+  S, m, n, B, cap = 3, 13, 40, 4, 6
+  X = jnp.asarray(rng.normal(size=(S, m, n)))
+  T = jnp.asarray([np.concatenate([np.sort(rng.choice(m, 4, replace=False)), m + np.arange(2)])
+                   for _ in range(S)], jnp.int32)
+  U = jnp.asarray(rng.normal(size=(S, cap, B))).at[:, 4:].set(0.0)
+  K = jnp.asarray(rng.normal(size=(S, B, n)))
+  args = tuple(a if ax == 0 else a[0] for a, ax in zip((X, T, U, K), in_axes))
+  with dispatch.using(use_native):
+    got_X, _ = jax.jit(jax.vmap(rows.add_rows_product, in_axes=in_axes))(*args)
+  want = jax.vmap(lambda x, t, u, k: x.at[t].add(u @ k, mode="drop"), in_axes=in_axes)(*args)
+  np.testing.assert_allclose(got_X, want, rtol=1e-13, atol=1e-13)

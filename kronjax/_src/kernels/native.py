@@ -86,7 +86,7 @@ HEADERS = (_CSRC / "parallel.h",)
 FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-Wall")
 MODES = ("auto", "off", "require")
 KERNELS = ("add_product", "add_product_t", "trace_product", "trace_product_t", "take_rows",
-           "add_rows", "relu_rows", "relu_rows_grad")
+           "add_rows", "add_rows_product", "relu_rows", "relu_rows_grad")
 POOL_THREADS = "kronjax_pool_threads"  # a probe: the threads the row kernels split over
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
@@ -449,6 +449,28 @@ def add_rows(X: jax.Array, idx: jax.Array, U: jax.Array) -> jax.Array:
   call = jax.ffi.ffi_call(_target("add_rows", X.dtype), jax.ShapeDtypeStruct(X.shape, X.dtype),
                           input_output_aliases={0: 0}, vmap_method="broadcast_all")
   return call(X, idx, U)
+
+
+def add_rows_product(X: jax.Array, T: jax.Array, U: jax.Array, R: jax.Array) -> jax.Array:
+  """``X[..., T, :] += U @ R`` in place on CPU: the sparse step's touched rows.
+
+  ``X (..., n, m)``, ``T (..., Tc)`` int32 row ids (out of range: dropped), ``U (..., Tc, B)``,
+  ``R (..., B, m)`` with ``X``'s leading dimensions or all 1 (shared); a member's ids unique. Each row is read and
+  written once, one axpy per nonzero of its ``U`` row; no ``(Tc, m)`` temporary. The result
+  aliases ``X``.
+  """
+  lead = X.shape[:-2]
+  if (np.dtype(X.dtype) not in _SUFFIX or X.ndim < 2 or U.dtype != X.dtype or R.dtype != X.dtype
+      or np.dtype(T.dtype) != np.dtype(np.int32) or T.shape[:-1] != lead
+      or U.shape != (*lead, T.shape[-1], R.shape[-2]) or R.shape[-1] != X.shape[-1]
+      or R.ndim != X.ndim or R.shape[:-2] not in (lead, (1,) * len(lead))):
+    raise TypeError(f"native.add_rows_product needs X (..., n, m), T (..., Tc) int32, U (..., Tc, B) "
+                    f"and R (..., B, m) of one float dtype, got X {X.dtype}{X.shape}, T "
+                    f"{T.dtype}{T.shape}, U {U.dtype}{U.shape}, R {R.dtype}{R.shape}.")
+  call = jax.ffi.ffi_call(_target("add_rows_product", X.dtype),
+                          jax.ShapeDtypeStruct(X.shape, X.dtype),
+                          input_output_aliases={0: 0}, vmap_method="broadcast_all")
+  return call(X, T, U, R)
 
 
 def _check_hidden(name: str, X: jax.Array, idx: jax.Array, b: jax.Array, a: jax.Array,

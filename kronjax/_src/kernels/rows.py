@@ -9,6 +9,7 @@ matrix (``state.projections`` in the ``"points"`` layout, or ``state.A_T``).
                                               active=#(X[idx] > b))         (B,)
     relu_rows_grad(X, idx, b, a, g)
                                    where(X[idx] > b, g @ a^T, 0)            (B, m)
+    add_rows_product(X, T, U, R)   X.at[T].add(U @ R), a bound on its rows  (m, n), (T,)
 
 Each equals its plain ``jax.numpy`` expression (``*_of`` below) up to float
 rounding order. Why they exist: under ``jax.vmap`` over a sweep the members
@@ -167,3 +168,97 @@ def relu_rows_grad(X: jax.Array, idx: Any, b: Any, a: jax.Array, g: jax.Array) -
   """
   return _relu_rows_grad(X, _index(idx), jnp.asarray(b, X.dtype), a.astype(X.dtype),
                          g.astype(X.dtype))
+
+
+# ----------------------------------------------------------------------------- touched rows
+
+def add_sorted_rows(X: jax.Array, T: jax.Array, rows_update: jax.Array) -> jax.Array:
+  """``X[T] += rows_update`` for sorted unique row ids ``T (T_cap,)`` padded with distinct
+  out-of-range ids (dropped): the promise lets XLA write in place, copy-free."""
+  return X.at[T].add(rows_update, mode="drop", indices_are_sorted=True, unique_indices=True)
+
+
+# Bytes of one block of touched rows' updates in the XLA expression of ``add_rows_product``:
+# under glibc's smallest dynamic mmap threshold, so the block's temporary comes from the heap.
+_BLOCK_BYTES = 4 * 2**20
+
+
+def _rows_product_of(X, T, U, R):
+  """``add_rows_product``'s expression, a block of rows at a time.
+
+  Why blocks: the whole ``(T_cap, n)`` update would be the step's largest temporary. Above
+  glibc's mmap threshold (at most 32 MiB) it is mapped fresh, and page-faulted, on every
+  step: at n = 10^5 that costs ten times the update itself. Blocks of at most
+  ``_BLOCK_BYTES`` come from the heap. A block of padding only (``T`` is sorted, padding
+  last) computes nothing.
+  """
+  cap, n = U.shape[0], R.shape[-1]
+  rows = X.shape[0]
+  per_block = max(1, _BLOCK_BYTES // max(1, n * X.dtype.itemsize))
+  if per_block >= cap:
+    return add_sorted_rows(X, T, (U @ R).astype(X.dtype))         # (T_cap, n) update
+  blocks = -(-cap // per_block)
+  pad = blocks * per_block - cap
+  T_blocks = jnp.concatenate([T, rows + cap + jnp.arange(pad, dtype=T.dtype)])
+  T_blocks = T_blocks.reshape(blocks, per_block)                    # still sorted and unique
+  U_blocks = jnp.pad(U, ((0, pad), (0, 0))).reshape(blocks, per_block, U.shape[1])
+
+  def block(X, t_u):
+    t, u = t_u
+    delta = jax.lax.cond(t[0] < rows, lambda u: (u @ R).astype(X.dtype),
+                         lambda u: jnp.zeros((per_block, n), X.dtype), u)
+    return add_sorted_rows(X, t, delta), None
+
+  return jax.lax.scan(block, X, (T_blocks, U_blocks))[0]
+
+
+def _rows_product_supports(X, T, U, R) -> bool:
+  return (native.supports_rows(X, T.reshape(-1)) and U.dtype == X.dtype
+          and R.dtype == X.dtype)
+
+
+def _rows_product_rule(op, axis_size, in_batched, X, T, U, R):
+  """Members' X, T and U stacked (broadcast where shared), R shared when it is: one call."""
+  del op
+  in_axes = tuple(0 if b else None for b in in_batched)
+
+  def batched(X, T, U, R):
+    return jax.vmap(_rows_product_of, in_axes=in_axes)(X, T, U, R)
+
+  def cpu(X, T, U, R):
+    if not dispatch.native_ok(_rows_product_supports(X, T, U, R)):
+      return batched(X, T, U, R)
+    full = lambda v, b: v if b else jnp.broadcast_to(v, (axis_size, *v.shape))  # noqa: E731
+    bx, bt, bu, br = in_batched
+    return native.add_rows_product(full(X, bx), full(T, bt), full(U, bu),
+                                   R if br else R[None])
+
+  return dispatch.by_platform(X, T, U, R, cpu=cpu, default=batched)
+
+
+_add_rows_product = dispatch.op(_rows_product_of, native.add_rows_product,
+                                _rows_product_supports, _rows_product_rule)
+
+
+def add_rows_product(X: jax.Array, T: jax.Array, U: jax.Array,
+                     R: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``X[T] += U @ R`` and a bound on each row's change: the sparse step's touched rows.
+
+  Args:
+    X: ``(m, n)``.
+    T: ``(T_cap,)`` int32 sorted unique row ids, padded with distinct out-of-range ids.
+    U: ``(T_cap, B)`` coefficients, zero on padding.
+    R: ``(B, n)`` the batch's Gram rows.
+
+  Returns:
+    ``(X, change)``: ``X`` updated and ``change (T_cap,)``, an upper bound on
+    ``max_j |(U @ R)[t, j]|`` (what the threshold index needs): ``sum_b |U[t, b]| max_j
+    |R[b, j]|``, widened by the rounding of both sums.
+
+  On CPU the native kernel reads and writes each touched row once, one axpy per nonzero
+  coefficient; elsewhere XLA forms the update a block of rows at a time
+  (``_rows_product_of``). Neither holds the whole ``(T_cap, n)`` update.
+  """
+  eps = jnp.finfo(R.dtype).eps
+  change = (jnp.abs(U) @ jnp.max(jnp.abs(R), axis=-1)) * (1 + 4 * (R.shape[-2] + 1) * eps)
+  return _add_rows_product(X, jnp.asarray(T, jnp.int32), U, R), change

@@ -355,60 +355,14 @@ def touched_rows(idx: jax.Array, c: jax.Array, rows: int) -> tuple[jax.Array, ja
 
 def add_touched_rows(X: jax.Array, T: jax.Array, rows_update: jax.Array) -> jax.Array:
   """``X[T] += rows_update`` for the sorted unique (padded) ids of ``touched_rows``."""
-  return X.at[T].add(rows_update, mode="drop", indices_are_sorted=True, unique_indices=True)
-
-
-# Bytes of one block of touched rows' updates in ``add_touched_rows_product``: under glibc's
-# smallest dynamic mmap threshold, so the block's temporary is reused from the heap.
-_BLOCK_BYTES = 4 * 2**20
-
-
-def add_touched_rows_product(X: jax.Array, T: jax.Array, U: jax.Array,
-                             K: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``X[T] += U @ K``, a block of rows at a time, and each row's largest change.
-
-  Args:
-    X: ``(m, n)``.
-    T: ``(T_cap,)`` sorted unique neuron ids padded with out-of-range ids (``touched_rows``).
-    U: ``(T_cap, B)`` coefficients, zero on padding.
-    K: ``(B, n)`` the batch's Gram rows.
-
-  Returns:
-    ``(X, row_change)``: ``X`` updated and ``row_change (T_cap,)``, ``max_j |(U @ K)[t, j]|``.
-
-  Why blocks: the whole ``(T_cap, n)`` update is the step's largest temporary. Above glibc's
-  mmap threshold (at most 32 MiB) it is mapped fresh, and page-faulted, on every step: at
-  n = 10^5 that costs ten times the update itself. Blocks of at most ``_BLOCK_BYTES`` come
-  from the heap. A block of padding only (``T`` is sorted, padding last) computes nothing.
-  """
-  cap, n = U.shape[0], K.shape[-1]
-  rows = X.shape[0]
-  per_block = max(1, _BLOCK_BYTES // max(1, n * X.dtype.itemsize))
-  if per_block >= cap:
-    delta = (U @ K).astype(X.dtype)                                 # (T_cap, n)
-    return add_touched_rows(X, T, delta), jnp.max(jnp.abs(delta), axis=-1)
-  blocks = -(-cap // per_block)
-  pad = blocks * per_block - cap
-  T_blocks = jnp.concatenate([T, rows + cap + jnp.arange(pad, dtype=T.dtype)])
-  T_blocks = T_blocks.reshape(blocks, per_block)                    # still sorted and unique
-  U_blocks = jnp.pad(U, ((0, pad), (0, 0))).reshape(blocks, per_block, U.shape[1])
-
-  def block(X, t_u):
-    t, u = t_u
-    delta = jax.lax.cond(t[0] < rows, lambda u: (u @ K).astype(X.dtype),
-                         lambda u: jnp.zeros((per_block, n), X.dtype), u)
-    return add_touched_rows(X, t, delta), jnp.max(jnp.abs(delta), axis=-1)
-
-  X, change = jax.lax.scan(block, X, (T_blocks, U_blocks))
-  return X, change.reshape(-1)[:cap]
+  return rows.add_sorted_rows(X, T, rows_update)
 
 
 def _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok) -> Updated:
   """Touched rows only: the optimizer acts on the compact gradient entries.
 
-  Work ``O(T B n)`` with ``T <= B K`` the union of the active sets, written into ``P`` a
-  block of rows at a time (``add_touched_rows_product``): no ``O(m n)`` pass and no
-  ``(T, n)`` temporary.
+  Work ``O(T B n)`` with ``T <= B K`` the union of the active sets, written into ``P`` row
+  by row (``rows.add_rows_product``): no ``O(m n)`` pass and no ``(T, n)`` temporary.
   """
   config = state.config
   T, U = touched_rows(idx, c, state.P.shape[0])                     # (T,), (T, B)
@@ -424,9 +378,9 @@ def _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok) -> Updated:
     grads["P_eval"] = U                                             # (T, B)
   updates, opt_state = _optimize(state, grads, ok)
   A_T = state.A_T.at[batch.idx[:, None], idx].add(updates["A"], mode="drop")
-  P, row_change = add_touched_rows_product(state.P, T, updates["P"], batch.K_rows)
+  P, row_change = rows.add_rows_product(state.P, T, updates["P"], batch.K_rows)
   a = state.a.at[idx].add(updates["a"], mode="drop") if config.train_output else state.a
-  P_eval = (add_touched_rows_product(state.P_eval, T, updates["P_eval"], batch.K_rows_eval)[0]
+  P_eval = (rows.add_rows_product(state.P_eval, T, updates["P_eval"], batch.K_rows_eval)[0]
             if state.P_eval is not None else None)
   return Updated(A_T, P, a, P_eval, _new_bias(state, updates), state.w0_scale, opt_state, T,
                  row_change)

@@ -28,6 +28,7 @@
 // them: the threshold makes the layer sparse), which is exact for finite a. A
 // NaN in X propagates to out, as relu(NaN) does.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -171,6 +172,62 @@ ffi::Error AddRows(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<ffi:
         }
         AddRow(o + (s * x.rows + j) * x.cols + c0, us + (s * B + i) * x.cols + c0, width);
       }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// --------------------------------------------------------------------------- touched rows
+
+// x += sum_b u[b] r[b, :] (r: B rows of `cols`), one axpy per nonzero u[b] while the row
+// is in cache. Exact up to rounding order: a skipped term is 0 * r, zero for the finite
+// Gram rows.
+template <typename T>
+KRONJAX_CLONES void AddRowProduct(T* __restrict__ x, const T* __restrict__ u,
+                                  const T* __restrict__ r, int64_t B, int64_t cols) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T ub = u[b];
+    if (ub == T(0)) continue;
+    const T* __restrict__ rb = r + b * cols;
+    for (int64_t c = 0; c < cols; ++c) x[c] += ub * rb[c];
+  }
+}
+
+// add_rows_product(X (..., rows, cols), T (..., Tc) int32, U (..., Tc, B), R (..., B, cols))
+//   -> X, in place: X[..., T[t], :] += U[..., t, :] @ R.
+// The sparse step's update of its touched rows: each row is read and written once and
+// its update never exists as a (Tc, cols) array. A member's ids must be unique (its rows
+// are split over threads); out-of-range ones (the padding) are dropped. R's leading
+// dimensions are X's or all 1 (shared).
+template <ffi::DataType DT>
+ffi::Error AddRowsProduct(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer<ffi::S32> t_buf,
+                          ffi::Buffer<DT> u_buf, ffi::Buffer<DT> r_buf,
+                          ffi::Result<ffi::Buffer<DT>> out) {
+  using T = ffi::NativeType<DT>;
+  Stack x;
+  const auto xd = x_buf.dimensions(), td = t_buf.dimensions(), ud = u_buf.dimensions(),
+             rd = r_buf.dimensions();
+  if (!AsStack(xd, &x) || td.size() == 0) return Bad("kronjax add_rows_product: X (..., n, m), T (..., Tc)");
+  const int64_t tc = td[td.size() - 1], B = ud.size() == 0 ? 0 : ud[ud.size() - 1];
+  if (!Leading(xd, td, {tc}) || !Leading(xd, ud, {tc, B}))
+    return Bad("kronjax add_rows_product: T (..., Tc), U (..., Tc, B) and X (..., n, m) do not match");
+  bool shared = rd.size() == xd.size();
+  for (size_t i = 0; shared && i + 2 < xd.size(); ++i) shared = rd[i] == 1;
+  if (rd.size() != xd.size() || rd[rd.size() - 2] != B || rd[rd.size() - 1] != x.cols ||
+      (!shared && !Leading(xd, rd, {B, x.cols})))
+    return Bad("kronjax add_rows_product: R must be (..., B, m) with X's leading dimensions or 1s");
+  T* o = out->typed_data();
+  if (o != x_buf.typed_data())  // XLA could not alias
+    std::memcpy(o, x_buf.typed_data(), sizeof(T) * x.lead * x.rows * x.cols);
+  const int32_t* rows = t_buf.typed_data();
+  const T *us = u_buf.typed_data(), *rs = r_buf.typed_data();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(x.cols * B, 1));
+  ParallelFor(pool, x.lead * tc, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const int64_t s = w / tc, j = rows[w];
+      if (j < 0 || j >= x.rows) continue;  // padding: dropped, as X.at[T].add drops it
+      AddRowProduct(o + (s * x.rows + j) * x.cols, us + w * B, rs + (shared ? 0 : s) * B * x.cols,
+                    B, x.cols);
     }
   });
   return ffi::Error::Success();
@@ -347,6 +404,15 @@ ffi::Error ReluRowsGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x_buf, ffi::Buffer
                                     .Arg<ffi::Buffer<DT>>()  /* g */                         \
                                     .Ret<ffi::Buffer<DT>>());
 
+#define KRONJAX_ROWS_PRODUCT_HANDLER(suffix, DT)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kronjax_add_rows_product_##suffix, AddRowsProduct<DT>,       \
+                                KRONJAX_ROWS_BIND(DT)                                        \
+                                    .Arg<ffi::Buffer<DT>>()  /* U */                         \
+                                    .Arg<ffi::Buffer<DT>>()  /* R */                         \
+                                    .Ret<ffi::Buffer<DT>>()); /* X */
+
+KRONJAX_ROWS_PRODUCT_HANDLER(f32, ffi::DataType::F32)
+KRONJAX_ROWS_PRODUCT_HANDLER(f64, ffi::DataType::F64)
 KRONJAX_ROWS_HANDLERS(f32, ffi::DataType::F32)
 KRONJAX_ROWS_HANDLERS(f64, ffi::DataType::F64)
 
