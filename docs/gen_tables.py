@@ -585,6 +585,27 @@ def contention() -> str:
                                  script="experiments/bench_contention.py")])
 
 
+def chosen_text(c: Mapping[str, Any]) -> str:
+  """What a method of a ``warm`` / ``cold`` experiment chose on validation, in words."""
+  if "trees" in c:
+    return f"{c['trees']} trees of {c['max_leaf_nodes']} leaves, lr = {c['learning_rate']}"
+  if "threshold" in c:
+    bias = f", bias lr = {c['bias_learning_rate']}" if "bias_learning_rate" in c else ""
+    return (f"lr = {c['learning_rate']}, b = {num(c['threshold'], 3)}, decay = "
+            f"{c['weight_decay']}{bias}, {c['epoch']} epoch(s)")
+  if "lambda" in c:
+    return f"lambda = {num(c['lambda'], 3)}"
+  return "-"
+
+
+def chosen_table(data: Mapping[str, Any], cold_name: str) -> str:
+  """Per method of ``data["table"]``, its choices in the ``warm`` and ``cold`` regimes."""
+  regimes = data["metrics"]["regimes"]
+  return table(["method", "chosen on validation (warm)", f"chosen on validation ({cold_name})"],
+               [[r["method"]] + [chosen_text(regimes[g]["methods"][r["method"]].get("chosen") or {})
+                                 for g in ("warm", "cold")] for r in data["table"]])
+
+
 def movielens() -> str:
   """MovieLens-100k: each kronjax option beside the baselines, warm pairs and unseen movies."""
   relative = "movielens/results.json"
@@ -595,20 +616,7 @@ def movielens() -> str:
            num(r["warm validation RMSE"], 4), num(r["cold validation RMSE"], 4)]
           for r in data["table"]]
 
-  def chosen(regime: str, method: str) -> str:
-    c = regimes[regime]["methods"][method].get("chosen") or {}
-    if "trees" in c:
-      return f"{c['trees']} trees of {c['max_leaf_nodes']} leaves, lr = {c['learning_rate']}"
-    if "threshold" in c:
-      return (f"lr = {c['learning_rate']}, b = {num(c['threshold'], 3)}, decay = "
-              f"{c['weight_decay']}, {c['epoch']} epoch(s)")
-    if "lambda" in c:
-      return f"lambda = {num(c['lambda'], 3)}"
-    return "-"
-
-  settings = table(["method", "chosen on validation (warm)", "chosen on validation (cold)"],
-                   [[r["method"], chosen("warm", r["method"]), chosen("cold", r["method"])]
-                    for r in data["table"]])
+  settings = chosen_table(data, "cold")
   facts = table(["measurement", "value"], [
       ["users x movies, ratings", f"{m['users']} x {m['movies']}, {m['ratings']}"],
       ["feature dims (user x movie)", f"{m['feature_dims'][0]} x {m['feature_dims'][1]}"],
@@ -670,19 +678,7 @@ def kiba_ablation() -> str:
            num(r["warm validation MSE"], 4), num(r["cold validation MSE"], 4)]
           for r in data["table"]]
 
-  def chosen(regime: str, method: str) -> str:
-    c = regimes[regime]["methods"][method].get("chosen") or {}
-    if "threshold" in c:
-      bias = (f", bias lr = {c['bias_learning_rate']}" if "bias_learning_rate" in c else "")
-      return (f"lr = {c['learning_rate']}, b = {num(c['threshold'], 3)}, decay = "
-              f"{c['weight_decay']}{bias}, {c['epoch']} epoch(s)")
-    if "lambda" in c:
-      return f"lambda = {num(c['lambda'], 3)}"
-    return "-"
-
-  settings = table(["method", "chosen on validation (warm)", "chosen on validation (unseen drugs)"],
-                   [[r["method"], chosen("warm", r["method"]), chosen("cold", r["method"])]
-                    for r in data["table"]])
+  settings = chosen_table(data, "unseen drugs")
 
   def sizes(regime: str) -> str:
     r = regimes[regime]

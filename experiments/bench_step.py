@@ -26,7 +26,7 @@ import optax
 import kronjax
 from kronjax import dense
 from kronjax._src.kernels import products  # the floor's kernel: internal, timed on its own
-from kronjax._src.step import step as step_lib  # add_touched_rows: the sparse floor, internal
+from kronjax._src.kernels import rows  # add_rows_product: the sparse floor, internal
 from kronjax.experiments import timing as bench
 
 
@@ -70,8 +70,9 @@ def floor_run(key, m, n, batch, capacity, path, steps=20):
   as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
 
   full: ``P + K_rows^T @ U`` with ``P (n, m)`` point-major and ``U (B, m)``
-  (``products.add_product_t``, as the step calls it); sparse: the sorted unique scatter
-  of the ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows``.
+  (``products.add_product_t``, as the step calls it); sparse: the update of the
+  ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows`` (``rows.add_rows_product``, as the
+  step calls it).
   """
   rng = np.random.default_rng(0)
   K_rows = [jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32)) for _ in range(steps)]
@@ -85,7 +86,7 @@ def floor_run(key, m, n, batch, capacity, path, steps=20):
     T_cap = min(m, batch * capacity)
     T = [jnp.asarray(np.sort(rng.choice(m, T_cap, replace=False)).astype(np.int32)) for _ in range(steps)]
     U = [jnp.asarray(rng.normal(size=(T_cap, batch)).astype(np.float32)) for _ in range(steps)]
-    fn = jax.jit(lambda P, a: (step_lib.add_touched_rows(P, a[0], a[1] @ a[2]), None),
+    fn = jax.jit(lambda P, a: (rows.add_rows_product(P, a[0], a[1], a[2])[0], None),
                  donate_argnums=0)
     args = list(zip(T, U, K_rows))
   return fn, P, args

@@ -31,7 +31,6 @@ concordance index (CI), with training time and the process's peak memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import resource
 import time
@@ -213,8 +212,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
         plan: kronjax.Plan | None = None) -> dict:
   p = params
   out_dir = pathlib.Path(out_dir)
-  checksums = (json.loads(pathlib.Path(p.checksums_file).read_text()) if p.checksums_file
-               else None)
+  checksums = experiment.read_checksums(p.checksums_file)
   kiba = kronjax.data.fetch_kiba(p.data_home or None, similarities=("target",),
                                  checksums=checksums)
   t0 = time.perf_counter()

@@ -38,7 +38,6 @@ validation RMSE, and reports the test RMSE of that choice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import resource
@@ -360,8 +359,7 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
         plan: kronjax.Plan | None = None) -> dict:
   p = params
   out_dir = pathlib.Path(out_dir)
-  checksums = (json.loads(pathlib.Path(p.checksums_file).read_text()) if p.checksums_file
-               else None)
+  checksums = experiment.read_checksums(p.checksums_file)
   data = kronjax.data.fetch_movielens(p.data_home or None, source=p.source, checksums=checksums,
                                       identity_weight=p.identity_weight,
                                       kg_min_count=p.kg_min_count)

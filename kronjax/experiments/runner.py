@@ -663,6 +663,12 @@ def gaussian_tail(b: float) -> float:
   return 0.5 * math.erfc(b / math.sqrt(2.0))
 
 
+def read_checksums(path: str) -> dict[str, str] | None:
+  """The JSON ``{file: "sha256:..."}`` at ``path`` (a data loader's ``checksums``), or None
+  for ``""``: the loader's published checksums."""
+  return json.loads(pathlib.Path(path).read_text()) if path else None
+
+
 def require_positive(params: Any, *names: str) -> None:
   """For ``Params.__post_init__``: ValueError unless every named field is >= 1."""
   for name in names:

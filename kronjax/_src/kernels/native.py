@@ -406,7 +406,7 @@ def trace_product(X: jax.Array, Y: jax.Array, G: jax.Array, R: jax.Array, coef: 
   ``X`` and ``Y`` is scaled, multiplied into and read back while in cache. The results
   alias ``X`` and ``Y``. CPU only, as ``add_product``.
   """
-  if not supports(X, G, R) or not supports(Y, coef, coef) or Y.shape != X.shape \
+  if not supports(X, G, R) or Y.dtype != X.dtype or coef.dtype != X.dtype or Y.shape != X.shape \
       or X.ndim < 2 or G.ndim != X.ndim or R.ndim != X.ndim or coef.ndim != X.ndim - 1 \
       or coef.shape[-1] != 3:
     raise TypeError(f"native.trace_product needs one float32/float64 dtype, Y of X's shape and "

@@ -100,6 +100,17 @@ _add_product = _make_add_product(transposed=False)
 _add_product_t = _make_add_product(transposed=True)
 
 
+def change_bound(U: jax.Array, R: jax.Array) -> jax.Array:
+  """An upper bound on ``max_j |(U^T @ R)[r, j]|`` per row ``r`` for ``U (B, r)``, ``R (B, n)``:
+  ``sum_b |U[b, r]| max_j |R[b, j]|``, widened by the rounding of both float sums.
+
+  What the threshold index needs of a step's update (``Updated.row_change``), at ``O(B (r + n))``
+  instead of a pass over the ``(r, n)`` update.
+  """
+  eps = jnp.finfo(R.dtype).eps
+  return (jnp.max(jnp.abs(R), axis=-1) @ jnp.abs(U)) * (1 + 4 * (R.shape[-2] + 1) * eps)
+
+
 def add_product(X: jax.Array, G: jax.Array, R: jax.Array) -> jax.Array:
   """``X + G @ R`` for ``X (m, n)``, ``G (m, B)``, ``R (B, n)``; returns ``(m, n)``.
 
@@ -134,7 +145,7 @@ def _make_trace_product(transposed: bool) -> Callable[..., tuple[jax.Array, jax.
     return native.trace_product(X, Y, G, R, coef, transpose_g=transposed)
 
   def supports(X, Y, G, R, coef):
-    return native.supports(X, G, R) and native.supports(Y, coef, coef)
+    return native.supports(X, G, R) and Y.dtype == X.dtype and coef.dtype == X.dtype
 
   def vmap_rule(op, axis_size, in_batched, X, Y, G, R, coef):
     del op  # the rule runs the members itself

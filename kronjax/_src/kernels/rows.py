@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from kronjax._src.kernels import dispatch
 from kronjax._src.model import losses
 from kronjax._src.kernels import native
+from kronjax._src.kernels import products
 from kronjax._src.kernels.native import HiddenRows
 
 
@@ -259,6 +260,5 @@ def add_rows_product(X: jax.Array, T: jax.Array, U: jax.Array,
   coefficient; elsewhere XLA forms the update a block of rows at a time
   (``_rows_product_of``). Neither holds the whole ``(T_cap, n)`` update.
   """
-  eps = jnp.finfo(R.dtype).eps
-  change = (jnp.abs(U) @ jnp.max(jnp.abs(R), axis=-1)) * (1 + 4 * (R.shape[-2] + 1) * eps)
+  change = products.change_bound(U.T, R)                           # (T_cap,)
   return _add_rows_product(X, jnp.asarray(T, jnp.int32), U, R), change

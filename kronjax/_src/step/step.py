@@ -264,11 +264,8 @@ def _sparse_step(state: TrainState, batch: Batch, axis_name: str | None):
   if state.tx.shape_free:  # the only path with no O(m n) pass
     new = _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok)
   elif state.tx.form:  # momentum, weight decay: applied from G's factors, in place
-    B, n_rows = batch.idx.shape[0], state.P.shape[0]
-    G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
-    ga = (jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
-          if config.train_output else None)
-    new = _apply_factored(state, batch, G_T, ga, grad_bias, ok)
+    new = _apply_factored(state, batch, *_dense_coefficients(state, idx, c, grad_a_rows),
+                          grad_bias, ok)
   else:  # other stateful optimizers: full-shape gradients, P's from the touched rows only
     new = _apply_full_shape(state, _sparse_full_shape_grads(state, batch, idx, c, grad_a_rows,
                                                             grad_bias), ok)
@@ -351,11 +348,6 @@ def touched_rows(idx: jax.Array, c: jax.Array, rows: int) -> tuple[jax.Array, ja
   U = jnp.zeros((cap, B), c.dtype).at[where, jnp.arange(B)[:, None]].add(
       jnp.where(idx < rows, c, 0.0), mode="drop")
   return T, U
-
-
-def add_touched_rows(X: jax.Array, T: jax.Array, rows_update: jax.Array) -> jax.Array:
-  """``X[T] += rows_update`` for the sorted unique (padded) ids of ``touched_rows``."""
-  return rows.add_sorted_rows(X, T, rows_update)
 
 
 def _sparse_update(state, batch, idx, c, grad_a_rows, grad_bias, ok) -> Updated:
@@ -464,19 +456,28 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
                              batch, ok, finite)
 
 
+def _dense_coefficients(state: TrainState, idx: jax.Array, c: jax.Array,
+                        grad_a_rows: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """The full path's coefficients from the sparse path's active sets ``idx (B, K)`` and
+  coefficients ``c (B, K)``: ``G_T (B, m)``, and the output layer's gradient ``(m, C)``
+  (None unless it trains)."""
+  B, n_rows = idx.shape[0], state.P.shape[0]
+  G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
+  ga = (jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
+        if state.config.train_output else None)
+  return G_T, ga
+
+
 def _sparse_full_shape_grads(state: TrainState, batch: Batch, idx: jax.Array, c: jax.Array,
                              grad_a_rows: jax.Array, grad_bias: jax.Array) -> dict[str, jax.Array]:
   """The full-shape gradient tree a stateful optimizer needs, from the sparse path's
   active sets ``idx (B, K)`` and coefficients ``c (B, K)``: ``P``'s built from the
   touched rows only (``O(T B n)``), the rest scattered into zeros."""
-  B, n_rows = batch.idx.shape[0], state.P.shape[0]
-  G_T = jnp.zeros((B, n_rows), c.dtype).at[jnp.arange(B)[:, None], idx].add(c, mode="drop")
-  T, U = touched_rows(idx, c, n_rows)
-  gP = add_touched_rows(jnp.zeros_like(state.P), T, U @ batch.K_rows)
+  G_T, ga = _dense_coefficients(state, idx, c, grad_a_rows)
+  T, U = touched_rows(idx, c, state.P.shape[0])
+  gP = rows.add_sorted_rows(jnp.zeros_like(state.P), T, U @ batch.K_rows)
   gP_eval = (None if batch.K_rows_eval is None
-             else add_touched_rows(jnp.zeros_like(state.P_eval), T, U @ batch.K_rows_eval))
-  ga = (jnp.zeros_like(state.a).at[idx].add(grad_a_rows, mode="drop")
-        if state.config.train_output else None)
+             else rows.add_sorted_rows(jnp.zeros_like(state.P_eval), T, U @ batch.K_rows_eval))
   return trainable_tree(jnp.zeros_like(state.A_T).at[batch.idx].add(G_T), gP, ga, gP_eval,
                         state.config, bias=grad_bias,
                         w0_scale=jnp.zeros_like(state.w0_scale) if state.tx.needs_params else None)
@@ -495,12 +496,8 @@ def _apply_scalar(state: TrainState, batch: Batch, U: jax.Array, updates: dict,
     P = products.add_product(state.projections, U.T, K_rows)
   P_eval = (None if K_rows_eval is None
             else products.add_product(state.P_eval, U.T, K_rows_eval))
-  # An upper bound on max_j |dP[r, j]| for the threshold index (dead code for
-  # kinds that ignore it): |sum_i u_ir K_ij| <= sum_i |u_ir| max_j |K_ij|, widened
-  # by the rounding of both float sums.
-  eps = jnp.finfo(K_rows.dtype).eps
-  bound = jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(U)
-  row_change = bound * (1 + 4 * (K_rows.shape[0] + 1) * eps)      # (m,)
+  # For the threshold index (dead code for kinds that ignore it).
+  row_change = products.change_bound(U, K_rows)                    # (m,)
   a = state.a + updates["a"] if state.config.train_output else state.a
   return Updated(A_T, P, a, P_eval, _new_bias(state, updates), state.w0_scale, opt_state, None,
                  row_change)
@@ -518,7 +515,6 @@ def _apply_full_shape(state: TrainState, grads: dict, ok: jax.Array) -> Updated:
   w0_scale = state.w0_scale + updates["W0"] if "W0" in updates else state.w0_scale
   return Updated(A_T, P, a, P_eval, _new_bias(state, updates), w0_scale,
                  _ordered_after(opt_state, (A_T, P, P_eval)), None, row_change)
-
 
 
 class Factored(NamedTuple):
@@ -640,11 +636,10 @@ def _apply_factored(state: TrainState, batch: Batch, G_T: jax.Array, ga: jax.Arr
     opt_state = jax.tree_util.tree_map_with_path(
         lambda path, x: next((traces[k] for k, p in paths.items() if p == path), x), opt_state)
     change = jnp.abs(f.c) * jnp.abs(traces["P"])
-  else:  # a bound: |nu X| plus the product's (as in _apply_scalar)
-    eps = jnp.finfo(K_rows.dtype).eps
-    product = (jnp.max(jnp.abs(K_rows), axis=1) @ jnp.abs(U)) * (1 + 4 * (K_rows.shape[0] + 1) * eps)
+  else:  # a bound: |nu P| plus the product's; reads the old P, only where the index uses it
     axis = 0 if state.layout == "points" else 1
-    change = jnp.abs(f.nu) * jnp.max(jnp.abs(state.projections), axis=axis) + product
+    change = (jnp.abs(f.nu) * jnp.max(jnp.abs(state.projections), axis=axis)
+              + products.change_bound(U, K_rows))
   row_change = (jnp.max(change, axis=0 if state.layout == "points" else 1)
                 if change.ndim == 2 else change)
   a = state.a + updates["a"] if state.config.train_output else state.a
