@@ -188,21 +188,21 @@ def step() -> str:
   fl, vs, b1, floor = data["flat_in_d"], data["vs_dense"], data["batch1_paths"], data["floor"]
   path = data.get("update")
   head = (f"m = {data['m']}, n = {data['n']}, batch {data['batch']}, update path `{path}`, "
-          f"layout `{data.get('layout')}` (point-major `P`).")
+          f"layout `{data['layout']}` ({LAYOUT_NAMES[data['layout']]} `P`).")
   t1 = table(["d", "kronjax ms (median)", "p10-p90 ms", "active per point"],
              [[f"2^{r['log2_d']}", ms(r["median_s"]), f"{ms(r['p10_s'])}-{ms(r['p90_s'])}",
                num(r.get("active"), 4)] for r in fl["rows"]])
-  nl = floor.get("neurons_layout", {})
+  nl = floor["other_layout"]
   t2 = table(["measurement", "result"], [
       ["max / min of the medians over d", num(fl["max_over_min"], 3)],
       [f"dense baseline vs kronjax at d = 2^{vs['log2_d']}",
        f"{ms(vs['dense']['median_s'])} ms vs {ms(vs['kronjax']['median_s'])} ms: "
        f"{ratio(vs['speedup'])}"],
-      ["floor: the bare `P + K_rows^T @ U` product of the step",
+      ["floor: the step's bare `P` update (`P + K_rows^T U` in its layout)",
        f"{ms(floor['floor']['median_s'])} ms; step / floor = {num(floor['ratio'], 3)} "
        f"(per round {num(min(floor['ratio_per_round']), 3)}-{num(max(floor['ratio_per_round']), 3)})"],
-      [f"the same step with `P` {LAYOUT_NAMES.get(nl.get('layout'), nl.get('layout'))}",
-       f"{ms(nl.get('kronjax', {}).get('median_s'))} ms; step / floor = {num(nl.get('ratio'), 3)}"],
+      [f"the same step with `P` {LAYOUT_NAMES[nl['layout']]}",
+       f"{ms(nl['kronjax']['median_s'])} ms; step / floor = {num(nl['ratio'], 3)}"],
       [f"batch 1, m = {b1['m']}, n = {b1['n']}: sparse vs full path",
        f"{ms(b1['sparse']['median_s'])} ms vs {ms(b1['dense']['median_s'])} ms: "
        f"{ratio(b1['speedup'])}"],
@@ -388,8 +388,8 @@ def pairwise_scale() -> str:
                 f"tables, dims {st['dims'][0]} and {st['dims'][1]}: d = {st['d']}), index drawn "
                 f"uniformly, {st['dtype']}, kronecker init, `optax.sgd`, Gram mode `entities`.")
   rows = []
-  for key, label in (("init_default_plan", "`Plan()`"), ("init_neurons_layout",
-                                                           "`Plan(layout=\"neurons\")`")):
+  for key, label in (("init_default_plan", "`Plan()`"), ("init_points_layout",
+                                                           "`Plan(layout=\"points\")`")):
     r = data.get(key) or {}
     if not r.get("completed"):
       rows.append([label, "not measured", "-", "-", "-", "-", "-", "-"])

@@ -7,7 +7,7 @@ once, so the machine's drift hits all of them alike. Medians after compilation.
 
 Settings, at the full update path (``kronjax.jit_train_step``, plain SGD):
   * ``auto``: ``Plan()`` and the native kernels' default threads (XLA's intra-op pool;
-    at the default shape ``Plan()`` stores ``P`` point-major);
+    ``Plan()`` stores ``P`` neuron-major);
   * ``points/T``, ``neurons/T``: ``Plan(layout=...)`` with the kernels capped at
     ``T`` threads, ``T`` the pool's size and 1 (``native.set_max_threads``; the
     internal knob, read per call);
@@ -178,7 +178,7 @@ def run(m: int, n: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
-  parser.add_argument("--rounds", type=int, default=8)
+  parser.add_argument("--rounds", type=int, default=30)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   if args.smoke:

@@ -10,8 +10,8 @@ float32 targets; ``kronjax.Config(width=m)`` (the kronecker init), ``optax.sgd``
    ``kronjax.init(...)`` together in a fresh process, compilation included (goal
    under 20 s; a second, compiled call is recorded too), and the process's peak
    resident memory against the bytes of ``P``, ``A_T`` and the optimizer state
-   (goal within 1.3x), with the default ``Plan()`` (``P`` stored point-major at this
-   width) and with ``Plan(layout="neurons")``. The largest array of the dataset and
+   (goal within 1.3x), with the default ``Plan()`` (``P`` stored neuron-major) and
+   with ``Plan(layout="points")``. The largest array of the dataset and
    of the state is recorded: none has ``n^2`` elements (``dataset.gram`` is None).
 2. ``steps``: the same data, ``kronjax.jit_train_step`` at B = 1 and 8 on the
    sparse path (``Plan(update="sparse")``: ``P`` neuron-major) and at B = 64 with the
@@ -546,7 +546,7 @@ def main(argv=None) -> int:
   jobs = []  # (key, part, worker argv)
   if "init" in parts:
     jobs += [("init_default_plan", "init", smoke + ["--layout", "auto"]),
-             ("init_neurons_layout", "init", smoke + ["--layout", "neurons"])]
+             ("init_points_layout", "init", smoke + ["--layout", "points"])]
   jobs += [(part, part, smoke) for part in ("steps", "large", "curve") if part in parts]
   results = {
       **timing.provenance(command=" ".join(["python", "experiments/bench_pairwise.py"] + argv)),
@@ -599,12 +599,12 @@ def summarize(results: dict) -> dict:
     s["init_peak_rss_over_state"] = init["peak_rss_over_state"]
     s["init_rss_meets_goal"] = init["peak_rss_over_state"] <= GOALS["peak_rss_over_state"]
     s["init_no_n_squared_leaf"] = init["no_n_squared_leaf"]
-  neurons = results.get("init_neurons_layout", {})
-  if neurons.get("completed"):
-    s["init_neurons_layout_s"] = neurons["dataset_and_init_s"]
-    s["init_neurons_layout_peak_rss_over_state"] = neurons["peak_rss_over_state"]
-    s["init_neurons_layout_rss_meets_goal"] = (
-        neurons["peak_rss_over_state"] <= GOALS["peak_rss_over_state"])
+  points = results.get("init_points_layout", {})
+  if points.get("completed"):
+    s["init_points_layout_s"] = points["dataset_and_init_s"]
+    s["init_points_layout_peak_rss_over_state"] = points["peak_rss_over_state"]
+    s["init_points_layout_rss_meets_goal"] = (
+        points["peak_rss_over_state"] <= GOALS["peak_rss_over_state"])
   steps = results.get("steps", {})
   if steps.get("completed"):
     s["step_ms"] = {str(r["batch"]): 1e3 * r["median_s"] for r in steps["rows"]}

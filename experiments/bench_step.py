@@ -65,22 +65,28 @@ def kron_step_time(key, m, n, batch, log2_d, *, steps=60, **state_kw):
   return _describe(state, step, batch, timing)
 
 
-def floor_run(key, m, n, batch, capacity, path, steps=20):
-  """The bare P update a step of this path cannot avoid, same static shapes,
+def floor_run(key, m, n, batch, capacity, path, layout, steps=20):
+  """The bare P update a step of this path and layout cannot avoid, same static shapes,
   as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
 
-  full: ``P + K_rows^T @ U`` with ``P (n, m)`` point-major and ``U (B, m)``
-  (``products.add_product_t``, as the step calls it); sparse: the update of the
+  full: ``P + U^T @ K_rows`` with ``P (m, n)`` neuron-major and ``U (B, m)``
+  (``products.add_product``), or ``P + K_rows^T @ U`` with ``P (n, m)`` point-major
+  (``products.add_product_t``), as the step calls them; sparse: the update of the
   ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows`` (``rows.add_rows_product``, as the
   step calls it).
   """
   rng = np.random.default_rng(0)
   K_rows = [jnp.asarray(rng.normal(size=(batch, n)).astype(np.float32)) for _ in range(steps)]
-  if path == "full":  # P point-major, the op the step runs (the native kernel on CPU)
+  if path == "full" and layout == "points":  # the op the step runs (the native kernel on CPU)
     P = jax.random.normal(key, (n, m))
     U = [jnp.asarray(rng.normal(size=(batch, m)).astype(np.float32)) for _ in range(steps)]
     fn = jax.jit(lambda P, a: (products.add_product_t(P, a[0], a[1]), None), donate_argnums=0)
     args = list(zip(K_rows, U))
+  elif path == "full":
+    P = jax.random.normal(key, (m, n))
+    U_T = [jnp.asarray(rng.normal(size=(m, batch)).astype(np.float32)) for _ in range(steps)]
+    fn = jax.jit(lambda P, a: (products.add_product(P, a[0], a[1]), None), donate_argnums=0)
+    args = list(zip(U_T, K_rows))
   else:
     P = jax.random.normal(key, (m, n))
     T_cap = min(m, batch * capacity)
@@ -129,22 +135,24 @@ def main(argv=None):
   # timed in interleaved rounds: ratios of medians taken minutes apart swung by
   # 20 % with the machine's drift.
   # The steps run with update=args.update (default "full": the path auto picks
-  # here, and with it P is stored point-major); the d = 2**16 step is also run
-  # with Plan(layout="neurons") (same path, P neuron-major) to show what the layout buys.
-  # (layout="auto" would store P point-major here too: a minibatch takes the full path.)
+  # here) in the default layout (neuron-major P); the d = 2**16 step is also run with
+  # P stored the other way (same path) to show what the layout buys.
   log2_d_all = sorted(set(log2_ds) | {dense_log2_d})
   runs = {f"d=2^{d}": (*kron_state(key, m, n, d, update=args.update),
                        _batches(n, batch, steps_per_round + 3, seed=d)) for d in log2_d_all}
   path = runs[f"d=2^{dense_log2_d}"][1].update_path(batch)
+  layout = runs[f"d=2^{dense_log2_d}"][1].layout
+  other = "points" if layout == "neurons" and path == "full" else "neurons"
   cap = kronjax.Plan().resolve(kronjax.Config(width=m)).active_capacity
-  runs["neurons"] = (*kron_state(key, m, n, dense_log2_d, plan_kw={"layout": "neurons"}),
-                     _batches(n, batch, steps_per_round + 3, seed=dense_log2_d))
-  runs["floor"] = floor_run(key, m, n, batch, cap, path, steps=steps_per_round + 3)
+  runs["other"] = (*kron_state(key, m, n, dense_log2_d, update=args.update,
+                               plan_kw={"layout": other}),
+                   _batches(n, batch, steps_per_round + 3, seed=dense_log2_d))
+  runs["floor"] = floor_run(key, m, n, batch, cap, path, layout, steps=steps_per_round + 3)
   timings, states = bench.time_steps_interleaved(runs, rounds=rounds)
   kron = {d: _describe(states[f"d=2^{d}"], runs[f"d=2^{d}"][0], batch, timings[f"d=2^{d}"])
           for d in log2_d_all}
-  kron_neurons = _describe(states["neurons"], runs["neurons"][0], batch, timings["neurons"])
-  out["update"], out["layout"] = args.update, states[f"d=2^{dense_log2_d}"].layout
+  kron_other = _describe(states["other"], runs["other"][0], batch, timings["other"])
+  out["update"], out["layout"] = args.update, layout
 
   rows = []
   for log2_d in log2_ds:
@@ -166,12 +174,12 @@ def main(argv=None):
   print(f"floor ({path} P update, same shapes): {fl['median_s'] * 1e3:.3f} ms; "
         f"step/floor = {out['floor']['ratio']:.2f} (per round {min(ratios):.2f}-{max(ratios):.2f}; "
         f"layout {out['layout']})")
-  out["floor"]["neurons_layout"] = {
-      "kronjax": kron_neurons, "layout": states["neurons"].layout,
-      "ratio": kron_neurons["median_s"] / fl["median_s"]}
-  print(f"same step with layout='neurons' (path {kron_neurons['path']}, layout "
-        f"{states['neurons'].layout}): {kron_neurons['median_s'] * 1e3:.3f} ms; "
-        f"step/floor = {out['floor']['neurons_layout']['ratio']:.2f}")
+  out["floor"]["other_layout"] = {
+      "kronjax": kron_other, "layout": states["other"].layout,
+      "ratio": kron_other["median_s"] / fl["median_s"]}
+  print(f"same step with layout={other!r} (path {kron_other['path']}): "
+        f"{kron_other['median_s'] * 1e3:.3f} ms; "
+        f"step/floor = {out['floor']['other_layout']['ratio']:.2f}")
 
   dense_d16 = dense_step_time(key, m, n, batch, dense_log2_d)
   out["vs_dense"] = {"log2_d": dense_log2_d, "kronjax": kron_d16, "dense": dense_d16}

@@ -27,7 +27,7 @@ def test_provenance_and_completeness(smoke):
   assert {"date", "command", "environment", "settings", "goals", "summary"} <= set(res)
   assert res["command"] == f"python experiments/bench_pairwise.py --smoke --out {out}"
   assert res["smoke"] is True and res["partial"] is False and res["missing"] == []
-  for key in ("init_default_plan", "init_neurons_layout", "steps", "large", "curve"):
+  for key in ("init_default_plan", "init_points_layout", "steps", "large", "curve"):
     assert res[key]["completed"] is True, key
     assert res[key]["loadavg_1min_before"] >= 0 and res[key]["loadavg_1min_after"] >= 0
   assert res["goals"] == bench.GOALS
@@ -35,7 +35,7 @@ def test_provenance_and_completeness(smoke):
 
 def test_init_no_n_squared_array_and_memory_at_least_the_state(smoke):
   _, res, _ = smoke
-  for key, layout in (("init_default_plan", "points"), ("init_neurons_layout", "neurons")):
+  for key, layout in (("init_default_plan", "neurons"), ("init_points_layout", "points")):
     r = res[key]
     n, m = r["n"], r["m"]
     assert r["layout"] == layout and r["init"] == "kronecker"

@@ -105,7 +105,7 @@ def test_checkpoint_holds_the_state_only(tmp_path):
 
 def test_point_major_momentum_state_roundtrips(tmp_path):
   config = kronjax.Config(width=M, init="implicit")
-  plan = kronjax.Plan(update="full")   # P stored (n, m)
+  plan = kronjax.Plan(layout="points")   # P stored (n, m)
   tx = optax.sgd(0.5, momentum=0.9)
   state = _init(config=config, tx=tx, plan=plan)
   state, _ = _fit(state, steps=5)

@@ -107,6 +107,30 @@ def test_chunked_fit_is_bit_identical_to_one_step_per_dispatch(update, dispatche
   assert list(h_many["step"]) == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 37]
 
 
+@pytest.mark.perf  # reads the compiled HLO text
+@pytest.mark.parametrize("layout", ["neurons", "points"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("members", [None, 2])
+def test_a_full_path_chunk_updates_P_in_place(layout, batch, members):
+  """fit's and sweep.fit's compiled loops add to ``P`` in place: no copy of ``P`` per step,
+  at ``B = 1`` too (where a column of neuron-major ``P`` is a slice XLA would fuse into every
+  reader)."""
+  plan = kronjax.Plan(update="full", layout=layout)
+  config = kronjax.Config(width=M, threshold=0.3)
+  batches = jnp.zeros((8, batch), jnp.int32)
+  if members is None:
+    state, chunk, live = _init(plan=plan), runners._chunk_of(kronjax.train_step), jnp.bool_(True)
+  else:
+    state = sw.init(config, _dataset(), sw.grid(learning_rate=[0.5, 1.0][:members]),
+                    tx=optax.inject_hyperparams(optax.sgd)(learning_rate=1.0), plan=plan)
+    chunk, live = runners._sweep_chunk, jnp.ones((members,), bool)
+  shape = ",".join(map(str, state.projections.shape))
+  text = chunk.lower(state, _dataset(), batches, jnp.int32(8), live,
+                     jnp.full(live.shape, jnp.inf, jnp.float32)).compile().as_text()
+  copies = [line for line in text.splitlines() if f"f32[{shape}]" in line and " copy(" in line]
+  assert not copies, copies
+
+
 def test_chunk_size_caps_the_steps_per_dispatch(dispatches):
   one, h_one = _fit(_init(), steps=30, chunk=1)
   dispatches.clear()
@@ -142,16 +166,19 @@ def test_chunks_end_on_every_cadence():
   assert loop._Chunks(runners.Single(), options, 5000, 2**15, 0, False).size == 2
 
 
-def test_chunked_fit_equals_dense_sgd_float64(x64):
-  """The chunked loop against the plain dense network on the same batches (fit's schedule)."""
+@pytest.mark.parametrize("batch,update", [(4, "auto"), (1, "full")])
+def test_chunked_fit_equals_dense_sgd_float64(x64, batch, update):
+  """The chunked loop against the plain dense network on the same batches (fit's schedule);
+  at B = 1 on the full path a neuron-major ``P``'s column is gathered on its own."""
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), N, DIMS, task="regression",
                                       dtype=jnp.float64)
   dataset = kronjax.Dataset(data, labels)
   config = kronjax.Config(width=M, threshold=0.3, init="kronecker")
   tx = optax.sgd(1.0)
-  state = kronjax.init(jax.random.PRNGKey(3), config, dataset, tx)
-  trained, history = kronjax.fit(state, dataset, jax.random.PRNGKey(1), batch_size=4, steps=40,
-                                 progress=False)
+  state = kronjax.init(jax.random.PRNGKey(3), config, dataset, tx,
+                       plan=kronjax.Plan(update=update))
+  trained, history = kronjax.fit(state, dataset, jax.random.PRNGKey(1), batch_size=batch,
+                                 steps=40, progress=False)
   assert not history["replays"]
   W0 = kronjax.dense_params(state, dataset)["W"]
   dstate = dense.init(jax.random.PRNGKey(3), config, DIMS, tx, dtype=jnp.float64)
@@ -159,8 +186,8 @@ def test_chunked_fit_equals_dense_sgd_float64(x64):
   dstep = dense.make_step(config, tx, donate=False)
   X = data.materialize()
   losses = []
-  for batch in loop.batch_schedule(jax.random.PRNGKey(1), N, 4, 40):
-    dstate, dm = dstep(dstate, X[batch], labels[batch])
+  for idx in loop.batch_schedule(jax.random.PRNGKey(1), N, batch, 40):
+    dstate, dm = dstep(dstate, X[idx], labels[idx])
     losses.append(float(dm["loss"]))
   W = kronjax.dense_params(trained, dataset)["W"]
   err = float(jnp.max(jnp.abs(W - dstate.params["W"])) / jnp.max(jnp.abs(dstate.params["W"])))

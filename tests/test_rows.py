@@ -201,7 +201,7 @@ def test_the_full_step_uses_the_row_kernels(impl):
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 32, (4, 8))
   dataset = kronjax.Dataset(data, labels)
   state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64), dataset, optax.sgd(0.1),
-                       plan=kronjax.Plan(update="full"))
+                       plan=kronjax.Plan(layout="points"))
   assert state.layout == "points"
   text = jax.jit(_fresh(kronjax.train_step)).lower(state, dataset, jnp.arange(8)).as_text()
   for name in ("relu_rows", "relu_rows_grad", "add_rows"):

@@ -110,7 +110,7 @@ compare("momentum4", 4, kronjax.Config(width=62, threshold=0.6, loss="softmax", 
 # The full path with P stored point-major (n, m): split on axis 1, momentum traces too.
 compare("points8", 8, kronjax.Config(width=62, threshold=0.6, loss="softmax", num_classes=3,
                                      train_output=True),
-        kronjax.Plan(update="full"), optax.sgd(0.3, momentum=0.9), "classification")
+        kronjax.Plan(layout="points"), optax.sgd(0.3, momentum=0.9), "classification")
 
 # Checkpoints across device counts: written on 4 devices (61 neurons padded to 64), restored
 # onto 3 (63 rows: truncated), trained on and written there, restored onto 8 (64 rows: the
@@ -297,7 +297,7 @@ def test_compiled_step_on_one_device_equals_train_step():
 
 def test_point_major_specs_split_the_neuron_axis():
   state = _small_state()
-  state = kronjax.with_plan(state, update="full")                 # layout auto -> points
+  state = kronjax.with_plan(state, layout="points")
   assert state.layout == "points"
   specs = sharding.state_specs(state)
   split = jax.sharding.PartitionSpec(None, "neurons")

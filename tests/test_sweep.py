@@ -477,11 +477,11 @@ def test_docs_sweep_example_runs(capsys):
   assert np.nanmean(history["loss"][:, -10:]) < np.nanmean(history["loss"][:, :5])
 
 
-def _full_path_sweep(optimizer):
+def _full_path_sweep(optimizer, layout):
   config = kronjax.Config(width=64, threshold=0.6)
   states = sw.init(config, _task(), _eight_members(optimizer), tx=TX[optimizer],
-                   plan=kronjax.Plan(update="full"))
-  assert states.layout == "points"
+                   plan=kronjax.Plan(update="full", layout=layout))
+  assert states.layout == layout
   return states
 
 
@@ -508,31 +508,34 @@ def product_rule(monkeypatch):
 
 @pytest.mark.slow
 # Last: the product rule clears JAX's caches, which would recompile the steps of the tests above.
-@pytest.mark.parametrize("product,optimizer", [("native", "sgd"), ("loop", "sgd"), ("batched", "sgd"),
-                                               ("loop", "momentum"), ("batched", "momentum")])
-def test_full_path_sweep_equals_separate_runs(x64, product_rule, product, optimizer):
-  """The full path in the point-major layout. With sgd the P update is
+@pytest.mark.parametrize("product,optimizer,layout", [
+    ("native", "sgd", "points"), ("loop", "sgd", "points"), ("batched", "sgd", "points"),
+    ("loop", "momentum", "points"), ("batched", "momentum", "points"),
+    ("native", "sgd", "neurons"), ("loop", "momentum", "neurons")])
+def test_full_path_sweep_equals_separate_runs(x64, product_rule, product, optimizer, layout):
+  """The full path in both layouts. With sgd the P update is
   products.add_product: on CPU the native kernel (all members in one call), or
   XLA's rule, which loops over the members above a size (forced here) and batches
-  below it; momentum takes the full-shape optimizer path. (The compiled step's rule
+  below it; momentum takes the factored trace form (products.trace_product). (The compiled step's rule
   is pinned in test_full_path_sweep_step_uses_the_product_rule.)"""
   with product_rule(product):
     dataset = _task()
     members = _eight_members(optimizer)
     key = jax.random.PRNGKey(3)
-    states = _full_path_sweep(optimizer)
+    states = _full_path_sweep(optimizer, layout)
     trained, history = sw.fit(states, dataset, key, batch_size=BATCH, steps=STEPS, progress=False)
     _assert_equals_separate_runs(states, trained, history, dataset, members, key)
 
 
 @pytest.mark.perf
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule of products.add_product")
+@pytest.mark.parametrize("layout", ["points", "neurons"])
 @pytest.mark.parametrize("product", ["native", "loop", "batched"])
-def test_full_path_sweep_step_uses_the_product_rule(x64, product_rule, product):
+def test_full_path_sweep_step_uses_the_product_rule(x64, product_rule, product, layout):
   """The sweep step's HLO on CPU, sgd: the member loop (a while) only when forced, the native
   kernel's custom call only with the native kernels on."""
   with product_rule(product):
-    states = _full_path_sweep("sgd")
+    states = _full_path_sweep("sgd", layout)
     hlo = runners.sweep_step.lower(states, _task(), jnp.arange(BATCH, dtype=jnp.int32)).as_text()
     assert ("while" in hlo) == (product == "loop")
     assert ("kronjax_add_product" in hlo) == (product == "native")

@@ -50,7 +50,7 @@ def test_matches_dense_sgd(x64, tx_name, loss, train_output, update, gram, dims,
   config = kronjax.Config(width=96, threshold=0.6, loss=loss, num_classes=3 if loss == "softmax" else 1,
                           train_output=train_output)
   plan = kronjax.Plan(update=update, layout=layout)
-  expected_layout = "points" if update == "full" and layout != "neurons" else "neurons"
+  expected_layout = "points" if layout == "points" else "neurons"
   assert plan.resolve(config).layout == expected_layout
   state, dstate, hist, dataset = run_pair(jax.random.PRNGKey(3), config, TXS[tx_name](), data,
                                           labels, plan=plan, steps=50, batch=8, gram=gram)
@@ -226,7 +226,7 @@ def test_replace_P_is_stored_in_the_layout():
   data, labels = _task("mse", (4, 6), 1)
   state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=32),
                        kronjax.Dataset(data, labels), optax.sgd(0.1),
-                       plan=kronjax.Plan(update="full"))
+                       plan=kronjax.Plan(layout="points"))
   assert state.layout == "points"
   P = jnp.arange(32 * data.n, dtype=state.P.dtype).reshape(32, data.n)
   np.testing.assert_array_equal(state.replace(P=P).P, P)
@@ -240,7 +240,7 @@ def test_point_major_state_always_gets_the_scan_index():
   data, labels = _task("mse", (4, 6), 1)
   dataset = kronjax.Dataset(data, labels)
   state = kronjax.init(jax.random.PRNGKey(0), kronjax.Config(width=64), dataset,
-                       optax.sgd(0.1), plan=kronjax.Plan(update="full"))
+                       optax.sgd(0.1), plan=kronjax.Plan(layout="points"))
   assert state.layout == "points" and state.index_kind == "scan"
   state, metrics = jax.jit(kronjax.train_step)(state, dataset, jnp.arange(8))
   assert np.isfinite(float(metrics["loss"]))

@@ -23,10 +23,6 @@ INDEX_KINDS = ("auto", "scan", "bucketed")
 UPDATES = ("auto", "sparse", "full")
 LAYOUTS = ("auto", "neurons", "points")
 
-MINIBATCH = 8
-"""The batch size ``layout="auto"`` plans for (see ``Plan.resolve``)."""
-
-
 def default_active_capacity(width: int, threshold: float) -> int:
   """Room for the active neurons of one point: twice the mean plus 8 sigma, rounded to 8.
 
@@ -55,9 +51,9 @@ class Plan:
       ``update_path``.
     layout: how ``P`` is stored (``state.P`` is the ``(m, n)`` view either way):
       ``"neurons"`` (``(m, n)``: a neuron's row is contiguous, what the sparse
-      path's row updates need), ``"points"`` (``(n, m)``: a batch's columns are
-      contiguous rows, what the full path's forward reads; full path only) or
-      ``"auto"`` (see ``resolve``).
+      path's row updates need; both paths run on it), ``"points"`` (``(n, m)``: a
+      batch's columns are contiguous rows; full path only) or ``"auto"``
+      (``"neurons"``; see ``resolve``).
     init_chunk: neurons per chunk when drawing ``W0`` explicitly.
   """
 
@@ -109,11 +105,12 @@ class Plan:
 
     * capacities: ``default_active_capacity`` at ``b`` (active) and
       ``b - index_delta`` (candidates), at most ``width``;
-    * ``layout="auto"``: ``"points"`` when the update path is ``"full"``, or is
-      ``"auto"`` and a minibatch of ``MINIBATCH`` points would take the full path
-      (the full path reads point-major ``P`` fastest, but that layout rules out
-      the sparse path), else ``"neurons"``; ``"neurons"`` whenever the sparse
-      path or the bucketed index is asked for;
+    * ``layout="auto"``: ``"neurons"``. Both update paths run on neuron-major
+      ``P``, so each step can pick its path by its batch size; and the full path
+      on it is as fast as on point-major ``P`` on a quiet machine and faster
+      beside a busy process (single-threaded row kernels need no second core;
+      the contention and auto benchmarks in the performance page). ``"points"``
+      is kept as an explicit choice;
     * ``index="auto"``: ``"scan"`` (the bucketed index does not win the train
       step on CPU: the threshold benchmark in the performance page).
 
@@ -131,14 +128,7 @@ class Plan:
         raise ValueError(
             f"{name} must be in [1, width={m}], got {value}; a point cannot have more active "
             "neurons than the network has.")
-    layout = self.layout
-    if layout == "auto":
-      if self.update == "sparse" or self.index == "bucketed":
-        layout = "neurons"
-      elif self.update == "full":
-        layout = "points"
-      else:
-        layout = "points" if _full_at(MINIBATCH, active, m) else "neurons"
+    layout = "neurons" if self.layout == "auto" else self.layout
     index = "scan" if layout == "points" or self.index == "auto" else self.index
     return dataclasses.replace(self, active_capacity=active, candidate_capacity=candidate,
                                layout=layout, index=index)
@@ -152,17 +142,11 @@ class Plan:
       stay under a third of ``width``, else ``"full"``: the sparse path updates
       ``T <= B K_cap`` rows of ``n`` through a sorted unique row scatter, which
       costs about twice a full row per row on CPU, and the full path pays one
-      ``(m, B) @ (B, n)`` product with no index query. For batch 1 on a network
-      where a minibatch would take the full path, pass ``layout="neurons"`` to
-      keep the sparse path.
+      ``(m, B) @ (B, n)`` product with no index query.
     """
     plan = self.resolve(config)
     if plan.layout == "points":
       return "full"
     if plan.update != "auto":
       return plan.update
-    return "full" if _full_at(batch_size, plan.active_capacity, config.width) else "sparse"
-
-
-def _full_at(batch_size: int, active_capacity: int, width: int) -> bool:
-  return 3 * batch_size * active_capacity > width
+    return "full" if 3 * batch_size * plan.active_capacity > config.width else "sparse"
