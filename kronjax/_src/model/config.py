@@ -43,7 +43,11 @@ class Config:
 
   Attributes:
     width: number of hidden neurons ``m``.
-    threshold: the ReLU shift ``b``; None (derived) means ``sqrt(0.4 ln m)``.
+    threshold: the ReLU shift ``b`` of ``relu(w.x - b)``, any finite real; None
+      (derived) means ``sqrt(0.4 ln m)``. A larger ``b`` fires fewer neurons per point
+      (cheaper steps, a kernel concentrated on near-identical points); ``b = 0`` is the
+      arc-cosine kernel; ``b < 0`` fires most neurons (every step then touches every
+      neuron) and tends to the linear kernel ``x.x'`` as ``b -> -inf``.
     loss: ``"mse"`` (batch mean of ``1/2 ||f - y||^2``), ``"softmax"``
       (batch mean cross-entropy with integer labels), or a loss of one's own: a
       function ``fn(outputs, labels) -> scalar`` of the batch outputs ``(B, C)`` and
@@ -98,10 +102,10 @@ class Config:
         raise TypeError(
             f"threshold must be a real number or None, got {type(self.threshold).__name__}; "
             "to sweep over thresholds pass them to kronjax.init(..., threshold=b) instead.")
-      if not math.isfinite(self.threshold) or self.threshold < 0:
+      if not math.isfinite(self.threshold):
         raise ValueError(
-            f"threshold must be a finite number >= 0 (the shift b of relu(z - b)), got "
-            f"{self.threshold}; None gives the default sqrt(0.4 ln m).")
+            f"threshold must be a finite number (the shift b of relu(z - b)), got "
+            f"{self.threshold}; pass a finite b, or None for the default sqrt(0.4 ln m).")
       object.__setattr__(self, "threshold", float(self.threshold))
     if isinstance(self.loss, str) or not callable(self.loss):
       if not isinstance(self.loss, str):

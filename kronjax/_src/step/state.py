@@ -262,8 +262,9 @@ def check_init_args(key: Any, config: Any, dataset: Any, tx: Any, threshold: Any
                                              config))
   if threshold is not None and checks.is_concrete(threshold):
     value = float(jnp.asarray(threshold))
-    if not math.isfinite(value) or value < 0:
-      raise ValueError(f"threshold must be a finite number >= 0, got {threshold}.")
+    if not math.isfinite(value):
+      raise ValueError(f"threshold must be a finite number (the shift b of relu(z - b)), got "
+                       f"{threshold}; pass a finite b, or None for config.threshold.")
   return key, plan
 
 
