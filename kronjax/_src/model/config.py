@@ -47,7 +47,8 @@ class Config:
       (derived) means ``sqrt(0.4 ln m)``. A larger ``b`` fires fewer neurons per point
       (cheaper steps, a kernel concentrated on near-identical points); ``b = 0`` is the
       arc-cosine kernel; ``b < 0`` fires most neurons (every step then touches every
-      neuron) and tends to the linear kernel ``x.x'`` as ``b -> -inf``.
+      neuron), and as ``b -> -inf`` the hidden layer's kernel tends to the linear kernel
+      ``x.x'`` (Kronecker ridge regression's).
     loss: ``"mse"`` (batch mean of ``1/2 ||f - y||^2``), ``"softmax"``
       (batch mean cross-entropy with integer labels), or a loss of one's own: a
       function ``fn(outputs, labels) -> scalar`` of the batch outputs ``(B, C)`` and
