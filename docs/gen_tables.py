@@ -418,7 +418,9 @@ def pairwise_scale() -> str:
              ratio(r["over_floor"])] for r in steps["rows"]]
     blocks += [f"`kronjax.jit_train_step`, n = {steps['n']}, m = {steps['m']}, medians over "
                f"{steps['rounds']} interleaved rounds after compilation. The floor: the `P` rows the "
-               f"step reads and writes (touched rows on the sparse path, all m on the full path) "
+               f"step reads and writes (the touched rows, those of the neurons the batch fires, "
+               f"on the sparse path and on the full path with `P` neuron-major; all m with `P` "
+               f"point-major) "
                f"plus its `B x n` Gram rows, at the {num(bw['bytes_per_s'] / 1e9, 3)} GB/s of a numpy "
                f"copy of {bw['array_mib']} MiB (read plus written) in the same process, or the "
                f"product's `2 x rows x B x n` flops at the "

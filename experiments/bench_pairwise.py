@@ -17,8 +17,9 @@ float32 targets; ``kronjax.Config(width=m)`` (the kronecker init), ``optax.sgd``
    sparse path (``Plan(update="sparse")``: ``P`` neuron-major) and at B = 64 with the
    default plan (what ``"auto"`` picks), timed in interleaved rounds after
    compilation. Each step's bytes floor: the rows of ``P`` it must read and write
-   (sparse: the touched rows ``T``, the union of the batch's active sets; full:
-   all ``m``), ``2 x rows x n x 4`` bytes, plus the ``B x n`` Gram rows it gathers
+   (the touched rows ``T``, the union of the batch's active sets, on the sparse path and
+   on the full path with ``P`` neuron-major, whose product skips the other neurons; all
+   ``m`` with ``P`` point-major), ``2 x rows x n x 4`` bytes, plus the ``B x n`` Gram rows it gathers
    (``B x n x 4``), divided by the memory bandwidth of a numpy copy of a 256 MiB
    array in the same process (bytes read plus written per second); and the product's
    ``2 x rows x B x n`` flops at the rate of a compute-bound ``sgemm`` (1024 cubed) in the
@@ -278,7 +279,10 @@ def worker_steps(sizes: dict) -> dict:
   for B in Bs:
     st = states[which[B]]
     path = st.update_path(B)
-    touched = _touched(st, batches[B][warmup:]) if path == "sparse" else float(m)
+    # The neuron-major product skips the neurons none of the batch fires (zero coefficients):
+    # it touches the rows the sparse path would; the point-major one runs over all m.
+    touched = (_touched(st, batches[B][warmup:]) if path == "sparse" or st.layout == "neurons"
+               else float(m))
     floor_bytes = 2 * touched * n * F32 + B * n * F32
     flops = 2.0 * touched * B * n   # the product K_rows^T U over the rows the step writes
     med = statistics.median(times[B])
@@ -301,7 +305,8 @@ def worker_steps(sizes: dict) -> dict:
                         "bytes_per_s": bytes_per_s, "start": bw_start, "end": bw_end},
           "gemm": rate,
           "floor_bytes_formula": "2 x rows x n x 4 (P rows read and written; rows = touched rows "
-                                 "on the sparse path, m on the full path) + B x n x 4 (Gram rows)",
+                                 "on the sparse path and on the full path with P neuron-major, m "
+                                 "with P point-major) + B x n x 4 (Gram rows)",
           "floor_formula": "max(floor bytes / copy bandwidth, 2 x rows x B x n flops / the flop "
                            "rate of a compute-bound sgemm)",
           "rows": rows, "peak_rss_bytes": _peak_rss()}

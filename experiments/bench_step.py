@@ -65,13 +65,15 @@ def kron_step_time(key, m, n, batch, log2_d, *, steps=60, **state_kw):
   return _describe(state, step, batch, timing)
 
 
-def floor_run(key, m, n, batch, capacity, path, layout, steps=20):
+def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, steps=20):
   """The bare P update a step of this path and layout cannot avoid, same static shapes,
   as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
 
   full: ``P + U^T @ K_rows`` with ``P (m, n)`` neuron-major and ``U (B, m)``
-  (``products.add_product``), or ``P + K_rows^T @ U`` with ``P (n, m)`` point-major
-  (``products.add_product_t``), as the step calls them; sparse: the update of the
+  (``products.add_product``, which skips the neurons whose coefficients are all zero:
+  here the neurons none of the batch's ``B`` points fires, each point firing a random
+  ``firing_probability`` of them, as at init), or ``P + K_rows^T @ U`` with ``P (n, m)``
+  point-major (``products.add_product_t``, every neuron), as the step calls them; sparse: the update of the
   ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows`` (``rows.add_rows_product``, as the
   step calls it).
   """
@@ -84,7 +86,8 @@ def floor_run(key, m, n, batch, capacity, path, layout, steps=20):
     args = list(zip(K_rows, U))
   elif path == "full":
     P = jax.random.normal(key, (m, n))
-    U_T = [jnp.asarray(rng.normal(size=(m, batch)).astype(np.float32)) for _ in range(steps)]
+    fires = [rng.random((m, batch)) < firing_probability for _ in range(steps)]
+    U_T = [jnp.asarray((rng.normal(size=(m, batch)) * f).astype(np.float32)) for f in fires]
     fn = jax.jit(lambda P, a: (products.add_product(P, a[0], a[1]), None), donate_argnums=0)
     args = list(zip(U_T, K_rows))
   else:
@@ -147,7 +150,8 @@ def main(argv=None):
   runs["other"] = (*kron_state(key, m, n, dense_log2_d, update=args.update,
                                plan_kw={"layout": other}),
                    _batches(n, batch, steps_per_round + 3, seed=dense_log2_d))
-  runs["floor"] = floor_run(key, m, n, batch, cap, path, layout, steps=steps_per_round + 3)
+  runs["floor"] = floor_run(key, m, n, batch, cap, path, layout,
+                            kronjax.Config(width=m).firing_probability, steps=steps_per_round + 3)
   timings, states = bench.time_steps_interleaved(runs, rounds=rounds)
   kron = {d: _describe(states[f"d=2^{d}"], runs[f"d=2^{d}"][0], batch, timings[f"d=2^{d}"])
           for d in log2_d_all}

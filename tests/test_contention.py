@@ -35,7 +35,7 @@ def test_bench_contention_smoke_writes_every_setting(tmp_path):
     threads = {res["pool_threads"], 1}
     assert settings == {"auto", "points/blas"} | {f"{layout}/{t}" for layout in ("points", "neurons")
                                                   for t in threads}
-    assert res["auto_runs_as"] == f"points/{res['pool_threads']}"  # Plan() at these shapes
+    assert res["auto_runs_as"] == f"neurons/{res['pool_threads']}"  # Plan(): neuron-major P
     assert res["blas_split"] is True
     assert res["layout"]["neurons/1"] == "neurons" and res["layout"]["points/1"] == "points"
   for condition in ("quiet", "busy"):

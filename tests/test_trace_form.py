@@ -129,14 +129,16 @@ def test_a_skipped_step_keeps_every_trace():
   assert_same_tree(after, state)
 
 
-def test_a_momentum_sweep_has_no_full_size_temporaries():
-  """The vmapped step's temporaries stay below one member's P: no (S, m, n) gradient."""
-  train, y, _, _ = _data((8, 8), n=64)
+@pytest.mark.parametrize("layout", ["neurons", "points"])
+def test_a_momentum_sweep_has_no_full_size_temporaries(layout):
+  """The vmapped step's temporaries stay below one member's P: no (S, m, n) gradient (the
+  batch's columns and coefficients, (S, B, m) each, are what it holds)."""
+  train, y, _, _ = _data((8, 8), n=256)
   dataset = kronjax.Dataset(train, y)
   members = sw.grid(learning_rate=[0.1, 0.2], momentum=[0.0, 0.9])
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
   states = sw.init(kronjax.Config(width=256, threshold=0.3), dataset, members, tx=tx,
-                   plan=kronjax.Plan(update="full"))
+                   plan=kronjax.Plan(update="full", layout=layout))
   assert states.tx.form == "trace"
   compiled = runners.sweep_step.lower(states, dataset, jnp.arange(8)).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
