@@ -198,7 +198,7 @@ def step() -> str:
       [f"dense baseline vs kronjax at d = 2^{vs['log2_d']}",
        f"{ms(vs['dense']['median_s'])} ms vs {ms(vs['kronjax']['median_s'])} ms: "
        f"{ratio(vs['speedup'])}"],
-      ["floor: the step's bare `P` update (`P + K_rows^T U` in its layout)",
+      ["floor: the step's bare passes over `P` (see above)",
        f"{ms(floor['floor']['median_s'])} ms; step / floor = {num(floor['ratio'], 3)} "
        f"(per round {num(min(floor['ratio_per_round']), 3)}-{num(max(floor['ratio_per_round']), 3)})"],
       [f"the same step with `P` {LAYOUT_NAMES[nl['layout']]}",

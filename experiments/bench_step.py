@@ -69,11 +69,13 @@ def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, step
   """The bare P update a step of this path and layout cannot avoid, same static shapes,
   as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
 
-  full: ``P + U^T @ K_rows`` with ``P (m, n)`` neuron-major and ``U (B, m)``
-  (``products.add_product``, which skips the neurons whose coefficients are all zero:
-  here the neurons none of the batch's ``B`` points fires, each point firing a random
-  ``firing_probability`` of them, as at init), or ``P + K_rows^T @ U`` with ``P (n, m)``
-  point-major (``products.add_product_t``, every neuron), as the step calls them; sparse: the update of the
+  full, ``P (m, n)`` neuron-major: reading the batch's columns ``P[:, idx]``
+  (``rows.take_cols``) and ``P + U^T @ K_rows`` (``products.add_product``, which skips
+  the neurons whose coefficients are all zero: here the neurons none of the batch's ``B``
+  points fires, each point firing a random ``firing_probability`` of them, as at init);
+  full, ``P (n, m)`` point-major: ``P + K_rows^T @ U`` (``products.add_product_t``, every
+  neuron; the batch's rows are contiguous and cheap to read), as the step calls them;
+  sparse: the update of the
   ``T = min(m, B K)`` touched rows, ``P[T] += U @ K_rows`` (``rows.add_rows_product``, as the
   step calls it).
   """
@@ -88,8 +90,10 @@ def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, step
     P = jax.random.normal(key, (m, n))
     fires = [rng.random((m, batch)) < firing_probability for _ in range(steps)]
     U_T = [jnp.asarray((rng.normal(size=(m, batch)) * f).astype(np.float32)) for f in fires]
-    fn = jax.jit(lambda P, a: (products.add_product(P, a[0], a[1]), None), donate_argnums=0)
-    args = list(zip(U_T, K_rows))
+    idx = _batches(n, batch, steps, seed=2)
+    fn = jax.jit(lambda P, a: (products.add_product(P, a[0], a[1]), rows.take_cols(P, a[2])),
+                 donate_argnums=0)
+    args = list(zip(U_T, K_rows, idx))
   else:
     P = jax.random.normal(key, (m, n))
     T_cap = min(m, batch * capacity)

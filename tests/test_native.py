@@ -294,6 +294,7 @@ def cases(X, U, b, a, g, P, G, Gs, Gt, R, Y, coef, Tr, Ur, R3):  # name: (kernel
   for s in (S, 1):  # two members, one member
     x, u, b_, a_, g_ = X[:s], U[:s], b[:s], a[:s], g[:s]
     out[f"take_rows {{s}}"] = native.take_rows(x, i), x[:, read]
+    out[f"take_cols {{s}}"] = native.take_cols(jnp.swapaxes(x, 1, 2), i), x[:, read]
     out[f"add_rows {{s}}"] = native.add_rows(x, i, u), jax.vmap(lambda x, u: x.at[idx].add(u))(x, u)
     for c in (1, C):
       out[f"relu_rows C={{c}} {{s}}"] = (tuple(native.relu_rows(x, i, b_, a_[..., :c])),
@@ -335,7 +336,7 @@ def test_every_kernel_at_sizes_that_split_over_threads(tmp_path, threads):
   lines = proc.stdout.splitlines()
   assert f"THREADS {threads}" in lines
   errors = {l.split()[1]: float(l.split()[2]) for l in lines if l.startswith("ERR ")}
-  assert len(errors) == 7 + 2 * 6
+  assert len(errors) == 7 + 2 * 7
   assert max(errors.values()) < 1e-12, errors
 
 

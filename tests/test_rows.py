@@ -50,6 +50,7 @@ def _operands(C, seed=0, S=S):
 # op, its operands (in order), and the plain expression it must equal
 OPS = {
     "take_rows": (rows.take_rows, ("X", "idx"), lambda X, i: X[i]),
+    "take_cols": (rows.take_cols, ("X", "idx"), lambda X, i: X[:, i].T),
     "add_rows": (rows.add_rows, ("X", "idx", "U"), lambda X, i, U: X.at[i].add(U)),
     "relu_rows": (rows.relu_rows, ("X", "idx", "b", "a"),
                   lambda X, i, b, a: rows.HiddenRows(jax.nn.relu(X[i] - b) @ a,
@@ -92,12 +93,21 @@ def test_nested_vmap_and_unbatched_X(x64, impl, name):
   in_axes = tuple(None if k == "idx" else 0 for k in names)
   twice = lambda f: jax.vmap(jax.vmap(f, in_axes=in_axes), in_axes=in_axes)
   _close(jax.jit(twice(op))(*args), twice(plain)(*args))
-  if len(names) == 2:  # take_rows: nothing else to batch
+  if len(names) == 2:  # take_rows, take_cols: nothing else to batch
     return
   # X shared by the members (the other operands batched): broadcast, not an error.
   axes = tuple(None if k in ("idx", "X") else 0 for k in names)
   args = [ops[k] if k not in ("X",) else ops[k][0] for k in names]
   _close(jax.jit(jax.vmap(op, in_axes=axes))(*args), jax.vmap(plain, in_axes=axes)(*args))
+
+
+def test_take_cols_of_one_column(x64, impl):
+  """B = 1 (XLA's expression gathers two columns there, see rows._take_cols_of)."""
+  X = _operands(1)["X"]
+  for i in (jnp.array([5], jnp.int32), jnp.array([-2], jnp.int32)):
+    _close(jax.jit(_fresh(rows.take_cols))(X[0], i), X[0][:, i].T)
+    _close(jax.jit(jax.vmap(rows.take_cols, in_axes=(0, None)))(X, i),
+           jax.vmap(lambda x: x[:, i].T)(X))
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -185,6 +195,8 @@ def test_native_wrappers_reject_mismatched_operands():
   X, idx = jnp.ones((4, 8), jnp.float32), jnp.arange(2, dtype=jnp.int32)
   with pytest.raises(TypeError, match="native.take_rows needs .* idx int32"):
     native.take_rows(X, idx.astype(jnp.float32))
+  with pytest.raises(TypeError, match="native.take_cols needs .* idx int32"):
+    native.take_cols(X, idx.reshape(1, 2))
   with pytest.raises(TypeError, match="native.add_rows needs .* U"):
     native.add_rows(X, idx, jnp.ones((3, 8), jnp.float32))
   with pytest.raises(TypeError, match="native.relu_rows needs .* a float32"):
@@ -192,6 +204,17 @@ def test_native_wrappers_reject_mismatched_operands():
   with pytest.raises(TypeError, match="native.relu_rows_grad needs .* g"):
     native.relu_rows_grad(X, idx, jnp.zeros((), jnp.float32), jnp.ones((8, 2), jnp.float32),
                           jnp.ones((2, 3), jnp.float32))
+
+
+@pytest.mark.perf  # reads the lowered HLO text
+def test_the_neuron_major_full_step_reads_its_columns_with_take_cols(impl):
+  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 32, (4, 8))
+  dataset = kronjax.Dataset(data, labels)
+  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64), dataset, optax.sgd(0.1),
+                       plan=kronjax.Plan(update="full"))
+  assert state.layout == "neurons"
+  text = jax.jit(_fresh(kronjax.train_step)).lower(state, dataset, jnp.arange(8)).as_text()
+  assert ("kronjax_take_cols_f32" in text) == (impl == "native")
 
 
 @pytest.mark.perf  # reads the lowered HLO text
@@ -217,6 +240,9 @@ def test_the_kernels_check_shapes_themselves():
   take = jax.ffi.ffi_call("kronjax_take_rows_f32", jax.ShapeDtypeStruct((3, 8), jnp.float32))
   with pytest.raises(Exception, match="kronjax take_rows: X .* do not match"):
     jax.block_until_ready(take(X, idx))
+  cols = jax.ffi.ffi_call("kronjax_take_cols_f32", jax.ShapeDtypeStruct((2, 8), jnp.float32))
+  with pytest.raises(Exception, match="kronjax take_cols: P .* do not match"):
+    jax.block_until_ready(cols(X, idx))          # the result is (2, 4): P's 4 rows
   relu = jax.ffi.ffi_call("kronjax_relu_rows_f32", (jax.ShapeDtypeStruct((2, 1), jnp.float32),
                                                     jax.ShapeDtypeStruct((2,), jnp.float32)))
   with pytest.raises(Exception, match="kronjax relu_rows: b .* do not match"):

@@ -86,7 +86,7 @@ HEADERS = (_CSRC / "parallel.h",)
 FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-Wall")
 MODES = ("auto", "off", "require")
 KERNELS = ("add_product", "add_product_t", "trace_product", "trace_product_t", "take_rows",
-           "add_rows", "add_rows_product", "relu_rows", "relu_rows_grad")
+           "take_cols", "add_rows", "add_rows_product", "relu_rows", "relu_rows_grad")
 POOL_THREADS = "kronjax_pool_threads"  # a probe: the threads the row kernels split over
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
@@ -432,6 +432,21 @@ def take_rows(X: jax.Array, idx: jax.Array) -> jax.Array:
   call = jax.ffi.ffi_call(_target("take_rows", X.dtype), jax.ShapeDtypeStruct(shape, X.dtype),
                           vmap_method="broadcast_all")
   return call(X, idx)
+
+
+def take_cols(P: jax.Array, idx: jax.Array) -> jax.Array:
+  """``swapaxes(P[..., :, idx], -1, -2)`` on CPU: ``P (..., m, n)``, ``idx (B,)`` int32;
+  returns ``(..., B, m)``, the batch's columns of a neuron-major ``P`` as rows.
+
+  Indices as ``take_rows``'s. CPU only; check ``available`` and ``supports_rows``.
+  """
+  if not supports_rows(P, idx):
+    raise TypeError(f"native.take_cols needs P float32/float64 of rank >= 2 and idx int32 (B,), "
+                    f"got P {P.dtype}{P.shape}, idx {idx.dtype}{idx.shape}.")
+  shape = (*P.shape[:-2], idx.shape[0], P.shape[-2])
+  call = jax.ffi.ffi_call(_target("take_cols", P.dtype), jax.ShapeDtypeStruct(shape, P.dtype),
+                          vmap_method="broadcast_all")
+  return call(P, idx)
 
 
 def add_rows(X: jax.Array, idx: jax.Array, U: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ Shapes: n points, m neurons, B batch, C outputs; ``X (n, m)`` is a point-major
 matrix (``state.projections`` in the ``"points"`` layout, or ``state.A_T``).
 
     take_rows(X, idx)              X[idx]                                   (B, m)
+    take_cols(P, idx)              P[:, idx].T, P (m, n) neuron-major       (B, m)
     add_rows(X, idx, U)            X.at[idx].add(U)                         (n, m)
     relu_rows(X, idx, b, a)        HiddenRows(raw=relu(X[idx] - b) @ a,     (B, C),
                                               active=#(X[idx] > b))         (B,)
@@ -70,6 +71,16 @@ def _take_of(X, idx):
   return X[idx]
 
 
+def _take_cols_of(P, idx):
+  if idx.shape[0] == 1:
+    # At B = 1 XLA turns the gather into a slice that it fuses into every reader; a
+    # reader the in-place update of P does not wait for (the active count) then keeps
+    # P live past that update, and XLA copies P to keep it. Two gathered columns stay
+    # one gather, materialized once.
+    return P[:, jnp.concatenate([idx, idx])].T[:1]
+  return P[:, idx].T
+
+
 def _add_of(X, idx, U):
   return X.at[idx].add(U)
 
@@ -121,6 +132,7 @@ def _rows_op(plain: Callable[..., Any], kernel: Callable[..., Any]) -> Callable[
 
 
 _take_rows = _rows_op(_take_of, native.take_rows)
+_take_cols = _rows_op(_take_cols_of, native.take_cols)
 _add_rows = _rows_op(_add_of, native.add_rows)
 _relu_rows = _rows_op(_relu_rows_of, native.relu_rows)
 _relu_rows_grad = _rows_op(_relu_rows_grad_of, native.relu_rows_grad)
@@ -133,6 +145,13 @@ def _index(idx: Any) -> jax.Array:
 def take_rows(X: jax.Array, idx: Any) -> jax.Array:
   """``X[idx]`` for ``X (n, m)``, ``idx (B,)``; returns ``(B, m)``."""
   return _take_rows(X, _index(idx))
+
+
+def take_cols(P: jax.Array, idx: Any) -> jax.Array:
+  """``P[:, idx].T`` for a neuron-major ``P (m, n)``, ``idx (B,)``; returns ``(B, m)``, in a
+  buffer of its own (never a view that an in-place update of ``P`` would have to copy ``P``
+  to keep)."""
+  return _take_cols(P, _index(idx))
 
 
 def add_rows(X: jax.Array, idx: Any, U: jax.Array) -> jax.Array:

@@ -382,18 +382,6 @@ def _new_bias(state: TrainState, updates: dict) -> jax.Array:
   return state.bias + updates["bias"] if state.config.output_bias else state.bias
 
 
-def _columns(P: jax.Array, idx: jax.Array) -> jax.Array:
-  """``P[:, idx].T`` ``(B, m)`` of neuron-major ``P (m, n)``, gathered into a buffer of its own.
-
-  At ``B = 1`` XLA turns the gather into a slice that it fuses into every reader; a reader
-  the in-place ``P`` update does not wait for (the active count) then keeps ``P`` live past
-  that update, and inside ``fit``'s compiled loop XLA copies ``P`` twice per step to keep
-  it. Two gathered columns stay one gather, materialized once."""
-  if idx.shape[0] == 1:
-    return P[:, jnp.concatenate([idx, idx])].T[:1]
-  return P[:, idx].T
-
-
 def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
   """The full path: the whole ``(m, B)`` slice of ``P``, no index query, no capacity.
 
@@ -420,7 +408,7 @@ def _full_step(state: TrainState, batch: Batch, axis_name: str | None = None):
     def hidden_rows():
       return losses.hidden(rows.take_rows(P, idx), state.b)
   else:
-    Ps_T = _columns(state.projections, idx)                        # (B, m)
+    Ps_T = rows.take_cols(state.projections, idx)                   # (B, m)
     raw, counts = rows.relu_of(Ps_T, state.b, state.a)
 
     def coefficients(g):
