@@ -221,9 +221,9 @@ def test_plan_capacity_above_the_width_is_refused_at_init(field):
   assert getattr(kronjax.with_plan(state, **{field: 32}).resolved_plan, field) == 32
 
 
-def test_config_threshold_must_be_non_negative():
+def test_config_threshold_must_be_finite():
   with pytest.raises(ValueError, match="threshold"):
-    kronjax.Config(threshold=-1.0, width=8)
+    kronjax.Config(threshold=float("inf"), width=8)
   assert kronjax.Config(width=8).threshold is None
   assert kronjax.Config(width=8).resolve().threshold == pytest.approx(np.sqrt(0.4 * np.log(8)))
 
