@@ -91,8 +91,15 @@ def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, step
     fires = [rng.random((m, batch)) < firing_probability for _ in range(steps)]
     U_T = [jnp.asarray((rng.normal(size=(m, batch)) * f).astype(np.float32)) for f in fires]
     idx = _batches(n, batch, steps, seed=2)
-    fn = jax.jit(lambda P, a: (products.add_product(P, a[0], a[1]), rows.take_cols(P, a[2])),
-                 donate_argnums=0)
+
+    def read_then_add(P, a):
+      # The product's coefficients depend on the columns read, as the step's do: so the
+      # read comes first and the product updates P in place (no copy of P).
+      cols = rows.take_cols(P, a[2])                                   # (B, m)
+      U_T = jnp.where(cols.T > -jnp.inf, a[0], 0.0)
+      return products.add_product(P, U_T, a[1]), cols
+
+    fn = jax.jit(read_then_add, donate_argnums=0)
     args = list(zip(U_T, K_rows, idx))
   else:
     P = jax.random.normal(key, (m, n))
