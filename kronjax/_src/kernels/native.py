@@ -419,19 +419,25 @@ def trace_product(X: jax.Array, Y: jax.Array, G: jax.Array, R: jax.Array, coef: 
   return call(X, Y, G, R, coef)
 
 
+def _gather(kernel: str, name: str, X: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+  """The ``(..., B, X.shape[axis])`` result of the gather kernel ``kernel`` on ``X`` (called
+  ``name`` in the error) and ``idx``, after checking the operands."""
+  if not supports_rows(X, idx):
+    raise TypeError(f"native.{kernel} needs {name} float32/float64 of rank >= 2 and idx int32 "
+                    f"(B,), got {name} {X.dtype}{X.shape}, idx {idx.dtype}{idx.shape}.")
+  shape = (*X.shape[:-2], idx.shape[0], X.shape[axis])
+  call = jax.ffi.ffi_call(_target(kernel, X.dtype), jax.ShapeDtypeStruct(shape, X.dtype),
+                          vmap_method="broadcast_all")
+  return call(X, idx)
+
+
 def take_rows(X: jax.Array, idx: jax.Array) -> jax.Array:
   """``X[..., idx, :]`` on CPU: ``X (..., n, m)``, ``idx (B,)`` int32; returns ``(..., B, m)``.
 
   Indices as ``X[idx]`` reads them: negative ones count from the end, then
   they are clamped into ``[0, n)``. CPU only; check ``available`` and ``supports_rows``.
   """
-  if not supports_rows(X, idx):
-    raise TypeError(f"native.take_rows needs X float32/float64 of rank >= 2 and idx int32 (B,), "
-                    f"got X {X.dtype}{X.shape}, idx {idx.dtype}{idx.shape}.")
-  shape = (*X.shape[:-2], idx.shape[0], X.shape[-1])
-  call = jax.ffi.ffi_call(_target("take_rows", X.dtype), jax.ShapeDtypeStruct(shape, X.dtype),
-                          vmap_method="broadcast_all")
-  return call(X, idx)
+  return _gather("take_rows", "X", X, idx, -1)
 
 
 def take_cols(P: jax.Array, idx: jax.Array) -> jax.Array:
@@ -440,13 +446,7 @@ def take_cols(P: jax.Array, idx: jax.Array) -> jax.Array:
 
   Indices as ``take_rows``'s. CPU only; check ``available`` and ``supports_rows``.
   """
-  if not supports_rows(P, idx):
-    raise TypeError(f"native.take_cols needs P float32/float64 of rank >= 2 and idx int32 (B,), "
-                    f"got P {P.dtype}{P.shape}, idx {idx.dtype}{idx.shape}.")
-  shape = (*P.shape[:-2], idx.shape[0], P.shape[-2])
-  call = jax.ffi.ffi_call(_target("take_cols", P.dtype), jax.ShapeDtypeStruct(shape, P.dtype),
-                          vmap_method="broadcast_all")
-  return call(P, idx)
+  return _gather("take_cols", "P", P, idx, -2)
 
 
 def add_rows(X: jax.Array, idx: jax.Array, U: jax.Array) -> jax.Array:
