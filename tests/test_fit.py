@@ -118,12 +118,15 @@ def test_batch_schedule_is_a_pure_function_of_key_and_step():
 
 
 @pytest.mark.parametrize("key", [jax.random.PRNGKey(3), jax.random.key(3)])
-def test_batch_schedule_is_each_epochs_permutation_of_fold_in(key):
+@pytest.mark.parametrize("n,batch,epochs", [(50, 8, 70), (1700, 400, 3)])
+def test_batch_schedule_is_each_epochs_permutation_of_fold_in(key, n, batch, epochs):
   """The definition, one epoch at a time: checkpoints written by any version resume on the
-  same batches (the schedule computes up to 64 epochs per dispatch, padded, vmapped)."""
-  n, batch, start, steps = 50, 8, 13, 6 * 70   # 70 epochs: two dispatches, one padded
-  got = batch_schedule(key, n, batch, steps, start=start)
+  same batches (the schedule draws the sort keys of up to 64 epochs per dispatch, padded,
+  vmapped, and sorts on the host). 70 epochs: two dispatches, one padded; n = 1700: two
+  sort rounds (more than 2**(32/3) items)."""
   per_epoch = n // batch
+  start, steps = 13, per_epoch * epochs
+  got = batch_schedule(key, n, batch, steps, start=start)
   epochs = range(start // per_epoch, (start + steps) // per_epoch + 1)
   orders = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n)) for e in epochs]
   rows = np.concatenate([o[:per_epoch * batch].reshape(per_epoch, batch) for o in orders])

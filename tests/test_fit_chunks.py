@@ -1,6 +1,7 @@
 """kronjax.fit(..., chunk=...): many steps per dispatch, bit for bit the one-step-at-a-time run.
 
-``chunk="auto"`` runs up to 1024 steps in one compiled ``lax.while_loop``; a chunk
+``chunk="auto"`` runs up to 4096 steps in one compiled ``lax.while_loop`` (about a
+quarter second of steps at most, paced from the last chunk's time); a chunk
 ends where a cadence (evaluation, verification, callbacks, checkpoints, resync,
 the divergence window) falls due and after the first step that overflowed, was
 skipped or diverged. Every comparison with ``chunk=1`` is exact
@@ -74,7 +75,9 @@ def _assert_same_history(got, want):
 
 @pytest.fixture
 def dispatches(monkeypatch):
-  """The steps each dispatch of ``fit`` asked for, in order (1: a single compiled step)."""
+  """The steps each dispatch of ``fit`` asked for, in order (1: a single compiled step).
+  Chunks are not paced by time here (a first chunk that compiles would shorten the next)."""
+  monkeypatch.setattr(loop, "_SECONDS_PER_DISPATCH", float("inf"))
   asked = []
   for cls in (runners.Single, runners.Sweep):
     step, chunk = cls.step, cls.chunk
@@ -164,14 +167,44 @@ def test_chunks_end_on_every_cadence():
   # divergence window does while the check is on.
   options = loop.Options(batch_size=4, steps=5000, checkpoint_every=0, callback_every=3)
   chunks = loop._Chunks(runners.Single(), options, 5000, 4, until=10, checkpointing=False)
-  assert chunks.size == runners.CHUNK_LIMIT == 1024
+  assert chunks.size == runners.CHUNK_LIMIT == 4096
   lengths = [chunks.length(0, 5000), chunks.length(10, 4990), chunks.length(4974, 26)]
-  assert lengths == [10, 1024, 26]
+  assert lengths == [10, 4096, 26]
   # An explicit chunk may pass the automatic limit; the stacked batch indices stay small.
-  explicit = dataclasses.replace(options, chunk=4096)
-  assert loop._Chunks(runners.Single(), explicit, 5000, 4, 0, False).size == 4096
+  explicit = dataclasses.replace(options, chunk=8192)
+  assert loop._Chunks(runners.Single(), explicit, 10000, 4, 0, False).size == 8192
   assert loop._Chunks(runners.Single(), options, 5, 4, 0, False).size == 8
   assert loop._Chunks(runners.Single(), options, 5000, 2**15, 0, False).size == 2
+
+
+def test_auto_chunks_are_paced_by_the_time_a_chunk_took():
+  """``chunk="auto"`` takes about ``_SECONDS_PER_DISPATCH`` of steps per dispatch (from the
+  last chunk's time), never more than the compiled size; an explicit chunk is not paced."""
+  options = loop.Options(batch_size=4, steps=5000, divergence_factor=0)
+  chunks = loop._Chunks(runners.Single(), options, 5000, 4, until=0, checkpointing=False)
+  assert chunks.length(0, 5000) == chunks.size == 4096      # nothing timed yet
+  per_step = loop._SECONDS_PER_DISPATCH / 25
+  chunks.observe(100, 100 * per_step)                         # 25 steps fill a dispatch
+  assert chunks.length(0, 5000) == 25
+  assert chunks.length(4990, 10) == 10
+  chunks.observe(25, 1e-7)                                     # fast again: the compiled size
+  assert chunks.length(25, 4975) == 4096
+  chunks.observe(1, 60.0)                                      # slower than a dispatch: 1 step
+  assert chunks.length(0, 5000) == 1
+  explicit = loop._Chunks(runners.Single(), dataclasses.replace(options, chunk=64), 5000, 4,
+                          until=0, checkpointing=False)
+  explicit.observe(1, 60.0)
+  assert explicit.length(0, 5000) == 64
+
+
+def test_paced_chunks_train_bit_for_bit_as_one_step_at_a_time(monkeypatch, dispatches):
+  one, h_one = _fit(_init(), steps=30, chunk=1)
+  monkeypatch.setattr(loop, "_SECONDS_PER_DISPATCH", 0.0)   # every chunk after the first: 1 step
+  dispatches.clear()
+  paced, h_paced = _fit(_init(), steps=30)
+  assert dispatches[0] == 10 and set(dispatches[1:]) == {1}   # the divergence window, then 1s
+  assert_same_tree(paced, one)
+  _assert_same_history(h_paced, h_one)
 
 
 @pytest.mark.parametrize("batch,update", [(4, "auto"), (1, "full")])

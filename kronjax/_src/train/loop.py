@@ -27,7 +27,8 @@ Policies:
     ``history["stopped"]``; when every member has stopped the loop ends early.
 
 Chunks: the runner's ``chunk`` takes up to ``chunk`` steps (default ``"auto"``:
-``runners.CHUNK_LIMIT``) in one compiled ``lax.while_loop``. A chunk never
+``runners.CHUNK_LIMIT``, paced to about ``_SECONDS_PER_DISPATCH``) in one
+compiled ``lax.while_loop``. A chunk never
 crosses a step the host must see the state at (``_Chunks``: evaluation,
 verification, callbacks, checkpoints, resync, the end of the divergence window),
 and the loop inside ends after the first step a live member skipped or diverged
@@ -248,20 +249,44 @@ _ORDERS_PER_DISPATCH = 64
 
 
 def _epoch_orders(key: jax.Array, epochs: np.ndarray, n: int) -> np.ndarray:
-  """``(E, n)``: epoch ``e``'s order is ``permutation(fold_in(key, e), n)``. Up to 64 epochs
-  per dispatch, padded to a power of two (one compilation per size and ``n``): eagerly,
-  each epoch's sort rounds would be a dispatch and a wait each."""
+  """``(E, n)``: epoch ``e``'s order is ``jax.random.permutation(fold_in(key, e), n)``.
+
+  Computed as that function defines it: ``rounds`` stable sorts of the order by fresh
+  32-bit keys (``_sort_rounds``), each round's keys from ``split``. The keys are drawn
+  on the device, up to 64 epochs per dispatch (padded to a power of two: one
+  compilation per size and ``n``); the sorts run on the host, where a stable argsort
+  of 32-bit keys costs a fraction of XLA CPU's comparator sort (which made the
+  schedule a few per cent of a batch-1 run's time).
+  """
+  rounds = _sort_rounds(n)
+  order = np.broadcast_to(np.arange(n, dtype=np.int32), (len(epochs), n))
   parts = []
   for lo in range(0, len(epochs), _ORDERS_PER_DISPATCH):
     part = epochs[lo:lo + _ORDERS_PER_DISPATCH]
     padded = np.resize(part, 1 << (len(part) - 1).bit_length())
-    parts.append(_permutations(key, padded.astype(np.int32), n)[:len(part)])
-  return np.concatenate([np.asarray(p) for p in parts])
+    parts.append(_sort_keys(key, padded.astype(np.int32), n, rounds)[:len(part)])
+  keys = np.concatenate([np.asarray(p) for p in parts])             # (E, rounds, n)
+  for r in range(rounds):
+    order = np.take_along_axis(order, np.argsort(keys[:, r], axis=-1, kind="stable"), axis=-1)
+  return order
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _permutations(key: jax.Array, epochs: jax.Array, n: int) -> jax.Array:
-  return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(epochs)
+def _sort_rounds(n: int) -> int:
+  """The sorts ``jax.random.permutation`` makes of ``n`` items (random 32-bit keys may
+  collide; each round's fresh keys make a tie that survives all rounds unlikely)."""
+  return int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _sort_keys(key: jax.Array, epochs: jax.Array, n: int, rounds: int) -> jax.Array:
+  """``(E, rounds, n)`` uint32: the sort keys of each epoch's rounds."""
+  def epoch(e):
+    k, out = jax.random.fold_in(key, e), []
+    for _ in range(rounds):
+      k, sub = jax.random.split(k)
+      out.append(jax.random.bits(sub, (n,), jnp.uint32))
+    return jnp.stack(out) if out else jnp.zeros((0, n), jnp.uint32)
+  return jax.vmap(epoch)(epochs)
 
 
 # ----------------------------------------------------------------------------- overflow
@@ -445,7 +470,14 @@ class _Chunks:
   """How many steps each dispatch takes: up to ``size`` (the compiled chunk's
   static length), never past a step the host must see the state at (evaluation,
   verification, callbacks, checkpoints, resync, the end of the divergence window),
-  so every cadence lands on the global step it lands on one step at a time."""
+  so every cadence lands on the global step it lands on one step at a time.
+
+  With ``chunk="auto"`` a dispatch also takes about ``_SECONDS_PER_DISPATCH`` of
+  steps at most (``observe`` paces it from the last chunk's time), so that the
+  progress bar and an interrupt are answered within that time whatever a step
+  costs; the chunk's step count is an argument of the compiled loop, so pacing
+  never recompiles.
+  """
 
   def __init__(self, runner: runners.Runner, options: Options, steps: int, batch_size: int,
                until: int, checkpointing: bool):
@@ -454,6 +486,8 @@ class _Chunks:
     most = min(most, max(1, _MAX_CHUNK_INDICES // batch_size))
     # Rounded up to a power of two so runs of other lengths share one compilation.
     self.size = max(1, min(most, 1 << max(steps - 1, 0).bit_length()))
+    self.paced = options.chunk == "auto"
+    self.pace = self.size
     self.every = [e for e, on in ((options.eval_every, True), (options.verify_every, True),
                                   (options.resync_every, True),
                                   (options.checkpoint_every, checkpointing),
@@ -462,12 +496,23 @@ class _Chunks:
 
   def length(self, done: int, left: int) -> int:
     """Steps in the chunk after global step count ``done`` with ``left`` steps to go."""
-    end = done + min(self.size, left)
+    end = done + min(self.pace, left)
     for e in self.every:
       end = min(end, (done // e + 1) * e)
     if done < self.until:
       end = min(end, self.until)
     return end - done
+
+  def observe(self, taken: int, seconds: float) -> None:
+    """A chunk of ``taken`` steps took ``seconds`` (dispatch to metrics on the host)."""
+    if self.paced:
+      per_step = max(seconds, 1e-9) / taken
+      self.pace = int(min(self.size, max(1.0, _SECONDS_PER_DISPATCH / per_step)))
+
+
+_SECONDS_PER_DISPATCH = 0.25
+"""``chunk="auto"``: the most time one dispatch of steps should take (a first chunk
+that compiled runs longer; the next is paced from its time, the one after from its own)."""
 
 
 def _padded(rows: np.ndarray, size: int) -> np.ndarray:
@@ -555,9 +600,11 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
       k = chunks.length(start + t, steps - t)
       live = run.live
       limit = divergence.limit(start + t + 1, limit_dtype)
+      t_chunk = time.perf_counter()
       state, rows = _take_chunk(runner, state, dataset, batches[t:t + k], chunks.size,
                                 None if live.all() else jnp.asarray(live), limit)
       taken = len(rows["loss"])
+      chunks.observe(taken, time.perf_counter() - t_chunk)
       # Steps before the chunk's last: taken by every live member, no cadence among them.
       counts = np.arange(start + t + 1, start + t + taken)
       if taken > 1:
@@ -718,7 +765,7 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
         divergence_factor: float = 1e6) -> tuple[TrainState, dict[str, Any]]:
   """Trains ``state`` on ``dataset`` with shuffled mini-batches; returns ``(state, history)``.
 
-  Steps run in chunks of up to 1024 inside one compiled loop (``chunk``), ending
+  Steps run in chunks of up to 4096 inside one compiled loop (``chunk``), ending
   where evaluation, verification, callbacks, checkpoints or resyncs fall due, so
   every cadence lands on the global step it names. The result is bit for bit
   that of one step per dispatch (``chunk=1``).
@@ -776,8 +823,9 @@ def fit(state: TrainState, dataset: Dataset, key: jax.Array, *, batch_size: int,
       sampled points) every this many global steps and at the end; raises
       ``FloatingPointError`` naming the step when the relative error passes
       ``1e-3`` (float32) / ``1e-9`` (float64). 0 (default) never.
-    chunk: The most steps per dispatch: ``"auto"`` (up to 1024, fewer where a
-      cadence above falls due or the stacked batch indices would pass 256 KiB)
+    chunk: The most steps per dispatch: ``"auto"`` (up to 4096, and about 0.25 s
+      of steps at most; fewer where a cadence above falls due or the stacked
+      batch indices would pass 256 KiB)
       or a positive int (1: one compiled step per Python iteration). A chunk
       ends early after a step that overflowed, was skipped or diverged, which
       is then handled as on its own.
