@@ -198,9 +198,16 @@ def step() -> str:
       [f"dense baseline vs kronjax at d = 2^{vs['log2_d']}",
        f"{ms(vs['dense']['median_s'])} ms vs {ms(vs['kronjax']['median_s'])} ms: "
        f"{ratio(vs['speedup'])}"],
-      ["floor: the step's bare passes over `P` (see above)",
+      ["floor: the step's bare passes over `P` (see above), one call per step",
        f"{ms(floor['floor']['median_s'])} ms; step / floor = {num(floor['ratio'], 3)} "
        f"(per round {num(min(floor['ratio_per_round']), 3)}-{num(max(floor['ratio_per_round']), 3)})"],
+      *([[f"in compiled loops of {floor['in_loop']['steps_per_call']} steps per call (the step "
+          "as `fit`'s chunks run it; the floor as a `lax.scan`)",
+          f"{ms(floor['in_loop']['step']['median_s'])} ms vs "
+          f"{ms(floor['in_loop']['floor']['median_s'])} ms; step / floor = "
+          f"{num(floor['in_loop']['ratio'], 3)} (per round "
+          f"{num(min(floor['in_loop']['ratio_per_round']), 3)}-"
+          f"{num(max(floor['in_loop']['ratio_per_round']), 3)})"]] if "in_loop" in floor else []),
       [f"the same step with `P` {LAYOUT_NAMES[nl['layout']]}",
        f"{ms(nl['kronjax']['median_s'])} ms "
        f"({ratio(nl['kronjax']['median_s'] / floor['kronjax']['median_s'])} the step above)"],

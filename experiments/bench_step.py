@@ -4,12 +4,18 @@ Measures, in one process on the same data, steady-state medians after compilatio
   1. kronjax step time vs d in {2**10, 2**14, 2**20} (flat in d);
   2. kronjax vs the dense baseline at d = 2**16 (dense skipped where W does not fit);
   3. the floor: the bare P update of the path the step takes, same static shapes;
-  4. batch 1, m = 65536, n = 512: the sparse update path vs the dense path.
+  4. batch 1, m = 65536, n = 512: the sparse update path vs the dense path;
+  5. the step and the floor of 3 again, each inside a compiled loop of 20 steps per call:
+     the step as ``kronjax.fit`` runs it (its chunk loop, metrics and stop test
+     included), the floor as a ``lax.scan`` of its passes.
 The steps of 1 and 2 and the floor of 3 run in interleaved rounds
-(``timing.time_steps_interleaved``), so the machine's drift hits them alike.
-The steps are ``kronjax.jit_train_step`` (the step ``kronjax.fit`` runs). The
-floor and the update path a step takes are internals with no public API, so
-they come from ``kronjax._src`` (``products``, ``step``).
+(``timing.time_steps_interleaved``), so the machine's drift hits them alike; so do
+the two loops of 5. The steps of 1-4 are ``kronjax.jit_train_step``, one call
+(and one wait) per step: each call also pays the host's dispatch and the wake-up of
+the kernels' threads, more for the step's dozen operations than for the floor's
+two, which ``fit``'s loop pays once per chunk. The floor, the update path a step
+takes and ``fit``'s chunk loop are internals with no public API, so they come from
+``kronjax._src`` (``products``, ``rows``, ``runners``).
 
     .venv/bin/python experiments/bench_step.py [--smoke] [--rounds 10] [--out experiments/results/step.json]
 """
@@ -27,6 +33,7 @@ import kronjax
 from kronjax import dense
 from kronjax._src.kernels import products  # the floor's kernel: internal, timed on its own
 from kronjax._src.kernels import rows  # add_rows_product: the sparse floor, internal
+from kronjax._src.train import runners  # fit's compiled chunk loop, internal
 from kronjax.experiments import timing as bench
 
 
@@ -47,7 +54,24 @@ def kron_state(key, m, n, log2_d, *, update="auto", gram="precomputed", lr=0.5, 
   config = kronjax.Config(width=m, init="implicit")
   plan = kronjax.Plan(update=update, **(plan_kw or {}))
   state = kronjax.init(key, config, dataset, optax.sgd(lr), plan=plan)
-  return (lambda s, b: kronjax.jit_train_step(s, dataset, b)), state
+  step = lambda s, b: kronjax.jit_train_step(s, dataset, b)
+  step.dataset = dataset
+  return step, state
+
+
+def chunk_run(key, m, n, batch, log2_d, *, loop, calls, **state_kw):
+  """The step as ``kronjax.fit`` runs it: ``loop`` steps per call of fit's compiled chunk
+  loop (``runners.run_chunk``: every metric stacked, the stop test after each step), as
+  ``(fn, state, batches)`` for ``bench.time_steps_interleaved``; ``batches`` ``(loop, B)``."""
+  step, state = kron_state(key, m, n, log2_d, **state_kw)
+  limit, live = np.float32(np.inf), np.ones((), bool)
+
+  def chunk(state, batches):
+    state, packed, _ = runners._chunk(state, step.dataset, batches, np.int32(loop), live, limit)
+    return state, packed
+
+  groups = np.asarray(_batches(n, batch, loop * calls, seed=log2_d)).reshape(calls, loop, batch)
+  return chunk, state, list(groups)
 
 
 def _describe(state, step, batch, timing):
@@ -65,9 +89,10 @@ def kron_step_time(key, m, n, batch, log2_d, *, steps=60, **state_kw):
   return _describe(state, step, batch, timing)
 
 
-def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, steps=20):
+def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, steps=20, loop=0):
   """The bare P update a step of this path and layout cannot avoid, same static shapes,
-  as ``(fn, P, args)`` for ``bench.time_steps_interleaved``.
+  as ``(fn, P, args)`` for ``bench.time_steps_interleaved``; with ``loop``, ``fn`` runs
+  ``loop`` of them per call in a ``lax.scan`` (``steps // loop`` calls).
 
   full, ``P (m, n)`` neuron-major: reading the batch's columns ``P[:, idx]``
   (``rows.take_cols``) and ``P + U^T @ K_rows`` (``products.add_product``, which skips
@@ -84,7 +109,7 @@ def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, step
   if path == "full" and layout == "points":  # the op the step runs (the native kernel on CPU)
     P = jax.random.normal(key, (n, m))
     U = [jnp.asarray(rng.normal(size=(batch, m)).astype(np.float32)) for _ in range(steps)]
-    fn = jax.jit(lambda P, a: (products.add_product_t(P, a[0], a[1]), None), donate_argnums=0)
+    body = lambda P, a: (products.add_product_t(P, a[0], a[1]), None)
     args = list(zip(K_rows, U))
   elif path == "full":
     P = jax.random.normal(key, (m, n))
@@ -97,19 +122,22 @@ def floor_run(key, m, n, batch, capacity, path, layout, firing_probability, step
       # read comes first and the product updates P in place (no copy of P).
       cols = rows.take_cols(P, a[2])                                   # (B, m)
       U_T = jnp.where(cols.T > -jnp.inf, a[0], 0.0)
-      return products.add_product(P, U_T, a[1]), cols
+      return products.add_product(P, U_T, a[1]), None
 
-    fn = jax.jit(read_then_add, donate_argnums=0)
+    body = read_then_add
     args = list(zip(U_T, K_rows, idx))
   else:
     P = jax.random.normal(key, (m, n))
     T_cap = min(m, batch * capacity)
     T = [jnp.asarray(np.sort(rng.choice(m, T_cap, replace=False)).astype(np.int32)) for _ in range(steps)]
     U = [jnp.asarray(rng.normal(size=(T_cap, batch)).astype(np.float32)) for _ in range(steps)]
-    fn = jax.jit(lambda P, a: (rows.add_rows_product(P, a[0], a[1], a[2])[0], None),
-                 donate_argnums=0)
+    body = lambda P, a: (rows.add_rows_product(P, a[0], a[1], a[2])[0], None)
     args = list(zip(T, U, K_rows))
-  return fn, P, args
+  if not loop:
+    return jax.jit(body, donate_argnums=0), P, args
+  groups = [jax.tree.map(lambda *x: jnp.stack(x), *args[i:i + loop])
+            for i in range(0, len(args) - loop + 1, loop)]
+  return jax.jit(lambda P, g: jax.lax.scan(body, P, g), donate_argnums=0), P, groups
 
 
 def dense_step_time(key, m, n, batch, log2_d, *, steps=8, max_bytes=4 * 2**30):
@@ -195,6 +223,29 @@ def main(argv=None):
   print(f"same step with layout={other!r} (path {kron_other['path']}): "
         f"{kron_other['median_s'] * 1e3:.3f} ms; "
         f"step/floor = {out['floor']['other_layout']['ratio']:.2f}")
+
+  # 5. The same pair inside compiled loops: what fit's chunks run, without a dispatch per step.
+  loop, calls = (4, 5) if args.smoke else (20, 7)
+  loop_runs = {
+      "step": chunk_run(key, m, n, batch, dense_log2_d, loop=loop, calls=calls,
+                        update=args.update),
+      "floor": floor_run(key, m, n, batch, cap, path, layout,
+                         kronjax.Config(width=m).firing_probability, steps=loop * calls,
+                         loop=loop)}
+  loop_timings, _ = bench.time_steps_interleaved(loop_runs, rounds=rounds)
+  per_step = {k: {"median_s": t["median_s"] / loop,
+                  "round_medians_s": [r / loop for r in t["round_medians_s"]]}
+              for k, t in loop_timings.items()}
+  loop_ratios = [s_ / f_ for s_, f_ in zip(per_step["step"]["round_medians_s"],
+                                           per_step["floor"]["round_medians_s"])]
+  out["floor"]["in_loop"] = {"steps_per_call": loop, "step": per_step["step"],
+                             "floor": per_step["floor"],
+                             "ratio": per_step["step"]["median_s"] / per_step["floor"]["median_s"],
+                             "ratio_per_round": loop_ratios}
+  print(f"in compiled loops of {loop} steps: step {per_step['step']['median_s'] * 1e3:.3f} ms, "
+        f"floor {per_step['floor']['median_s'] * 1e3:.3f} ms; step/floor = "
+        f"{out['floor']['in_loop']['ratio']:.2f} (per round {min(loop_ratios):.2f}-"
+        f"{max(loop_ratios):.2f})")
 
   dense_d16 = dense_step_time(key, m, n, batch, dense_log2_d)
   out["vs_dense"] = {"log2_d": dense_log2_d, "kronjax": kron_d16, "dense": dense_d16}

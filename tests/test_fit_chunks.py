@@ -177,6 +177,25 @@ def test_chunks_end_on_every_cadence():
   assert loop._Chunks(runners.Single(), options, 5000, 2**15, 0, False).size == 2
 
 
+@pytest.mark.perf  # reads the compiled HLO text
+@pytest.mark.parametrize("index", ["scan", "bucketed"])
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_sparse_path_chunk_updates_P_in_place(index, use_native, batch):
+  """The sparse path's compiled loop (the index query reads the batch's columns of ``P``, the
+  update writes the touched rows) adds to ``P`` in place: no copy of ``P`` per step."""
+  if use_native and not native.available(warn=False):
+    pytest.skip(f"native kernels unavailable: {native.info()['reason']}")
+  state = _init(plan=kronjax.Plan(update="sparse", index=index))
+  shape = ",".join(map(str, state.projections.shape))
+  with dispatch.using(use_native):
+    text = runners._chunk_of(kronjax.train_step).lower(
+        state, _dataset(), jnp.zeros((8, batch), jnp.int32), jnp.int32(8), jnp.bool_(True),
+        jnp.float32(jnp.inf)).compile().as_text()
+  copies = [line for line in text.splitlines() if f"f32[{shape}]" in line and " copy(" in line]
+  assert not copies, copies
+
+
 def test_auto_chunks_are_paced_by_the_time_a_chunk_took():
   """``chunk="auto"`` takes about ``_SECONDS_PER_DISPATCH`` of steps per dispatch (from the
   last chunk's time), never more than the compiled size; an explicit chunk is not paced."""
