@@ -412,6 +412,28 @@ def test_diverging_run_raises_naming_normalize_and_the_learning_rate():
 
 
 @UNNORMALIZED
+def test_a_chunk_stops_at_the_diverging_step_of_a_sweep_member(dispatches):
+  """After the reference window the chunk loop ends at the step a member's loss passes the
+  limit, the member is frozen there (on_nonfinite="stop"), and the run is bit for bit the
+  one-step-at-a-time run."""
+  dataset = _dataset(scale=3.0)
+  states = sw.init(kronjax.Config(width=M), dataset, sw.grid(learning_rate=[0.3, 0.01]),
+                   tx=optax.inject_hyperparams(optax.sgd)(learning_rate=1.0))
+  one, h_one = sw.fit(states, dataset, jax.random.PRNGKey(1), batch_size=4, steps=60,
+                      progress=False, on_nonfinite="stop", chunk=1)
+  stopped_at = int(h_one["stopped"][0].split(" at step ")[1])
+  assert h_one["stopped"][1] is None and stopped_at > loop.DIVERGENCE_WINDOW
+  dispatches.clear()
+  many, h_many = sw.fit(states, dataset, jax.random.PRNGKey(1), batch_size=4, steps=60,
+                        progress=False, on_nonfinite="stop")
+  # The window; then a chunk asked for the rest that takes the steps up to the diverging one.
+  assert dispatches == [10, 50, 60 - (stopped_at + 1)]
+  assert h_many["stopped"] == h_one["stopped"]
+  assert_same_tree(many, one)
+  _assert_same_history(h_many, h_one)
+
+
+@UNNORMALIZED
 def test_divergence_reference_rides_in_the_checkpoint(tmp_path):
   """Resumed after the reference window, the run checks against the same reference: the
   resumed run raises at the step the uninterrupted one does."""
