@@ -23,7 +23,8 @@ class History:
 
   def __init__(self, members: int):
     self.members = members
-    self.step: list[int] = []
+    self.step_blocks: list[np.ndarray] = []   # (T_i,) int64: the step counts, a block per add
+    self.recorded = 0
     self.values: dict[str, list[np.ndarray]] = {k: [] for k in HISTORY_KEYS}
     self.eval_step: list[int] = []
     self.eval_values: dict[str, list[np.ndarray]] = {}
@@ -41,10 +42,21 @@ class History:
     """Records several steps at once: ``step_nos`` ``(T,)``, metrics ``(T, S)``."""
     if not len(step_nos):
       return
-    self.step.extend(step_nos.tolist())
+    self.step_blocks.append(np.asarray(step_nos, np.int64))
+    self.recorded += len(step_nos)
     for k in HISTORY_KEYS:
       v = metrics[k].astype(np.float64)
       self.values[k].append(np.where(live, v, np.nan if k in ("loss", "active") else -1))
+
+  def steps(self) -> np.ndarray:
+    """The recorded step counts so far, ``(T,)`` int64."""
+    if len(self.step_blocks) > 1:   # joined once, as ``rows``
+      self.step_blocks[:] = [np.concatenate(self.step_blocks)]
+    return self.step_blocks[0] if self.step_blocks else np.zeros((0,), np.int64)
+
+  def last_step(self) -> int | None:
+    """The last recorded step count (None before the first)."""
+    return int(self.steps()[-1]) if self.recorded else None
 
   def rows(self, k: str) -> np.ndarray:
     """The per-step values of metric ``k`` so far, ``(T, S)`` float64."""
@@ -85,13 +97,13 @@ class History:
 
   def marks(self) -> tuple[int, int, int, int]:
     """Where the record stands now (the lists only grow): for ``upto``."""
-    return len(self.step), len(self.eval_step), len(self.replays), len(self.callback_step)
+    return self.recorded, len(self.eval_step), len(self.replays), len(self.callback_step)
 
   def upto(self, marks: tuple[int, int, int, int]) -> "History":
     """The record as it stood at ``marks`` (a copy; this one goes on growing)."""
     t, t_e, r, t_c = marks
     out = History(self.members)
-    out.step = self.step[:t]
+    out.step_blocks, out.recorded = [self.steps()[:t]], t
     out.values = {k: [self.rows(k)[:t]] for k in self.values}
     out.eval_step = self.eval_step[:t_e]
     out.eval_values = {k: v[:t_e] for k, v in self.eval_values.items() if t_e}
@@ -106,7 +118,7 @@ class History:
       arr = np.stack(rows, axis=1) if rows else np.zeros((self.members, 0))
       return arr[0] if squeeze else arr
 
-    out: dict[str, Any] = {"step": np.asarray(self.step, np.int64)}
+    out: dict[str, Any] = {"step": self.steps().copy()}
     for k in HISTORY_KEYS:
       out[k] = np.array(self.rows(k).T[0] if squeeze else self.rows(k).T)   # a copy, (S, T)
       if k in ("max_active", "index_rebuilds") and squeeze:
@@ -122,8 +134,8 @@ class History:
 
   def encode(self) -> dict[str, Any]:
     """The history so far as checkpoint metadata (arrays and JSON values)."""
-    return {"step": np.asarray(self.step, np.int64),
-            "values": {k: self.rows(k).reshape(len(self.step), self.members)
+    return {"step": self.steps().copy(),
+            "values": {k: self.rows(k).reshape(self.recorded, self.members)
                        for k in self.values},
             "eval_step": np.asarray(self.eval_step, np.int64),
             "eval_values": {k: np.asarray(v).reshape(len(self.eval_step), self.members)
@@ -137,8 +149,9 @@ class History:
     out = cls(members)
     if not saved:
       return out
-    out.step = [int(s) for s in np.asarray(saved["step"])]
-    out.values = {k: [np.asarray(v).reshape(len(out.step), members)]
+    steps = np.asarray(saved["step"], np.int64).reshape(-1)
+    out.step_blocks, out.recorded = [steps], len(steps)
+    out.values = {k: [np.asarray(v).reshape(len(steps), members)]
                   for k, v in saved["values"].items()}
     out.eval_step = [int(s) for s in np.asarray(saved["eval_step"])]
     out.eval_values = {k: list(np.asarray(v)) for k, v in saved["eval_values"].items()}

@@ -654,7 +654,7 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
         stop = _call_callbacks(options.callbacks, info, log)
       if stop:
         # The run ends here: the history is that of this step, as if it were the last.
-        if not log.step or log.step[-1] != global_step + 1:
+        if log.last_step() != global_step + 1:
           log.add(global_step + 1, metrics, run.live)
         if options.eval_every and (not log.eval_step or log.eval_step[-1] != global_step + 1):
           log.add_eval(global_step + 1, jax.device_get(runner.evaluate(state, dataset)),
