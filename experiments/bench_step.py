@@ -11,9 +11,9 @@ Measures, in one process on the same data, steady-state medians after compilatio
 The steps of 1 and 2 and the floor of 3 run in interleaved rounds
 (``timing.time_steps_interleaved``), so the machine's drift hits them alike; so do
 the two loops of 5. The steps of 1-4 are ``kronjax.jit_train_step``, one call
-(and one wait) per step: each call also pays the host's dispatch and the wake-up of
-the kernels' threads, more for the step's dozen operations than for the floor's
-two, which ``fit``'s loop pays once per chunk. The floor, the update path a step
+(and one wait) per step: each call also pays a fixed cost for the dispatch and for
+starting the compiled program, more for the step's dozen operations than for the
+floor's two, which ``fit``'s loop pays once per chunk. The floor, the update path a step
 takes and ``fit``'s chunk loop are internals with no public API, so they come from
 ``kronjax._src`` (``products``, ``rows``, ``runners``).
 
