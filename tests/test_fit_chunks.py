@@ -198,30 +198,36 @@ def test_a_sparse_path_chunk_updates_P_in_place(index, use_native, batch):
 
 def test_auto_chunks_are_paced_by_the_time_a_chunk_took():
   """``chunk="auto"`` takes about ``_SECONDS_PER_DISPATCH`` of steps per dispatch (from the
-  last chunk's time), never more than the compiled size; an explicit chunk is not paced."""
+  last chunk's time), at least 2 (one step would run the single compiled step) and never more
+  than the compiled size; a chunk that compiled is not timed; an explicit chunk is not paced."""
   options = loop.Options(batch_size=4, steps=5000, divergence_factor=0)
   chunks = loop._Chunks(runners.Single(), options, 5000, 4, until=0, checkpointing=False)
   assert chunks.length(0, 5000) == chunks.size == 4096      # nothing timed yet
   per_step = loop._SECONDS_PER_DISPATCH / 25
-  chunks.observe(100, 100 * per_step)                         # 25 steps fill a dispatch
+  chunks.observe(100, 100 * per_step, compiled=False)         # 25 steps fill a dispatch
   assert chunks.length(0, 5000) == 25
   assert chunks.length(4990, 10) == 10
-  chunks.observe(25, 1e-7)                                     # fast again: the compiled size
+  chunks.observe(25, 60.0, compiled=True)                     # a compilation: not a step's time
+  assert chunks.length(0, 5000) == 25
+  chunks.observe(25, 1e-7, compiled=False)                    # fast again: the compiled size
   assert chunks.length(25, 4975) == 4096
-  chunks.observe(1, 60.0)                                      # slower than a dispatch: 1 step
-  assert chunks.length(0, 5000) == 1
+  chunks.observe(1, 60.0, compiled=False)                     # slower than a dispatch: 2 steps
+  assert chunks.length(0, 5000) == 2
   explicit = loop._Chunks(runners.Single(), dataclasses.replace(options, chunk=64), 5000, 4,
                           until=0, checkpointing=False)
-  explicit.observe(1, 60.0)
+  explicit.observe(1, 60.0, compiled=False)
   assert explicit.length(0, 5000) == 64
 
 
 def test_paced_chunks_train_bit_for_bit_as_one_step_at_a_time(monkeypatch, dispatches):
   one, h_one = _fit(_init(), steps=30, chunk=1)
-  monkeypatch.setattr(loop, "_SECONDS_PER_DISPATCH", 0.0)   # every chunk after the first: 1 step
+  monkeypatch.setattr(loop, "_SECONDS_PER_DISPATCH", 0.0)   # every timed chunk: 2 steps
+  before = loop._compilations
+  _fit(_init(), steps=30)   # compiles (and its chunks are not timed), so that those below are
+  assert loop._compilations > before
   dispatches.clear()
   paced, h_paced = _fit(_init(), steps=30)
-  assert dispatches[0] == 10 and set(dispatches[1:]) == {1}   # the divergence window, then 1s
+  assert dispatches == [10] + [2] * 10   # the divergence window, then 2s
   assert_same_tree(paced, one)
   _assert_same_history(h_paced, h_one)
 

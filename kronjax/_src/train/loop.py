@@ -503,16 +503,31 @@ class _Chunks:
       end = min(end, self.until)
     return end - done
 
-  def observe(self, taken: int, seconds: float) -> None:
-    """A chunk of ``taken`` steps took ``seconds`` (dispatch to metrics on the host)."""
-    if self.paced:
+  def observe(self, taken: int, seconds: float, compiled: bool) -> None:
+    """A chunk of ``taken`` steps took ``seconds`` (dispatch to metrics on the host);
+    ``compiled``: XLA compiled something meanwhile, so its time says nothing of a step's."""
+    if self.paced and not compiled:
       per_step = max(seconds, 1e-9) / taken
-      self.pace = int(min(self.size, max(1.0, _SECONDS_PER_DISPATCH / per_step)))
+      # At least 2: a chunk of 1 would run the single compiled step, another compilation.
+      self.pace = int(min(self.size, max(2.0, _SECONDS_PER_DISPATCH / per_step)))
 
 
 _SECONDS_PER_DISPATCH = 0.25
-"""``chunk="auto"``: the most time one dispatch of steps should take (a first chunk
-that compiled runs longer; the next is paced from its time, the one after from its own)."""
+"""``chunk="auto"``: the most time one dispatch of steps should take."""
+
+_compilations = 0
+"""XLA compilations in this process so far (``_count_compilation``)."""
+
+
+def _count_compilation(event: str, duration: float, **kwargs: Any) -> None:
+  del duration, kwargs
+  global _compilations
+  if event == "/jax/core/compile/backend_compile_duration":
+    _compilations += 1
+
+
+# A counter, nothing more: the chunk pacing skips the chunks whose time includes a compilation.
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 
 
 def _padded(rows: np.ndarray, size: int) -> np.ndarray:
@@ -600,11 +615,11 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
       k = chunks.length(start + t, steps - t)
       live = run.live
       limit = divergence.limit(start + t + 1, limit_dtype)
-      t_chunk = time.perf_counter()
+      t_chunk, compiled = time.perf_counter(), _compilations
       state, rows = _take_chunk(runner, state, dataset, batches[t:t + k], chunks.size,
                                 None if live.all() else jnp.asarray(live), limit)
       taken = len(rows["loss"])
-      chunks.observe(taken, time.perf_counter() - t_chunk)
+      chunks.observe(taken, time.perf_counter() - t_chunk, _compilations != compiled)
       # Steps before the chunk's last: taken by every live member, no cadence among them.
       counts = np.arange(start + t + 1, start + t + taken)
       if taken > 1:
