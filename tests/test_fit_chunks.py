@@ -27,6 +27,7 @@ from reference import assert_same_tree
 from kronjax import checkpoint
 from kronjax import dense
 from kronjax import sweep as sw
+from kronjax._src.base import compilations
 from kronjax._src.kernels import dispatch
 from kronjax._src.kernels import native
 from kronjax._src.train import loop
@@ -222,9 +223,9 @@ def test_auto_chunks_are_paced_by_the_time_a_chunk_took():
 def test_paced_chunks_train_bit_for_bit_as_one_step_at_a_time(monkeypatch, dispatches):
   one, h_one = _fit(_init(), steps=30, chunk=1)
   monkeypatch.setattr(loop, "_SECONDS_PER_DISPATCH", 0.0)   # every timed chunk: 2 steps
-  before = loop._compilations
+  before = compilations.count()
   _fit(_init(), steps=30)   # compiles (and its chunks are not timed), so that those below are
-  assert loop._compilations > before
+  assert compilations.count() > before
   dispatches.clear()
   paced, h_paced = _fit(_init(), steps=30)
   assert dispatches == [10] + [2] * 10   # the divergence window, then 2s

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax._src.base import checks
+from kronjax._src.base import compilations
 from kronjax._src.data.dataset import Dataset
 from kronjax._src.distributed import checkpoint
 from kronjax._src.inference import network
@@ -515,20 +516,6 @@ class _Chunks:
 _SECONDS_PER_DISPATCH = 0.25
 """``chunk="auto"``: the most time one dispatch of steps should take."""
 
-_compilations = 0
-"""XLA compilations in this process so far (``_count_compilation``)."""
-
-
-def _count_compilation(event: str, duration: float, **kwargs: Any) -> None:
-  del duration, kwargs
-  global _compilations
-  if event == "/jax/core/compile/backend_compile_duration":
-    _compilations += 1
-
-
-# A counter, nothing more: the chunk pacing skips the chunks whose time includes a compilation.
-jax.monitoring.register_event_duration_secs_listener(_count_compilation)
-
 
 def _padded(rows: np.ndarray, size: int) -> np.ndarray:
   """``rows`` ``(k, B)`` as ``(size, B)``: the rows past ``k`` are never read."""
@@ -615,11 +602,11 @@ def train(runner: runners.Runner, state: TrainState, dataset: Dataset, key: jax.
       k = chunks.length(start + t, steps - t)
       live = run.live
       limit = divergence.limit(start + t + 1, limit_dtype)
-      t_chunk, compiled = time.perf_counter(), _compilations
+      t_chunk, compiled = time.perf_counter(), compilations.count()
       state, rows = _take_chunk(runner, state, dataset, batches[t:t + k], chunks.size,
                                 None if live.all() else jnp.asarray(live), limit)
       taken = len(rows["loss"])
-      chunks.observe(taken, time.perf_counter() - t_chunk, _compilations != compiled)
+      chunks.observe(taken, time.perf_counter() - t_chunk, compilations.count() != compiled)
       # Steps before the chunk's last: taken by every live member, no cadence among them.
       counts = np.arange(start + t + 1, start + t + taken)
       if taken > 1:
