@@ -206,14 +206,19 @@ def test_native_wrappers_reject_mismatched_operands():
                           jnp.ones((2, 3), jnp.float32))
 
 
-@pytest.mark.perf  # reads the lowered HLO text
-def test_the_neuron_major_full_step_reads_its_columns_with_take_cols(impl):
+def _full_step_text(plan: kronjax.Plan) -> tuple[kronjax.TrainState, str]:
+  """A full-path state under ``plan`` and its lowered train step's HLO text (B = 8)."""
   data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 32, (4, 8))
   dataset = kronjax.Dataset(data, labels)
   state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64), dataset, optax.sgd(0.1),
-                       plan=kronjax.Plan(update="full"))
+                       plan=plan)
+  return state, jax.jit(_fresh(kronjax.train_step)).lower(state, dataset, jnp.arange(8)).as_text()
+
+
+@pytest.mark.perf  # reads the lowered HLO text
+def test_the_neuron_major_full_step_reads_its_columns_with_take_cols(impl):
+  state, text = _full_step_text(kronjax.Plan(update="full"))
   assert state.layout == "neurons"
-  text = jax.jit(_fresh(kronjax.train_step)).lower(state, dataset, jnp.arange(8)).as_text()
   assert ("kronjax_take_cols_f32" in text) == (impl == "native")
 
 
@@ -221,12 +226,8 @@ def test_the_neuron_major_full_step_reads_its_columns_with_take_cols(impl):
 def test_the_full_step_uses_the_row_kernels(impl):
   """The point-major full step reads P's batch rows through kronjax._src.kernels.rows: no
   XLA gather of P and no (B, m) ReLU is left in the compiled step."""
-  data, labels = kronjax.data.planted(jax.random.PRNGKey(0), 32, (4, 8))
-  dataset = kronjax.Dataset(data, labels)
-  state = kronjax.init(jax.random.PRNGKey(1), kronjax.Config(width=64), dataset, optax.sgd(0.1),
-                       plan=kronjax.Plan(layout="points"))
+  state, text = _full_step_text(kronjax.Plan(layout="points"))
   assert state.layout == "points"
-  text = jax.jit(_fresh(kronjax.train_step)).lower(state, dataset, jnp.arange(8)).as_text()
   for name in ("relu_rows", "relu_rows_grad", "add_rows"):
     assert (f"kronjax_{name}_f32" in text) == (impl == "native")
 
