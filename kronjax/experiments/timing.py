@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 import kronjax
-from kronjax._src.base import compilations
 
 
 def block(tree: Any) -> Any:
@@ -107,6 +106,9 @@ def time_steps_interleaved(runs: dict[str, tuple[Callable[[Any, Any], tuple[Any,
   return timings, states
 
 
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
 @contextlib.contextmanager
 def count_compilations() -> Iterator[list[str]]:
   """Records the XLA compilations inside the block: yields a list that receives the
@@ -121,7 +123,7 @@ def count_compilations() -> Iterator[list[str]]:
 
   def listener(event: str, duration: float, **kwargs: Any) -> None:
     del duration
-    if active[0] and event == compilations.BACKEND_COMPILE:
+    if active[0] and event == _BACKEND_COMPILE:
       compiled.append(str(kwargs.get("fun_name", "?")))
 
   jax.monitoring.register_event_duration_secs_listener(listener)

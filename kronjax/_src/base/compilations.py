@@ -1,8 +1,9 @@
 """How many XLA compilations this process has run: a counter fed by ``jax.monitoring``.
 
 ``kronjax.fit`` paces its chunks of steps by their time and must not take a chunk
-that compiled for a slow one (``train.loop._Chunks.observe``); the benchmarks count
-compilations by the same event (``kronjax.experiments.timing.count_compilations``).
+that compiled for a slow one (``train.loop._Chunks.observe``). The benchmarks count
+compilations by the same event in ``kronjax.experiments.timing.count_compilations``,
+which names it itself: the experiment layer uses the public API only.
 """
 
 from __future__ import annotations
