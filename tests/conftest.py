@@ -1,6 +1,9 @@
 """Shared test setup: strict rank promotion everywhere, float64 only where asked."""
 
 import contextlib
+import fcntl
+import json
+import os
 
 import jax
 import pytest
@@ -30,3 +33,33 @@ def x64_module():
   """float64 for a whole module (``pytestmark = pytest.mark.usefixtures("x64_module")``)."""
   with _float64():
     yield
+
+
+@pytest.fixture(scope="session")
+def once_per_run(tmp_path_factory):
+  """``once_per_run(name, compute)``: ``compute()`` (a JSON value) computed once per test run,
+  shared by the xdist workers.
+
+  A module fixture runs once in every worker that runs one of its tests; for the fixtures that
+  launch whole training runs in subprocesses, a second worker reads the first one's result
+  instead of launching them again (a file lock in the run's shared temporary directory).
+  Without xdist a module fixture runs once anyway, and ``compute()`` is returned directly.
+  """
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  root = tmp_path_factory.getbasetemp().parent
+
+  def once(name: str, compute):
+    if run is None:
+      return compute()
+    path = root / f"{name}-{run}.json"
+    with open(root / f"{name}-{run}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+      if path.exists():
+        return json.loads(path.read_text())
+      value = compute()
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text(json.dumps(value))
+      tmp.replace(path)
+      return value
+
+  return once

@@ -15,11 +15,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, once_per_run):
   bench = runner.load_module(ROOT / "experiments" / "bench_pairwise.py")
-  out = tmp_path_factory.mktemp("pairwise") / "pairwise_smoke.json"
-  assert bench.main(["--smoke", "--out", str(out)]) == 0
-  return bench, json.loads(out.read_text()), out
+
+  def run():
+    out = tmp_path_factory.mktemp("pairwise") / "pairwise_smoke.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    return {"out": str(out), "result": json.loads(out.read_text())}
+  ran = once_per_run("test_bench_pairwise.smoke", run)
+  return bench, ran["result"], ran["out"]
 
 
 def test_provenance_and_completeness(smoke):

@@ -338,16 +338,18 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 @pytest.fixture(scope="module")
-def worker(env, tmp_path_factory):
-  work = tmp_path_factory.mktemp("worker")
-  argv = COMMON + ["--optimizer", "momentum"]
-  ref6, _, *_ = _single(argv, steps=6, eval_every=0)
-  checkpoint.save(work / "single", ref6, {"from": "one process"})
-  script = work / "worker.py"
-  script.write_text(WORKER.replace("@RECIPE@", str(RECIPE)).replace("@WORK@", str(work)))
-  results = _launch(argv, env, script=script)
-  return [json.loads([l for l in r.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
-          for r in results]
+def worker(env, tmp_path_factory, once_per_run):
+  def run():
+    work = tmp_path_factory.mktemp("worker")
+    argv = COMMON + ["--optimizer", "momentum"]
+    ref6, _, *_ = _single(argv, steps=6, eval_every=0)
+    checkpoint.save(work / "single", ref6, {"from": "one process"})
+    script = work / "worker.py"
+    script.write_text(WORKER.replace("@RECIPE@", str(RECIPE)).replace("@WORK@", str(work)))
+    results = _launch(argv, env, script=script)
+    return [json.loads([l for l in r.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+            for r in results]
+  return once_per_run("test_multiprocess.worker", run)
 
 
 def test_resync_under_two_processes(worker):

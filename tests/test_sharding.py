@@ -178,14 +178,16 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def multi_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "README.md")],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-  return json.loads(lines[-1][len("RESULT "):])
+def multi_device(once_per_run):
+  def run():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "README.md")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+  return once_per_run("test_sharding.multi_device", run)
 
 
 @pytest.mark.parametrize("case", ["sgd8", "momentum4", "points8"])
