@@ -25,7 +25,9 @@ tuned by ``kronrls.tune_lambda``); and kronjax option by option
 (``kronjax.experiments.ablation.option_runs``): the defaults (kronecker init,
 ``b = sqrt(0.4 ln m)``), ``b = 0``, the mirrored start (``centered``), the threshold curve
 (held-out error and active neurons per point against ``b``), then at the best ``b`` of the
-curve weight decay and an output bias.
+curve weight decay and an output bias. Last, both learners on the same tables through
+``kronjax.data.main_effect_features`` (``main_effect_weight``): the product kernel of pairs then
+also holds each drug's and each target's effect alone (``main_effect_runs``).
 
     kronjax run configs/kiba_ablation.toml [--smoke]
 """
@@ -33,6 +35,7 @@ curve weight decay and an output bias.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import resource
 import time
@@ -72,6 +75,7 @@ class Params:
   batch_size: int = 64
   epochs: int = 6
   ridge_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
+  main_effect_weight: float = 0.3  # the constant's weight (main_effect_features); 0: no such rows
   seed: int = 0
 
   def __post_init__(self):
@@ -85,6 +89,9 @@ class Params:
                  "ridge_lambdas"):
       if not getattr(self, name):
         raise ValueError(f"params.{name} must list at least one value.")
+    if not (math.isfinite(self.main_effect_weight) and self.main_effect_weight >= 0):
+      raise ValueError(f"params.main_effect_weight must be a finite number >= 0 (0 leaves out "
+                       f"the main-effect rows), got {self.main_effect_weight!r}.")
     if not all(lr > 0 for lr in self.bias_learning_rates):
       raise ValueError(f"params.bias_learning_rates must all be > 0, got "
                        f"{self.bias_learning_rates}.")
@@ -131,6 +138,30 @@ def _grid(p: Params) -> ablation.Grid:
                        batch_size=p.batch_size, epochs=p.epochs, seed=p.seed)
 
 
+def main_effect_runs(p: Params, split: ablation.Split, curve: dict, progress: bool,
+                     plan: kronjax.Plan | None) -> tuple[dict, dict, list[dict]]:
+  """KronRLS and kronjax on both tables through ``kronjax.data.main_effect_features``:
+  ``(KronRLS's scores, kronjax's option row, its sweep rows)``.
+
+  kronjax runs the mirrored start at the best ``b`` of the curve, at a half and a quarter of
+  its learning rate: the constant direction adds a large eigenvalue to the kernel, and the
+  curve's rate silences most neurons there.
+  """
+  tables = tuple(kronjax.data.main_effect_features(t, p.main_effect_weight, name=name)
+                 for t, name in zip(split.tables, ("drug features", "target features")))
+  main = dataclasses.replace(split, tables=tables)
+  baseline = ablation.kronrls_baseline(main, METRICS, p.ridge_lambdas)
+  name = "kronjax centered, best b, main-effect features"
+  if not curve.get("learning_rate"):   # every member of the curve diverged
+    return baseline, {"method": name}, []
+  lr = curve["learning_rate"]
+  variant = ablation.Variant("main effects", centered=True, thresholds=(curve["threshold"],),
+                             learning_rates=(lr / 2, lr / 4))
+  rows = ablation.sweep_run(_grid(p), variant, main, METRICS, progress=progress, plan=plan)
+  row = ablation.best(rows, "validation_" + next(iter(METRICS)), variant=variant.name)
+  return baseline, {"method": name, **(row or {})}, rows
+
+
 def regime_run(p: Params, data, s: dict, tables, progress: bool,
                plan: kronjax.Plan | None) -> dict:
   """Every method on one regime: ``{"methods", "sweep", "threshold_curve", sizes}``."""
@@ -140,6 +171,12 @@ def regime_run(p: Params, data, s: dict, tables, progress: bool,
              "KronRLS (same features)": ablation.kronrls_baseline(split, METRICS,
                                                                   p.ridge_lambdas)}
   options, rows = ablation.option_runs(_grid(p), split, METRICS, progress=progress, plan=plan)
+  if p.main_effect_weight > 0:
+    curve = next(o for o in options if o["method"] == "kronjax centered, best b of the curve")
+    baseline, option, main_rows = main_effect_runs(p, split, curve, progress, plan)
+    methods["KronRLS, main-effect features"] = baseline
+    options.append(option)
+    rows += main_rows
   for option in options:
     scores = {k: option.get(k, float("nan")) for k in ("validation_mse", "validation_ci",
                                                        "test_mse", "test_ci")}

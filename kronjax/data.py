@@ -4,6 +4,7 @@ from kronjax._src.data.synthetic import synthetic
 from kronjax._src.data.synthetic import planted
 from kronjax._src.data.kernel_features import KernelFeatures
 from kronjax._src.data.kernel_features import kernel_features
+from kronjax._src.data.kernel_features import main_effect_features
 from kronjax._src.data.featurize import kmer_composition
 from kronjax._src.data.featurize import morgan_fingerprints
 from kronjax._src.data.kiba import KibaData
@@ -17,6 +18,7 @@ __all__ = (
     "planted",
     "KernelFeatures",
     "kernel_features",
+    "main_effect_features",
     "kmer_composition",
     "morgan_fingerprints",
     "KibaData",

@@ -82,6 +82,58 @@ def test_row_without_positive_part_names_the_row():
     kronjax.data.kernel_features(-np.eye(3))
 
 
+
+# --------------------------------------------------------------------------- main_effect_features
+
+
+def test_main_effect_features_pair_kernel_holds_each_entity_alone():
+  rng = np.random.default_rng(0)
+  U, V = rng.normal(size=(6, 3)) + 2.0, rng.normal(size=(5, 4))
+  w = 0.3
+  A = kronjax.data.main_effect_features(U, w)
+  B = kronjax.data.main_effect_features(V.astype(np.float32), w)
+  assert A.shape == (6, 4) and A.dtype == np.float64 and B.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(A, axis=1), 1.0, rtol=1e-12)
+
+  def cosine_of_centered(T):
+    c = T - T.mean(axis=0)
+    c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    return c @ c.T
+
+  Ku, Kv = cosine_of_centered(U), cosine_of_centered(V)
+  np.testing.assert_allclose(A @ A.T, (Ku + w) / (1 + w), atol=1e-12)
+  # The pair kernel of x = u' ⊗ v': interaction, both main effects and a constant.
+  X = np.stack([np.kron(A[i], B[j]) for i in range(6) for j in range(5)]).astype(np.float64)
+  want = np.kron(Ku + w, Kv + w) / (1 + w) ** 2
+  np.testing.assert_allclose(X @ X.T, want, atol=1e-6)
+  # A function of the user alone, g(u) = sum_k beta_k Ku[k, u], lies in the span: fitted exactly.
+  g = np.repeat(Ku @ rng.normal(size=6), 5)
+  coef, *_ = np.linalg.lstsq(X, g, rcond=None)
+  np.testing.assert_allclose(X @ coef, g, atol=1e-8)
+  plain = np.stack([np.kron(U[i] / np.linalg.norm(U[i]), V[j] / np.linalg.norm(V[j]))
+                    for i in range(6) for j in range(5)])
+  coef, *_ = np.linalg.lstsq(plain, g, rcond=None)
+  assert np.max(np.abs(plain @ coef - g)) > 1e-2   # the plain product features miss it
+
+
+def test_main_effect_features_row_at_the_mean_and_errors():
+  U = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])   # row 2 is the mean row
+  A = kronjax.data.main_effect_features(U, 1.0)
+  np.testing.assert_allclose(A[2], [0.0, 0.0, 1.0])
+  with pytest.raises(ValueError, match=r"features: row 2 equals the mean row"):
+    kronjax.data.main_effect_features(U, 0.0)
+  with pytest.raises(ValueError, match=r"weight must be a finite number >= 0"):
+    kronjax.data.main_effect_features(U, -1.0)
+  with pytest.raises(TypeError, match=r"weight must be a number"):
+    kronjax.data.main_effect_features(U, "1")
+  with pytest.raises(ValueError, match=r"drugs must be a 2-D"):
+    kronjax.data.main_effect_features(np.ones(3), 1.0, name="drugs")
+  with pytest.raises(ValueError, match=r"non-finite"):
+    kronjax.data.main_effect_features(np.array([[np.nan, 1.0]]), 1.0)
+  with pytest.raises(TypeError, match=r"real \(N, r\) array"):
+    kronjax.data.main_effect_features(np.ones((2, 2), complex), 1.0)
+
+
 # --------------------------------------------------------------------------- kmer_composition
 
 

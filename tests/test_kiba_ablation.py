@@ -212,6 +212,7 @@ def test_cold_split_holds_out_whole_drugs():
     ("n_train", 0, "n_train"),
     ("bias_learning_rates", (0.1, 0.0), "bias_learning_rates must all be > 0"),
     ("bias_learning_rates", (), "bias_learning_rates must list at least one value"),
+    ("main_effect_weight", -0.5, "main_effect_weight must be a finite number >= 0"),
 ])
 def test_bad_params(field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -226,8 +227,9 @@ def test_kiba_ablation_smoke(tmp_path, monkeypatch):
                         progress=False, echo=False)
   result = json.loads((tmp_path / "results.json").read_text())
   methods = [row["method"] for row in result["table"]]
-  assert methods[:2] == ["training mean", "KronRLS (same features)"]
-  assert len(methods) == 8 and all(m.startswith("kronjax") for m in methods[2:])
+  assert methods[:3] == ["training mean", "KronRLS (same features)",
+                         "KronRLS, main-effect features"]
+  assert len(methods) == 10 and all(m.startswith("kronjax") for m in methods[3:])
   params = result["config"]["params"]
   for regime, r in result["metrics"]["regimes"].items():
     assert r["n_train"] <= params["n_train"] and r["n_val"] <= params["n_eval"]
@@ -240,4 +242,11 @@ def test_kiba_ablation_smoke(tmp_path, monkeypatch):
     chosen = r["methods"]["kronjax centered, best b of the curve"]["chosen"]
     assert any(all(s[k] == v for k, v in chosen.items()) and s["variant"] == "centered"
                for s in r["sweep"])
+    # Main-effect features: the curve's b at a half and a quarter of its rate.
+    main = r["methods"]["kronjax centered, best b, main-effect features"]["chosen"]
+    assert main["threshold"] == chosen["threshold"]
+    assert main["learning_rate"] in (chosen["learning_rate"] / 2, chosen["learning_rate"] / 4)
+    assert {s["learning_rate"] for s in r["sweep"] if s["variant"] == "main effects"} == {
+        chosen["learning_rate"] / 2, chosen["learning_rate"] / 4}
+    assert math.isfinite(r["methods"]["KronRLS, main-effect features"]["test_mse"])
   assert (tmp_path / result["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Features for entities given by a similarity (kernel) matrix.
+"""Entity features: from a similarity (kernel) matrix, and with main effects.
 
 Glossary of shape letters used in this module:
   N   number of entities (rows and columns of the similarity matrix)
@@ -8,11 +8,14 @@ A similarity matrix ``K`` that is not positive semidefinite has no exact
 feature map; ``kernel_features`` returns ``F = V sqrt(max(Λ, 0))`` from ``eigh``
 of the symmetrized matrix, rows normalized to unit norm, so ``F F^T`` is the
 nearest PSD matrix to ``K`` with unit diagonal (up to the normalization), and
-reports how much negative eigenvalue mass was clipped.
+reports how much negative eigenvalue mass was clipped. ``main_effect_features``
+centers a feature table and appends a constant direction, so that the product kernel of
+pairs also holds each entity's effect alone.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -92,3 +95,64 @@ def kernel_features(K: Any, *, name: str = "K", rtol: float | None = None) -> Ke
         f"({name}[{i}, {i}] = {arr[i, i]!r}; {zero.size} such row(s)), so it cannot be "
         "normalized to unit norm; drop that entity or give it a positive self-similarity.")
   return KernelFeatures(features=feats / norms[:, None], clipped=clipped, rank=int(keep.sum()))
+
+
+def main_effect_features(features: Any, weight: float, *, name: str = "features") -> np.ndarray:
+  """Entity features whose pair kernel also holds each entity's effect alone.
+
+  The pair kernel of ``x = u ⊗ v`` is the product ``k_u k_v``: a function of one entity alone
+  (a drug's mean affinity, a user's mean rating) is not in its span unless the features hold a
+  constant direction. This map centers the rows on their mean row, scales them to unit norm,
+  appends the constant ``sqrt(weight)`` and scales the rows to unit norm again:
+  ``u' = [c(u), sqrt(w)] / sqrt(1 + w)`` with ``c(u) = (u - mean) / |u - mean|``. With both
+  tables mapped, the pair kernel is ``(k~_u + w)(k~_v + w) / (1 + w)^2`` with ``k~`` the cosine
+  of the centered features: the interaction ``k~_u k~_v``, each entity's main effect
+  (``w k~_u``, ``w k~_v``) and a constant, for any kernel learner (KronRLS as much as
+  kronjax). Centering keeps the shared direction of the rows (every similarity being positive)
+  from dominating the kernel, which would otherwise force a smaller learning rate on SGD.
+  The rows stay unit-norm, so the threshold keeps its scale. Runs on the host in float64;
+  the result has the input's floating dtype (float64 for integer input).
+
+  Args:
+    features: ``(N, r)`` real entity features (every entity of the kind, so the mean row
+      involves no labels), finite.
+    weight: ``w >= 0``, the constant's weight against the centered features.
+    name: the argument's name in error messages.
+
+  Returns:
+    ``(N, r + 1)`` unit-norm rows. A row equal to the mean row keeps only the constant.
+
+  Raises:
+    TypeError: ``features`` is not a real array, or ``weight`` is not a number.
+    ValueError: ``features`` is not 2-D with at least one row and column, holds NaN/inf,
+      ``weight`` is negative or not finite, or ``weight`` is 0 and a row equals the mean row.
+  """
+  arr = np.asarray(features)
+  if arr.dtype.kind not in "biuf":
+    raise TypeError(f"{name} must be a real (N, r) array of entity features, got dtype "
+                    f"{arr.dtype}.")
+  if arr.ndim != 2 or 0 in arr.shape:
+    raise ValueError(f"{name} must be a 2-D (N, r) array with at least one row and column, "
+                     f"got shape {arr.shape}.")
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name} contains non-finite values (NaN or inf); fill or drop those "
+                     "entities first.")
+  if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
+    raise TypeError(f"weight must be a number >= 0, got {type(weight).__name__} ({weight!r}).")
+  if not (np.isfinite(weight) and weight >= 0):
+    raise ValueError(f"weight must be a finite number >= 0 (0 keeps only the centered "
+                     f"features), got {weight!r}.")
+  dtype = arr.dtype if arr.dtype.kind == "f" else np.float64
+  centered = arr.astype(np.float64) - arr.astype(np.float64).mean(axis=0)
+  norms = np.linalg.norm(centered, axis=1, keepdims=True)
+  # A row at the mean (norm at rounding level) has no direction: only the constant is left.
+  tiny = 8 * np.finfo(np.float64).eps * max(float(np.max(np.abs(arr))), 1.0)
+  unit = np.where(norms > tiny, centered / np.where(norms > tiny, norms, 1.0), 0.0)
+  out = np.concatenate([unit, np.full((len(arr), 1), math.sqrt(weight))], axis=1)
+  lengths = np.linalg.norm(out, axis=1, keepdims=True)
+  if weight == 0 and np.any(lengths == 0):
+    i = int(np.flatnonzero(lengths[:, 0] == 0)[0])
+    raise ValueError(f"{name}: row {i} equals the mean row, so with weight 0 nothing of it is "
+                     "left to normalize; pass weight > 0 or drop that entity.")
+  out /= lengths
+  return out.astype(dtype)
