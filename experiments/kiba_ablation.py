@@ -75,7 +75,9 @@ class Params:
   batch_size: int = 64
   epochs: int = 6
   ridge_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
-  main_effect_weight: float = 0.3  # the constant's weight (main_effect_features); 0: no such rows
+  # The constant's weight in main_effect_features. 0 leaves out the main-effect rows (where
+  # the library's weight 0 would center the features without a constant).
+  main_effect_weight: float = 0.3
   seed: int = 0
 
   def __post_init__(self):
@@ -144,11 +146,11 @@ def main_effect_runs(p: Params, split: ablation.Split, curve: dict, progress: bo
   ``(KronRLS's scores, kronjax's option row, its sweep rows)``.
 
   kronjax runs the mirrored start at the best ``b`` of the curve, at a half and a quarter of
-  its learning rate: the constant direction adds a large eigenvalue to the kernel, and the
-  curve's rate silences most neurons there.
+  its learning rate: the constant adds an eigenvalue of ``n w^2 / (1 + w)^2`` over ``n``
+  pairs to the pair kernel, where the curve's rate may be unstable.
   """
-  tables = tuple(kronjax.data.main_effect_features(t, p.main_effect_weight, name=name)
-                 for t, name in zip(split.tables, ("drug features", "target features")))
+  tables = tuple(kronjax.data.main_effect_features(t, p.main_effect_weight, name=kind)
+                 for t, kind in zip(split.tables, ("drug features", "target features")))
   main = dataclasses.replace(split, tables=tables)
   baseline = ablation.kronrls_baseline(main, METRICS, p.ridge_lambdas)
   name = "kronjax centered, best b, main-effect features"
@@ -172,7 +174,7 @@ def regime_run(p: Params, data, s: dict, tables, progress: bool,
                                                                   p.ridge_lambdas)}
   options, rows = ablation.option_runs(_grid(p), split, METRICS, progress=progress, plan=plan)
   if p.main_effect_weight > 0:
-    curve = next(o for o in options if o["method"] == "kronjax centered, best b of the curve")
+    curve = {o["method"]: o for o in options}["kronjax centered, best b of the curve"]
     baseline, option, main_rows = main_effect_runs(p, split, curve, progress, plan)
     methods["KronRLS, main-effect features"] = baseline
     options.append(option)

@@ -3,6 +3,7 @@
 
 import collections
 import itertools
+import math
 import sys
 import time
 
@@ -82,7 +83,6 @@ def test_row_without_positive_part_names_the_row():
     kronjax.data.kernel_features(-np.eye(3))
 
 
-
 # --------------------------------------------------------------------------- main_effect_features
 
 
@@ -130,8 +130,30 @@ def test_main_effect_features_row_at_the_mean_and_errors():
     kronjax.data.main_effect_features(np.ones(3), 1.0, name="drugs")
   with pytest.raises(ValueError, match=r"non-finite"):
     kronjax.data.main_effect_features(np.array([[np.nan, 1.0]]), 1.0)
-  with pytest.raises(TypeError, match=r"real \(N, r\) array"):
+  with pytest.raises(TypeError, match=r"real \(N, r\) array.*pass a float array"):
     kronjax.data.main_effect_features(np.ones((2, 2), complex), 1.0)
+  with pytest.raises(TypeError, match=r"weight must be a number"):
+    kronjax.data.main_effect_features(U, True)
+  for bad in (math.inf, math.nan, 10**400):
+    with pytest.raises(ValueError, match=r"weight must be a finite number >= 0"):
+      kronjax.data.main_effect_features(U, bad)
+  with pytest.raises(ValueError, match=r"at least one row and column"):
+    kronjax.data.main_effect_features(np.ones((0, 3)), 1.0)
+
+
+def test_main_effect_features_int_input_and_a_mean_row_in_wide_tables():
+  A = kronjax.data.main_effect_features(np.array([[1, 0], [0, 1]]), 3.0)
+  assert A.dtype == np.float64
+  # Centered rows ±(1/2, -1/2), unit norm ±(1, -1)/sqrt(2), then [., sqrt(3)] / 2.
+  c = 1 / np.sqrt(8)
+  np.testing.assert_allclose(A, [[c, -c, np.sqrt(3) / 2], [-c, c, np.sqrt(3) / 2]])
+  # A row equal to the mean of the others keeps only the constant, whatever the width r:
+  # the rounding of the mean grows with sqrt(r).
+  rng = np.random.default_rng(1)
+  for r in (1000, 100000):
+    rows = rng.normal(size=(6, r))
+    table = np.concatenate([rows, rows.mean(axis=0, keepdims=True)])
+    np.testing.assert_allclose(kronjax.data.main_effect_features(table, 1.0)[-1, -1], 1.0)
 
 
 # --------------------------------------------------------------------------- kmer_composition

@@ -213,6 +213,7 @@ def test_cold_split_holds_out_whole_drugs():
     ("bias_learning_rates", (0.1, 0.0), "bias_learning_rates must all be > 0"),
     ("bias_learning_rates", (), "bias_learning_rates must list at least one value"),
     ("main_effect_weight", -0.5, "main_effect_weight must be a finite number >= 0"),
+    ("main_effect_weight", math.nan, "main_effect_weight must be a finite number >= 0"),
 ])
 def test_bad_params(field, value, match):
   with pytest.raises(ValueError, match=match):

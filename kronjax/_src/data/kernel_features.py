@@ -130,7 +130,8 @@ def main_effect_features(features: Any, weight: float, *, name: str = "features"
   arr = np.asarray(features)
   if arr.dtype.kind not in "biuf":
     raise TypeError(f"{name} must be a real (N, r) array of entity features, got dtype "
-                    f"{arr.dtype}.")
+                    f"{arr.dtype}; pass a float array (the real part, or the features of a "
+                    "real kernel through kernel_features).")
   if arr.ndim != 2 or 0 in arr.shape:
     raise ValueError(f"{name} must be a 2-D (N, r) array with at least one row and column, "
                      f"got shape {arr.shape}.")
@@ -139,14 +140,20 @@ def main_effect_features(features: Any, weight: float, *, name: str = "features"
                      "entities first.")
   if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
     raise TypeError(f"weight must be a number >= 0, got {type(weight).__name__} ({weight!r}).")
-  if not (np.isfinite(weight) and weight >= 0):
+  try:
+    ok = math.isfinite(float(weight)) and weight >= 0
+  except OverflowError:   # an int too large for a float
+    ok = False
+  if not ok:
     raise ValueError(f"weight must be a finite number >= 0 (0 keeps only the centered "
                      f"features), got {weight!r}.")
   dtype = arr.dtype if arr.dtype.kind == "f" else np.float64
   centered = arr.astype(np.float64) - arr.astype(np.float64).mean(axis=0)
   norms = np.linalg.norm(centered, axis=1, keepdims=True)
-  # A row at the mean (norm at rounding level) has no direction: only the constant is left.
-  tiny = 8 * np.finfo(np.float64).eps * max(float(np.max(np.abs(arr))), 1.0)
+  # A row at the mean (norm at the rounding level of the mean over r columns) has no
+  # direction: only the constant is left.
+  tiny = (16 * np.finfo(np.float64).eps * math.sqrt(arr.shape[1])
+          * max(float(np.max(np.abs(arr))), 1.0))
   unit = np.where(norms > tiny, centered / np.where(norms > tiny, norms, 1.0), 0.0)
   out = np.concatenate([unit, np.full((len(arr), 1), math.sqrt(weight))], axis=1)
   lengths = np.linalg.norm(out, axis=1, keepdims=True)
