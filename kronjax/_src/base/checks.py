@@ -8,6 +8,7 @@ concrete arrays (``fit``, ``init`` on real data) has already checked them.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Iterable
 
 import jax
@@ -64,6 +65,21 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
   if value < minimum:
     raise ValueError(f"{name} must be >= {minimum}, got {value}.")
   return int(value)
+
+
+def check_nonnegative(name: str, value: Any, hint: str = "") -> float:
+  """A finite number ``>= 0`` as a float: TypeError for anything not a number (bools
+  included), ValueError for a negative, NaN, infinite or too-large value (``hint`` says what
+  0 means, or the fix)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} ({value!r}).")
+  try:
+    number = float(value)
+  except OverflowError:   # an int too large for a float
+    number = math.inf
+  if not (math.isfinite(number) and number >= 0):
+    raise ValueError(f"{name} must be a finite number >= 0{hint}, got {value!r}.")
+  return number
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from kronjax._src.base import checks
+
 
 class KernelFeatures(NamedTuple):
   """Row features of a similarity matrix.
@@ -54,10 +56,10 @@ def kernel_features(K: Any, *, name: str = "K", rtol: float | None = None) -> Ke
     ``KernelFeatures(features (N, r), clipped, rank)``.
 
   Raises:
-    TypeError: ``K`` is not a real array.
-    ValueError: ``K`` is not square 2-D, is empty, holds NaN/inf, or a row of
-      ``F`` is zero after clipping (no unit-norm row exists; the message names
-      the row).
+    TypeError: ``K`` is not a real array, or ``rtol`` is not a number.
+    ValueError: ``K`` is not square 2-D, is empty, holds NaN/inf, ``rtol`` is negative or
+      not finite, or a row of ``F`` is zero after clipping (no unit-norm row exists; the
+      message names the row).
   """
   arr = np.asarray(K)
   if arr.dtype.kind not in "biuf":
@@ -75,8 +77,8 @@ def kernel_features(K: Any, *, name: str = "K", rtol: float | None = None) -> Ke
     raise ValueError(
         f"{name} contains {bad} non-finite value(s) (NaN or inf); fill or drop those "
         "entities before computing features.")
-  if rtol is not None and not (np.isfinite(rtol) and rtol >= 0):
-    raise ValueError(f"rtol must be a finite number >= 0, got {rtol!r}.")
+  if rtol is not None:
+    checks.check_nonnegative("rtol", rtol)
   n = arr.shape[0]
   sym = 0.5 * (arr + arr.T)
   lam, vec = np.linalg.eigh(sym)
@@ -138,15 +140,7 @@ def main_effect_features(features: Any, weight: float, *, name: str = "features"
   if not np.all(np.isfinite(arr)):
     raise ValueError(f"{name} contains non-finite values (NaN or inf); fill or drop those "
                      "entities first.")
-  if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
-    raise TypeError(f"weight must be a number >= 0, got {type(weight).__name__} ({weight!r}).")
-  try:
-    ok = math.isfinite(float(weight)) and weight >= 0
-  except OverflowError:   # an int too large for a float
-    ok = False
-  if not ok:
-    raise ValueError(f"weight must be a finite number >= 0 (0 keeps only the centered "
-                     f"features), got {weight!r}.")
+  weight = checks.check_nonnegative("weight", weight, " (0 keeps only the centered features)")
   dtype = arr.dtype if arr.dtype.kind == "f" else np.float64
   centered = arr.astype(np.float64) - arr.astype(np.float64).mean(axis=0)
   norms = np.linalg.norm(centered, axis=1, keepdims=True)
@@ -157,7 +151,7 @@ def main_effect_features(features: Any, weight: float, *, name: str = "features"
   unit = np.where(norms > tiny, centered / np.where(norms > tiny, norms, 1.0), 0.0)
   out = np.concatenate([unit, np.full((len(arr), 1), math.sqrt(weight))], axis=1)
   lengths = np.linalg.norm(out, axis=1, keepdims=True)
-  if weight == 0 and np.any(lengths == 0):
+  if np.any(lengths == 0):   # only with weight 0
     i = int(np.flatnonzero(lengths[:, 0] == 0)[0])
     raise ValueError(f"{name}: row {i} equals the mean row, so with weight 0 nothing of it is "
                      "left to normalize; pass weight > 0 or drop that entity.")

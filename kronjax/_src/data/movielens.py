@@ -507,11 +507,10 @@ def fetch_movielens(data_home: str | os.PathLike | None = None, *, source: str =
     OSError: the download failed.
     ValueError: a checksum does not match (delete the named file), a file does not
       parse, or an argument is out of range (the message names it).
+    TypeError: ``identity_weight`` or ``kg_min_count`` is not a number.
   """
   _source(source)
-  if isinstance(identity_weight, bool) or not isinstance(identity_weight, (int, float)) \
-      or not np.isfinite(identity_weight) or identity_weight < 0:
-    raise ValueError(f"identity_weight must be a finite number >= 0, got {identity_weight!r}.")
+  checks.check_nonnegative("identity_weight", identity_weight)
   checks.check_positive_int("kg_min_count", kg_min_count)
   archive = ensure_archive(source, data_home=data_home, download=download, checksums=checksums,
                            base_url=base_url)
