@@ -22,12 +22,12 @@ validation RMSE, and reports the test RMSE of that choice.
   until the optimum is inside it);
 * gradient-boosted trees (scikit-learn ``HistGradientBoostingRegressor``) on the concatenated
   side features, the number of trees chosen on validation;
-* kronjax (labels centered on the training mean, a vmapped ``kronjax.sweep`` per static
-  setting, validation and test RMSE read from the maintained eval projections every epoch):
-  the defaults (kronecker init, ``b = sqrt(0.4 ln m)``); ``b = 0``; ``b = 0`` with the
+* kronjax (``kronjax.experiments.ablation.option_runs``, as in the KIBA ablation: labels
+  centered on the training mean, a vmapped ``kronjax.sweep`` per static setting, validation
+  and test RMSE every epoch): the defaults (kronecker init, ``b = sqrt(0.4 ln m)``); ``b = 0``; ``b = 0`` with the
   mirrored start (``centered``); the threshold curve ``b`` in ``thresholds`` with the mirrored
   start; then, at the best ``b`` and learning rate of the curve, weight decay, and an output
-  bias on the raw labels with its own learning rate; last, the best of these rows on
+  bias on the raw labels with its own learning rates (a member each); last, the best of these rows on
   validation. sgd with batches of ``batch_size``, its learning rate decaying linearly to 0
   over the ``epochs`` (``schedule = "linear"``; ``"constant"`` keeps it), the epoch chosen on
   validation.
@@ -43,11 +43,10 @@ import pathlib
 import resource
 import time
 
-import jax
 import numpy as np
-import optax
 
 import kronjax
+from kronjax.experiments import ablation
 from kronjax.experiments import kronrls
 from kronjax.experiments import runner as experiment
 
@@ -69,7 +68,7 @@ class Params:
   learning_rates: tuple[float, ...] = (64.0,)
   thresholds: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
   weight_decays: tuple[float, ...] = (1e-5,)
-  bias_learning_rate: float = 0.02
+  bias_learning_rates: tuple[float, ...] = (0.02,)   # the output bias's own, a sweep axis
   batch_size: int = 64
   epochs: int = 5
   schedule: str = "linear"         # "linear": the learning rate decays to 0 over the epochs
@@ -83,19 +82,23 @@ class Params:
   def __post_init__(self):
     experiment.require_positive(self, "width", "batch_size", "epochs", "n_train", "n_eval",
                                 "kg_min_count", "gbt_max_iter")
-    if self.schedule not in ("linear", "constant"):
-      raise ValueError(f"params.schedule must be 'linear' (decay to 0 over the epochs) or "
-                       f"'constant', got {self.schedule!r}.")
+    if self.schedule not in ablation.SCHEDULES:
+      raise ValueError(f"params.schedule must be one of {ablation.SCHEDULES} ('linear': the "
+                       f"learning rate decays to 0 over the epochs), got {self.schedule!r}.")
     if self.source not in ("recbole", "grouplens"):
       raise ValueError(f"params.source must be 'recbole' or 'grouplens', got {self.source!r}.")
     for name in ("learning_rates", "thresholds", "weight_decays", "ridge_lambdas",
-                 "bias_lambdas", "gbt_learning_rates", "gbt_max_leaf_nodes"):
+                 "bias_lambdas", "gbt_learning_rates", "gbt_max_leaf_nodes",
+                 "bias_learning_rates"):
       if not getattr(self, name):
         raise ValueError(f"params.{name} must list at least one value.")
 
 
 def _rmse(y: np.ndarray, pred: np.ndarray) -> float:
   return float(np.sqrt(np.mean((np.asarray(y, np.float64) - np.asarray(pred, np.float64)) ** 2)))
+
+
+METRICS = {"rmse": _rmse}
 
 
 def _peak_mib() -> float:
@@ -147,27 +150,6 @@ def biases_run(p: Params, data, s) -> dict:
           predict(models[lam], s["test"])), "chosen": {"lambda": lam}, "tuning": rows}
 
 
-def kronrls_run(p: Params, data, s, grams) -> dict:
-  Ku, Km = grams
-  y, pairs = data.ratings, data.pairs
-  mu = float(np.mean(y[s["train"]]))
-  models = {}
-
-  def score(lam):
-    model = kronrls.fit_kronrls(Ku, Km, pairs[s["train"]], y[s["train"]] - mu, lam)
-    models[lam] = model
-    pred = np.asarray(kronrls.predict_kronrls(model, Ku, Km, pairs[s["val"]])) + mu
-    return _rmse(y[s["val"]], pred), {"iterations": int(model.iterations),
-                                      "converged": bool(model.converged)}
-
-  t0 = time.perf_counter()
-  lam, rows = kronrls.tune_lambda(score, p.ridge_lambdas)
-  seconds = time.perf_counter() - t0
-  pred = np.asarray(kronrls.predict_kronrls(models[lam], Ku, Km, pairs[s["test"]])) + mu
-  return {"val_rmse": min(r["score"] for r in rows), "test_rmse": _rmse(y[s["test"]], pred),
-          "chosen": {"lambda": lam}, "tuning": rows, "seconds": seconds}
-
-
 def side_columns(names: list[str]) -> np.ndarray:
   """The columns of a table that are side features (not the constant or the identity)."""
   return np.array([k for k, n in enumerate(names) if n != "const" and not n.startswith("id:")])
@@ -202,157 +184,39 @@ def gbt_run(p: Params, data, s) -> dict:
 # --------------------------------------------------------------------------- kronjax
 
 
-def _optimizer(schedule: str, steps: int, output_bias: bool):
-  """The optimizer factory a sweep injects its hyperparameters into: sgd on the network, its
-  learning rate constant or decaying linearly to 0 over ``steps`` (the noise of small batches
-  settles at the end instead of holding the error at its floor), after weight decay; with an
-  output bias, constant-rate sgd at ``bias_learning_rate`` on the bias (its curvature is 1
-  whatever the width, the hidden layer's is ``O(1/m)``)."""
-
-  def make(learning_rate, weight_decay=0.0, bias_learning_rate=0.0):
-    rate = (optax.linear_schedule(learning_rate, 0.0, steps) if schedule == "linear"
-            else learning_rate)
-    net = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(rate))
-    if not output_bias:
-      return net
-    labels = lambda tree: {k: "bias" if k == "bias" else "net" for k in tree}  # pylint: disable=unnecessary-lambda-assignment
-    return optax.multi_transform({"net": net, "bias": optax.sgd(bias_learning_rate)}, labels)
-
-  return make
+def _grid(p: Params) -> ablation.Grid:
+  return ablation.Grid(width=p.width, learning_rates=p.learning_rates, thresholds=p.thresholds,
+                       weight_decays=p.weight_decays, bias_learning_rates=p.bias_learning_rates,
+                       batch_size=p.batch_size, epochs=p.epochs, seed=p.seed,
+                       schedule=p.schedule)
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """One kronjax sweep: a static setting and the members it varies."""
-  name: str
-  centered: bool
-  thresholds: tuple[float | None, ...]
-  weight_decays: tuple[float, ...] = (0.0,)
-  output_bias: bool = False
-  learning_rates: tuple[float, ...] | None = None   # None: the params' grid
+_CHOICES = ("variant", "learning_rate", "threshold", "weight_decay", "bias_learning_rate",
+            "epoch")
 
 
-def sweep_run(p: Params, variant: Variant, data, s, tables, progress: bool,
-              plan: kronjax.Plan | None) -> list[dict]:
-  """Trains the variant's members; one row per (member, epoch) with validation and test RMSE."""
-  y = data.ratings.astype(np.float32)
-  shift = 0.0 if variant.output_bias else float(np.mean(y[s["train"]]))
-  index = data.pairs
-  evaluated = np.concatenate([s["val"], s["test"]])
-  dataset = kronjax.Dataset(kronjax.KronData(tables, index=index[s["train"]]),
-                            y[s["train"]] - shift,
-                            eval_data=kronjax.KronData(tables, index=index[evaluated]),
-                            eval_labels=y[evaluated] - shift)
-  default_b = math.sqrt(0.4 * math.log(p.width))
-  thresholds = [default_b if b is None else b for b in variant.thresholds]
-  axes = {"learning_rate": list(variant.learning_rates or p.learning_rates),
-          "threshold": thresholds}
-  per_epoch = dataset.n // p.batch_size
-  make = _optimizer(p.schedule, per_epoch * p.epochs, variant.output_bias)
-  tx = optax.inject_hyperparams(make)(learning_rate=1.0, weight_decay=0.0,
-                                      bias_learning_rate=p.bias_learning_rate)
-  if any(variant.weight_decays):
-    axes["weight_decay"] = list(variant.weight_decays)
-  members = kronjax.sweep.grid(**axes)
-  for member in members:
-    member["seed"] = p.seed
-  config = kronjax.Config(width=p.width, centered=variant.centered,
-                          output_bias=variant.output_bias)
-  states = kronjax.sweep.init(config, dataset, members, tx=tx, plan=plan)
-  n_val = len(s["val"])
-  rows = []
-
-  def score(info):
-    epoch = int(np.max(np.asarray(info.state.step))) // per_epoch
-    for i, member in enumerate(members):
-      state = kronjax.sweep.member(info.state, i)
-      pred = np.asarray(kronjax.predict(state, dataset, dataset.eval_data))[:, 0] + shift
-      rows.append({"variant": variant.name, "weight_decay": 0.0, **member, "epoch": epoch,
-                   "validation_rmse": _rmse(y[s["val"]], pred[:n_val]),
-                   "test_rmse": _rmse(y[s["test"]], pred[n_val:]),
-                   "active_per_step": float(np.asarray(info.metrics["active"])[i])})
-
-  t0 = time.perf_counter()
-  kronjax.sweep.fit(states, dataset, jax.random.PRNGKey(p.seed + 1), batch_size=p.batch_size,
-                    epochs=p.epochs, progress=progress, on_nonfinite="stop",
-                    callbacks=(score,), callback_every=per_epoch)
-  seconds = time.perf_counter() - t0
-  for row in rows:
-    row["sweep_seconds"] = seconds
-  return rows
+def _method(row: dict) -> dict:
+  """A scored row as the table's method entry: RMSEs and the choices (NaN where every member
+  diverged)."""
+  return {"val_rmse": row.get("validation_rmse", math.nan),
+          "test_rmse": row.get("test_rmse", math.nan),
+          "chosen": {k: row[k] for k in _CHOICES if k in row}}
 
 
-def _best(rows: list[dict], **match) -> dict:
-  chosen = [r for r in rows if all(r[k] == v for k, v in match.items())
-            and np.isfinite(r["validation_rmse"])]
-  return min(chosen, key=lambda r: r["validation_rmse"])
-
-
-def kronjax_runs(p: Params, data, s, tables, progress, plan) -> tuple[list[dict], list[dict]]:
-  """The option-by-option rows (each chosen on validation) and every sweep row."""
-  default = Variant("defaults", centered=False, thresholds=(None, 0.0))
-  curve = Variant("centered", centered=True, thresholds=tuple(p.thresholds))
-  rows = sweep_run(p, default, data, s, tables, progress, plan)
-  rows += sweep_run(p, curve, data, s, tables, progress, plan)
-  default_b = math.sqrt(0.4 * math.log(p.width))
-  centered_b0 = _best(rows, variant="centered", threshold=0.0)
-  best_curve = _best(rows, variant="centered")
-  # Decay and the bias build on the best of the curve: its threshold and learning rate.
-  b, lr = best_curve["threshold"], (best_curve["learning_rate"],)
-  rows += sweep_run(p, Variant("decay", centered=True, thresholds=(b,), learning_rates=lr,
-                               weight_decays=tuple(p.weight_decays)),
-                    data, s, tables, progress, plan)
-  decay = _best(rows, variant="decay")
-  rows += sweep_run(p, Variant("bias", centered=True, thresholds=(b,), learning_rates=lr,
-                               output_bias=True),
-                    data, s, tables, progress, plan)
-  bias = _best(rows, variant="bias")
-  options = [
-      (f"kronjax defaults (kronecker init, b = {default_b:.2f})",
-       _best(rows, variant="defaults", threshold=default_b)),
-      ("kronjax b = 0", _best(rows, variant="defaults", threshold=0.0)),
-      ("kronjax b = 0, centered", centered_b0),
-      ("kronjax centered, best b of the curve", best_curve),
-      ("kronjax centered, best b, + weight decay", decay),
-      ("kronjax centered, best b, + output bias (raw labels)", bias),
-  ]
-  # The setting a practitioner would keep: every kronjax row above, chosen on validation only.
-  options.append(("kronjax, the best of the above on validation",
-                  min((row for _, row in options), key=lambda r: r["validation_rmse"])))
-  chosen = [{"method": name, **row} for name, row in options]
-  return chosen, rows
-
-
-def threshold_curve(rows: list[dict]) -> list[dict]:
-  """Per threshold of the centered sweep: the best validation row (its test RMSE, active)."""
-  out = []
-  for b in sorted({r["threshold"] for r in rows if r["variant"] == "centered"}):
-    best = _best(rows, variant="centered", threshold=b)
-    out.append({"threshold": b, "learning_rate": best["learning_rate"], "epoch": best["epoch"],
-                "validation_rmse": best["validation_rmse"], "test_rmse": best["test_rmse"],
-                "active_per_step": best["active_per_step"]})
-  return out
+def kronjax_runs(p: Params, split: ablation.Split, progress: bool,
+                 plan: kronjax.Plan | None) -> tuple[dict[str, dict], list[dict]]:
+  """``({method: entry}, sweep rows)``: ``ablation.option_runs``' options, and last the best of
+  them on validation (the setting a practitioner would keep)."""
+  options, rows = ablation.option_runs(_grid(p), split, METRICS, progress=progress, plan=plan)
+  methods = {o["method"]: _method(o) for o in options}
+  scored = [o for o in options if np.isfinite(o.get("validation_rmse", math.nan))]
+  if scored:
+    methods["kronjax, the best of the above on validation"] = _method(
+        min(scored, key=lambda o: o["validation_rmse"]))
+  return methods, rows
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def plot(curves: dict[str, list[dict]], out_dir: pathlib.Path) -> str:
-  plt = experiment.pyplot()
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.4))
-  for k, (regime, curve) in enumerate(curves.items()):
-    b = [c["threshold"] for c in curve]
-    ax.plot(b, [c["test_rmse"] for c in curve], "o-", color=f"C{k}", label=f"{regime}: test")
-    ax.plot(b, [c["validation_rmse"] for c in curve], "o--", color=f"C{k}", alpha=0.5,
-            label=f"{regime}: validation")
-    ax2.plot(b, [c["active_per_step"] for c in curve], "o-", color=f"C{k}", label=regime)
-  ax.set(xlabel="threshold b", ylabel="RMSE", title="held-out error")
-  ax2.set(xlabel="threshold b", ylabel="active neurons per point", title="sparsity")
-  for a in (ax, ax2):
-    a.grid(True, alpha=0.3)
-    a.legend(fontsize=7)
-  fig.tight_layout()
-  return experiment.save_figure(fig, out_dir, "movielens.png", dpi=80)
 
 
 def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
@@ -364,23 +228,19 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
                                       identity_weight=p.identity_weight,
                                       kg_min_count=p.kg_min_count)
   tables = (data.user_features.astype(np.float32), data.movie_features.astype(np.float32))
-  grams = (data.user_features @ data.user_features.T, data.movie_features @ data.movie_features.T)
   table, metrics, curves = [], {"regimes": {}}, {}
   for regime, s in splits(p, data).items():
-    y = data.ratings
-    mean = float(np.mean(y[s["train"]]))
-    methods = {"global mean": {"val_rmse": _rmse(y[s["val"]], np.full(len(s["val"]), mean)),
-                               "test_rmse": _rmse(y[s["test"]], np.full(len(s["test"]), mean))},
+    split = ablation.Split(tables=tables, pairs=data.pairs, labels=data.ratings,
+                           train=s["train"], val=s["val"], test=s["test"])
+    ridge = ablation.kronrls_baseline(split, METRICS, p.ridge_lambdas)
+    methods = {"global mean": _method(ablation.mean_baseline(split, METRICS)),
                "user + item biases": biases_run(p, data, s),
-               "KronRLS (same entity kernels)": kronrls_run(p, data, s, grams),
+               "KronRLS (same entity kernels)": {
+                   **_method(ridge), **{k: ridge[k] for k in ("chosen", "tuning", "seconds")}},
                "gradient-boosted trees (side features)": gbt_run(p, data, s)}
-    chosen, sweep_rows = kronjax_runs(p, data, s, tables, progress, plan)
-    for row in chosen:
-      methods[row["method"]] = {"val_rmse": row["validation_rmse"], "test_rmse": row["test_rmse"],
-                                "chosen": {k: row[k] for k in ("variant", "learning_rate",
-                                                               "threshold", "weight_decay",
-                                                               "epoch")}}
-    curves[regime] = threshold_curve(sweep_rows)
+    options, sweep_rows = kronjax_runs(p, split, progress, plan)
+    methods.update(options)
+    curves[regime] = ablation.threshold_curve(sweep_rows, list(METRICS))
     metrics["regimes"][regime] = {
         "n_train": len(s["train"]), "n_val": len(s["val"]), "n_test": len(s["test"]),
         "methods": methods, "sweep": sweep_rows, "threshold_curve": curves[regime]}
@@ -394,4 +254,9 @@ def run(params: Params, out_dir: pathlib.Path, *, progress: bool = False,
   metrics.update({"users": len(data.user_ids), "movies": len(data.movie_ids),
                   "ratings": len(data.pairs), "feature_dims": [int(t.shape[1]) for t in tables],
                   "source": data.source, "peak_rss_mib": _peak_mib()})
-  return {"metrics": metrics, "table": table, "plots": [plot(curves, out_dir)]}
+  ridge = {r: metrics["regimes"][r]["methods"]["KronRLS (same entity kernels)"]["test_rmse"]
+           for r in REGIMES}
+  figure = ablation.plot_threshold_curves(curves, "rmse", out_dir, "movielens.png",
+                                          references={f"{r}: KronRLS test": ridge[r]
+                                                      for r in REGIMES})
+  return {"metrics": metrics, "table": table, "plots": [figure]}

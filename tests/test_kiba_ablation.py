@@ -7,6 +7,7 @@
 * the experiment at smoke scale on the DeepDTA-format fixture, and its parameter errors.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -49,30 +50,36 @@ METRICS = {"mse": lambda y, p: float(np.mean((y - p) ** 2)),
            "mae": lambda y, p: float(np.mean(np.abs(y - p)))}
 
 
-def _dense_tx(variant, row):
+def _dense_tx(grid, variant, row, steps):
+  """The member's optimizer, written out: sgd (its rate linear to 0 over ``steps`` under the
+  linear schedule), after weight decay; with an output bias, constant-rate sgd on the bias."""
+  rate = (optax.linear_schedule(row["learning_rate"], 0.0, steps) if grid.schedule == "linear"
+          else row["learning_rate"])
   if variant.output_bias:
-    return ablation._sgd_with_bias(row["learning_rate"], row["bias_learning_rate"])  # pylint: disable=protected-access
+    labels = lambda tree: {k: "bias" if k == "bias" else "net" for k in tree}  # pylint: disable=unnecessary-lambda-assignment
+    return optax.multi_transform({"net": optax.sgd(rate),
+                                  "bias": optax.sgd(row["bias_learning_rate"])}, labels)
   if any(variant.weight_decays):
-    return ablation._sgd(row["learning_rate"], row["weight_decay"])  # pylint: disable=protected-access
-  return optax.sgd(row["learning_rate"])
+    return optax.chain(optax.add_decayed_weights(row["weight_decay"]), optax.sgd(rate))
+  return optax.sgd(rate)
 
 
-def _dense_scores(split, variant, row):
+def _dense_scores(split, variant, row, grid=GRID):
   """``{epoch: scores}``: the row's member trained by dense SGD (``kronjax.dense``) on
   ``kronjax.fit``'s batches, scored after every epoch."""
   X = np.stack([np.kron(*(t[p] for t, p in zip(split.tables, pair))) for pair in split.pairs])
   shift = 0.0 if variant.output_bias else float(np.mean(split.labels[split.train]))
   y = jnp.asarray(split.labels - shift)[:, None]
-  config = kronjax.Config(width=GRID.width, centered=variant.centered,
+  config = kronjax.Config(width=grid.width, centered=variant.centered,
                           output_bias=variant.output_bias)
-  tx = _dense_tx(variant, row)
+  n = len(split.train)
+  per_epoch = n // grid.batch_size
+  tx = _dense_tx(grid, variant, row, grid.epochs * per_epoch)
   state = dense.init(jax.random.PRNGKey(row["seed"]), config, (3, 4), tx, dtype=jnp.float64,
                      threshold=row["threshold"])
   step = dense.make_step(config, tx, donate=False)
-  n = len(split.train)
-  per_epoch = n // GRID.batch_size
-  batches = kronjax.batch_schedule(jax.random.PRNGKey(GRID.seed + 1), n, GRID.batch_size,
-                                   GRID.epochs * per_epoch)
+  batches = kronjax.batch_schedule(jax.random.PRNGKey(grid.seed + 1), n, grid.batch_size,
+                                   grid.epochs * per_epoch)
   out = {}
   for t, batch in enumerate(batches, start=1):
     idx = split.train[np.asarray(batch)]
@@ -87,6 +94,7 @@ def _dense_scores(split, variant, row):
   return out
 
 
+LINEAR = dataclasses.replace(GRID, schedule="linear")
 VARIANTS = [
     ablation.Variant("defaults", centered=False, thresholds=(None, 0.0), learning_rates=(2.0,)),
     ablation.Variant("centered", centered=True, thresholds=(0.4,), learning_rates=(2.0,)),
@@ -95,13 +103,18 @@ VARIANTS = [
     ablation.Variant("bias", centered=True, thresholds=(0.0,), learning_rates=(0.5,),
                      output_bias=True),
 ]
+CASES = [(GRID, v) for v in VARIANTS] + [(LINEAR, VARIANTS[1]), (LINEAR, VARIANTS[2]),
+                                         (LINEAR, VARIANTS[3])]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
-def test_sweep_rows_match_dense_sgd(x64, variant):
+@pytest.mark.parametrize("grid,variant", CASES,
+                         ids=[f"{v.name}-{g.schedule}" for g, v in CASES])
+def test_sweep_rows_match_dense_sgd(x64, grid, variant):
+  """Every row of a sweep, each schedule and variant, equals dense SGD on the materialized
+  inputs with the optimizer written out."""
   del x64
   split = _split()
-  rows = ablation.sweep_run(GRID, variant, split, METRICS)
+  rows = ablation.sweep_run(grid, variant, split, METRICS)
   members = (len(variant.learning_rates or GRID.learning_rates) * len(variant.thresholds)
              * len(variant.weight_decays)
              * (len(GRID.bias_learning_rates) if variant.output_bias else 1))
@@ -114,10 +127,15 @@ def test_sweep_rows_match_dense_sgd(x64, variant):
     member = (row["learning_rate"], row["threshold"], row["weight_decay"],
               row.get("bias_learning_rate"))
     if member not in dense_runs:
-      dense_runs[member] = _dense_scores(split, variant, row)
+      dense_runs[member] = _dense_scores(split, variant, row, grid)
     for key, value in dense_runs[member][row["epoch"]].items():
       assert abs(row[key] - value) <= 1e-9 * max(abs(value), 1.0), (key, row, value)
     assert row["active_per_step"] >= 0 and row["variant"] == variant.name
+
+
+def test_grid_refuses_an_unknown_schedule():
+  with pytest.raises(ValueError, match="schedule must be one of .*'cosine'"):
+    dataclasses.replace(GRID, schedule="cosine")
 
 
 def test_baselines_match_a_dense_ridge_solve(x64):

@@ -34,6 +34,11 @@ import kronjax
 from kronjax.experiments import kronrls
 from kronjax.experiments import runner as experiment
 
+SCHEDULES = ("constant", "linear")
+"""``Grid.schedule``: the network's learning rate kept, or decayed linearly to 0 over the run
+(the noise of small batches then settles at the end instead of holding the error at its
+floor)."""
+
 Metric = Callable[[np.ndarray, np.ndarray], float]
 """``(y_true (k,), y_pred (k,)) -> score``, lower is better for the first metric of a run."""
 
@@ -49,6 +54,12 @@ class Grid:
   batch_size: int
   epochs: int
   seed: int = 0
+  schedule: str = "constant"   # "linear": the network's rate decays to 0 over the run
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES} ('linear': the learning rate "
+                       f"decays to 0 over the run's steps), got {self.schedule!r}.")
 
   @property
   def default_threshold(self) -> float:
@@ -78,32 +89,36 @@ class Variant:
   learning_rates: tuple[float, ...] | None = None   # None: the grid's
 
 
-def _sgd(learning_rate, weight_decay):
-  return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+def _members(grid: Grid, variant: Variant, steps: int):
+  """``(tx, members)``: the injected-hyperparameter optimizer and the sweep's member dicts.
 
+  sgd on the network at the member's learning rate (``grid.schedule`` over the run's
+  ``steps``); with an output bias, constant-rate sgd at the member's ``bias_learning_rate`` on
+  the bias: its curvature is 1 whatever the width, the hidden layer's is ``O(1/m)``.
+  """
+  def rate(learning_rate):
+    return (optax.linear_schedule(learning_rate, 0.0, steps) if grid.schedule == "linear"
+            else learning_rate)
 
-def _sgd_with_bias(learning_rate, bias_learning_rate):
-  """sgd at ``learning_rate`` on the network, at ``bias_learning_rate`` on the output bias:
-  the bias's curvature is 1 whatever the width, the hidden layer's is ``O(1/m)``."""
-  labels = lambda tree: {k: "bias" if k == "bias" else "net" for k in tree}  # pylint: disable=unnecessary-lambda-assignment
-  return optax.multi_transform({"net": optax.sgd(learning_rate),
-                                "bias": optax.sgd(bias_learning_rate)}, labels)
-
-
-def _members(grid: Grid, variant: Variant):
-  """``(tx, members)``: the injected-hyperparameter optimizer and the sweep's member dicts."""
   thresholds = [grid.default_threshold if b is None else b for b in variant.thresholds]
   axes = {"learning_rate": list(variant.learning_rates or grid.learning_rates),
           "threshold": thresholds}
   if variant.output_bias:
-    tx = optax.inject_hyperparams(_sgd_with_bias)(learning_rate=1.0, bias_learning_rate=1.0)
+    def make(learning_rate, bias_learning_rate):
+      labels = lambda tree: {k: "bias" if k == "bias" else "net" for k in tree}  # pylint: disable=unnecessary-lambda-assignment
+      return optax.multi_transform({"net": optax.sgd(rate(learning_rate)),
+                                    "bias": optax.sgd(bias_learning_rate)}, labels)
+    tx = optax.inject_hyperparams(make)(learning_rate=1.0, bias_learning_rate=1.0)
     axes["bias_learning_rate"] = list(grid.bias_learning_rates)
   elif any(variant.weight_decays):
     # Decay reads the parameters, so every step is O(m n): only when the variant asks for it.
-    tx = optax.inject_hyperparams(_sgd)(learning_rate=1.0, weight_decay=0.0)
+    def make(learning_rate, weight_decay):
+      return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(rate(learning_rate)))
+    tx = optax.inject_hyperparams(make)(learning_rate=1.0, weight_decay=0.0)
     axes["weight_decay"] = list(variant.weight_decays)
   else:
-    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+    tx = optax.inject_hyperparams(lambda learning_rate: optax.sgd(rate(learning_rate)))(
+        learning_rate=1.0)
   members = kronjax.sweep.grid(**axes)
   for member in members:
     member["seed"] = grid.seed
@@ -177,11 +192,11 @@ def sweep_run(grid: Grid, variant: Variant, split: Split, metrics: Mapping[str, 
                             y[split.train] - shift,
                             eval_data=kronjax.KronData(split.tables, index=split.pairs[evaluated]),
                             eval_labels=y[evaluated] - shift)
-  tx, members = _members(grid, variant)
+  per_epoch = dataset.n // grid.batch_size
+  tx, members = _members(grid, variant, per_epoch * grid.epochs)
   config = kronjax.Config(width=grid.width, centered=variant.centered,
                           output_bias=variant.output_bias)
   states = kronjax.sweep.init(config, dataset, members, tx=tx, plan=plan)
-  per_epoch = dataset.n // grid.batch_size
   n_val = len(split.val)
   y_val, y_test = y[split.val], y[split.test]
   rows = []
