@@ -6,6 +6,8 @@ Shapes: N pairs in all (train, validation and test are index sets into them), m 
 An ablation trains one vmapped ``kronjax.sweep`` per ``Variant`` (a static setting: the start,
 an output bias, a weight-decay axis) over its learning rates and thresholds, and scores every
 member on the validation and the test pairs after every epoch with the given metric functions.
+The network trains by sgd, its learning rate constant or decaying linearly to 0 over the run
+(``Grid.schedule``).
 Each option's row is the (member, epoch) with the best validation score of the first metric;
 test scores are recorded beside it and never used to choose. The options
 (``option_runs``):
