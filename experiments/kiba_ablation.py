@@ -87,16 +87,12 @@ class Params:
     kiba_experiment.Params(drug_features=self.drug_features,
                            target_features=self.target_features,
                            validation_fold=self.validation_fold)
-    for name in ("learning_rates", "thresholds", "weight_decays", "bias_learning_rates",
-                 "ridge_lambdas"):
-      if not getattr(self, name):
-        raise ValueError(f"params.{name} must list at least one value.")
+    ablation.Grid.from_params(self)   # the search grids
+    if not self.ridge_lambdas:
+      raise ValueError("params.ridge_lambdas must list at least one value.")
     if not (math.isfinite(self.main_effect_weight) and self.main_effect_weight >= 0):
       raise ValueError(f"params.main_effect_weight must be a finite number >= 0 (0 leaves out "
                        f"the main-effect rows), got {self.main_effect_weight!r}.")
-    if not all(lr > 0 for lr in self.bias_learning_rates):
-      raise ValueError(f"params.bias_learning_rates must all be > 0, got "
-                       f"{self.bias_learning_rates}.")
 
 
 def _peak_mib() -> float:
@@ -134,12 +130,6 @@ def splits(p: Params, data) -> dict[str, dict[str, np.ndarray]]:
           for regime, parts in zip(REGIMES, (warm, cold))}
 
 
-def _grid(p: Params) -> ablation.Grid:
-  return ablation.Grid(width=p.width, learning_rates=p.learning_rates, thresholds=p.thresholds,
-                       weight_decays=p.weight_decays, bias_learning_rates=p.bias_learning_rates,
-                       batch_size=p.batch_size, epochs=p.epochs, seed=p.seed)
-
-
 def main_effect_runs(p: Params, split: ablation.Split, curve: dict, progress: bool,
                      plan: kronjax.Plan | None) -> tuple[dict, dict, list[dict]]:
   """KronRLS and kronjax on both tables through ``kronjax.data.main_effect_features``:
@@ -159,7 +149,7 @@ def main_effect_runs(p: Params, split: ablation.Split, curve: dict, progress: bo
   lr = curve["learning_rate"]
   variant = ablation.Variant("main effects", centered=True, thresholds=(curve["threshold"],),
                              learning_rates=(lr / 2, lr / 4))
-  rows = ablation.sweep_run(_grid(p), variant, main, METRICS, progress=progress, plan=plan)
+  rows = ablation.sweep_run(ablation.Grid.from_params(p), variant, main, METRICS, progress=progress, plan=plan)
   row = ablation.best(rows, "validation_" + next(iter(METRICS)), variant=variant.name)
   return baseline, {"method": name, **(row or {})}, rows
 
@@ -172,7 +162,7 @@ def regime_run(p: Params, data, s: dict, tables, progress: bool,
   methods = {"training mean": ablation.mean_baseline(split, METRICS),
              "KronRLS (same features)": ablation.kronrls_baseline(split, METRICS,
                                                                   p.ridge_lambdas)}
-  options, rows = ablation.option_runs(_grid(p), split, METRICS, progress=progress, plan=plan)
+  options, rows = ablation.option_runs(ablation.Grid.from_params(p), split, METRICS, progress=progress, plan=plan)
   if p.main_effect_weight > 0:
     curve = {o["method"]: o for o in options}["kronjax centered, best b of the curve"]
     baseline, option, main_rows = main_effect_runs(p, split, curve, progress, plan)
@@ -182,9 +172,7 @@ def regime_run(p: Params, data, s: dict, tables, progress: bool,
   for option in options:
     scores = {k: option.get(k, float("nan")) for k in ("validation_mse", "validation_ci",
                                                        "test_mse", "test_ci")}
-    chosen = {k: option[k] for k in ("learning_rate", "threshold", "weight_decay",
-                                     "bias_learning_rate", "epoch") if k in option}
-    methods[option["method"]] = {**scores, "chosen": chosen}
+    methods[option["method"]] = {**scores, "chosen": ablation.choices(option)}
   return {"n_train": len(s["train"]), "n_val": len(s["val"]), "n_test": len(s["test"]),
           "drugs_in_train": int(len(np.unique(data.pairs[s["train"], 0]))),
           "methods": methods, "sweep": rows,

@@ -24,13 +24,13 @@ validation RMSE, and reports the test RMSE of that choice.
   side features, the number of trees chosen on validation;
 * kronjax (``kronjax.experiments.ablation.option_runs``, as in the KIBA ablation: labels
   centered on the training mean, a vmapped ``kronjax.sweep`` per static setting, validation
-  and test RMSE every epoch): the defaults (kronecker init, ``b = sqrt(0.4 ln m)``); ``b = 0``; ``b = 0`` with the
-  mirrored start (``centered``); the threshold curve ``b`` in ``thresholds`` with the mirrored
-  start; then, at the best ``b`` and learning rate of the curve, weight decay, and an output
-  bias on the raw labels with its own learning rates (a member each); last, the best of these rows on
-  validation. sgd with batches of ``batch_size``, its learning rate decaying linearly to 0
-  over the ``epochs`` (``schedule = "linear"``; ``"constant"`` keeps it), the epoch chosen on
-  validation.
+  and test RMSE every epoch): the defaults (kronecker init, ``b = sqrt(0.4 ln m)``);
+  ``b = 0``; ``b = 0`` with the mirrored start (``centered``); the threshold curve ``b`` in
+  ``thresholds`` with the mirrored start; then, at the best ``b`` and learning rate of the
+  curve, weight decay, and an output bias on the raw labels with its own learning rates (a
+  member each); last, the best of these rows on validation. sgd with batches of
+  ``batch_size``, its learning rate decaying linearly to 0 over the ``epochs`` (``schedule =
+  "linear"``; ``"constant"`` keeps it), the epoch chosen on validation.
 
     kronjax run configs/movielens.toml [--smoke]
 """
@@ -82,14 +82,10 @@ class Params:
   def __post_init__(self):
     experiment.require_positive(self, "width", "batch_size", "epochs", "n_train", "n_eval",
                                 "kg_min_count", "gbt_max_iter")
-    if self.schedule not in ablation.SCHEDULES:
-      raise ValueError(f"params.schedule must be one of {ablation.SCHEDULES} ('linear': the "
-                       f"learning rate decays to 0 over the epochs), got {self.schedule!r}.")
+    ablation.Grid.from_params(self)   # the search grids and the schedule
     if self.source not in ("recbole", "grouplens"):
       raise ValueError(f"params.source must be 'recbole' or 'grouplens', got {self.source!r}.")
-    for name in ("learning_rates", "thresholds", "weight_decays", "ridge_lambdas",
-                 "bias_lambdas", "gbt_learning_rates", "gbt_max_leaf_nodes",
-                 "bias_learning_rates"):
+    for name in ("ridge_lambdas", "bias_lambdas", "gbt_learning_rates", "gbt_max_leaf_nodes"):
       if not getattr(self, name):
         raise ValueError(f"params.{name} must list at least one value.")
 
@@ -184,35 +180,25 @@ def gbt_run(p: Params, data, s) -> dict:
 # --------------------------------------------------------------------------- kronjax
 
 
-def _grid(p: Params) -> ablation.Grid:
-  return ablation.Grid(width=p.width, learning_rates=p.learning_rates, thresholds=p.thresholds,
-                       weight_decays=p.weight_decays, bias_learning_rates=p.bias_learning_rates,
-                       batch_size=p.batch_size, epochs=p.epochs, seed=p.seed,
-                       schedule=p.schedule)
-
-
-_CHOICES = ("variant", "learning_rate", "threshold", "weight_decay", "bias_learning_rate",
-            "epoch")
-
-
 def _method(row: dict) -> dict:
   """A scored row as the table's method entry: RMSEs and the choices (NaN where every member
   diverged)."""
   return {"val_rmse": row.get("validation_rmse", math.nan),
           "test_rmse": row.get("test_rmse", math.nan),
-          "chosen": {k: row[k] for k in _CHOICES if k in row}}
+          "chosen": {**({"variant": row["variant"]} if "variant" in row else {}),
+                     **ablation.choices(row)}}
 
 
 def kronjax_runs(p: Params, split: ablation.Split, progress: bool,
                  plan: kronjax.Plan | None) -> tuple[dict[str, dict], list[dict]]:
   """``({method: entry}, sweep rows)``: ``ablation.option_runs``' options, and last the best of
   them on validation (the setting a practitioner would keep)."""
-  options, rows = ablation.option_runs(_grid(p), split, METRICS, progress=progress, plan=plan)
+  options, rows = ablation.option_runs(ablation.Grid.from_params(p), split, METRICS,
+                                       progress=progress, plan=plan)
   methods = {o["method"]: _method(o) for o in options}
   scored = [o for o in options if np.isfinite(o.get("validation_rmse", math.nan))]
-  if scored:
-    methods["kronjax, the best of the above on validation"] = _method(
-        min(scored, key=lambda o: o["validation_rmse"]))
+  methods["kronjax, the best of the above on validation"] = _method(
+      min(scored, key=lambda o: o["validation_rmse"]) if scored else {})
   return methods, rows
 
 

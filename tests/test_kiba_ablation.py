@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,17 @@ def test_sweep_rows_match_dense_sgd(x64, grid, variant):
     for key, value in dense_runs[member][row["epoch"]].items():
       assert abs(row[key] - value) <= 1e-9 * max(abs(value), 1.0), (key, row, value)
     assert row["active_per_step"] >= 0 and row["variant"] == variant.name
+
+
+def test_grid_from_params_takes_every_field_the_params_have():
+  params = types.SimpleNamespace(**dataclasses.asdict(LINEAR), ridge_lambdas=(1.0,))
+  assert ablation.Grid.from_params(params) == LINEAR   # the schedule included
+  del params.schedule, params.seed
+  assert ablation.Grid.from_params(params) == dataclasses.replace(LINEAR, schedule="constant",
+                                                                  seed=0)
+  params.bias_learning_rates = (0.0,)
+  with pytest.raises(ValueError, match="bias_learning_rates must all be > 0"):
+    ablation.Grid.from_params(params)
 
 
 def test_grid_refuses_an_unknown_schedule():

@@ -59,9 +59,22 @@ class Grid:
   schedule: str = "constant"   # "linear": the network's rate decays to 0 over the run
 
   def __post_init__(self):
+    for name in ("learning_rates", "thresholds", "weight_decays", "bias_learning_rates"):
+      if not getattr(self, name):
+        raise ValueError(f"{name} must list at least one value.")
+    if not all(lr > 0 for lr in self.bias_learning_rates):
+      raise ValueError(f"bias_learning_rates must all be > 0, got {self.bias_learning_rates}.")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule must be one of {SCHEDULES} ('linear': the learning rate "
                        f"decays to 0 over the run's steps), got {self.schedule!r}.")
+
+  @classmethod
+  def from_params(cls, params) -> "Grid":
+    """The grid of an experiment's params: every field of ``Grid`` that ``params`` has (the
+    rest keep their defaults). Experiments call it in their params' check, so a bad grid is
+    refused before anything runs."""
+    return cls(**{f.name: getattr(params, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(params, f.name)})
 
   @property
   def default_threshold(self) -> float:
@@ -125,6 +138,16 @@ def _members(grid: Grid, variant: Variant, steps: int):
   for member in members:
     member["seed"] = grid.seed
   return tx, members
+
+
+CHOICES = ("learning_rate", "threshold", "weight_decay", "bias_learning_rate", "epoch")
+"""The keys of a sweep row that say which member and epoch it is (``choices``)."""
+
+
+def choices(row: Mapping) -> dict:
+  """What a chosen row chose: its ``CHOICES`` entries (none for a row where every member
+  diverged)."""
+  return {k: row[k] for k in CHOICES if k in row}
 
 
 def _scores(metrics: Mapping[str, Metric], y: np.ndarray, pred: np.ndarray, prefix: str
