@@ -149,7 +149,8 @@ def main_effect_runs(p: Params, split: ablation.Split, curve: dict, progress: bo
   lr = curve["learning_rate"]
   variant = ablation.Variant("main effects", centered=True, thresholds=(curve["threshold"],),
                              learning_rates=(lr / 2, lr / 4))
-  rows = ablation.sweep_run(ablation.Grid.from_params(p), variant, main, METRICS, progress=progress, plan=plan)
+  rows = ablation.sweep_run(ablation.Grid.from_params(p), variant, main, METRICS,
+                            progress=progress, plan=plan)
   row = ablation.best(rows, "validation_" + next(iter(METRICS)), variant=variant.name)
   return baseline, {"method": name, **(row or {})}, rows
 
@@ -162,7 +163,8 @@ def regime_run(p: Params, data, s: dict, tables, progress: bool,
   methods = {"training mean": ablation.mean_baseline(split, METRICS),
              "KronRLS (same features)": ablation.kronrls_baseline(split, METRICS,
                                                                   p.ridge_lambdas)}
-  options, rows = ablation.option_runs(ablation.Grid.from_params(p), split, METRICS, progress=progress, plan=plan)
+  options, rows = ablation.option_runs(ablation.Grid.from_params(p), split, METRICS,
+                                       progress=progress, plan=plan)
   if p.main_effect_weight > 0:
     curve = {o["method"]: o for o in options}["kronjax centered, best b of the curve"]
     baseline, option, main_rows = main_effect_runs(p, split, curve, progress, plan)

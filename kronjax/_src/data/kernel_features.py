@@ -142,7 +142,8 @@ def main_effect_features(features: Any, weight: float, *, name: str = "features"
                      "entities first.")
   weight = checks.check_nonnegative("weight", weight, " (0 keeps only the centered features)")
   dtype = arr.dtype if arr.dtype.kind == "f" else np.float64
-  centered = arr.astype(np.float64) - arr.astype(np.float64).mean(axis=0)
+  centered = arr.astype(np.float64)
+  centered -= centered.mean(axis=0)
   norms = np.linalg.norm(centered, axis=1, keepdims=True)
   # A row at the mean (norm at the rounding level of the mean over r columns) has no
   # direction: only the constant is left.
